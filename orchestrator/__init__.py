@@ -1,0 +1,2 @@
+"""The orchestrator service: holds the partition plan, tokenizes, and routes every step through
+the stages in order."""

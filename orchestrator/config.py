@@ -1,0 +1,32 @@
+"""The orchestrator process's one frozen config, built from the command line in `client/cli.py`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator.strategies import STRATEGIES
+
+
+@dataclass(frozen=True)
+class OrchestratorConfig:
+    model: str
+    stages: tuple[str, ...]  # host:port of each stage, in pipeline order
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = any free port (printed when listening)
+    strategy: str = "uniform"
+    stage_wait_s: float = 300.0  # how long to wait for stages at start
+    step_timeout_s: float = 60.0  # deadline of one stage call
+    max_workers: int = 64
+    grace_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError("--stages needs at least one host:port")
+        for address in self.stages:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"stage address {address!r} is not host:port")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"--strategy must be one of {sorted(STRATEGIES)}, got {self.strategy!r}"
+            )

@@ -1,0 +1,190 @@
+"""The generation loop: prefill, decode steps until eos / length / a stop string, streamed text
+and timings. Each session's token history lives here (the stages only cache K/V)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from orchestrator.router import Router, StepResult
+from orchestrator.tokenizer import Tokenizer
+from protos import llamadist_pb2 as pb
+from protos.errors import Cancelled, InvalidArgument, LlamadistError
+from protos.sampling import Sampling
+
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    sampling: pb.SamplingParams = field(default_factory=pb.SamplingParams)
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    session_id: str = ""
+
+
+@dataclass
+class Timings:
+    ttft_ms: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    total_ms: float = 0.0
+    stage_compute_ms: list[float] = field(default_factory=list)
+    steps: int = 0
+    hop_overhead_ms: float = 0.0  # mean per stage call: wall time not spent computing
+
+
+@dataclass
+class Chunk:
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    session_id: str
+    finish_reason: str = ""  # "", "eos", "length", "stop"
+    timings: Timings | None = None
+
+
+class TextStream:
+    """Turns a growing list of token ids into text that is final: nothing is emitted that a later
+    token could change (an incomplete UTF-8 character) or that may begin a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.emitted = 0
+
+    def push(self, ids: list[int]) -> tuple[str, bool]:
+        """Returns (new final text, whether a stop string was hit)."""
+        text = self.tokenizer.decode(ids)
+        for s in self.stop:
+            at = text.find(s)
+            if at >= 0:
+                return self._emit(text[:at]), True
+        safe = text.rstrip("\ufffd")
+        hold = max(
+            (k for s in self.stop for k in range(1, len(s)) if safe.endswith(s[:k])), default=0
+        )
+        return self._emit(safe[: len(safe) - hold]), False
+
+    def flush(self, ids: list[int]) -> str:
+        return self._emit(self.tokenizer.decode(ids))
+
+    def _emit(self, text: str) -> str:
+        new = text[self.emitted :]
+        self.emitted = max(self.emitted, len(text))
+        return new
+
+
+class Generator:
+    def __init__(self, router: Router, tokenizer: Tokenizer, vocab_size: int, max_positions: int):
+        self.router = router
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_positions = max_positions
+        self._active: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def validate(self, req: GenerationRequest) -> None:
+        if not req.prompt_ids:
+            raise InvalidArgument("the prompt is empty")
+        bad = [t for t in req.prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidArgument(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
+            )
+        if req.max_new_tokens <= 0:
+            raise InvalidArgument(f"max_new_tokens must be positive, got {req.max_new_tokens}")
+        total = len(req.prompt_ids) + req.max_new_tokens
+        if total > self.max_positions:
+            raise InvalidArgument(
+                f"prompt ({len(req.prompt_ids)} tokens) + max_new_tokens ({req.max_new_tokens}) = "
+                f"{total} exceeds the model's context of {self.max_positions} tokens"
+            )
+        if req.stop and self.tokenizer.hf is None:
+            raise InvalidArgument("stop strings need a tokenizer; this model has none")
+        if any(not s for s in req.stop):
+            raise InvalidArgument("stop strings must not be empty")
+        Sampling.from_pb(req.sampling)  # raises InvalidArgument on bad parameters
+
+    def cancel(self, session_id: str) -> bool:
+        with self._lock:
+            event = self._active.get(session_id)
+        if event is not None:
+            event.set()
+        return event is not None
+
+    def run(self, req: GenerationRequest) -> Iterator[Chunk]:
+        self.validate(req)
+        session_id = req.session_id or uuid.uuid4().hex
+        cancelled = threading.Event()
+        with self._lock:
+            if session_id in self._active:
+                raise InvalidArgument(f"session {session_id!r} is already generating")
+            self._active[session_id] = cancelled
+        try:
+            yield from self._loop(req, session_id, cancelled)
+        finally:
+            with self._lock:
+                del self._active[session_id]
+            # Nothing cached, or a stage is down: the stage's TTL reclaims the rest.
+            with contextlib.suppress(LlamadistError):
+                self.router.end_session(session_id)
+
+    def _loop(
+        self, req: GenerationRequest, session_id: str, cancelled: threading.Event
+    ) -> Iterator[Chunk]:
+        t_start = time.perf_counter()
+        text = TextStream(self.tokenizer, req.stop)
+        generated: list[int] = []
+        steps: list[StepResult] = []
+        position, step_input = 0, list(req.prompt_ids)
+        first_token_at = t_start
+        while True:
+            if cancelled.is_set():
+                raise Cancelled(f"session {session_id!r} was ended")
+            result = self.router.step(session_id, position, step_input, req.sampling)
+            steps.append(result)
+            position += len(step_input)
+            token = result.token_id
+            generated.append(token)
+            if len(generated) == 1:
+                first_token_at = time.perf_counter()
+            finish = ""
+            new_text, stopped = text.push(generated)
+            if stopped:
+                finish = "stop"
+            elif token in self.tokenizer.eos_ids and not req.ignore_eos:
+                finish = "eos"
+            elif len(generated) >= req.max_new_tokens:
+                finish = "length"
+            if finish and not stopped:
+                new_text += text.flush(generated)
+            chunk = Chunk([token], [result.logprob], new_text, session_id, finish)
+            if finish:
+                chunk.timings = self._timings(steps, t_start, first_token_at, len(generated))
+                yield chunk
+                return
+            yield chunk
+            step_input = [token]
+
+    def _timings(
+        self, steps: list[StepResult], t_start: float, first_at: float, n_tokens: int
+    ) -> Timings:
+        now = time.perf_counter()
+        n_stages = len(steps[0].stage_ns)
+        compute_ns = [sum(s.stage_ns[i] for s in steps) for i in range(n_stages)]
+        overhead_ns = sum(s.wall_ns - sum(s.stage_ns) for s in steps)
+        decode_s = now - first_at
+        return Timings(
+            ttft_ms=(first_at - t_start) * 1e3,
+            decode_tokens_per_s=(n_tokens - 1) / decode_s if n_tokens > 1 and decode_s > 0 else 0.0,
+            total_ms=(now - t_start) * 1e3,
+            stage_compute_ms=[ns / 1e6 for ns in compute_ns],
+            steps=len(steps),
+            hop_overhead_ms=overhead_ns / 1e6 / (len(steps) * n_stages),
+        )

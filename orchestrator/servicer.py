@@ -1,0 +1,140 @@
+"""The Orchestrator gRPC servicer: protobuf in -> `Orchestrator` call -> protobuf out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from orchestrator.generation import Chunk, GenerationRequest, Timings
+from orchestrator.orchestrator import Orchestrator
+from protos import llamadist_pb2 as pb
+from protos import llamadist_pb2_grpc as pb_grpc
+from protos.errors import InvalidArgument, LlamadistError, NotFound
+from protos.status import grpc_errors
+
+FINISH = {"eos": pb.EOS, "length": pb.LENGTH, "stop": pb.STOP, "": pb.FINISH_REASON_UNSPECIFIED}
+
+
+def timings_to_pb(t: Timings, addresses: list[str]) -> pb.Timings:
+    return pb.Timings(
+        ttft_ms=t.ttft_ms,
+        decode_tokens_per_s=t.decode_tokens_per_s,
+        total_ms=t.total_ms,
+        hop_overhead_ms=t.hop_overhead_ms,
+        stages=[
+            pb.StageTiming(address=a, compute_ms=ms, steps=t.steps)
+            for a, ms in zip(addresses, t.stage_compute_ms, strict=True)
+        ],
+    )
+
+
+class OrchestratorServicer(pb_grpc.OrchestratorServicer):
+    def __init__(self, orchestrator: Orchestrator):
+        self.orch = orchestrator
+
+    def _request(self, msg: pb.GenerateRequest) -> GenerationRequest:
+        self.orch.require_ready()
+        tok = self.orch.tokenizer
+        kind = msg.WhichOneof("input")
+        if kind == "prompt":
+            ids = tok.encode(msg.prompt)
+        elif kind == "token_ids":
+            ids = list(msg.token_ids.ids)
+        elif kind == "chat":
+            ids = tok.encode_chat(
+                [{"role": m.role, "content": m.content} for m in msg.chat.messages]
+            )
+        else:
+            raise InvalidArgument("the request has no input: set prompt, token_ids or chat")
+        return GenerationRequest(
+            prompt_ids=ids,
+            max_new_tokens=msg.max_new_tokens or 128,
+            sampling=msg.sampling,
+            stop=tuple(msg.stop),
+            ignore_eos=msg.ignore_eos,
+            session_id=msg.session_id,
+        )
+
+    def _chunk_to_pb(self, c: Chunk) -> pb.GenerateChunk:
+        out = pb.GenerateChunk(
+            token_ids=c.token_ids,
+            logprobs=c.logprobs,
+            text=c.text,
+            finish_reason=FINISH[c.finish_reason],
+            session_id=c.session_id,
+        )
+        if c.timings is not None:
+            out.timings.CopyFrom(timings_to_pb(c.timings, self.orch.router.addresses))
+        return out
+
+    @grpc_errors
+    def GenerateStream(self, request: pb.GenerateRequest, context) -> Iterator[pb.GenerateChunk]:
+        for chunk in self.orch.generator.run(self._request(request)):
+            if not context.is_active():
+                return  # the client went away; run()'s cleanup frees the session
+            yield self._chunk_to_pb(chunk)
+
+    @grpc_errors
+    def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateReply:
+        req = self._request(request)
+        reply = pb.GenerateReply(prompt_tokens=len(req.prompt_ids))
+        for chunk in self.orch.generator.run(req):
+            reply.text += chunk.text
+            reply.token_ids.extend(chunk.token_ids)
+            reply.logprobs.extend(chunk.logprobs)
+            reply.session_id = chunk.session_id
+            if chunk.finish_reason:
+                reply.finish_reason = FINISH[chunk.finish_reason]
+                reply.timings.CopyFrom(timings_to_pb(chunk.timings, self.orch.router.addresses))
+        return reply
+
+    @grpc_errors
+    def EndSession(self, request: pb.EndSessionRequest, context) -> pb.EndSessionReply:
+        cancelled = self.orch.generator.cancel(request.session_id)
+        try:
+            freed = self.orch.router.end_session(request.session_id)
+        except NotFound:
+            if not cancelled:
+                raise
+            freed = 0
+        return pb.EndSessionReply(freed_bytes=freed)
+
+    @grpc_errors
+    def GetPlan(self, request: pb.GetPlanRequest, context) -> pb.Plan:
+        plan = self.orch.router.require_plan()
+        last = plan.num_stages - 1
+        return pb.Plan(
+            epoch=plan.epoch,
+            strategy=plan.strategy,
+            num_layers=plan.num_layers,
+            stages=[
+                pb.StagePlan(
+                    index=i,
+                    address=a,
+                    layer_start=r.start,
+                    layer_end=r.end,
+                    has_embeddings=i == 0,
+                    has_head=i == last,
+                )
+                for i, (a, r) in enumerate(zip(plan.addresses, plan.ranges, strict=True))
+            ],
+        )
+
+    @grpc_errors
+    def ListStages(self, request: pb.ListStagesRequest, context) -> pb.ListStagesReply:
+        reply = pb.ListStagesReply()
+        for stage in self.orch.router.stages:
+            status = reply.stages.add(address=stage.address)
+            try:
+                status.info.CopyFrom(stage.info())
+                status.reachable = True
+            except LlamadistError as err:
+                status.error = str(err)
+        return reply
+
+    @grpc_errors
+    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
+        ok, detail = self.orch.ready()
+        status = pb.HealthReply.SERVING if ok else pb.HealthReply.NOT_SERVING
+        return pb.HealthReply(status=status, detail=detail)

@@ -1,0 +1,63 @@
+"""The orchestrator's link to one stage: a channel, deadlines, and errors that name the stage."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from protos import llamadist_pb2 as pb
+from protos import llamadist_pb2_grpc as pb_grpc
+from protos.errors import Unavailable
+from protos.serving import GRPC_OPTIONS
+from protos.status import from_rpc_error
+
+
+class StageClient:
+    def __init__(self, address: str, index: int, step_timeout_s: float = 60.0):
+        self.address = address
+        self.index = index
+        self.step_timeout_s = step_timeout_s
+        self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self.stub = pb_grpc.StageStub(self.channel)
+
+    @property
+    def name(self) -> str:
+        return f"stage {self.index} ({self.address})"
+
+    def _call(self, method, request, timeout_s: float):
+        try:
+            return method(request, timeout=timeout_s)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.name) from None
+
+    def forward(self, request: pb.StepRequest) -> pb.StepReply:
+        return self._call(self.stub.Forward, request, self.step_timeout_s)
+
+    def end_session(self, session_id: str) -> int:
+        reply = self._call(self.stub.EndSession, pb.EndSessionRequest(session_id=session_id), 10)
+        return reply.freed_bytes
+
+    def info(self) -> pb.StageInfo:
+        return self._call(self.stub.Info, pb.InfoRequest(), 10)
+
+    def load_layers(self, start: int, end: int, epoch: int) -> pb.StageInfo:
+        request = pb.LoadLayersRequest(layer_start=start, layer_end=end, plan_epoch=epoch)
+        return self._call(self.stub.LoadLayers, request, 600)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Polls until the stage answers Info (it need not hold layers yet)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Unavailable(f"{self.name} did not answer within {timeout_s:.0f} s")
+            try:
+                grpc.channel_ready_future(self.channel).result(timeout=min(remaining, 2.0))
+                self.info()
+                return
+            except (grpc.FutureTimeoutError, Unavailable):
+                continue
+
+    def close(self) -> None:
+        self.channel.close()

@@ -1,0 +1,59 @@
+"""The one tensor codec: torch tensor <-> `Tensor` message (raw little-endian row-major bytes).
+
+Only stages decode hidden states; the orchestrator passes the messages through untouched.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from protos import llamadist_pb2 as pb
+from protos.errors import InvalidArgument
+
+TORCH_DTYPES: dict[int, torch.dtype] = {
+    pb.FLOAT32: torch.float32,
+    pb.BFLOAT16: torch.bfloat16,
+    pb.FLOAT16: torch.float16,
+}
+WIRE_DTYPES: dict[torch.dtype, int] = {v: k for k, v in TORCH_DTYPES.items()}
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+assert sys.byteorder == "little", "the wire format is little-endian"
+
+
+def to_pb(tensor: torch.Tensor) -> pb.Tensor:
+    if tensor.dtype not in WIRE_DTYPES:
+        raise InvalidArgument(
+            f"dtype {tensor.dtype} cannot be sent; use one of {list(DTYPE_NAMES)}"
+        )
+    flat = tensor.detach().contiguous().cpu().reshape(-1)
+    data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return pb.Tensor(data=data, shape=list(tensor.shape), dtype=WIRE_DTYPES[tensor.dtype])
+
+
+def from_pb(msg: pb.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Decodes and checks that the byte length matches shape and dtype."""
+    if msg.dtype not in TORCH_DTYPES:
+        raise InvalidArgument(f"tensor dtype {msg.dtype} is not one of {list(DTYPE_NAMES)}")
+    if any(d < 0 for d in msg.shape):
+        raise InvalidArgument(f"tensor shape {list(msg.shape)} has a negative dimension")
+    dtype = TORCH_DTYPES[msg.dtype]
+    numel = 1
+    for d in msg.shape:
+        numel *= d
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(msg.data) != numel * itemsize:
+        raise InvalidArgument(
+            f"tensor of shape {list(msg.shape)} and dtype {dtype} needs {numel * itemsize} bytes, "
+            f"got {len(msg.data)}"
+        )
+    if numel == 0:
+        return torch.empty(tuple(msg.shape), dtype=dtype, device=device)
+    raw = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8)
+    return raw.view(dtype).reshape(tuple(msg.shape)).to(device)

@@ -1,0 +1,48 @@
+"""Sampling parameters as a checked value, shared by the orchestrator (which refuses bad ones
+before any stage works) and the last stage (which samples with them)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from protos import llamadist_pb2 as pb
+from protos.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0 <= self.temperature <= 100, "temperature must be in [0, 100] (0 = greedy)"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1] (1 = off)"),
+            (0 < self.repetition_penalty <= 100, "repetition_penalty must be in (0, 100]"),
+        ]
+        for ok, message in checks:
+            if not ok or any(math.isnan(v) for v in self._floats()):
+                raise InvalidArgument(f"{message}; got {self}")
+
+    def _floats(self) -> tuple[float, ...]:
+        return (self.temperature, self.top_p, self.repetition_penalty)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def from_pb(cls, msg: pb.SamplingParams) -> Sampling:
+        """Zero means "off" on the wire for top_p and repetition_penalty."""
+        return cls(
+            temperature=msg.temperature,
+            top_k=msg.top_k,
+            top_p=msg.top_p or 1.0,
+            repetition_penalty=msg.repetition_penalty or 1.0,
+            seed=msg.seed if msg.HasField("seed") else None,
+        )

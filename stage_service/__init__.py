@@ -1,0 +1,1 @@
+"""A stage service: runs one layer range of a Llama model with session KV caches."""

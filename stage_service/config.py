@@ -1,0 +1,39 @@
+"""The stage process's one frozen config, built from the command line in `client/cli.py`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from protos.codec import DTYPE_NAMES
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    model: str  # HF-layout model directory
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = any free port (printed when listening)
+    device: str = "cpu"
+    dtype: str = ""  # "" = float32 on CPU, bfloat16 on GPU
+    kv_cache_mb: int = 1024
+    session_ttl_s: float = 600.0
+    threads: int = 1
+    max_workers: int = 16
+    grace_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.dtype and self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"--dtype must be one of {list(DTYPE_NAMES)}, got {self.dtype!r}")
+        if self.kv_cache_mb <= 0:
+            raise ValueError("--kv-cache-mb must be positive")
+        if self.threads <= 0:
+            raise ValueError("--threads must be positive")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"--device must be cpu or cuda:N, got {self.device!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype:
+            return DTYPE_NAMES[self.dtype]
+        return torch.float32 if self.device == "cpu" else torch.bfloat16

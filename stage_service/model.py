@@ -1,0 +1,231 @@
+"""Our compact Llama math for one contiguous layer range.
+
+RMSNorm, RoPE (default, linear and llama3 scaling), GQA attention over a per-session KV cache,
+SwiGLU MLP, optional attention/MLP biases, tied or untied head. transformers' LlamaForCausalLM is
+the reference: tests/test_model_parity.py compares logits on the same weights.
+
+Shapes: a step is S tokens of one session, hidden states are [S, hidden]; the KV cache of a layer
+is [n_kv_heads, capacity, head_dim] (see kv_cache.py).
+
+Attention uses plain matmuls with GQA grouping (no repeat of K/V): on this 2-core CPU that
+measured faster than torch's SDPA for single-token decode (bench/attention_cpu.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from protos.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class LlamaArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict = field(default_factory=dict)  # {"rope_type": ..., params}; {} = default
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> LlamaArgs:
+        """From a config.json dict, old (rope_theta + rope_scaling) or new (rope_parameters)."""
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        rope = {**rope, "rope_type": rope_type} if rope_type != "default" else {}
+        heads = cfg["num_attention_heads"]
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", False),
+            mlp_bias=cfg.get("mlp_bias", False),
+        )
+
+
+def rope_inv_freq(args: LlamaArgs) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2], computed as transformers does (float32)."""
+    dim = args.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim
+    inv_freq = 1.0 / (args.rope_theta**exponents)
+    kind = args.rope_scaling.get("rope_type", "default")
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / args.rope_scaling["factor"]
+    if kind == "llama3":
+        p = args.rope_scaling
+        factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+        old_len = p.get("original_max_position_embeddings", args.max_position_embeddings)
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    raise InvalidArgument(f"rope_type {kind!r} is not supported (default, linear, llama3 are)")
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # positions: [S] -> cos, sin: [S, 1, head_dim]
+    freqs = positions[:, None].float() * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [S, heads, head_dim]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer; q/k/v and gate/up are fused into one matrix each at load time."""
+
+    input_norm: torch.Tensor
+    wqkv: torch.Tensor  # [(H + 2*Hkv) * D, hidden]
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor
+    bo: torch.Tensor | None
+    post_norm: torch.Tensor
+    w_gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    b_gate_up: torch.Tensor | None
+    w_down: torch.Tensor
+    b_down: torch.Tensor | None
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, num_kv_heads: int
+) -> torch.Tensor:
+    """q: [S, H, D] at positions start_pos.. ; k, v: [Hkv, T, D] with T = start_pos + S.
+    Returns [S, H*D]. Query head h reads KV head h // (H / Hkv), as transformers' repeat_kv."""
+    seq, heads, dim = q.shape
+    group = heads // num_kv_heads
+    total = k.shape[1]
+    assert total == start_pos + seq, (total, start_pos, seq)
+    qg = q.view(seq, num_kv_heads, group, dim).permute(1, 2, 0, 3)  # [Hkv, G, S, D]
+    scores = torch.matmul(qg, k.unsqueeze(1).transpose(-1, -2)) / math.sqrt(dim)  # [Hkv,G,S,T]
+    if seq > 1:
+        query_pos = torch.arange(start_pos, total, device=q.device)[:, None]
+        key_pos = torch.arange(total, device=q.device)[None, :]
+        scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs, v.unsqueeze(1))  # [Hkv, G, S, D]
+    return out.permute(2, 0, 1, 3).reshape(seq, heads * dim)
+
+
+def decoder_layer(
+    args: LlamaArgs,
+    w: LayerWeights,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv: tuple[torch.Tensor, torch.Tensor],
+    start_pos: int,
+) -> torch.Tensor:
+    """x: [S, hidden]; kv: this layer's cache buffers [Hkv, capacity, D], written in place."""
+    seq = x.shape[0]
+    heads, kv_heads, dim = args.num_heads, args.num_kv_heads, args.head_dim
+    h = rms_norm(x, w.input_norm, args.rms_norm_eps)
+    qkv = F.linear(h, w.wqkv, w.bqkv)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q = apply_rope(q.view(seq, heads, dim), cos, sin)
+    k = apply_rope(k.view(seq, kv_heads, dim), cos, sin)
+    k_cache, v_cache = kv
+    end = start_pos + seq
+    k_cache[:, start_pos:end] = k.transpose(0, 1)
+    v_cache[:, start_pos:end] = v.view(seq, kv_heads, dim).transpose(0, 1)
+    attn = attention(q, k_cache[:, :end], v_cache[:, :end], start_pos, kv_heads)
+    x = x + F.linear(attn, w.wo, w.bo)
+    h = rms_norm(x, w.post_norm, args.rms_norm_eps)
+    gate, up = F.linear(h, w.w_gate_up, w.b_gate_up).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, w.w_down, w.b_down)
+
+
+@dataclass
+class RangeWeights:
+    """Everything a stage holds for layers [start, end): embeddings on the first stage, the
+    final norm and head on the last."""
+
+    start: int
+    end: int
+    layers: list[LayerWeights]
+    embed: torch.Tensor | None = None  # [vocab, hidden]
+    final_norm: torch.Tensor | None = None
+    head: torch.Tensor | None = None  # [vocab, hidden]; the embedding matrix when tied
+
+    @property
+    def is_first(self) -> bool:
+        return self.embed is not None
+
+    @property
+    def is_last(self) -> bool:
+        return self.head is not None
+
+
+class RangeModel:
+    """Runs one step of one session through a layer range."""
+
+    def __init__(self, args: LlamaArgs, weights: RangeWeights, device: torch.device):
+        self.args = args
+        self.weights = weights
+        self.device = device
+        self.inv_freq = rope_inv_freq(args).to(device)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        start_pos: int,
+        token_ids: torch.Tensor,
+        hidden: torch.Tensor | None,
+        kv: list[tuple[torch.Tensor, torch.Tensor]],
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """token_ids: [S]; hidden: [S, hidden] (None on the first stage); kv: one (K, V) buffer
+        pair per held layer. Returns the hidden state [S, hidden], or on the last stage the
+        logits [S or 1, vocab] (float32) of every position or only the last one."""
+        w = self.weights
+        x = F.embedding(token_ids, w.embed) if w.is_first else hidden
+        positions = torch.arange(start_pos, start_pos + x.shape[0], device=self.device)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for layer, layer_kv in zip(w.layers, kv, strict=True):
+            x = decoder_layer(self.args, layer, x, cos, sin, layer_kv, start_pos)
+        if not w.is_last:
+            return x
+        if not all_logits:
+            x = x[-1:]
+        x = rms_norm(x, w.final_norm, self.args.rms_norm_eps)
+        return F.linear(x, w.head).float()

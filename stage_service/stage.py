@@ -1,0 +1,201 @@
+"""The stage: holds one layer range and its session caches, runs steps. No gRPC in here.
+
+A stage starts with no layers; the orchestrator assigns a range with `load_layers`, tagged with
+the plan epoch that every step must then carry.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from protos.errors import FailedPrecondition, InvalidArgument
+from protos.sampling import Sampling
+from stage_service.config import StageConfig
+from stage_service.kv_cache import CacheShape, SessionCache
+from stage_service.model import LlamaArgs, RangeModel
+from stage_service.sampling import sample
+from stage_service.weights import load_range, model_fingerprint, read_config, weight_bytes
+
+MAX_SESSION_ID_LEN = 128
+
+
+@dataclass
+class StepInput:
+    session_id: str
+    plan_epoch: int
+    start_pos: int
+    token_ids: list[int]
+    hidden: torch.Tensor | None  # [S, hidden]; None on the first stage
+    sampling: Sampling
+    return_logits: bool = False
+
+
+@dataclass
+class StepOutput:
+    hidden: torch.Tensor | None = None
+    token_id: int = 0
+    logprob: float = 0.0
+    logits: torch.Tensor | None = None
+    compute_ns: int = 0
+
+
+@dataclass
+class Loaded:
+    model: RangeModel
+    cache: SessionCache
+    weight_bytes: int
+    epoch: int
+
+
+class Stage:
+    def __init__(self, config: StageConfig):
+        self.config = config
+        self.model_dir = Path(config.model)
+        self.args = LlamaArgs.from_config(read_config(self.model_dir))
+        self.fingerprint = model_fingerprint(self.model_dir)
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype
+        self.loaded: Loaded | None = None
+        # One forward at a time: torch already uses the stage's threads inside each op.
+        self._compute = threading.Lock()
+
+    # ------------------------------------------------------------------ admin
+
+    def load_layers(self, start: int, end: int, epoch: int) -> None:
+        """Loads [start, end) and drops the old range with every cached session."""
+        with self._compute:
+            self.loaded = None  # free the old range before reading the new one
+            weights = load_range(self.model_dir, self.args, start, end, self.dtype, self.device)
+            shape = CacheShape(
+                num_layers=end - start,
+                kv_heads=self.args.num_kv_heads,
+                head_dim=self.args.head_dim,
+                dtype=self.dtype,
+                device=self.device,
+                max_positions=self.args.max_position_embeddings,
+            )
+            self.loaded = Loaded(
+                model=RangeModel(self.args, weights, self.device),
+                cache=SessionCache(
+                    shape, self.config.kv_cache_mb * 2**20, self.config.session_ttl_s
+                ),
+                weight_bytes=weight_bytes(weights),
+                epoch=epoch,
+            )
+
+    def info(self) -> dict:
+        loaded = self.loaded
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+        else:
+            vm = psutil.virtual_memory()
+            free, total = vm.available, vm.total
+        out = {
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "num_layers": self.args.num_layers,
+            "kv_budget_bytes": self.config.kv_cache_mb * 2**20,
+            "memory_total_bytes": total,
+            "memory_free_bytes": free,
+            "model_fingerprint": self.fingerprint,
+            "threads": torch.get_num_threads(),
+        }
+        if loaded is not None:
+            loaded.cache.sweep()
+            w = loaded.model.weights
+            out |= {
+                "layer_start": w.start,
+                "layer_end": w.end,
+                "has_embeddings": w.is_first,
+                "has_head": w.is_last,
+                "weight_bytes": loaded.weight_bytes,
+                "kv_used_bytes": loaded.cache.used_bytes,
+                "kv_bytes_per_token": loaded.cache.shape.bytes_per_token,
+                "active_sessions": len(loaded.cache),
+                "plan_epoch": loaded.epoch,
+            }
+        return out
+
+    def ready(self) -> tuple[bool, str]:
+        if self.loaded is None:
+            return False, "no layers loaded yet; the orchestrator assigns them"
+        return True, ""
+
+    # ------------------------------------------------------------------ serving
+
+    def end_session(self, session_id: str) -> int:
+        return self._require_loaded().cache.end(session_id)
+
+    def forward(self, step: StepInput) -> StepOutput:
+        loaded = self._require_loaded()
+        self._validate(step, loaded)
+        with self._compute:
+            if self.loaded is not loaded:
+                raise FailedPrecondition("the stage's layers were reloaded during the step; retry")
+            t0 = time.perf_counter_ns()
+            session = loaded.cache.begin_step(step.session_id, step.start_pos, len(step.token_ids))
+            ids = torch.tensor(step.token_ids, dtype=torch.long, device=self.device)
+            hidden = None if step.hidden is None else step.hidden.to(self.device)
+            result = loaded.model.forward(
+                step.start_pos, ids, hidden, session.kv, all_logits=step.return_logits
+            )
+            session.length = step.start_pos + len(step.token_ids)
+            out = StepOutput()
+            if loaded.model.weights.is_last:
+                session.seen_tokens.extend(step.token_ids)
+                if step.start_pos == 0 and step.sampling.seed is not None:
+                    session.generator = torch.Generator(device=self.device)
+                    session.generator.manual_seed(step.sampling.seed)
+                out.token_id, out.logprob = sample(
+                    result[-1], step.sampling, session.seen_tokens, session.generator
+                )
+                out.logits = result if step.return_logits else None
+            else:
+                out.hidden = result
+            out.compute_ns = time.perf_counter_ns() - t0
+            return out
+
+    def _require_loaded(self) -> Loaded:
+        loaded = self.loaded
+        if loaded is None:
+            raise FailedPrecondition(
+                "this stage holds no layers yet; the orchestrator assigns them"
+            )
+        return loaded
+
+    def _validate(self, step: StepInput, loaded: Loaded) -> None:
+        if not step.session_id or len(step.session_id) > MAX_SESSION_ID_LEN:
+            raise InvalidArgument(f"session_id must be 1..{MAX_SESSION_ID_LEN} characters")
+        if step.plan_epoch != loaded.epoch:
+            raise FailedPrecondition(
+                f"step is for plan epoch {step.plan_epoch}, this stage serves epoch {loaded.epoch}"
+            )
+        if step.start_pos < 0:
+            raise InvalidArgument(f"start_pos must be >= 0, got {step.start_pos}")
+        if not step.token_ids:
+            raise InvalidArgument("a step needs at least one token id")
+        vocab = self.args.vocab_size
+        bad = [t for t in step.token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidArgument(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        weights = loaded.model.weights
+        if weights.is_first:
+            if step.hidden is not None:
+                raise InvalidArgument("the first stage takes token ids, not a hidden state")
+            return
+        expected = (len(step.token_ids), self.args.hidden_size)
+        if step.hidden is None:
+            raise InvalidArgument(f"stage for layers {weights.start}.. needs a hidden state")
+        if tuple(step.hidden.shape) != expected or step.hidden.dtype != self.dtype:
+            raise InvalidArgument(
+                f"hidden state must be {list(expected)} {self.dtype}, got "
+                f"{list(step.hidden.shape)} {step.hidden.dtype}"
+            )
+        if not torch.isfinite(step.hidden).all():
+            raise InvalidArgument("hidden state contains NaN or Inf")
