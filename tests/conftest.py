@@ -1,0 +1,162 @@
+"""Shared fixtures: tiny random Llama models saved as safetensors, the default model, and
+in-process meshes (real gRPC servers on port 0)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from client.client import Client
+from orchestrator.config import OrchestratorConfig
+from orchestrator.server import build_server as build_orchestrator
+from stage_service.config import StageConfig
+from stage_service.server import build_server as build_stage
+
+torch.set_num_threads(1)
+
+TINY_BASE = dict(
+    vocab_size=101,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.1,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
+
+TINY_CONFIGS = {
+    "gqa": {},
+    "odd_layers_tied": dict(
+        num_hidden_layers=5,
+        hidden_size=48,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    ),
+    "llama3_rope": dict(
+        num_hidden_layers=3,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=32,
+        ),
+        rope_theta=500000.0,
+    ),
+    "attention_bias": dict(
+        num_hidden_layers=3,
+        hidden_size=96,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        attention_bias=True,
+        mlp_bias=True,
+    ),
+    "untied_mha": dict(num_hidden_layers=6, num_key_value_heads=4),
+}
+
+
+def make_tiny_model(root: Path, name: str, seed: int = 0) -> Path:
+    """A random LlamaForCausalLM saved with safetensors; returns its directory."""
+    out = root / name
+    if (out / "config.json").is_file():
+        return out
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**TINY_BASE, **TINY_CONFIGS[name]})
+    model = LlamaForCausalLM(config).eval()
+    if config.attention_bias or config.mlp_bias:
+        with torch.no_grad():  # biases start at zero; make them matter
+            for n, p in model.named_parameters():
+                if n.endswith(".bias"):
+                    p.normal_(0, 0.1)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    """The embedded default model (converted once into the cache; no hub download)."""
+    from client.default_model import fetch_default
+
+    return fetch_default()
+
+
+def reference_model(model_dir: Path) -> LlamaForCausalLM:
+    return LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+def reference_greedy(model_dir: Path, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    """transformers' own generate, greedy, never stopping at end-of-sequence."""
+    model = reference_model(model_dir)
+    config = model.generation_config
+    config.eos_token_id = None
+    config.pad_token_id = 0
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            generation_config=config,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+        )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+class InProcessMesh:
+    """Stage servers and an orchestrator, real gRPC on loopback port 0, in this process."""
+
+    def __init__(self, model_dir: Path, num_stages: int, kv_cache_mb: int = 64):
+        self.stage_servers = []
+        self.stages = []
+        addresses = []
+        for _ in range(num_stages):
+            server, port, stage = build_stage(
+                StageConfig(model=str(model_dir), kv_cache_mb=kv_cache_mb)
+            )
+            server.start()
+            self.stage_servers.append(server)
+            self.stages.append(stage)
+            addresses.append(f"127.0.0.1:{port}")
+        self.addresses = addresses
+        config = OrchestratorConfig(model=str(model_dir), stages=tuple(addresses), stage_wait_s=10)
+        self.server, port, self.orchestrator = build_orchestrator(config)
+        self.server.start()
+        self.orchestrator.start()
+        self.address = f"127.0.0.1:{port}"
+        self.client = Client(self.address, timeout_s=60)
+
+    def stop(self) -> None:
+        self.client.close()
+        self.server.stop(0)
+        self.orchestrator.close()
+        for server in self.stage_servers:
+            server.stop(0)
+
+
+@contextmanager
+def in_process_mesh(model_dir: Path, num_stages: int, **kwargs) -> Iterator[InProcessMesh]:
+    mesh = InProcessMesh(model_dir, num_stages, **kwargs)
+    try:
+        yield mesh
+    finally:
+        mesh.stop()
+
+
+@pytest.fixture
+def mesh_factory():
+    return in_process_mesh

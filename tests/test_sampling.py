@@ -1,0 +1,70 @@
+"""Sampling against transformers' own logits processors on the same scores."""
+
+import pytest
+import torch
+from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+
+from protos.errors import InvalidArgument
+from protos.sampling import Sampling
+from stage_service.sampling import apply_repetition_penalty, filter_top_k_top_p, sample
+
+
+def scores(seed=0, n=50):
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_greedy_is_argmax_with_its_logprob():
+    logits = scores()
+    token, logprob = sample(logits, Sampling(), [], None)
+    assert token == int(logits.argmax())
+    assert logprob == pytest.approx(float(torch.log_softmax(logits, -1)[token]))
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_repetition_penalty_matches_transformers(penalty):
+    logits, seen = scores(1), [3, 7, 7, 12, 40]
+    ref = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([seen]), logits[None].clone())[0]
+    assert torch.equal(apply_repetition_penalty(logits, seen, penalty), ref)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (0, 0.8), (10, 0.5), (0, 0.01)])
+def test_top_k_top_p_match_transformers(top_k, top_p):
+    logits = scores(2)[None]
+    ref = logits.clone()
+    if top_k:
+        ref = TopKLogitsWarper(top_k)(None, ref)
+    if top_p < 1:
+        ref = TopPLogitsWarper(top_p)(None, ref)
+    got = filter_top_k_top_p(logits[0], top_k, top_p)
+    assert torch.equal(torch.isinf(got), torch.isinf(ref[0]))
+    assert torch.equal(got[~torch.isinf(got)], ref[0][~torch.isinf(ref[0])])
+
+
+def test_sampling_stays_inside_top_k_and_follows_the_seed():
+    logits = scores(3)
+    allowed = set(torch.topk(logits, 3).indices.tolist())
+    params = Sampling(temperature=1.5, top_k=3, seed=7)
+
+    def draw(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [sample(logits, params, [], g)[0] for _ in range(40)]
+
+    a, b = draw(7), draw(7)
+    assert a == b and set(a) <= allowed and len(set(a)) > 1
+    assert draw(8) != a
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(temperature=-1),
+        dict(top_k=-2),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(repetition_penalty=0.0),
+        dict(temperature=float("nan")),
+    ],
+)
+def test_bad_parameters_are_refused(kwargs):
+    with pytest.raises(InvalidArgument):
+        Sampling(**kwargs)

@@ -1,0 +1,191 @@
+"""A real stage server on port 0: the last stage's logits against transformers, and every kind of
+bad input answered with a precise status while other sessions keep being served."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+
+from protos import codec
+from protos import llamadist_pb2 as pb
+from protos import llamadist_pb2_grpc as pb_grpc
+from stage_service.config import StageConfig
+from stage_service.server import build_server
+from tests.conftest import make_tiny_model, reference_model
+
+
+class Stages:
+    def __init__(self, model_dir, bounds, kv_cache_mb=16):
+        self.servers, self.stubs = [], []
+        for a, b in zip(bounds, bounds[1:], strict=False):
+            server, port, _ = build_server(
+                StageConfig(model=str(model_dir), kv_cache_mb=kv_cache_mb)
+            )
+            server.start()
+            stub = pb_grpc.StageStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+            stub.LoadLayers(pb.LoadLayersRequest(layer_start=a, layer_end=b, plan_epoch=1))
+            self.servers.append(server)
+            self.stubs.append(stub)
+
+    def step(self, session, start, ids, return_logits=False) -> pb.StepReply:
+        hidden = None
+        for stub in self.stubs:
+            reply = stub.Forward(
+                pb.StepRequest(
+                    session_id=session,
+                    plan_epoch=1,
+                    start_pos=start,
+                    token_ids=ids,
+                    hidden=hidden,
+                    return_logits=return_logits,
+                )
+            )
+            hidden = reply.hidden
+        return reply
+
+    def stop(self):
+        for s in self.servers:
+            s.stop(0)
+
+
+@pytest.fixture
+def tiny(tiny_root):
+    return make_tiny_model(tiny_root, "gqa")
+
+
+@pytest.fixture
+def two_stages(tiny):
+    stages = Stages(tiny, [0, 2, 4])
+    yield stages
+    stages.stop()
+
+
+def test_last_stage_logits_match_transformers_over_the_wire(tiny, two_stages):
+    ids = [5, 17, 33, 2, 99, 64, 8, 1]
+    with torch.inference_mode():
+        expected = reference_model(tiny)(torch.tensor([ids])).logits[0]
+    prefill = codec.from_pb(two_stages.step("s", 0, ids[:6], return_logits=True).logits)
+    decoded = [codec.from_pb(two_stages.step("s", p, [ids[p]], True).logits) for p in (6, 7)]
+    torch.testing.assert_close(torch.cat([prefill, *decoded]), expected, atol=1e-4, rtol=0)
+    reply = two_stages.step("s", 8, [3])
+    assert not reply.HasField("logits")  # only when asked
+
+
+def test_info_reports_the_range_and_cache(two_stages):
+    two_stages.step("s", 0, [1, 2, 3])
+    first = two_stages.stubs[0].Info(pb.InfoRequest())
+    last = two_stages.stubs[1].Info(pb.InfoRequest())
+    assert (first.layer_start, first.layer_end, first.has_embeddings, first.has_head) == (
+        0,
+        2,
+        True,
+        False,
+    )
+    assert (last.layer_start, last.layer_end, last.has_embeddings, last.has_head) == (
+        2,
+        4,
+        False,
+        True,
+    )
+    assert first.active_sessions == 1 and first.kv_used_bytes > 0
+    assert first.model_fingerprint == last.model_fingerprint and first.weight_bytes > 0
+    freed = two_stages.stubs[0].EndSession(pb.EndSessionRequest(session_id="s")).freed_bytes
+    assert freed == first.kv_used_bytes
+    assert two_stages.stubs[0].Info(pb.InfoRequest()).kv_used_bytes == 0
+
+
+def _status(call, request):
+    with pytest.raises(grpc.RpcError) as info:
+        call(request)
+    return info.value.code(), info.value.details()
+
+
+def hidden_of(shape, dtype=torch.float32):
+    return codec.to_pb(torch.zeros(shape, dtype=dtype))
+
+
+@pytest.mark.parametrize(
+    "stage, request_kwargs, code, needle",
+    [
+        (0, dict(start_pos=3, token_ids=[1]), "NOT_FOUND", "not cached"),
+        (0, dict(token_ids=[101]), "INVALID_ARGUMENT", "outside the vocabulary"),
+        (0, dict(token_ids=[-1]), "INVALID_ARGUMENT", "outside the vocabulary"),
+        (0, dict(token_ids=[]), "INVALID_ARGUMENT", "at least one token"),
+        (0, dict(token_ids=[1], session_id=""), "INVALID_ARGUMENT", "session_id"),
+        (0, dict(token_ids=[1], plan_epoch=2), "FAILED_PRECONDITION", "epoch"),
+        (0, dict(token_ids=[1], hidden=hidden_of((1, 64))), "INVALID_ARGUMENT", "takes token ids"),
+        (1, dict(token_ids=[1]), "INVALID_ARGUMENT", "needs a hidden state"),
+        (1, dict(token_ids=[1], hidden=hidden_of((2, 64))), "INVALID_ARGUMENT", "must be [1, 64]"),
+        (1, dict(token_ids=[1], hidden=hidden_of((1, 63))), "INVALID_ARGUMENT", "must be [1, 64]"),
+        (
+            1,
+            dict(token_ids=[1], hidden=hidden_of((1, 64), torch.float16)),
+            "INVALID_ARGUMENT",
+            "float32",
+        ),
+        (
+            1,
+            dict(token_ids=[1], hidden=pb.Tensor(data=b"xx", shape=[1, 64], dtype=pb.FLOAT32)),
+            "INVALID_ARGUMENT",
+            "needs 256 bytes",
+        ),
+        (
+            1,
+            dict(token_ids=[1], hidden=codec.to_pb(torch.full((1, 64), float("nan")))),
+            "INVALID_ARGUMENT",
+            "NaN",
+        ),
+        (
+            1,
+            dict(token_ids=[1], hidden=hidden_of((1, 64)), sampling=pb.SamplingParams(top_p=2)),
+            "INVALID_ARGUMENT",
+            "top_p",
+        ),
+        (0, dict(token_ids=[1] * 300), "INVALID_ARGUMENT", "context of 256"),
+    ],
+)
+def test_bad_steps_get_precise_statuses_and_others_are_still_served(
+    two_stages, stage, request_kwargs, code, needle
+):
+    two_stages.step("live", 0, [1, 2, 3])
+    request = pb.StepRequest(**{"session_id": "bad", "plan_epoch": 1, **request_kwargs})
+    got_code, details = _status(two_stages.stubs[stage].Forward, request)
+    assert got_code.name == code and needle in details, details
+    assert two_stages.step("live", 3, [4]).token_id >= 0  # the live session is intact
+
+
+def test_full_cache_is_resource_exhausted_and_does_not_evict(tiny):
+    stages = Stages(tiny, [0, 4], kv_cache_mb=1)  # 4 layers * 2 * 2 heads * 16 * 4 B = 1 KiB/token
+    prompt = [i % 100 + 1 for i in range(250)]  # 256 tokens of capacity each: four fill 1 MiB
+    try:
+        for session in "abcd":
+            stages.step(session, 0, prompt)
+        code, details = _status(
+            stages.stubs[0].Forward, pb.StepRequest(session_id="e", plan_epoch=1, token_ids=prompt)
+        )
+        assert code.name == "RESOURCE_EXHAUSTED" and "--kv-cache-mb" in details
+        assert stages.step("a", 250, [7]).token_id >= 0
+    finally:
+        stages.stop()
+
+
+def test_stage_without_layers_refuses_steps_and_reports_not_serving(tiny):
+    server, port, _ = build_server(StageConfig(model=str(tiny)))
+    server.start()
+    try:
+        stub = pb_grpc.StageStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        assert stub.Health(pb.HealthRequest()).status == pb.HealthReply.NOT_SERVING
+        code, details = _status(stub.Forward, pb.StepRequest(session_id="s", token_ids=[1]))
+        assert code.name == "FAILED_PRECONDITION" and "no layers" in details
+        code, details = _status(stub.LoadLayers, pb.LoadLayersRequest(layer_start=2, layer_end=9))
+        assert code.name == "INVALID_ARGUMENT" and "4 layers" in details
+        code, _ = _status(stub.EndSession, pb.EndSessionRequest(session_id="s"))
+        assert code.name == "FAILED_PRECONDITION"
+    finally:
+        server.stop(0)
+
+
+def test_end_unknown_session_is_not_found(two_stages):
+    code, details = _status(two_stages.stubs[0].EndSession, pb.EndSessionRequest(session_id="nope"))
+    assert code.name == "NOT_FOUND" and "nope" in details
