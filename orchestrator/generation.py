@@ -49,6 +49,15 @@ class Chunk:
     timings: Timings | None = None
 
 
+@dataclass
+class Running:
+    """A generation in progress, as EndSession sees it."""
+
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    freed_bytes: int = 0
+
+
 class TextStream:
     """Turns a growing list of token ids into text that is final: nothing is emitted that a later
     token could change (an incomplete UTF-8 character) or that may begin a stop string."""
@@ -86,7 +95,7 @@ class Generator:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_positions = max_positions
-        self._active: dict[str, threading.Event] = {}
+        self._active: dict[str, Running] = {}
         self._lock = threading.Lock()
 
     def validate(self, req: GenerationRequest) -> None:
@@ -111,29 +120,34 @@ class Generator:
             raise InvalidArgument("stop strings must not be empty")
         Sampling.from_pb(req.sampling)  # raises InvalidArgument on bad parameters
 
-    def cancel(self, session_id: str) -> bool:
+    def end(self, session_id: str, timeout_s: float = 30.0) -> int:
+        """Ends a session: a running generation is cancelled and frees its caches itself (so no
+        step runs against freed caches); otherwise the stages free what they hold."""
         with self._lock:
-            event = self._active.get(session_id)
-        if event is not None:
-            event.set()
-        return event is not None
+            running = self._active.get(session_id)
+        if running is None:
+            return self.router.end_session(session_id)
+        running.cancelled.set()
+        running.done.wait(timeout_s)
+        return running.freed_bytes
 
     def run(self, req: GenerationRequest) -> Iterator[Chunk]:
         self.validate(req)
         session_id = req.session_id or uuid.uuid4().hex
-        cancelled = threading.Event()
+        running = Running()
         with self._lock:
             if session_id in self._active:
                 raise InvalidArgument(f"session {session_id!r} is already generating")
-            self._active[session_id] = cancelled
+            self._active[session_id] = running
         try:
-            yield from self._loop(req, session_id, cancelled)
+            yield from self._loop(req, session_id, running.cancelled)
         finally:
-            with self._lock:
-                del self._active[session_id]
             # Nothing cached, or a stage is down: the stage's TTL reclaims the rest.
             with contextlib.suppress(LlamadistError):
-                self.router.end_session(session_id)
+                running.freed_bytes = self.router.end_session(session_id)
+            with self._lock:
+                del self._active[session_id]
+            running.done.set()
 
     def _loop(
         self, req: GenerationRequest, session_id: str, cancelled: threading.Event

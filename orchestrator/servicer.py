@@ -10,7 +10,7 @@ from orchestrator.generation import Chunk, GenerationRequest, Timings
 from orchestrator.orchestrator import Orchestrator
 from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
-from protos.errors import InvalidArgument, LlamadistError, NotFound
+from protos.errors import InvalidArgument, LlamadistError
 from protos.status import grpc_errors
 
 FINISH = {"eos": pb.EOS, "length": pb.LENGTH, "stop": pb.STOP, "": pb.FINISH_REASON_UNSPECIFIED}
@@ -91,13 +91,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     @grpc_errors
     def EndSession(self, request: pb.EndSessionRequest, context) -> pb.EndSessionReply:
-        cancelled = self.orch.generator.cancel(request.session_id)
-        try:
-            freed = self.orch.router.end_session(request.session_id)
-        except NotFound:
-            if not cancelled:
-                raise
-            freed = 0
+        freed = self.orch.generator.end(request.session_id)
         return pb.EndSessionReply(freed_bytes=freed)
 
     @grpc_errors
