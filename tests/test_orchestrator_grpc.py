@@ -47,11 +47,11 @@ def test_request_without_input_is_invalid(tiny_mesh):
 
 
 def test_seeded_sampling_is_reproducible_and_caches_are_freed(tiny_mesh):
-    run = lambda seed: (
-        tiny_mesh.client.generate(  # noqa: E731
+    def run(seed: int) -> list[int]:
+        return tiny_mesh.client.generate(
             token_ids=[3, 4, 5], max_new_tokens=24, temperature=1.0, top_k=20, seed=seed
         ).token_ids
-    )
+
     assert run(11) == run(11)
     assert run(11) != run(12)
     for stage in tiny_mesh.stages:
