@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from concurrent import futures
 
 import grpc
 
@@ -11,19 +10,19 @@ from orchestrator.config import OrchestratorConfig
 from orchestrator.orchestrator import Orchestrator
 from orchestrator.servicer import OrchestratorServicer
 from protos import llamadist_pb2_grpc as pb_grpc
-from protos.serving import GRPC_OPTIONS, run_until_signal
+from protos.serving import listening_server, run_until_signal
 
 
 def build_server(config: OrchestratorConfig) -> tuple[grpc.Server, int, Orchestrator]:
     """The server is not started; `Orchestrator.start` (waiting for stages) is the caller's."""
     orch = Orchestrator(config)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers), options=GRPC_OPTIONS
+    server, port = listening_server(
+        pb_grpc.add_OrchestratorServicer_to_server,
+        OrchestratorServicer(orch),
+        config.host,
+        config.port,
+        config.max_workers,
     )
-    pb_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(orch), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"cannot listen on {config.host}:{config.port}")
     return server, port, orch
 
 

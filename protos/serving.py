@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
+from concurrent import futures
 
 import grpc
 
@@ -23,3 +25,19 @@ def run_until_signal(server: grpc.Server, banner: str, grace_s: float) -> None:
     print(banner, flush=True)
     stop.wait()
     server.stop(grace_s).wait()
+
+
+def listening_server(
+    add_servicer: Callable[[object, grpc.Server], None],
+    servicer: object,
+    host: str,
+    port: int,
+    max_workers: int,
+) -> tuple[grpc.Server, int]:
+    """A server (not started) with `servicer` bound to host:port; port 0 picks a free one."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
+    add_servicer(servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    return server, bound
