@@ -1,23 +1,439 @@
-"""Partition strategies: pure functions (num_layers, stage addresses) -> PartitionPlan."""
+"""Partition strategies: pure functions (model profile, stage capacities, spec) -> PartitionPlan.
+
+- uniform: equal layer counts, the remainder one each on the first stages.
+- memory: layers in proportion to the memory each stage has left after its fixed parts
+  (KV budget, embeddings on the first, norm + head on the last): the split whose fill fractions
+  (layer bytes / memory left) are most even, max first (leximax). It fits whenever any
+  contiguous split fits.
+- compute: the split whose slowest stage is fastest (time per token = stage FLOPs / speed, the
+  head on the last stage, embeddings free), exactly, by dynamic programming over contiguous
+  splits.
+- mixed: the compute objective over the splits that fit the memory limits only.
+- custom: the given ranges, checked.
+
+Every plan is checked against the memory limits (weights + KV budget <= limit, per stage).
+
+Ties are broken deterministically: most even stage times (the sorted times compared largest
+first; for memory after the fill fractions), then the earliest boundaries. Both orders are
+compatible with appending a stage, so the dynamic programme finds the exact optimum of the whole
+order, not only of the primary objective.
+
+No torch and no gRPC here.
+"""
 
 from __future__ import annotations
 
+import re
+from bisect import insort
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from enum import Enum
+from fractions import Fraction
+
 from orchestrator.plan import LayerRange, PartitionPlan
+from orchestrator.profile import ModelProfile, StageCapacity
 from protos.errors import InvalidArgument
 
 
-def uniform(num_layers: int, addresses: list[str], epoch: int = 1) -> PartitionPlan:
-    """Equal layer counts; the remainder goes to the first stages, one each."""
+class Strategy(str, Enum):
+    UNIFORM = "uniform"
+    MEMORY = "memory"
+    COMPUTE = "compute"
+    MIXED = "mixed"
+    CUSTOM = "custom"
+
+
+STRATEGIES = tuple(s.value for s in Strategy)
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    strategy: Strategy = Strategy.UNIFORM
+    num_partitions: int | None = None  # None = one per given stage; N < stages: the first N
+    # () = each stage's own memory_bytes; one value = the limit of every stage; else one per
+    # used stage
+    max_memory_bytes: tuple[int, ...] = ()
+    custom_boundaries: tuple[LayerRange, ...] = ()  # CUSTOM only
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.strategy, Strategy):
+            try:
+                object.__setattr__(self, "strategy", Strategy(self.strategy))
+            except ValueError:
+                raise InvalidArgument(
+                    f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}"
+                ) from None
+        object.__setattr__(self, "max_memory_bytes", tuple(self.max_memory_bytes))
+        object.__setattr__(self, "custom_boundaries", tuple(self.custom_boundaries))
+
+
+# ---------------------------------------------------------------- parsing
+
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+_MEMORY_FORMS = (
+    "plain bytes (1073741824) or a number with a unit: KB, MB, GB, TB (powers of 1000) or "
+    "KiB, MiB, GiB, TiB (powers of 1024), e.g. 4GB or 512MiB; one value for every stage or "
+    "one per stage, comma-separated (4GB,8GB)"
+)
+
+
+def parse_memory(text: str) -> tuple[int, ...]:
+    """'4GB' / '512MiB' / '4GB,8GB' / '1073741824' -> bytes per stage."""
+    if not text or not text.strip():
+        raise InvalidArgument(f"empty memory limit; use {_MEMORY_FORMS}")
+    values = []
+    for part in text.split(","):
+        m = _MEMORY.match(part)
+        unit = m.group(2).upper() if m else None
+        if m is None or unit not in _UNITS:
+            raise InvalidArgument(
+                f"memory limit {part.strip()!r} is not understood; use {_MEMORY_FORMS}"
+            )
+        try:
+            amount = Decimal(m.group(1)) * _UNITS[unit]
+        except InvalidOperation:  # pragma: no cover - the pattern admits only decimals
+            raise InvalidArgument(f"memory limit {part.strip()!r} is not a number") from None
+        if amount != amount.to_integral_value():
+            raise InvalidArgument(
+                f"memory limit {part.strip()!r} is not a whole number of bytes; use {_MEMORY_FORMS}"
+            )
+        if amount <= 0:
+            raise InvalidArgument(f"memory limit {part.strip()!r} must be more than 0 bytes")
+        values.append(int(amount))
+    return tuple(values)
+
+
+_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+def parse_boundaries(text: str) -> tuple[LayerRange, ...]:
+    """'0-9,10-29' (inclusive, one range per stage; '7' is the one layer 7) -> LayerRanges.
+    Only the syntax is checked here; coverage of the model is checked by make_plan."""
+    if not text or not text.strip():
+        raise InvalidArgument(
+            "empty layer ranges; give one inclusive range per stage, e.g. 0-9,10-29"
+        )
+    ranges = []
+    for part in text.split(","):
+        m = _RANGE.match(part)
+        if m is None:
+            raise InvalidArgument(
+                f"layer range {part.strip()!r} is not understood; give one inclusive range per "
+                "stage as FIRST-LAST layer numbers, comma-separated, e.g. 0-9,10-29"
+            )
+        first = int(m.group(1))
+        last = int(m.group(2)) if m.group(2) is not None else first
+        if last < first:
+            raise InvalidArgument(
+                f"layer range {part.strip()!r} ends before it starts; write FIRST-LAST with "
+                "FIRST <= LAST"
+            )
+        ranges.append(LayerRange(first, last + 1))
+    return tuple(ranges)
+
+
+# ---------------------------------------------------------------- the legacy entry point
+
+
+def uniform(num_layers: int, addresses: Sequence[str], epoch: int = 1) -> PartitionPlan:
+    """Equal layer counts; the remainder goes to the first stages, one each. No memory check
+    (make_plan with Strategy.UNIFORM adds one)."""
     n = len(addresses)
     if not 0 < n <= num_layers:
         raise InvalidArgument(f"cannot split {num_layers} layers over {n} stages")
+    return PartitionPlan(
+        num_layers, tuple(addresses), _uniform_ranges(num_layers, n), Strategy.UNIFORM.value, epoch
+    )
+
+
+def _uniform_ranges(num_layers: int, n: int) -> tuple[LayerRange, ...]:
     base, extra = divmod(num_layers, n)
     ranges, start = [], 0
     for i in range(n):
         size = base + (1 if i < extra else 0)
         ranges.append(LayerRange(start, start + size))
         start += size
-    return PartitionPlan(num_layers, tuple(addresses), tuple(ranges), "uniform", epoch)
+    return tuple(ranges)
 
 
-STRATEGIES = {"uniform": uniform}
+# ---------------------------------------------------------------- estimates
+
+
+def estimate_ms_per_token(
+    profile: ModelProfile, capacity: StageCapacity, r: LayerRange, first: bool, last: bool
+) -> float:
+    """Decode time of one token on that stage, in ms, from its measured speed."""
+    return profile.stage_flops(r, first, last) / (capacity.gflops * 1e9) * 1e3
+
+
+# ---------------------------------------------------------------- the planner
+
+
+def make_plan(
+    profile: ModelProfile, capacities: list[StageCapacity], spec: PlanSpec, epoch: int = 1
+) -> PartitionPlan:
+    problem = _Problem.build(profile, capacities, spec)
+    strategy = spec.strategy
+    if strategy is Strategy.UNIFORM:
+        ranges = _uniform_ranges(problem.num_layers, problem.n)
+    elif strategy is Strategy.CUSTOM:
+        ranges = _check_custom(spec.custom_boundaries, problem)
+    elif strategy is Strategy.COMPUTE:
+        ranges = _best_split(problem, [problem.time])
+    elif strategy is Strategy.MEMORY:
+        ranges = _best_split(problem, [problem.fill, problem.time], allowed=problem.fits)
+    else:  # MIXED
+        ranges = _best_split(problem, [problem.time], allowed=problem.fits)
+    if ranges is None:
+        problem.raise_no_split_fits(strategy)
+    problem.check_memory(ranges, strategy)
+    return PartitionPlan(
+        problem.num_layers,
+        tuple(c.address for c in problem.stages),
+        ranges,
+        strategy.value,
+        epoch,
+    )
+
+
+@dataclass(frozen=True)
+class _Problem:
+    profile: ModelProfile
+    stages: tuple[StageCapacity, ...]
+    limits: tuple[int, ...]
+
+    @classmethod
+    def build(
+        cls, profile: ModelProfile, capacities: Sequence[StageCapacity], spec: PlanSpec
+    ) -> _Problem:
+        if not capacities:
+            raise InvalidArgument("no stages to plan for")
+        total = len(capacities)
+        n = total if spec.num_partitions is None else spec.num_partitions
+        if not 1 <= n <= total:
+            raise InvalidArgument(
+                f"num_partitions must be between 1 and the {total} stage(s) given, got {n}"
+            )
+        if n > profile.num_layers:
+            raise InvalidArgument(
+                f"cannot split {profile.num_layers} layers over {n} stages: every stage needs "
+                "at least one layer"
+            )
+        stages = tuple(capacities[:n])
+        given = spec.max_memory_bytes
+        if not given:
+            limits = tuple(c.memory_bytes for c in stages)
+        elif len(given) == 1:
+            limits = given * n
+        elif len(given) == n:
+            limits = given
+        else:
+            raise InvalidArgument(
+                f"{len(given)} memory limits for {n} stages: give one limit for every stage or "
+                f"exactly one per stage ({n})"
+            )
+        if any(limit < 0 for limit in limits):
+            raise InvalidArgument(f"memory limits must be >= 0 bytes, got {limits}")
+        return cls(profile, stages, tuple(int(x) for x in limits))
+
+    @property
+    def n(self) -> int:
+        return len(self.stages)
+
+    @property
+    def num_layers(self) -> int:
+        return self.profile.num_layers
+
+    def _ends(self, i: int) -> tuple[bool, bool]:
+        return i == 0, i == self.n - 1
+
+    def need(self, i: int, r: LayerRange) -> tuple[int, int]:
+        """(weight bytes, KV budget) of stage i serving r."""
+        first, last = self._ends(i)
+        return self.profile.stage_weight_bytes(r, first, last), self.stages[i].kv_budget_bytes
+
+    def fits(self, i: int, r: LayerRange) -> bool:
+        return sum(self.need(i, r)) <= self.limits[i]
+
+    def time(self, i: int, r: LayerRange) -> float:
+        first, last = self._ends(i)
+        return estimate_ms_per_token(self.profile, self.stages[i], r, first, last)
+
+    def fill(self, i: int, r: LayerRange) -> Fraction:
+        """Layer bytes / memory left for layers after the fixed parts (exact)."""
+        first, last = self._ends(i)
+        layers = sum(self.profile.layer_bytes[r.start : r.end])
+        room = self.limits[i] - self.stages[i].kv_budget_bytes
+        room -= self.profile.fixed_bytes(first, last)
+        return Fraction(layers, room) if room > 0 else Fraction(0 if layers <= room else 10**30)
+
+    def shortfall(self, i: int, r: LayerRange) -> int:
+        return max(0, sum(self.need(i, r)) - self.limits[i])
+
+    def describe(self, i: int, r: LayerRange) -> str:
+        weights, kv = self.need(i, r)
+        short = weights + kv - self.limits[i]
+        return (
+            f"stage {i} ({self.stages[i].address}, layers {r}) needs {short:,} bytes more than "
+            f"its limit of {self.limits[i]:,} (weights {_human(weights)} + KV budget "
+            f"{_human(kv)})"
+        )
+
+    def check_memory(self, ranges: Sequence[LayerRange], strategy: Strategy) -> None:
+        over = [(self.shortfall(i, r), i) for i, r in enumerate(ranges) if not self.fits(i, r)]
+        if not over:
+            return
+        worst = max(over, key=lambda x: (x[0], -x[1]))[1]
+        message = self.describe(worst, ranges[worst])
+        if len(over) > 1:
+            total = sum(s for s, _ in over)
+            message += f"; {len(over)} stages are over their limits, {total:,} bytes short in all"
+        hint = (
+            ""
+            if strategy in (Strategy.MEMORY, Strategy.MIXED)
+            else " (the memory and mixed strategies find a split that fits when there is one)"
+        )
+        raise InvalidArgument(f"the {strategy.value} plan does not fit: {message}{hint}")
+
+    def raise_no_split_fits(self, strategy: Strategy) -> None:
+        ranges = _min_total_shortfall(self)
+        over = [(self.shortfall(i, r), i) for i, r in enumerate(ranges)]
+        total = sum(s for s, _ in over)
+        worst = max(over, key=lambda x: (x[0], -x[1]))[1]
+        raise InvalidArgument(
+            f"no split of {self.num_layers} layers over {self.n} stages fits the memory limits "
+            f"({strategy.value} strategy); the closest ({' | '.join(map(str, ranges))}) is "
+            f"{total:,} bytes short in all, and {self.describe(worst, ranges[worst])}"
+        )
+
+
+def _human(n: int) -> str:
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+Metric = Callable[[int, LayerRange], object]
+
+
+def _best_split(
+    problem: _Problem,
+    metrics: list[Metric],
+    allowed: Callable[[int, LayerRange], bool] | None = None,
+) -> tuple[LayerRange, ...] | None:
+    """The contiguous split (>= 1 layer per stage, segments `allowed`) that is least in the
+    order: for each metric in turn, the stage values sorted largest first, compared
+    lexicographically; then the boundaries, earliest first. None when no split is allowed.
+
+    Exact by dynamic programming: best[j][e] is the least key of stages 0..j-1 covering layers
+    0..e-1. Appending the same stage value to two sorted vectors keeps their order (and an
+    equal-value tie then falls to the boundaries), so the least prefix extends to the least
+    whole. O(stages^2 * layers^2)."""
+    n, num_layers = problem.n, problem.num_layers
+    # key = (tuple of per-metric vectors, each ascending then compared reversed, starts)
+    # Stored as the vectors negated and sorted ascending, so plain tuple order is the leximax
+    # order.
+    best: list[dict[int, tuple]] = [{0: (tuple(() for _ in metrics), ())}]
+    for j in range(n):
+        current: dict[int, tuple] = {}
+        ends = [num_layers] if j == n - 1 else range(j + 1, num_layers - (n - j - 1) + 1)
+        for e in ends:
+            cand = None
+            for s, (vectors, starts) in best[j].items():
+                if s >= e:
+                    continue
+                r = LayerRange(s, e)
+                if allowed is not None and not allowed(j, r):
+                    continue
+                new_vectors = []
+                for vec, metric in zip(vectors, metrics, strict=True):
+                    merged = list(vec)
+                    insort(merged, _neg(metric(j, r)))
+                    new_vectors.append(tuple(merged))
+                key = (tuple(new_vectors), starts + (s,))
+                if cand is None or key < cand:
+                    cand = key
+            if cand is not None:
+                current[e] = cand
+        best.append(current)
+    if num_layers not in best[n]:
+        return None
+    starts = best[n][num_layers][1]
+    return tuple(LayerRange(s, e) for s, e in zip(starts, starts[1:] + (num_layers,), strict=True))
+
+
+def _neg(value):
+    return -value
+
+
+def _min_total_shortfall(problem: _Problem) -> tuple[LayerRange, ...]:
+    """The split with the fewest bytes over the limits in all (then earliest boundaries), for
+    the message when none fits. Additive, so the same dynamic programme is exact."""
+    n, num_layers = problem.n, problem.num_layers
+    best: dict[int, tuple[int, tuple[int, ...]]] = {0: (0, ())}
+    for j in range(n):
+        current: dict[int, tuple[int, tuple[int, ...]]] = {}
+        ends = [num_layers] if j == n - 1 else range(j + 1, num_layers - (n - j - 1) + 1)
+        for e in ends:
+            cands = [
+                (total + problem.shortfall(j, LayerRange(s, e)), starts + (s,))
+                for s, (total, starts) in best.items()
+                if s < e
+            ]
+            if cands:
+                current[e] = min(cands)
+        best = current
+    starts = best[num_layers][1]
+    return tuple(LayerRange(s, e) for s, e in zip(starts, starts[1:] + (num_layers,), strict=True))
+
+
+def _check_custom(ranges: Sequence[LayerRange], problem: _Problem) -> tuple[LayerRange, ...]:
+    num_layers, n = problem.num_layers, problem.n
+    if not ranges:
+        raise InvalidArgument("the custom strategy needs one layer range per stage, e.g. 0-9,10-29")
+    if len(ranges) != n:
+        raise InvalidArgument(
+            f"{len(ranges)} custom layer range(s) for {n} stage(s): give exactly one per stage"
+        )
+    expected = 0
+    for i, r in enumerate(ranges):
+        if r.end <= r.start:
+            raise InvalidArgument(f"custom range {i} ({r.start}..{r.end - 1}) has no layers")
+        if r.start > expected:
+            raise InvalidArgument(
+                f"custom range {i} ({r}) starts at layer {r.start} but the layers before it end "
+                f"at {expected - 1}: layer(s) {LayerRange(expected, r.start)} are served by "
+                "no stage"
+            )
+        if r.start < expected:
+            raise InvalidArgument(
+                f"custom range {i} ({r}) starts at layer {r.start} but the layers before it end "
+                f"at {expected - 1}: layer(s) {LayerRange(r.start, min(expected, r.end))} "
+                "would be served twice"
+            )
+        expected = r.end
+    if expected != num_layers:
+        if expected < num_layers:
+            gap = f"layer(s) {LayerRange(expected, num_layers)} are served by no stage"
+        else:
+            gap = f"layer(s) {LayerRange(num_layers, expected)} do not exist"
+        raise InvalidArgument(
+            f"custom ranges end at layer {expected - 1} but the model has {num_layers} layers "
+            f"(0-{num_layers - 1}): {gap}"
+        )
+    return tuple(ranges)
