@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Build the image's wheelhouse on the host: the project's own wheel (with the generated protobuf
+# code, so run `make protos` first) and a wheel of every dependency, at the versions installed in
+# the venv, torch as the CPU build. Usage: docker/wheelhouse.sh [PYTHON] [TORCH_SPEC]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${1:-.venv/bin/python}
+torch_spec=${2:-torch==2.13.0}
+out=docker/wheelhouse
+mkdir -p "$out"
+ls protos/llamadist_pb2.py protos/llamadist_pb2_grpc.py >/dev/null  # generated code present?
+
+# The project wheel, built from a clean copy (no stale build/ leftovers in it).
+src=$(mktemp -d)
+trap 'rm -rf "$src"' EXIT
+cp -r pyproject.toml README.md protos stage_service orchestrator client "$src"/
+find "$src" -name __pycache__ -prune -exec rm -rf {} +
+rm -f "$out"/llamadist-*.whl
+"$py" -m pip wheel -q --no-deps -w "$out" "$src"
+wheel=$(ls "$out"/llamadist-*.whl)
+"$py" - "$wheel" <<'PY'
+import sys, zipfile
+names = set(zipfile.ZipFile(sys.argv[1]).namelist())
+missing = {"protos/llamadist_pb2.py", "protos/llamadist_pb2_grpc.py"} - names
+sys.exit(f"{sys.argv[1]} lacks {sorted(missing)}" if missing else 0)
+PY
+
+# Every dependency, pinned to what the venv runs (the same code the host's tests run).
+"$py" -m pip freeze --exclude-editable | grep -v '^llamadist' >"$src/constraints.txt"
+"$py" -m pip wheel -q -w "$out" --find-links "$out" -c "$src/constraints.txt" "$wheel" "$torch_spec"
+echo "wheelhouse $out: $(ls "$out" | wc -l) wheels, $(du -sh "$out" | cut -f1)"
