@@ -24,7 +24,6 @@ No torch and no gRPC here.
 from __future__ import annotations
 
 import re
-from bisect import insort
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -188,6 +187,10 @@ def make_plan(
 ) -> PartitionPlan:
     problem = _Problem.build(profile, capacities, spec)
     strategy = spec.strategy
+    if spec.custom_boundaries and strategy is not Strategy.CUSTOM:
+        raise InvalidArgument(
+            f"custom boundaries only apply to the custom strategy, not to {strategy.value}"
+        )
     if strategy is Strategy.UNIFORM:
         ranges = _uniform_ranges(problem.num_layers, problem.n)
     elif strategy is Strategy.CUSTOM:
@@ -345,9 +348,8 @@ def _best_split(
     equal-value tie then falls to the boundaries), so the least prefix extends to the least
     whole. O(stages^2 * layers^2)."""
     n, num_layers = problem.n, problem.num_layers
-    # key = (tuple of per-metric vectors, each ascending then compared reversed, starts)
-    # Stored as the vectors negated and sorted ascending, so plain tuple order is the leximax
-    # order.
+    # key = (one vector per metric, its stage values sorted largest first; the stage starts):
+    # plain tuple order is then the leximax order, then the earliest boundaries.
     best: list[dict[int, tuple]] = [{0: (tuple(() for _ in metrics), ())}]
     for j in range(n):
         current: dict[int, tuple] = {}
@@ -362,9 +364,7 @@ def _best_split(
                     continue
                 new_vectors = []
                 for vec, metric in zip(vectors, metrics, strict=True):
-                    merged = list(vec)
-                    insort(merged, _neg(metric(j, r)))
-                    new_vectors.append(tuple(merged))
+                    new_vectors.append(tuple(sorted((*vec, metric(j, r)), reverse=True)))
                 key = (tuple(new_vectors), starts + (s,))
                 if cand is None or key < cand:
                     cand = key
@@ -375,10 +375,6 @@ def _best_split(
         return None
     starts = best[n][num_layers][1]
     return tuple(LayerRange(s, e) for s, e in zip(starts, starts[1:] + (num_layers,), strict=True))
-
-
-def _neg(value):
-    return -value
 
 
 def _min_total_shortfall(problem: _Problem) -> tuple[LayerRange, ...]:
@@ -414,6 +410,11 @@ def _check_custom(ranges: Sequence[LayerRange], problem: _Problem) -> tuple[Laye
     for i, r in enumerate(ranges):
         if r.end <= r.start:
             raise InvalidArgument(f"custom range {i} ({r.start}..{r.end - 1}) has no layers")
+        if i == 0 and r.start > 0:
+            raise InvalidArgument(
+                f"custom range 0 ({r}) starts at layer {r.start} but the first range must start "
+                f"at layer 0: layer(s) {LayerRange(0, r.start)} are served by no stage"
+            )
         if r.start > expected:
             raise InvalidArgument(
                 f"custom range {i} ({r}) starts at layer {r.start} but the layers before it end "
