@@ -28,7 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from enum import Enum
-from fractions import Fraction
+from functools import cached_property
+from itertools import accumulate
 
 from orchestrator.plan import LayerRange, PartitionPlan
 from orchestrator.profile import ModelProfile, StageCapacity
@@ -264,25 +265,38 @@ class _Problem:
     def _ends(self, i: int) -> tuple[bool, bool]:
         return i == 0, i == self.n - 1
 
+    @cached_property
+    def _prefix_bytes(self) -> tuple[int, ...]:
+        return (0, *accumulate(self.profile.layer_bytes))
+
+    def _layer_bytes(self, r: LayerRange) -> int:
+        return self._prefix_bytes[r.end] - self._prefix_bytes[r.start]
+
     def need(self, i: int, r: LayerRange) -> tuple[int, int]:
         """(weight bytes, KV budget) of stage i serving r."""
         first, last = self._ends(i)
         return self.profile.stage_weight_bytes(r, first, last), self.stages[i].kv_budget_bytes
 
     def fits(self, i: int, r: LayerRange) -> bool:
-        return sum(self.need(i, r)) <= self.limits[i]
+        first, last = self._ends(i)
+        weights = self._layer_bytes(r) + self.profile.fixed_bytes(first, last)
+        return weights + self.stages[i].kv_budget_bytes <= self.limits[i]
 
     def time(self, i: int, r: LayerRange) -> float:
         first, last = self._ends(i)
         return estimate_ms_per_token(self.profile, self.stages[i], r, first, last)
 
-    def fill(self, i: int, r: LayerRange) -> Fraction:
-        """Layer bytes / memory left for layers after the fixed parts (exact)."""
+    def fill(self, i: int, r: LayerRange) -> float:
+        """Layer bytes / memory left for layers after the fixed parts. A float: it only ranks
+        splits that fit (`fits` decides that in exact integers), and rounding is monotone, so
+        it can at worst turn a near-tie into a tie (then settled by stage times, boundaries);
+        Fractions were 5x slower on 126 layers over 32 stages."""
         first, last = self._ends(i)
-        layers = sum(self.profile.layer_bytes[r.start : r.end])
+        layers = self._layer_bytes(r)
         room = self.limits[i] - self.stages[i].kv_budget_bytes
         room -= self.profile.fixed_bytes(first, last)
-        return Fraction(layers, room) if room > 0 else Fraction(0 if layers <= room else 10**30)
+        # Only asked of segments that fit (layers <= room), so room <= 0 means no layer bytes.
+        return layers / room if room > 0 else 0.0
 
     def shortfall(self, i: int, r: LayerRange) -> int:
         return max(0, sum(self.need(i, r)) - self.limits[i])

@@ -3,7 +3,6 @@ small cases, a reachability check of feasibility on large ones, and worked examp
 
 from __future__ import annotations
 
-from fractions import Fraction
 from itertools import combinations
 
 import pytest
@@ -63,7 +62,7 @@ def times(p, caps, ranges) -> list[float]:
     return [estimate_ms_per_token(p, caps[i], r, i == 0, i == n - 1) for i, r in enumerate(ranges)]
 
 
-def fills(p, caps, limits, ranges) -> list[Fraction]:
+def fills(p, caps, limits, ranges) -> list[float]:
     n = len(ranges)
     out = []
     for i, r in enumerate(ranges):
@@ -73,7 +72,7 @@ def fills(p, caps, limits, ranges) -> list[Fraction]:
             - weight_bytes(p, LayerRange(0, 0), i == 0, i == n - 1)
         )
         layers = sum(p.layer_bytes[r.start : r.end])
-        out.append(Fraction(layers, room) if room > 0 else Fraction(0))
+        out.append(layers / room if room > 0 else 0.0)
     return out
 
 
