@@ -28,6 +28,27 @@ def _server_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=DEFAULT_SERVER, help="orchestrator host:port")
 
 
+def _plan_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    from orchestrator.strategies import STRATEGIES
+
+    p.add_argument(
+        "--strategy",
+        default=default,
+        required=default is None,
+        choices=STRATEGIES,
+        help="uniform: equal layer counts; memory: within memory limits; compute: fastest by "
+        "measured stage speed; mixed: compute within memory limits; custom: --boundaries",
+    )
+    p.add_argument(
+        "--max-memory",
+        default="",
+        help="memory limit for weights + KV: 4GB for every stage, "
+        "or 4GB,8GB one per stage (default: each stage's free memory)",
+    )
+    p.add_argument("--boundaries", default="", help="custom: inclusive ranges such as 0-9,10-29")
+    p.add_argument("--num-partitions", type=int, default=0, help="use the first N stages")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamadist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     orch.add_argument("--stages", required=True, help="stage addresses in order: H:P,H:P,...")
     orch.add_argument("--host", default="127.0.0.1", help="address to listen on")
     orch.add_argument("--port", type=int, default=50051, help="port (0 = any free one, printed)")
-    orch.add_argument("--strategy", default="uniform", help="partition strategy")
+    _plan_args(orch, "uniform")
     orch.add_argument("--stage-wait-s", type=float, default=300.0, help="wait this long for stages")
     orch.add_argument(
         "--step-timeout-s", type=float, default=60.0, help="deadline of one step on one stage"
@@ -97,8 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="the partition plan")
     plan_sub = plan.add_subparsers(dest="plan_command", required=True)
     show = plan_sub.add_parser("show", help="a table of stages and their layers")
-    _server_arg(show)
-    show.add_argument("--json", action="store_true")
+    preview = plan_sub.add_parser("preview", help="the plan a strategy would make; no change")
+    reload = plan_sub.add_parser("reload", help="apply a new plan while serving")
+    for p in (show, preview, reload):
+        _server_arg(p)
+        p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    for p in (preview, reload):
+        _plan_args(p, None)
+        p.add_argument("--stages", default="", help="new stage list H:P,H:P (default: current)")
 
     health = sub.add_parser(
         "health", help="exit 0 when the orchestrator serves (with --stage: when the stage answers)"
@@ -229,33 +256,53 @@ def _run_chat(a: argparse.Namespace) -> int:
             messages.append({"role": "assistant", "content": "".join(answer)})
 
 
-def _run_plan_show(a: argparse.Namespace) -> int:
-    with Client(a.server) as client:
-        plan = client.plan()
-        stages = {s["address"]: s for s in client.stages()}
+def _print_plan(plan: dict, stages: dict[str, dict], as_json: bool) -> int:
     rows = []
     for s in plan["stages"]:
-        info = stages.get(s["address"], {}).get("info", {})
+        status = stages.get(s["address"], {})
         rows.append(
             {
                 "stage": s["index"],
                 "address": s["address"],
-                "device": info.get("device", "?"),
+                "device": s["device"],
                 "layers": f"{s['layer_start']}-{s['layer_end'] - 1}",
-                "weight_mb": round(int(info.get("weight_bytes", 0)) / 2**20, 1),
-                "reachable": stages.get(s["address"], {}).get("reachable", False),
+                "weight_mb": round(int(s["weight_bytes"]) / 2**20, 1),
+                "kv_tokens": int(s["kv_capacity_tokens"]),
+                "est_ms_per_token": round(s["est_ms_per_token"], 2),
+                "reachable": status.get("reachable", True),
             }
         )
-    if a.json:
-        print(json.dumps({"epoch": plan["epoch"], "strategy": plan["strategy"], "stages": rows}))
-        return 0
-    print(f"plan epoch {plan['epoch']}, strategy {plan['strategy']}, {plan['num_layers']} layers")
-    header = ["stage", "address", "device", "layers", "weight_mb"]
-    table = [header] + [[str(r[h]) for h in header] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    if as_json:
+        print(
+            json.dumps({"epoch": int(plan["epoch"]), "strategy": plan["strategy"], "stages": rows})
+        )
+    else:
+        print(
+            f"plan epoch {plan['epoch']}, strategy {plan['strategy']}, {plan['num_layers']} layers"
+        )
+        header = list(rows[0])[:-1] if rows else []
+        table = [header] + [[str(r[h]) for h in header] for r in rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+        for row in table:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
     return 0 if all(r["reachable"] for r in rows) else 1
+
+
+def _run_plan(a: argparse.Namespace) -> int:
+    with Client(a.server) as client:
+        if a.plan_command == "show":
+            plan = client.plan()
+            return _print_plan(plan, {s["address"]: s for s in client.stages()}, a.json)
+        spec = dict(
+            strategy=a.strategy,
+            num_partitions=a.num_partitions,
+            max_memory=a.max_memory,
+            boundaries=a.boundaries,
+            stages=[s for s in a.stages.split(",") if s],
+        )
+        if a.plan_command == "preview":
+            return _print_plan(client.preview_plan(**spec), {}, a.json)
+        return _print_plan(client.reload_plan(**spec), {}, a.json)
 
 
 def _run_health(a: argparse.Namespace) -> int:
@@ -285,7 +332,7 @@ COMMANDS = {
     "up": _run_up,
     "generate": _run_generate,
     "chat": _run_chat,
-    "plan": _run_plan_show,
+    "plan": _run_plan,
     "health": _run_health,
 }
 

@@ -180,6 +180,15 @@ class Client:
     def plan(self) -> dict:
         return _dict(self._call(self.stub.GetPlan, pb.GetPlanRequest(), timeout_s=10))
 
+    def preview_plan(self, **spec) -> dict:
+        """The plan `spec` would make (strategy, num_partitions, max_memory, boundaries, stages);
+        nothing changes."""
+        return _dict(self._call(self.stub.PreviewPlan, pb.PlanRequest(**spec), timeout_s=60))
+
+    def reload_plan(self, **spec) -> dict:
+        """Applies a new plan while serving (same fields as preview_plan)."""
+        return _dict(self._call(self.stub.ReloadPlan, pb.PlanRequest(**spec), timeout_s=900))
+
     def stages(self) -> list[dict]:
         reply = self._call(self.stub.ListStages, pb.ListStagesRequest(), timeout_s=30)
         return [_dict(s) for s in reply.stages]

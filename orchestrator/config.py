@@ -14,6 +14,8 @@ class OrchestratorConfig:
     host: str = "127.0.0.1"
     port: int = 0  # 0 = any free port (printed when listening)
     strategy: str = "uniform"
+    max_memory: str = ""  # "4GB" for all stages or "4GB,8GB" one per stage
+    boundaries: str = ""  # custom strategy: "0-9,10-29"
     stage_wait_s: float = 300.0  # how long to wait for stages at start
     step_timeout_s: float = 60.0  # deadline of one stage call
     max_workers: int = 64

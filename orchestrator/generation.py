@@ -37,6 +37,7 @@ class Timings:
     stage_compute_ms: list[float] = field(default_factory=list)
     steps: int = 0
     hop_overhead_ms: float = 0.0  # mean per stage call: wall time not spent computing
+    replays: int = 0  # caches rebuilt from the token history (after a plan reload)
 
 
 @dataclass
@@ -156,14 +157,16 @@ class Generator:
         text = TextStream(self.tokenizer, req.stop)
         generated: list[int] = []
         steps: list[StepResult] = []
-        position, step_input = 0, list(req.prompt_ids)
+        history, step_input = [], list(req.prompt_ids)  # history: tokens the stages have cached
+        cached_epoch = 0  # nothing cached yet
         first_token_at = t_start
         while True:
             if cancelled.is_set():
                 raise Cancelled(f"session {session_id!r} was ended")
-            result = self.router.step(session_id, position, step_input, req.sampling)
+            result = self.router.step(session_id, history, step_input, req.sampling, cached_epoch)
             steps.append(result)
-            position += len(step_input)
+            history += step_input
+            cached_epoch = result.epoch
             token = result.token_id
             generated.append(token)
             if len(generated) == 1:
@@ -190,9 +193,11 @@ class Generator:
         self, steps: list[StepResult], t_start: float, first_at: float, n_tokens: int
     ) -> Timings:
         now = time.perf_counter()
-        n_stages = len(steps[0].stage_ns)
-        compute_ns = [sum(s.stage_ns[i] for s in steps) for i in range(n_stages)]
+        n_stages = len(steps[-1].stage_ns)  # a reload may have changed it: count the last plan's
+        same = [s for s in steps if len(s.stage_ns) == n_stages]
+        compute_ns = [sum(s.stage_ns[i] for s in same) for i in range(n_stages)]
         overhead_ns = sum(s.wall_ns - sum(s.stage_ns) for s in steps)
+        stage_calls = sum(len(s.stage_ns) for s in steps)
         decode_s = now - first_at
         return Timings(
             ttft_ms=(first_at - t_start) * 1e3,
@@ -200,5 +205,6 @@ class Generator:
             total_ms=(now - t_start) * 1e3,
             stage_compute_ms=[ns / 1e6 for ns in compute_ns],
             steps=len(steps),
-            hop_overhead_ms=overhead_ns / 1e6 / (len(steps) * n_stages),
+            hop_overhead_ms=overhead_ns / 1e6 / stage_calls,
+            replays=sum(s.replayed for s in steps),
         )

@@ -1,51 +1,177 @@
-"""The orchestrator's domain object: the router, the tokenizer and the generator, and the
-start-up that waits for the stages and applies the first plan. No gRPC in here."""
+"""The orchestrator's domain object: the router, the tokenizer, the generator and the planner
+(model profile + live stage capacities -> plan), with start-up, preview and live reload.
+No gRPC in here."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.config import OrchestratorConfig
 from orchestrator.generation import Generator
+from orchestrator.plan import PartitionPlan
+from orchestrator.profile import ModelProfile, StageCapacity
 from orchestrator.router import Router
-from orchestrator.strategies import STRATEGIES
+from orchestrator.strategies import (
+    PlanSpec,
+    Strategy,
+    estimate_ms_per_token,
+    make_plan,
+    parse_boundaries,
+    parse_memory,
+)
 from orchestrator.tokenizer import Tokenizer
-from protos.errors import LlamadistError, Unavailable
+from protos.errors import InvalidArgument, LlamadistError, Unavailable
 from stage_service.model import LlamaArgs
 from stage_service.weights import model_fingerprint, read_config
 
 log = logging.getLogger(__name__)
 
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What an operator asks for; empty fields keep the start-up defaults."""
+
+    strategy: str = ""
+    num_partitions: int = 0
+    max_memory: str = ""
+    boundaries: str = ""
+    stages: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StageEstimate:
+    device: str
+    weight_bytes: int
+    kv_capacity_tokens: int
+    ms_per_token: float
+
+
+@dataclass(frozen=True)
+class PlanView:
+    plan: PartitionPlan
+    stages: tuple[StageEstimate, ...]
+
+
+def plan_spec(request: PlanRequest) -> PlanSpec:
+    try:
+        strategy = Strategy(request.strategy or "uniform")
+    except ValueError:
+        names = ", ".join(s.value for s in Strategy)
+        raise InvalidArgument(f"strategy {request.strategy!r} is not one of {names}") from None
+    if request.boundaries and strategy is not Strategy.CUSTOM:
+        raise InvalidArgument("boundaries are for the custom strategy only")
+    if strategy is Strategy.CUSTOM and not request.boundaries:
+        raise InvalidArgument("the custom strategy needs boundaries such as 0-9,10-29")
+    return PlanSpec(
+        strategy=strategy,
+        num_partitions=request.num_partitions or None,
+        max_memory_bytes=parse_memory(request.max_memory) if request.max_memory else (),
+        custom_boundaries=parse_boundaries(request.boundaries) if request.boundaries else (),
+    )
+
 
 class Orchestrator:
     def __init__(self, config: OrchestratorConfig):
         self.config = config
-        model_dir = Path(config.model)
-        self.args = LlamaArgs.from_config(read_config(model_dir))
-        self.fingerprint = model_fingerprint(model_dir)
-        self.router = Router(list(config.stages), config.step_timeout_s)
-        self.tokenizer = Tokenizer(model_dir)
+        self.model_dir = Path(config.model)
+        self.args = LlamaArgs.from_config(read_config(self.model_dir))
+        self.fingerprint = model_fingerprint(self.model_dir)
+        self.router = Router(config.step_timeout_s)
+        self.tokenizer = Tokenizer(self.model_dir)
         self.generator = Generator(
             self.router, self.tokenizer, self.args.vocab_size, self.args.max_position_embeddings
         )
+        self.default_request = PlanRequest(
+            strategy=config.strategy,
+            max_memory=config.max_memory,
+            boundaries=config.boundaries,
+            stages=tuple(config.stages),
+        )
+        self.view: PlanView | None = None
         self.startup_error = ""
-        self._started = threading.Event()
+        self._profiles: dict[int, ModelProfile] = {}
+        self._reload_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ planning
+
+    def profile(self, dtype_bytes: int) -> ModelProfile:
+        if dtype_bytes not in self._profiles:
+            self._profiles[dtype_bytes] = ModelProfile.from_model_dir(self.model_dir, dtype_bytes)
+        return self._profiles[dtype_bytes]
+
+    def preview(self, request: PlanRequest, wait_s: float = 5.0, epoch: int = 0) -> PlanView:
+        """The plan a request would make, from the stages' live capacities; changes nothing."""
+        spec = plan_spec(request)
+        addresses = list(request.stages or self.default_request.stages)
+        if len(set(addresses)) != len(addresses):
+            raise InvalidArgument(f"a stage is named twice in {addresses}")
+        infos = self.router.infos(addresses, wait_s, self.fingerprint)
+        capacities = [
+            StageCapacity(
+                address=a,
+                device=info.device,
+                memory_bytes=info.memory_free_bytes + info.weight_bytes + info.kv_used_bytes,
+                kv_budget_bytes=info.kv_budget_bytes,
+                gflops=max(info.gflops, 1e-3),
+            )
+            for a, info in zip(addresses, infos, strict=True)
+        ]
+        profile = self.profile(DTYPE_BYTES.get(infos[0].dtype, 4))
+        current = self.router.plan
+        plan = make_plan(profile, capacities, spec, epoch or (current.epoch + 1 if current else 1))
+        by_address = {c.address: c for c in capacities}
+        estimates = []
+        for i, (address, layers) in enumerate(zip(plan.addresses, plan.ranges, strict=True)):
+            cap = by_address[address]
+            first, last = i == 0, i == plan.num_stages - 1
+            per_token = profile.kv_bytes_per_token_per_layer * len(layers)
+            estimates.append(
+                StageEstimate(
+                    device=cap.device,
+                    weight_bytes=profile.stage_weight_bytes(layers, first, last),
+                    kv_capacity_tokens=cap.kv_budget_bytes // per_token,
+                    ms_per_token=estimate_ms_per_token(profile, cap, layers, first, last),
+                )
+            )
+        return PlanView(plan, tuple(estimates))
+
+    def reload(self, request: PlanRequest) -> PlanView:
+        """Applies a new plan while serving: steps in flight finish first, new ones wait, and
+        sessions replay their history onto the new layout. A failed apply restores the old plan."""
+        with self._reload_lock:
+            view = self.preview(request)  # infeasible specs fail here; nothing has changed
+            with self.router.exclusive():
+                old = self.router.plan
+                plan = dataclasses.replace(view.plan, epoch=(old.epoch if old else 0) + 1)
+                try:
+                    self.router.apply(plan)
+                except LlamadistError as err:
+                    if old is None:
+                        raise
+                    log.error("reload to %s failed (%s); restoring the previous plan", plan, err)
+                    self.router.apply(dataclasses.replace(old, epoch=plan.epoch + 1))
+                    raise type(err)(f"{err}; the previous plan is restored") from None
+                self.view = PlanView(plan, view.stages)
+                log.info("plan epoch %d applied: %s", plan.epoch, plan)
+                return self.view
+
+    # ------------------------------------------------------------------ life cycle
 
     def start(self) -> None:
         """Waits for the stages and applies the first plan; run it in a background thread so
         that Health answers (NOT_SERVING) meanwhile."""
         try:
-            self.router.wait_for_stages(self.config.stage_wait_s, self.fingerprint)
-            strategy = STRATEGIES[self.config.strategy]
-            self.router.apply(strategy(self.args.num_layers, self.router.addresses))
-            log.info("plan applied: %s", self.router.plan)
+            self.router.infos(list(self.config.stages), self.config.stage_wait_s, self.fingerprint)
+            self.reload(self.default_request)
         except LlamadistError as err:
             self.startup_error = str(err)
             log.error("start-up failed: %s", err)
-        finally:
-            self._started.set()
 
     def ready(self) -> tuple[bool, str]:
         if self.router.plan is not None:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import grpc
 
 from orchestrator.generation import Chunk, GenerationRequest, Timings
-from orchestrator.orchestrator import Orchestrator
+from orchestrator.orchestrator import Orchestrator, PlanRequest, PlanView
 from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
 from protos.errors import InvalidArgument, LlamadistError
@@ -22,9 +22,47 @@ def timings_to_pb(t: Timings, addresses: list[str]) -> pb.Timings:
         decode_tokens_per_s=t.decode_tokens_per_s,
         total_ms=t.total_ms,
         hop_overhead_ms=t.hop_overhead_ms,
+        replays=t.replays,
         stages=[
             pb.StageTiming(address=a, compute_ms=ms, steps=t.steps)
             for a, ms in zip(addresses, t.stage_compute_ms, strict=True)
+        ],
+    )
+
+
+def plan_request_from_pb(msg: pb.PlanRequest) -> PlanRequest:
+    return PlanRequest(
+        strategy=msg.strategy,
+        num_partitions=msg.num_partitions,
+        max_memory=msg.max_memory,
+        boundaries=msg.boundaries,
+        stages=tuple(msg.stages),
+    )
+
+
+def plan_to_pb(view: PlanView) -> pb.Plan:
+    plan = view.plan
+    last = plan.num_stages - 1
+    return pb.Plan(
+        epoch=plan.epoch,
+        strategy=plan.strategy,
+        num_layers=plan.num_layers,
+        stages=[
+            pb.StagePlan(
+                index=i,
+                address=address,
+                layer_start=layers.start,
+                layer_end=layers.end,
+                has_embeddings=i == 0,
+                has_head=i == last,
+                device=est.device,
+                weight_bytes=est.weight_bytes,
+                kv_capacity_tokens=est.kv_capacity_tokens,
+                est_ms_per_token=est.ms_per_token,
+            )
+            for i, (address, layers, est) in enumerate(
+                zip(plan.addresses, plan.ranges, view.stages, strict=True)
+            )
         ],
     )
 
@@ -96,29 +134,22 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     @grpc_errors
     def GetPlan(self, request: pb.GetPlanRequest, context) -> pb.Plan:
-        plan = self.orch.router.require_plan()
-        last = plan.num_stages - 1
-        return pb.Plan(
-            epoch=plan.epoch,
-            strategy=plan.strategy,
-            num_layers=plan.num_layers,
-            stages=[
-                pb.StagePlan(
-                    index=i,
-                    address=a,
-                    layer_start=r.start,
-                    layer_end=r.end,
-                    has_embeddings=i == 0,
-                    has_head=i == last,
-                )
-                for i, (a, r) in enumerate(zip(plan.addresses, plan.ranges, strict=True))
-            ],
-        )
+        self.orch.require_ready()
+        return plan_to_pb(self.orch.view)
+
+    @grpc_errors
+    def PreviewPlan(self, request: pb.PlanRequest, context) -> pb.Plan:
+        return plan_to_pb(self.orch.preview(plan_request_from_pb(request)))
+
+    @grpc_errors
+    def ReloadPlan(self, request: pb.PlanRequest, context) -> pb.Plan:
+        return plan_to_pb(self.orch.reload(plan_request_from_pb(request)))
 
     @grpc_errors
     def ListStages(self, request: pb.ListStagesRequest, context) -> pb.ListStagesReply:
         reply = pb.ListStagesReply()
-        for stage in self.orch.router.stages:
+        router = self.orch.router
+        for stage in router.stages or [router.client(a) for a in self.orch.config.stages]:
             status = reply.stages.add(address=stage.address)
             try:
                 status.info.CopyFrom(stage.info())

@@ -46,17 +46,17 @@ class StageClient:
         return self._call(self.stub.LoadLayers, request, 600)
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Polls until the stage answers Info (it need not hold layers yet)."""
+        """Polls until the stage answers Info (it need not hold layers yet): each try waits for
+        the connection (wait_for_ready) for up to 2 s."""
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise Unavailable(f"{self.name} did not answer within {timeout_s:.0f} s")
             try:
-                grpc.channel_ready_future(self.channel).result(timeout=min(remaining, 2.0))
-                self.info()
+                self.stub.Info(pb.InfoRequest(), timeout=min(remaining, 2.0), wait_for_ready=True)
                 return
-            except (grpc.FutureTimeoutError, Unavailable):
+            except grpc.RpcError:
                 continue
 
     def close(self) -> None:

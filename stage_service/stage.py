@@ -20,6 +20,7 @@ from stage_service.config import StageConfig
 from stage_service.kv_cache import CacheShape, SessionCache
 from stage_service.model import LlamaArgs, RangeModel
 from stage_service.sampling import sample
+from stage_service.speed import measure_gflops
 from stage_service.weights import load_range, model_fingerprint, read_config, weight_bytes
 
 MAX_SESSION_ID_LEN = 128
@@ -62,15 +63,19 @@ class Stage:
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
         self.loaded: Loaded | None = None
+        self.gflops = measure_gflops(self.device, self.dtype)
         # One forward at a time: torch already uses the stage's threads inside each op.
         self._compute = threading.Lock()
 
     # ------------------------------------------------------------------ admin
 
     def load_layers(self, start: int, end: int, epoch: int) -> None:
-        """Loads [start, end) and drops the old range with every cached session."""
+        """Loads [start, end) and drops the old range with every cached session; an empty
+        range (start == end) leaves the stage holding nothing."""
         with self._compute:
             self.loaded = None  # free the old range before reading the new one
+            if start == end:
+                return
             weights = load_range(self.model_dir, self.args, start, end, self.dtype, self.device)
             shape = CacheShape(
                 num_layers=end - start,
@@ -105,6 +110,7 @@ class Stage:
             "memory_free_bytes": free,
             "model_fingerprint": self.fingerprint,
             "threads": torch.get_num_threads(),
+            "gflops": self.gflops,
         }
         if loaded is not None:
             loaded.cache.sweep()

@@ -120,7 +120,10 @@ def reference_greedy(model_dir: Path, prompt_ids: list[int], new_tokens: int) ->
 class InProcessMesh:
     """Stage servers and an orchestrator, real gRPC on loopback port 0, in this process."""
 
-    def __init__(self, model_dir: Path, num_stages: int, kv_cache_mb: int = 64):
+    def __init__(
+        self, model_dir: Path, num_stages: int, kv_cache_mb: int = 64, plan_stages: int = 0
+    ):
+        """Starts `num_stages` stages; the first plan uses the first `plan_stages` (0 = all)."""
         self.stage_servers = []
         self.stages = []
         addresses = []
@@ -133,7 +136,11 @@ class InProcessMesh:
             self.stages.append(stage)
             addresses.append(f"127.0.0.1:{port}")
         self.addresses = addresses
-        config = OrchestratorConfig(model=str(model_dir), stages=tuple(addresses), stage_wait_s=10)
+        config = OrchestratorConfig(
+            model=str(model_dir),
+            stages=tuple(addresses[: plan_stages or num_stages]),
+            stage_wait_s=10,
+        )
         self.server, port, self.orchestrator = build_orchestrator(config)
         self.server.start()
         self.orchestrator.start()
