@@ -86,6 +86,41 @@ def test_up_generate_plan_and_shutdown(default_model):
         assert rows[1].split()[:4] == ["stage", "address", "device", "layers"]
         assert [r.split()[3] for r in rows[2:]] == ["0-14", "15-29"]
 
+        preview = run_cli("plan", "preview", "--server", address, "--strategy", "compute", "--json")
+        assert preview.returncode == 0, preview.stderr
+        layers = [s["layers"] for s in json.loads(preview.stdout)["stages"]]
+        assert layers[0].startswith("0-") and layers[-1].endswith("-29")
+        reload = run_cli(
+            "plan",
+            "reload",
+            "--server",
+            address,
+            "--strategy",
+            "custom",
+            "--boundaries",
+            "0-9,10-29",
+            "--json",
+        )
+        assert reload.returncode == 0, reload.stderr
+        assert json.loads(reload.stdout)["epoch"] == 2
+        shown = json.loads(run_cli("plan", "show", "--server", address, "--json").stdout)
+        assert [s["layers"] for s in shown["stages"]] == ["0-9", "10-29"]
+        again = run_cli(
+            "generate",
+            "--server",
+            address,
+            "--json",
+            "--max-new-tokens",
+            "24",
+            "--ignore-eos",
+            prompt,
+        )
+        assert json.loads(again.stdout)["token_ids"] == result["token_ids"]
+        infeasible = run_cli(
+            "plan", "reload", "--server", address, "--strategy", "memory", "--max-memory", "1MB"
+        )
+        assert infeasible.returncode == 1 and "INVALID_ARGUMENT" in infeasible.stderr
+
         bad = run_cli("generate", "--server", address, "--json", "--max-new-tokens", "9000", "hi")
         assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "8192" in bad.stderr
 
