@@ -4,6 +4,7 @@ and timings. Each session's token history lives here (the stages only cache K/V)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 import uuid
@@ -13,10 +14,12 @@ from dataclasses import dataclass, field
 from orchestrator.router import Router, StepResult
 from orchestrator.tokenizer import Tokenizer
 from protos import llamadist_pb2 as pb
-from protos.errors import Cancelled, InvalidArgument, LlamadistError
+from protos.errors import Cancelled, InvalidArgument, LlamadistError, Unavailable
 from protos.sampling import Sampling
 
 DEFAULT_MAX_NEW_TOKENS = 128
+MAX_SUSPENDED = 1024  # sessions kept resumable after a stage failure
+SUSPEND_TTL_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,16 @@ class Chunk:
     session_id: str
     finish_reason: str = ""  # "", "eos", "length", "stop"
     timings: Timings | None = None
+
+
+@dataclass
+class SessionState:
+    """What a generation has produced so far: enough to resume it after a stage failure."""
+
+    req: GenerationRequest
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    suspended_at: float = 0.0
 
 
 @dataclass
@@ -97,6 +110,7 @@ class Generator:
         self.vocab_size = vocab_size
         self.max_positions = max_positions
         self._active: dict[str, Running] = {}
+        self._suspended: dict[str, SessionState] = {}  # failed for want of a stage; resumable
         self._lock = threading.Lock()
 
     def validate(self, req: GenerationRequest) -> None:
@@ -132,16 +146,42 @@ class Generator:
         running.done.wait(timeout_s)
         return running.freed_bytes
 
+    def is_suspended(self, session_id: str) -> bool:
+        with self._lock:
+            self._expire_suspended()
+            return session_id in self._suspended
+
+    def _expire_suspended(self) -> None:
+        now = time.monotonic()
+        for sid in [
+            s for s, st in self._suspended.items() if now - st.suspended_at > SUSPEND_TTL_S
+        ]:
+            del self._suspended[sid]
+
     def run(self, req: GenerationRequest) -> Iterator[Chunk]:
-        self.validate(req)
-        session_id = req.session_id or uuid.uuid4().hex
+        """Generates; a request naming a suspended session resumes it (its first chunk repeats
+        what was generated before the failure, so a resumed call returns the whole answer)."""
+        with self._lock:
+            state = self._suspended.pop(req.session_id, None) if req.session_id else None
+        if state is None:
+            self.validate(req)
+            session_id = req.session_id or uuid.uuid4().hex
+            state = SessionState(dataclasses.replace(req, session_id=session_id))
+        session_id = state.req.session_id
         running = Running()
         with self._lock:
             if session_id in self._active:
                 raise InvalidArgument(f"session {session_id!r} is already generating")
             self._active[session_id] = running
         try:
-            yield from self._loop(req, session_id, running.cancelled)
+            yield from self._loop(state, running.cancelled)
+        except Unavailable as err:
+            with self._lock:
+                self._expire_suspended()
+                if len(self._suspended) < MAX_SUSPENDED:
+                    state.suspended_at = time.monotonic()
+                    self._suspended[session_id] = state
+            raise Unavailable(f"{err}; resume with session_id {session_id!r}") from None
         finally:
             # Nothing cached, or a stage is down: the stage's TTL reclaims the rest.
             with contextlib.suppress(LlamadistError):
@@ -150,14 +190,16 @@ class Generator:
                 del self._active[session_id]
             running.done.set()
 
-    def _loop(
-        self, req: GenerationRequest, session_id: str, cancelled: threading.Event
-    ) -> Iterator[Chunk]:
+    def _loop(self, state: SessionState, cancelled: threading.Event) -> Iterator[Chunk]:
+        req, session_id = state.req, state.req.session_id
         t_start = time.perf_counter()
         text = TextStream(self.tokenizer, req.stop)
-        generated: list[int] = []
+        generated = state.generated
         steps: list[StepResult] = []
         history, step_input = [], list(req.prompt_ids)  # history: tokens the stages have cached
+        if generated:  # resuming: repeat what came before, then replay it onto the stages
+            history, step_input = req.prompt_ids + generated[:-1], generated[-1:]
+            yield Chunk(list(generated), list(state.logprobs), text.push(generated)[0], session_id)
         cached_epoch = 0  # nothing cached yet
         first_token_at = t_start
         while True:
@@ -169,7 +211,8 @@ class Generator:
             cached_epoch = result.epoch
             token = result.token_id
             generated.append(token)
-            if len(generated) == 1:
+            state.logprobs.append(result.logprob)
+            if len(steps) == 1:
                 first_token_at = time.perf_counter()
             finish = ""
             new_text, stopped = text.push(generated)
@@ -183,7 +226,7 @@ class Generator:
                 new_text += text.flush(generated)
             chunk = Chunk([token], [result.logprob], new_text, session_id, finish)
             if finish:
-                chunk.timings = self._timings(steps, t_start, first_token_at, len(generated))
+                chunk.timings = self._timings(steps, t_start, first_token_at, len(steps))
                 yield chunk
                 return
             yield chunk

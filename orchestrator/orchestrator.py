@@ -111,17 +111,24 @@ class Orchestrator:
         addresses = list(request.stages or self.default_request.stages)
         if len(set(addresses)) != len(addresses):
             raise InvalidArgument(f"a stage is named twice in {addresses}")
-        infos = self.router.infos(addresses, wait_s, self.fingerprint)
+        groups = [
+            self.router.infos(group, i, wait_s, self.fingerprint)
+            for i, group in enumerate(addresses)
+        ]
+        # A position is as strong as its weakest replica.
         capacities = [
             StageCapacity(
-                address=a,
-                device=info.device,
-                memory_bytes=info.memory_free_bytes + info.weight_bytes + info.kv_used_bytes,
-                kv_budget_bytes=info.kv_budget_bytes,
-                gflops=max(info.gflops, 1e-3),
+                address=group,
+                device="+".join(sorted({i.device for i in infos})),
+                memory_bytes=min(
+                    i.memory_free_bytes + i.weight_bytes + i.kv_used_bytes for i in infos
+                ),
+                kv_budget_bytes=min(i.kv_budget_bytes for i in infos),
+                gflops=max(min(i.gflops for i in infos), 1e-3),
             )
-            for a, info in zip(addresses, infos, strict=True)
+            for group, infos in zip(addresses, groups, strict=True)
         ]
+        infos = [g[0] for g in groups]
         profile = self.profile(DTYPE_BYTES.get(infos[0].dtype, 4))
         current = self.router.plan
         plan = make_plan(profile, capacities, spec, epoch or (current.epoch + 1 if current else 1))
@@ -167,7 +174,8 @@ class Orchestrator:
         """Waits for the stages and applies the first plan; run it in a background thread so
         that Health answers (NOT_SERVING) meanwhile."""
         try:
-            self.router.infos(list(self.config.stages), self.config.stage_wait_s, self.fingerprint)
+            for i, group in enumerate(self.config.stages):
+                self.router.infos(group, i, self.config.stage_wait_s, self.fingerprint)
             self.reload(self.default_request)
         except LlamadistError as err:
             self.startup_error = str(err)

@@ -16,11 +16,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from orchestrator.plan import PartitionPlan
+from orchestrator.replicas import Position, Replica, ReplicaPool, split_group
 from orchestrator.stage_client import StageClient
 from protos import llamadist_pb2 as pb
-from protos.errors import FailedPrecondition, LlamadistError, NotFound
+from protos.errors import FailedPrecondition, LlamadistError, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
+
+MAX_FAILOVERS = 8  # attempts of one step across replicas before giving up
 
 
 class ReadWriteLock:
@@ -73,33 +76,50 @@ class Router:
     def __init__(self, step_timeout_s: float = 60.0):
         self.step_timeout_s = step_timeout_s
         self.plan: PartitionPlan | None = None
-        self.stages: list[StageClient] = []  # in plan order
-        self._clients: dict[str, StageClient] = {}
+        self.pool = ReplicaPool(self._make_client)
+        self.pool.rejoin = self._rejoin
         self._gate = ReadWriteLock()
+        self._plan_lock = threading.Lock()  # apply() and rejoins: one layer assignment at a time
+
+    def _make_client(self, address: str) -> StageClient:
+        return StageClient(address, 0, self.step_timeout_s)
 
     @property
     def addresses(self) -> list[str]:
-        return [s.address for s in self.stages]
+        """The plan's position addresses (replicas joined by '+')."""
+        return [p.group for p in self.pool.positions]
+
+    @property
+    def stages(self) -> list[StageClient]:
+        """Every replica of the plan in force, in pipeline order."""
+        return [r.client for p in self.pool.positions for r in p.replicas]
 
     def client(self, address: str) -> StageClient:
-        if address not in self._clients:
-            self._clients[address] = StageClient(address, len(self._clients), self.step_timeout_s)
-        return self._clients[address]
+        return self.pool.replica(address).client
 
-    def infos(self, addresses: list[str], timeout_s: float, fingerprint: str) -> list[pb.StageInfo]:
-        """Polls each stage until it answers, and checks it serves the same model."""
-        infos = []
-        for i, address in enumerate(addresses):
+    def infos(
+        self, group: str, index: int, timeout_s: float, fingerprint: str
+    ) -> list[pb.StageInfo]:
+        """Info of every replica of a position that answers within timeout_s (at least one, else
+        Unavailable), each checked to serve the same model."""
+        infos, errors = [], []
+        for address in split_group(group):
             stage = self.client(address)
-            stage.index = i
-            stage.wait_ready(timeout_s)
-            info = stage.info()
+            stage.index = index
+            try:
+                stage.wait_ready(timeout_s)
+                info = stage.info()
+            except Unavailable as err:
+                errors.append(str(err))
+                continue
             if info.model_fingerprint != fingerprint:
                 raise FailedPrecondition(
                     f"{stage.name} serves model {info.model_fingerprint}, the orchestrator "
                     f"{fingerprint}: give every service the same --model"
                 )
             infos.append(info)
+        if not infos:
+            raise Unavailable("; ".join(errors))
         return infos
 
     def require_plan(self) -> PartitionPlan:
@@ -115,17 +135,46 @@ class Router:
             yield
 
     def apply(self, plan: PartitionPlan) -> None:
-        """Assigns every stage its range; stages left out of the plan drop their layers.
-        Call inside `exclusive()` when steps may be running."""
-        stages = [self.client(a) for a in plan.addresses]
-        for i, (stage, layers) in enumerate(zip(stages, plan.ranges, strict=True)):
-            stage.index = i
-            log.info("%s: loading layers %s (epoch %d)", stage.name, layers, plan.epoch)
-            stage.load_layers(layers.start, layers.end, plan.epoch)
-        for address in set(self.addresses) - set(plan.addresses):
-            with contextlib.suppress(LlamadistError):  # a stage that is gone holds nothing
-                self._clients[address].load_layers(0, 0, plan.epoch)
-        self.stages, self.plan = stages, plan
+        """Assigns every position its range on each of its replicas; a replica that fails to
+        load is marked down (the prober reloads it later), a position with none fails the apply.
+        Stages left out of the plan drop their layers. Call inside `exclusive()`."""
+        with self._plan_lock:
+            old = {r.client.address for p in self.pool.positions for r in p.replicas}
+            positions = []
+            for i, (group, layers) in enumerate(zip(plan.addresses, plan.ranges, strict=True)):
+                replicas = [self.pool.replica(a) for a in split_group(group)]
+                position = Position(i, group, layers, replicas)
+                loaded, errors = 0, []
+                for replica in replicas:
+                    replica.client.index = i
+                    log.info(
+                        "%s: loading layers %s (epoch %d)", replica.client.name, layers, plan.epoch
+                    )
+                    try:
+                        replica.client.load_layers(layers.start, layers.end, plan.epoch)
+                        replica.down_since = None
+                        loaded += 1
+                    except Unavailable as err:
+                        errors.append(str(err))
+                        self.pool.mark_down(replica, str(err))
+                if not loaded:
+                    raise Unavailable(f"{position.name} could not load layers {layers}: {errors}")
+                positions.append(position)
+            new = {r.client.address for p in positions for r in p.replicas}
+            for address in old - new:
+                with contextlib.suppress(LlamadistError):  # a stage that is gone holds nothing
+                    self.client(address).load_layers(0, 0, plan.epoch)
+            self.pool.set_positions(positions)
+            self.plan = plan
+
+    def _rejoin(self, replica: Replica) -> None:
+        """A down replica answers again: give it its layers under the plan in force."""
+        with self._plan_lock:
+            position = self.pool.position_of(replica)
+            plan = self.plan
+            if position is None or plan is None:
+                return  # no longer in the plan: nothing to load
+            replica.client.load_layers(position.layers.start, position.layers.end, plan.epoch)
 
     def step(
         self,
@@ -136,36 +185,61 @@ class Router:
         cached_epoch: int,
     ) -> StepResult:
         """Runs `new_tokens` after `history` (whose K/V the stages cached under `cached_epoch`;
-        0 = nothing cached). Under another epoch the whole history is replayed first."""
+        0 = nothing cached). Under another epoch, or after a failover to another replica, the
+        whole history is replayed first (a step is idempotent: stages cut back to start_pos)."""
         with self._gate.read():
             plan = self.require_plan()
             replay = cached_epoch != plan.epoch
-            start_pos, tokens = (0, history + new_tokens) if replay else (len(history), new_tokens)
-            t0 = time.perf_counter_ns()
-            hidden, stage_ns, last = None, [], len(self.stages) - 1
-            for i, stage in enumerate(self.stages):
-                reply = stage.forward(
-                    pb.StepRequest(
-                        session_id=session_id,
-                        plan_epoch=plan.epoch,
-                        start_pos=start_pos,
-                        token_ids=tokens,
-                        hidden=hidden,
-                        sampling=sampling if i == last else None,
+            replayed = False
+            for _ in range(MAX_FAILOVERS):
+                route = self.pool.route(session_id)
+                start_pos = 0 if replay else len(history)
+                tokens = history + new_tokens if replay else new_tokens
+                replayed = replayed or (replay and bool(history))
+                try:
+                    reply, wall, stage_ns = self._run(
+                        route, plan, session_id, start_pos, tokens, sampling
                     )
+                except _StageFailed as failed:
+                    if isinstance(failed.error, Unavailable | FailedPrecondition):
+                        # unreachable, or restarted without its layers: fail over to a replica
+                        self.pool.mark_down(failed.replica, str(failed.error))
+                    elif not isinstance(failed.error, NotFound):  # NotFound: lost the cache
+                        raise failed.error from None
+                    replay = True
+                    continue
+                return StepResult(
+                    reply.token_id, reply.logprob, wall, plan.epoch, replayed, stage_ns
                 )
-                stage_ns.append(reply.compute_ns)
-                hidden = reply.hidden
-            wall = time.perf_counter_ns() - t0
-        replayed = replay and bool(history)
-        return StepResult(reply.token_id, reply.logprob, wall, plan.epoch, replayed, stage_ns)
+            raise Unavailable(f"session {session_id!r}: too many stage failures in one step")
+
+    def _run(self, route, plan, session_id, start_pos, tokens, sampling):
+        t0 = time.perf_counter_ns()
+        hidden, stage_ns, last = None, [], len(route) - 1
+        for i, replica in enumerate(route):
+            request = pb.StepRequest(
+                session_id=session_id,
+                plan_epoch=plan.epoch,
+                start_pos=start_pos,
+                token_ids=tokens,
+                hidden=hidden,
+                sampling=sampling if i == last else None,
+            )
+            try:
+                reply = replica.client.forward(request)
+            except (Unavailable, FailedPrecondition, NotFound) as err:
+                raise _StageFailed(replica, err) from None
+            stage_ns.append(reply.compute_ns)
+            hidden = reply.hidden
+        return reply, time.perf_counter_ns() - t0, stage_ns
 
     def end_session(self, session_id: str) -> int:
-        """Frees the session on every stage; stages that never saw it are skipped."""
+        """Frees the session on the stages that served it."""
+        route = self.pool.unpin(session_id)
         freed, found = 0, False
-        for stage in list(self.stages):
+        for replica in route:
             try:
-                freed += stage.end_session(session_id)
+                freed += replica.client.end_session(session_id)
                 found = True
             except NotFound:
                 continue
@@ -176,5 +250,10 @@ class Router:
         return freed
 
     def close(self) -> None:
-        for stage in self._clients.values():
-            stage.close()
+        self.pool.close()
+
+
+class _StageFailed(Exception):
+    def __init__(self, replica: Replica, error: LlamadistError):
+        self.replica = replica
+        self.error = error

@@ -8,6 +8,7 @@ import grpc
 
 from orchestrator.generation import Chunk, GenerationRequest, Timings
 from orchestrator.orchestrator import Orchestrator, PlanRequest, PlanView
+from orchestrator.replicas import split_group
 from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
 from protos.errors import InvalidArgument, LlamadistError
@@ -73,6 +74,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     def _request(self, msg: pb.GenerateRequest) -> GenerationRequest:
         self.orch.require_ready()
+        if msg.session_id and self.orch.generator.is_suspended(msg.session_id):
+            return GenerationRequest(prompt_ids=[], session_id=msg.session_id)  # a resume
         tok = self.orch.tokenizer
         kind = msg.WhichOneof("input")
         if kind == "prompt":
@@ -149,7 +152,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     def ListStages(self, request: pb.ListStagesRequest, context) -> pb.ListStagesReply:
         reply = pb.ListStagesReply()
         router = self.orch.router
-        for stage in router.stages or [router.client(a) for a in self.orch.config.stages]:
+        for stage in router.stages or [
+            router.client(a) for g in self.orch.config.stages for a in split_group(g)
+        ]:
             status = reply.stages.add(address=stage.address)
             try:
                 status.info.CopyFrom(stage.info())

@@ -14,11 +14,23 @@ from protos.status import from_rpc_error
 
 
 class StageClient:
-    def __init__(self, address: str, index: int, step_timeout_s: float = 60.0):
+    def __init__(
+        self,
+        address: str,
+        index: int,
+        step_timeout_s: float = 60.0,
+        *,
+        channel_credentials: grpc.ChannelCredentials | None = None,
+    ):
+        """`channel_credentials` (protos.security.channel_credentials): mutual TLS toward the
+        stage; None = plaintext."""
         self.address = address
         self.index = index
         self.step_timeout_s = step_timeout_s
-        self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        if channel_credentials is None:
+            self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        else:
+            self.channel = grpc.secure_channel(address, channel_credentials, options=GRPC_OPTIONS)
         self.stub = pb_grpc.StageStub(self.channel)
 
     @property
@@ -38,8 +50,8 @@ class StageClient:
         reply = self._call(self.stub.EndSession, pb.EndSessionRequest(session_id=session_id), 10)
         return reply.freed_bytes
 
-    def info(self) -> pb.StageInfo:
-        return self._call(self.stub.Info, pb.InfoRequest(), 10)
+    def info(self, timeout_s: float = 10.0) -> pb.StageInfo:
+        return self._call(self.stub.Info, pb.InfoRequest(), timeout_s)
 
     def load_layers(self, start: int, end: int, epoch: int) -> pb.StageInfo:
         request = pb.LoadLayersRequest(layer_start=start, layer_end=end, plan_epoch=epoch)

@@ -1,0 +1,136 @@
+"""Stage failures with real processes: SIGKILL a stage mid-stream. With a replica the output is
+identical; without one the request fails fast with UNAVAILABLE naming the stage, and the session
+resumes once the stage is back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from client.client import Client, ClientError
+from client.launcher import Process
+from tests.conftest import make_tiny_model, reference_greedy
+
+PROMPT = [7, 3, 99, 12, 45, 60, 2, 81, 33, 5, 18, 70]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("failover"), "untied_mha")
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir):
+    return reference_greedy(model_dir, PROMPT, 200)
+
+
+class Mesh:
+    def __init__(self, model_dir: Path, log_dir: Path):
+        self.model_dir, self.log_dir = str(model_dir), log_dir
+        self.processes: list[Process] = []
+
+    def stage(self, name: str, port: int = 0) -> Process:
+        p = Process(name, ["stage", "--model", self.model_dir, "--port", str(port)], self.log_dir)
+        self.processes.append(p)
+        p.wait_address(60)
+        return p
+
+    def orchestrator(self, stages: str) -> Client:
+        args = [
+            "orchestrator",
+            "--model",
+            self.model_dir,
+            "--port",
+            "0",
+            "--stages",
+            stages,
+            "--step-timeout-s",
+            "5",
+        ]
+        p = Process("orchestrator", args, self.log_dir)
+        self.processes.append(p)
+        client = Client(p.wait_address(60), timeout_s=60)
+        client.wait_ready(60)
+        return client
+
+    def stop(self):
+        for p in self.processes:
+            p.stop()
+
+
+@pytest.fixture
+def mesh(model_dir, tmp_path):
+    m = Mesh(model_dir, tmp_path)
+    yield m
+    m.stop()
+
+
+def kill(process: Process) -> None:
+    os.kill(process.proc.pid, signal.SIGKILL)
+    process.proc.wait()
+
+
+def test_killing_a_replica_mid_stream_changes_nothing(mesh, expected):
+    a, b, c = mesh.stage("a"), mesh.stage("b"), mesh.stage("c")
+    client = mesh.orchestrator(f"{a.address}+{b.address},{c.address}")
+    stream = client.stream(token_ids=PROMPT, max_new_tokens=200)
+    pieces = [next(stream) for _ in range(20)]
+    serving = [s for s in client.stages() if s["info"].get("active_sessions", 0)]
+    victim = a if serving[0]["address"] == a.address else b
+    assert serving[0]["address"] == victim.address  # the session is on one replica of position 0
+    kill(victim)
+    pieces += list(stream)
+    assert [t for p in pieces for t in p.token_ids] == expected
+    assert pieces[-1].timings["replays"] >= 1
+    # and the next session is served by the live replica
+    assert client.generate(token_ids=PROMPT, max_new_tokens=30).token_ids == expected[:30]
+
+
+def test_without_a_replica_fails_fast_then_resumes(mesh, expected):
+    a, b = mesh.stage("a"), mesh.stage("b")
+    port_b = b.address.rsplit(":", 1)[1]
+    client = mesh.orchestrator(f"{a.address},{b.address}")
+    stream = client.stream(token_ids=PROMPT, max_new_tokens=200, session_id="resume-me")
+    pieces = [next(stream) for _ in range(20)]
+    kill(b)
+    t0 = time.monotonic()
+    with pytest.raises(ClientError) as err:
+        for piece in stream:
+            pieces.append(piece)
+    elapsed = time.monotonic() - t0
+    assert err.value.code == "UNAVAILABLE" and f"stage 1 ({b.address})" in err.value.message
+    assert "resume-me" in err.value.message
+    assert elapsed < 2.0, elapsed
+    before = [t for p in pieces for t in p.token_ids]
+
+    mesh.stage("b-again", int(port_b))  # same address; the prober reloads its layers
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            resumed = client.generate(token_ids=[1], max_new_tokens=200, session_id="resume-me")
+            break
+        except ClientError as e:
+            assert e.code == "UNAVAILABLE" and time.monotonic() < deadline, e
+            time.sleep(0.2)  # the prober's backoff; the next try is a real request
+    assert resumed.token_ids[: len(before)] == before
+    assert resumed.token_ids == expected
+
+
+def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(mesh, expected):
+    a = mesh.stage("a")
+    client = mesh.orchestrator(a.address)
+    orchestrator = mesh.processes[-1]
+    stream = client.stream(token_ids=PROMPT, max_new_tokens=200)
+    pieces = [next(stream)]
+    orchestrator.proc.send_signal(signal.SIGTERM)
+    pieces += list(stream)
+    assert [t for p in pieces for t in p.token_ids] == expected
+    assert orchestrator.proc.wait(30) == 0
+    with pytest.raises(ClientError) as err:
+        client.generate(token_ids=PROMPT, max_new_tokens=2)
+    assert err.value.code == "UNAVAILABLE"
