@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from orchestrator.router import Router, StepResult
 from orchestrator.tokenizer import Tokenizer
 from protos import llamadist_pb2 as pb
-from protos.errors import Cancelled, InvalidArgument, LlamadistError, Unavailable
+from protos.errors import (
+    Cancelled,
+    InvalidArgument,
+    LlamadistError,
+    ResourceExhausted,
+    Unavailable,
+)
+from protos.limits import check_session_id
 from protos.sampling import Sampling
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -67,6 +74,7 @@ class SessionState:
 class Running:
     """A generation in progress, as EndSession sees it."""
 
+    client_id: str = ""
     cancelled: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     freed_bytes: int = 0
@@ -104,8 +112,16 @@ class TextStream:
 
 
 class Generator:
-    def __init__(self, router: Router, tokenizer: Tokenizer, vocab_size: int, max_positions: int):
+    def __init__(
+        self,
+        router: Router,
+        tokenizer: Tokenizer,
+        vocab_size: int,
+        max_positions: int,
+        max_sessions_per_client: int = 64,
+    ):
         self.router = router
+        self.max_sessions_per_client = max_sessions_per_client
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_positions = max_positions
@@ -114,6 +130,8 @@ class Generator:
         self._lock = threading.Lock()
 
     def validate(self, req: GenerationRequest) -> None:
+        if req.session_id:
+            check_session_id(req.session_id)
         if not req.prompt_ids:
             raise InvalidArgument("the prompt is empty")
         bad = [t for t in req.prompt_ids if not 0 <= t < self.vocab_size]
@@ -158,9 +176,10 @@ class Generator:
         ]:
             del self._suspended[sid]
 
-    def run(self, req: GenerationRequest) -> Iterator[Chunk]:
+    def run(self, req: GenerationRequest, client_id: str = "") -> Iterator[Chunk]:
         """Generates; a request naming a suspended session resumes it (its first chunk repeats
-        what was generated before the failure, so a resumed call returns the whole answer)."""
+        what was generated before the failure, so a resumed call returns the whole answer).
+        A client (`client_id`: its API key or host) runs at most max_sessions_per_client."""
         with self._lock:
             state = self._suspended.pop(req.session_id, None) if req.session_id else None
         if state is None:
@@ -168,10 +187,16 @@ class Generator:
             session_id = req.session_id or uuid.uuid4().hex
             state = SessionState(dataclasses.replace(req, session_id=session_id))
         session_id = state.req.session_id
-        running = Running()
+        running = Running(client_id=client_id)
         with self._lock:
             if session_id in self._active:
                 raise InvalidArgument(f"session {session_id!r} is already generating")
+            mine = sum(r.client_id == client_id for r in self._active.values())
+            if mine >= self.max_sessions_per_client:
+                raise ResourceExhausted(
+                    f"this client already runs {mine} sessions, the limit per client; "
+                    "wait for one to finish"
+                )
             self._active[session_id] = running
         try:
             yield from self._loop(state, running.cancelled)

@@ -85,7 +85,11 @@ class Orchestrator:
         self.router = Router(config.step_timeout_s)
         self.tokenizer = Tokenizer(self.model_dir)
         self.generator = Generator(
-            self.router, self.tokenizer, self.args.vocab_size, self.args.max_position_embeddings
+            self.router,
+            self.tokenizer,
+            self.args.vocab_size,
+            self.args.max_position_embeddings,
+            config.max_sessions_per_client,
         )
         self.default_request = PlanRequest(
             strategy=config.strategy,

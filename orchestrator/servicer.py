@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 
 import grpc
@@ -12,6 +13,7 @@ from orchestrator.replicas import split_group
 from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
 from protos.errors import InvalidArgument, LlamadistError
+from protos.limits import check_session_id
 from protos.status import grpc_errors
 
 FINISH = {"eos": pb.EOS, "length": pb.LENGTH, "stop": pb.STOP, "": pb.FINISH_REASON_UNSPECIFIED}
@@ -29,6 +31,16 @@ def timings_to_pb(t: Timings, addresses: list[str]) -> pb.Timings:
             for a, ms in zip(addresses, t.stage_compute_ms, strict=True)
         ],
     )
+
+
+def client_identity(context: grpc.ServicerContext) -> str:
+    """Whom the per-client session cap counts against: the API key (hashed, never kept in the
+    clear) when one is sent, else the peer's host."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return "key:" + hashlib.sha256(value.encode()).hexdigest()[:16]
+    peer = context.peer() or ""  # "ipv4:127.0.0.1:50512" / "ipv6:[::1]:50512"
+    return "host:" + peer.rsplit(":", 1)[0]
 
 
 def plan_request_from_pb(msg: pb.PlanRequest) -> PlanRequest:
@@ -111,7 +123,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     @grpc_errors
     def GenerateStream(self, request: pb.GenerateRequest, context) -> Iterator[pb.GenerateChunk]:
-        for chunk in self.orch.generator.run(self._request(request)):
+        req = self._request(request)
+        for chunk in self.orch.generator.run(req, client_identity(context)):
             if not context.is_active():
                 return  # the client went away; run()'s cleanup frees the session
             yield self._chunk_to_pb(chunk)
@@ -120,7 +133,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateReply:
         req = self._request(request)
         reply = pb.GenerateReply(prompt_tokens=len(req.prompt_ids))
-        for chunk in self.orch.generator.run(req):
+        for chunk in self.orch.generator.run(req, client_identity(context)):
             reply.text += chunk.text
             reply.token_ids.extend(chunk.token_ids)
             reply.logprobs.extend(chunk.logprobs)
@@ -132,6 +145,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     @grpc_errors
     def EndSession(self, request: pb.EndSessionRequest, context) -> pb.EndSessionReply:
+        check_session_id(request.session_id)
         freed = self.orch.generator.end(request.session_id)
         return pb.EndSessionReply(freed_bytes=freed)
 

@@ -15,6 +15,7 @@ import psutil
 import torch
 
 from protos.errors import FailedPrecondition, InvalidArgument
+from protos.limits import check_session_id
 from protos.sampling import Sampling
 from stage_service.config import StageConfig
 from stage_service.kv_cache import CacheShape, SessionCache
@@ -22,8 +23,6 @@ from stage_service.model import LlamaArgs, RangeModel
 from stage_service.sampling import sample
 from stage_service.speed import measure_gflops
 from stage_service.weights import load_range, model_fingerprint, read_config, weight_bytes
-
-MAX_SESSION_ID_LEN = 128
 
 
 @dataclass
@@ -176,8 +175,7 @@ class Stage:
         return loaded
 
     def _validate(self, step: StepInput, loaded: Loaded) -> None:
-        if not step.session_id or len(step.session_id) > MAX_SESSION_ID_LEN:
-            raise InvalidArgument(f"session_id must be 1..{MAX_SESSION_ID_LEN} characters")
+        check_session_id(step.session_id)
         if step.plan_epoch != loaded.epoch:
             raise FailedPrecondition(
                 f"step is for plan epoch {step.plan_epoch}, this stage serves epoch {loaded.epoch}"

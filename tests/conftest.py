@@ -121,7 +121,12 @@ class InProcessMesh:
     """Stage servers and an orchestrator, real gRPC on loopback port 0, in this process."""
 
     def __init__(
-        self, model_dir: Path, num_stages: int, kv_cache_mb: int = 64, plan_stages: int = 0
+        self,
+        model_dir: Path,
+        num_stages: int,
+        kv_cache_mb: int = 64,
+        plan_stages: int = 0,
+        **orchestrator_options,
     ):
         """Starts `num_stages` stages; the first plan uses the first `plan_stages` (0 = all)."""
         self.stage_servers = []
@@ -140,6 +145,7 @@ class InProcessMesh:
             model=str(model_dir),
             stages=tuple(addresses[: plan_stages or num_stages]),
             stage_wait_s=10,
+            **orchestrator_options,
         )
         self.server, port, self.orchestrator = build_orchestrator(config)
         self.server.start()

@@ -115,3 +115,27 @@ def test_default_model_chat_stop_strings_and_eos(default_model):
     assert "six" in full.text, full.text  # the stop string does appear in the unstopped text
     assert stopped.finish_reason == "stop" and "six" not in stopped.text
     assert full.text.startswith(stopped.text) and streamed == stopped.text
+
+
+@pytest.mark.parametrize("session_id", ["has space", "x" * 129, "semi;colon", "new\nline"])
+def test_malformed_session_ids_are_refused(tiny_mesh, session_id):
+    with pytest.raises(ClientError) as err:
+        tiny_mesh.client.generate(token_ids=[1], max_new_tokens=2, session_id=session_id)
+    assert err.value.code == "INVALID_ARGUMENT" and "session_id" in err.value.message
+    with pytest.raises(ClientError) as err:
+        tiny_mesh.client.end_session(session_id)
+    assert err.value.code == "INVALID_ARGUMENT"
+
+
+def test_a_client_over_its_session_cap_is_refused(tmp_path):
+    model_dir = make_tiny_model(tmp_path, "gqa")
+    with in_process_mesh(model_dir, 1, max_sessions_per_client=2) as mesh:
+        streams = [mesh.client.stream(token_ids=[1, 2], max_new_tokens=200) for _ in range(2)]
+        for s in streams:
+            next(s)  # both are running now
+        with pytest.raises(ClientError) as err:
+            mesh.client.generate(token_ids=[1, 2], max_new_tokens=2)
+        assert err.value.code == "RESOURCE_EXHAUSTED" and "limit per client" in err.value.message
+        for s in streams:
+            list(s)
+        assert mesh.client.generate(token_ids=[1, 2], max_new_tokens=2).token_ids
