@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -26,6 +27,57 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
 
 def _server_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=DEFAULT_SERVER, help="orchestrator host:port")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LLAMADIST_API_KEY", ""),
+        help="API key sent as 'authorization: Bearer <key>' (default: $LLAMADIST_API_KEY)",
+    )
+    p.add_argument(
+        "--tls-ca",
+        default=os.environ.get("LLAMADIST_TLS_CA", ""),
+        help="CA certificate (PEM) that signed the server's: use TLS (default: "
+        "$LLAMADIST_TLS_CA; empty = plaintext)",
+    )
+    p.add_argument(
+        "--tls-cert",
+        default=os.environ.get("LLAMADIST_TLS_CERT", ""),
+        help="client certificate (PEM), e.g. for health --stage against a TLS stage "
+        "(default: $LLAMADIST_TLS_CERT)",
+    )
+    p.add_argument(
+        "--tls-key",
+        default=os.environ.get("LLAMADIST_TLS_KEY", ""),
+        help="its private key (default: $LLAMADIST_TLS_KEY)",
+    )
+
+
+def _client(a: argparse.Namespace) -> Client:
+    return Client(
+        a.server,
+        tls_ca=a.tls_ca or None,
+        tls_cert=a.tls_cert or None,
+        tls_key=a.tls_key or None,
+        api_key=a.api_key or None,
+    )
+
+
+def _tls_args(p: argparse.ArgumentParser, peers: str) -> None:
+    p.add_argument("--tls-cert", default="", help="this service's certificate (PEM): TLS on")
+    p.add_argument("--tls-key", default="", help="its private key (PEM)")
+    p.add_argument(
+        "--tls-ca",
+        default="",
+        help=f"CA certificate (PEM) that must have signed {peers}; "
+        "--tls-cert, --tls-key and --tls-ca go together",
+    )
+
+
+API_KEYS_HELP = (
+    "API keys file: one '<key> <role>' per line, role client (generate, chat, plan show, "
+    "end sessions) or admin (also plan preview/reload); '#' starts a comment. Calls need "
+    "'authorization: Bearer <key>' (missing or wrong: UNAUTHENTICATED; client key on an admin "
+    "call: PERMISSION_DENIED); Health needs no key"
+)
 
 
 def _plan_args(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -77,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="torch threads; give several stages on one host a share of the cores each",
     )
+    _tls_args(stage, "every caller's certificate (mutual TLS: the orchestrator's)")
 
     orch = sub.add_parser("orchestrator", help="run the orchestrator service")
     _model_arg(orch)
@@ -88,12 +141,42 @@ def build_parser() -> argparse.ArgumentParser:
     orch.add_argument(
         "--step-timeout-s", type=float, default=60.0, help="deadline of one step on one stage"
     )
+    _tls_args(orch, "the stages' certificates (this certificate is presented to them)")
+    orch.add_argument("--api-keys-file", default="", help=API_KEYS_HELP)
 
     up = sub.add_parser("up", help="start N stages and an orchestrator on loopback")
     _model_arg(up)
     up.add_argument("--stages", type=int, default=2, help="number of stage processes")
     up.add_argument("--port", type=int, default=50051, help="orchestrator port")
     up.add_argument("--threads", type=int, default=None, help="torch threads per stage")
+    _tls_args(up, "every service's certificate (one certificate for all services)")
+    up.add_argument("--api-keys-file", default="", help=API_KEYS_HELP)
+    up.add_argument(
+        "--secure",
+        action="store_true",
+        help="TLS everywhere and API keys: makes a development CA, certificates and an API "
+        "keys file in the log directory (unless given with the flags above)",
+    )
+
+    certs = sub.add_parser(
+        "certs", help="make a development CA and certificates for TLS (not for production)"
+    )
+    certs.add_argument("--out", required=True, help="directory for the PEM files")
+    certs.add_argument(
+        "--hosts",
+        action="append",
+        default=[],
+        help="more names or IP addresses for the server certificate, comma-separated, "
+        "repeatable (localhost, 127.0.0.1 and ::1 are always in)",
+    )
+    certs.add_argument("--days", type=int, default=365, help="validity")
+    certs.add_argument("--force", action="store_true", help="replace existing files")
+    certs.add_argument(
+        "--api-keys",
+        action="store_true",
+        help="also write OUT/api-keys with a fresh client and admin key "
+        "(and each key alone in api-keys.client, api-keys.admin)",
+    )
 
     gen = sub.add_parser("generate", help="generate text, streaming it as it arrives")
     _server_arg(gen)
@@ -156,6 +239,9 @@ def _run_stage(a: argparse.Namespace) -> int:
             kv_cache_mb=a.kv_cache_mb,
             session_ttl_s=a.session_ttl_s,
             threads=a.threads,
+            tls_cert=a.tls_cert,
+            tls_key=a.tls_key,
+            tls_ca=a.tls_ca,
         )
     )
     return 0
@@ -175,6 +261,10 @@ def _run_orchestrator(a: argparse.Namespace) -> int:
             strategy=a.strategy,
             stage_wait_s=a.stage_wait_s,
             step_timeout_s=a.step_timeout_s,
+            tls_cert=a.tls_cert,
+            tls_key=a.tls_key,
+            tls_ca=a.tls_ca,
+            api_keys_file=a.api_keys_file,
         )
     )
     return 0
@@ -186,9 +276,24 @@ def _run_up(a: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    mesh = LocalMesh(a.model, num_stages=a.stages, port=a.port, threads=a.threads)
+    mesh = LocalMesh(
+        a.model,
+        num_stages=a.stages,
+        port=a.port,
+        threads=a.threads,
+        secure=a.secure,
+        tls_cert=a.tls_cert,
+        tls_key=a.tls_key,
+        tls_ca=a.tls_ca,
+        api_keys_file=a.api_keys_file,
+    )
     print(f"starting {a.stages} stages and an orchestrator (logs in {mesh.log_dir})", flush=True)
     with mesh:
+        if mesh.tls_ca:
+            print(f"TLS: clients give --tls-ca {mesh.tls_ca}", flush=True)
+        if mesh.api_keys_file:
+            made = " (one key alone in .client, .admin)" if mesh.api_keys else ""
+            print(f"API keys file: {mesh.api_keys_file}{made}; clients give --api-key", flush=True)
         print(f"llamadist mesh ready: orchestrator listening on {mesh.address}", flush=True)
         stop.wait()
         print("stopping", flush=True)
@@ -213,7 +318,7 @@ def _run_generate(a: argparse.Namespace) -> int:
         kwargs["messages"] = [{"role": "user", "content": a.prompt}]
     else:
         kwargs["prompt"] = a.prompt
-    with Client(a.server) as client:
+    with _client(a) as client:
         if a.json:
             result = client.generate(**kwargs)
             out = {
@@ -233,7 +338,7 @@ def _run_generate(a: argparse.Namespace) -> int:
 
 def _run_chat(a: argparse.Namespace) -> int:
     messages = [{"role": "system", "content": a.system}] if a.system else []
-    with Client(a.server) as client:
+    with _client(a) as client:
         client.wait_ready(10)
         print("llamadist chat: empty line or Ctrl-D to quit", file=sys.stderr)
         while True:
@@ -289,7 +394,7 @@ def _print_plan(plan: dict, stages: dict[str, dict], as_json: bool) -> int:
 
 
 def _run_plan(a: argparse.Namespace) -> int:
-    with Client(a.server) as client:
+    with _client(a) as client:
         if a.plan_command == "show":
             plan = client.plan()
             return _print_plan(plan, {s["address"]: s for s in client.stages()}, a.json)
@@ -309,13 +414,33 @@ def _run_health(a: argparse.Namespace) -> int:
     if a.stage:
         from client.client import stage_health
 
-        ok, detail = stage_health(a.server)
+        ok, detail = stage_health(
+            a.server,
+            tls_ca=a.tls_ca or None,
+            tls_cert=a.tls_cert or None,
+            tls_key=a.tls_key or None,
+        )
         print("SERVING" if ok else f"NOT_SERVING: {detail}")
         return 0
-    with Client(a.server) as client:
+    with _client(a) as client:
         ok, detail = client.health()
     print("SERVING" if ok else f"NOT_SERVING: {detail}")
     return 0 if ok else 1
+
+
+def _run_certs(a: argparse.Namespace) -> int:
+    from client.certs import make_api_keys, make_certs, split_hosts
+
+    target = os.path.join(a.out, "api-keys")
+    if a.api_keys and os.path.exists(target) and not a.force:
+        raise ValueError(f"{target} already exists (--force replaces it)")
+    paths = make_certs(a.out, hosts=split_hosts(a.hosts), days=a.days, force=a.force)
+    for path in paths.values():
+        print(path)
+    if a.api_keys:
+        make_api_keys(target)
+        print(target)
+    return 0
 
 
 def _run_model(a: argparse.Namespace) -> int:
@@ -330,6 +455,7 @@ COMMANDS = {
     "stage": _run_stage,
     "orchestrator": _run_orchestrator,
     "up": _run_up,
+    "certs": _run_certs,
     "generate": _run_generate,
     "chat": _run_chat,
     "plan": _run_plan,

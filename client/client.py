@@ -10,12 +10,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
 from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
+from protos.security import bearer_metadata, channel_credentials
 from protos.serving import GRPC_OPTIONS
 
 FINISH_NAMES = {pb.EOS: "eos", pb.LENGTH: "length", pb.STOP: "stop"}
@@ -49,11 +51,35 @@ def _dict(msg) -> dict:
     )
 
 
+def _channel(address: str, tls_ca, tls_cert, tls_key) -> grpc.Channel:
+    creds = channel_credentials(
+        str(tls_ca) if tls_ca else None,
+        str(tls_cert) if tls_cert else None,
+        str(tls_key) if tls_key else None,
+    )
+    if creds is None:
+        return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+    return grpc.secure_channel(address, creds, options=GRPC_OPTIONS)
+
+
 class Client:
-    def __init__(self, address: str, timeout_s: float | None = None):
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float | None = None,
+        *,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        api_key: str | None = None,
+    ):
+        """`tls_ca`: PEM file of the CA that signed the server's certificate (TLS; None =
+        plaintext); `tls_cert`/`tls_key`: an optional client certificate; `api_key`: sent as
+        `authorization: Bearer <key>` on every call."""
         self.address = address
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self.metadata = bearer_metadata(api_key)
+        self.channel = _channel(address, tls_ca, tls_cert, tls_key)
         self.stub = pb_grpc.OrchestratorStub(self.channel)
 
     def __enter__(self) -> Client:
@@ -67,7 +93,7 @@ class Client:
 
     def _call(self, method, request, timeout_s: float | None = None):
         try:
-            return method(request, timeout=timeout_s or self.timeout_s)
+            return method(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
         except grpc.RpcError as err:
             raise ClientError(err.code().name, err.details() or "") from None
 
@@ -149,7 +175,9 @@ class Client:
 
     def stream(self, prompt: str | None = None, **kwargs) -> Iterator[Completion]:
         """Yields pieces as tokens arrive; the last has finish_reason and timings."""
-        calls = self.stub.GenerateStream(self.request(prompt, **kwargs), timeout=self.timeout_s)
+        calls = self.stub.GenerateStream(
+            self.request(prompt, **kwargs), timeout=self.timeout_s, metadata=self.metadata
+        )
         try:
             for chunk in calls:
                 yield Completion(
@@ -194,9 +222,17 @@ class Client:
         return [_dict(s) for s in reply.stages]
 
 
-def stage_health(address: str, timeout_s: float = 5.0) -> tuple[bool, str]:
-    """Asks a stage's Health: (serving, detail). Raises ClientError when it does not answer."""
-    with grpc.insecure_channel(address) as channel:
+def stage_health(
+    address: str,
+    timeout_s: float = 5.0,
+    *,
+    tls_ca: str | Path | None = None,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+) -> tuple[bool, str]:
+    """Asks a stage's Health: (serving, detail). Raises ClientError when it does not answer.
+    A stage with TLS asks for a client certificate its CA signed (tls_cert, tls_key)."""
+    with _channel(address, tls_ca, tls_cert, tls_key) as channel:
         try:
             reply = pb_grpc.StageStub(channel).Health(pb.HealthRequest(), timeout=timeout_s)
         except grpc.RpcError as err:

@@ -83,7 +83,15 @@ class LocalMesh:
         log_dir: Path | None = None,
         extra_stage_args: list[str] | None = None,
         ready_timeout_s: float = 300.0,
+        secure: bool = False,
+        tls_cert: str = "",
+        tls_key: str = "",
+        tls_ca: str = "",
+        api_keys_file: str = "",
     ):
+        """TLS files (all three or none) and an API keys file are passed on to the services.
+        `secure` makes what is not given: a development CA and certificates in
+        `log_dir/tls` and an API keys file `log_dir/api-keys` (its keys in `api_keys`)."""
         self.model = model
         self.num_stages = num_stages
         self.port = port
@@ -94,9 +102,32 @@ class LocalMesh:
         self.ready_timeout_s = ready_timeout_s
         self.processes: list[Process] = []
         self.address = ""
+        self.secure = secure
+        self.tls_cert, self.tls_key, self.tls_ca = tls_cert, tls_key, tls_ca
+        self.api_keys_file = api_keys_file
+        self.api_keys: dict[str, str] = {}  # role -> key, when this mesh made the keys file
+
+    def _make_credentials(self) -> None:
+        from client.certs import make_api_keys, make_certs
+
+        if not (self.tls_cert or self.tls_key or self.tls_ca):
+            paths = make_certs(self.log_dir / "tls", hosts=[self.host])
+            self.tls_cert = str(paths["server.pem"])
+            self.tls_key = str(paths["server-key.pem"])
+            self.tls_ca = str(paths["ca.pem"])
+        if not self.api_keys_file:
+            self.api_keys_file = str(self.log_dir / "api-keys")
+            self.api_keys = make_api_keys(self.api_keys_file)
+
+    def _tls_args(self) -> list[str]:
+        if not self.tls_ca:
+            return []
+        return ["--tls-cert", self.tls_cert, "--tls-key", self.tls_key, "--tls-ca", self.tls_ca]
 
     def start(self) -> LocalMesh:
         try:
+            if self.secure:
+                self._make_credentials()
             stages = [
                 self._spawn(
                     f"stage{i}",
@@ -110,6 +141,7 @@ class LocalMesh:
                         "0",
                         "--threads",
                         str(self.threads),
+                        *self._tls_args(),
                         *self.extra_stage_args,
                     ],
                 )
@@ -128,10 +160,12 @@ class LocalMesh:
                     str(self.port),
                     "--stages",
                     ",".join(addresses),
+                    *self._tls_args(),
+                    *(["--api-keys-file", self.api_keys_file] if self.api_keys_file else []),
                 ],
             )
             self.address = orch.wait_address(self.ready_timeout_s)
-            with Client(self.address) as client:
+            with Client(self.address, tls_ca=self.tls_ca or None) as client:  # Health needs no key
                 client.wait_ready(self.ready_timeout_s)
         except BaseException:
             self.stop()

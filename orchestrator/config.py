@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from orchestrator.strategies import STRATEGIES
+from protos.security import check_tls_flags
 
 
 @dataclass(frozen=True)
@@ -20,8 +21,15 @@ class OrchestratorConfig:
     step_timeout_s: float = 60.0  # deadline of one stage call
     max_workers: int = 64
     grace_s: float = 5.0
+    # TLS: the certificate served to clients and presented to the stages (mutual TLS), and the
+    # CA that signed the stages' certificates. All empty = plaintext. See protos/security.py.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    api_keys_file: str = ""  # "<key> <role>" lines; empty = no keys needed
 
     def __post_init__(self) -> None:
+        check_tls_flags(self.tls_cert, self.tls_key, self.tls_ca)
         if not self.stages:
             raise ValueError("--stages needs at least one host:port")
         for address in self.stages:

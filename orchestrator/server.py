@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import grpc
@@ -10,19 +11,33 @@ from orchestrator.config import OrchestratorConfig
 from orchestrator.orchestrator import Orchestrator
 from orchestrator.servicer import OrchestratorServicer
 from protos import llamadist_pb2_grpc as pb_grpc
+from protos import security
 from protos.serving import listening_server, run_until_signal
+
+log = logging.getLogger(__name__)
 
 
 def build_server(config: OrchestratorConfig) -> tuple[grpc.Server, int, Orchestrator]:
-    """The server is not started; `Orchestrator.start` (waiting for stages) is the caller's."""
+    """The server is not started; `Orchestrator.start` (waiting for stages) is the caller's.
+    With TLS configured, clients get TLS and the stage links mutual TLS (the orchestrator's
+    certificate toward the stages); with an API keys file, calls need a key (protos/security)."""
+    stage_credentials = security.channel_credentials(config.tls_ca, config.tls_cert, config.tls_key)
+    keys = security.load_api_keys(config.api_keys_file) if config.api_keys_file else None
     orch = Orchestrator(config)
+    orch.router.channel_credentials = stage_credentials  # read by Router.client for StageClient
     server, port = listening_server(
         pb_grpc.add_OrchestratorServicer_to_server,
         OrchestratorServicer(orch),
         config.host,
         config.port,
         config.max_workers,
+        credentials=security.server_credentials(
+            config.tls_cert, config.tls_key, config.tls_ca, require_client_cert=False
+        ),
+        interceptors=[security.ApiKeyInterceptor(keys)] if keys else [],
     )
+    if keys and stage_credentials is None:
+        log.warning("API keys without TLS: keys cross the network in plaintext")
     return server, port, orch
 
 

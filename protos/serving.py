@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 
 import grpc
@@ -33,11 +33,21 @@ def listening_server(
     host: str,
     port: int,
     max_workers: int,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> tuple[grpc.Server, int]:
-    """A server (not started) with `servicer` bound to host:port; port 0 picks a free one."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
+    """A server (not started) with `servicer` bound to host:port; port 0 picks a free one.
+    With `credentials` the port speaks TLS only (see protos/security.py), else plaintext."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        options=GRPC_OPTIONS,
+        interceptors=list(interceptors),
+    )
     add_servicer(servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if credentials is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     return server, bound

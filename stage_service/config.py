@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from protos.codec import DTYPE_NAMES
+from protos.security import check_tls_flags
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,14 @@ class StageConfig:
     threads: int = 1
     max_workers: int = 16
     grace_s: float = 5.0
+    # Mutual TLS: this stage's certificate and key, and the CA that must have signed every
+    # caller's certificate (the orchestrator's). All empty = plaintext.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
 
     def __post_init__(self) -> None:
+        check_tls_flags(self.tls_cert, self.tls_key, self.tls_ca)
         if self.dtype and self.dtype not in DTYPE_NAMES:
             raise ValueError(f"--dtype must be one of {list(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.kv_cache_mb <= 0:

@@ -8,6 +8,7 @@ import grpc
 import torch
 
 from protos import llamadist_pb2_grpc as pb_grpc
+from protos.security import server_credentials
 from protos.serving import listening_server, run_until_signal
 from stage_service.config import StageConfig
 from stage_service.servicer import StageServicer
@@ -17,6 +18,9 @@ log = logging.getLogger(__name__)
 
 
 def build_server(config: StageConfig) -> tuple[grpc.Server, int, Stage]:
+    credentials = server_credentials(  # mutual TLS: callers need a certificate of tls_ca
+        config.tls_cert, config.tls_key, config.tls_ca, require_client_cert=True
+    )
     torch.set_num_threads(config.threads)
     stage = Stage(config)
     server, port = listening_server(
@@ -25,6 +29,7 @@ def build_server(config: StageConfig) -> tuple[grpc.Server, int, Stage]:
         config.host,
         config.port,
         config.max_workers,
+        credentials=credentials,
     )
     return server, port, stage
 
