@@ -180,7 +180,8 @@ def make_api_keys(path: str | Path) -> dict[str, str]:
     """A fresh API keys file (owner-only) with one client and one admin key; returns
     {role: key}. Each key also goes to `<path>.<role>` so that scripts can read it."""
     path = Path(path)
-    keys = {role: secrets.token_urlsafe(32) for role in ("client", "admin")}
+    # hex: a key never starts with '-', which a command line would take for an option
+    keys = {role: secrets.token_hex(32) for role in ("client", "admin")}
     lines = ["# llamadist API keys: <key> <role> (client | admin)"]
     lines += [f"{key} {role}" for role, key in keys.items()]
     for target, text in [(path, "\n".join(lines))] + [
