@@ -80,6 +80,15 @@ API_KEYS_HELP = (
 )
 
 
+def _grace_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--grace-s",
+        type=float,
+        default=10.0,
+        help="on SIGTERM: stop taking work, let calls in flight finish this long, exit 0",
+    )
+
+
 def _plan_args(p: argparse.ArgumentParser, default: str | None) -> None:
     from orchestrator.strategies import STRATEGIES
 
@@ -123,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stage.add_argument("--kv-cache-mb", type=int, default=1024, help="KV cache budget in MiB")
     stage.add_argument("--session-ttl-s", type=float, default=600.0, help="idle session lifetime")
+    _grace_arg(stage)
     stage.add_argument(
         "--threads",
         type=int,
@@ -133,7 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     orch = sub.add_parser("orchestrator", help="run the orchestrator service")
     _model_arg(orch)
-    orch.add_argument("--stages", required=True, help="stage addresses in order: H:P,H:P,...")
+    orch.add_argument(
+        "--stages",
+        required=True,
+        help="stage addresses in pipeline order, H:P,H:P,...; '+' joins replicas of one "
+        "position (H:P+H:P,H:P): sessions spread over them and fail over between them",
+    )
+    _grace_arg(orch)
+    orch.add_argument(
+        "--max-sessions-per-client",
+        type=int,
+        default=32,
+        help="concurrent generations one client (API key, else host) may run",
+    )
     orch.add_argument("--host", default="127.0.0.1", help="address to listen on")
     orch.add_argument("--port", type=int, default=50051, help="port (0 = any free one, printed)")
     _plan_args(orch, "uniform")
@@ -239,6 +261,7 @@ def _run_stage(a: argparse.Namespace) -> int:
             kv_cache_mb=a.kv_cache_mb,
             session_ttl_s=a.session_ttl_s,
             threads=a.threads,
+            grace_s=a.grace_s,
             tls_cert=a.tls_cert,
             tls_key=a.tls_key,
             tls_ca=a.tls_ca,
@@ -259,8 +282,12 @@ def _run_orchestrator(a: argparse.Namespace) -> int:
             host=a.host,
             port=a.port,
             strategy=a.strategy,
+            max_memory=a.max_memory,
+            boundaries=a.boundaries,
             stage_wait_s=a.stage_wait_s,
             step_timeout_s=a.step_timeout_s,
+            grace_s=a.grace_s,
+            max_sessions_per_client=a.max_sessions_per_client,
             tls_cert=a.tls_cert,
             tls_key=a.tls_key,
             tls_ca=a.tls_ca,

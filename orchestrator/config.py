@@ -11,7 +11,7 @@ from protos.security import check_tls_flags
 @dataclass(frozen=True)
 class OrchestratorConfig:
     model: str
-    stages: tuple[str, ...]  # host:port of each stage, in pipeline order
+    stages: tuple[str, ...]  # host:port of each position in order; '+' joins replicas
     host: str = "127.0.0.1"
     port: int = 0  # 0 = any free port (printed when listening)
     strategy: str = "uniform"
@@ -20,6 +20,7 @@ class OrchestratorConfig:
     stage_wait_s: float = 300.0  # how long to wait for stages at start
     step_timeout_s: float = 60.0  # deadline of one stage call
     max_workers: int = 64
+    max_sessions_per_client: int = 32  # concurrent generations per API key (or peer host)
     grace_s: float = 5.0
     # TLS: the certificate served to clients and presented to the stages (mutual TLS), and the
     # CA that signed the stages' certificates. All empty = plaintext. See protos/security.py.
@@ -32,10 +33,11 @@ class OrchestratorConfig:
         check_tls_flags(self.tls_cert, self.tls_key, self.tls_ca)
         if not self.stages:
             raise ValueError("--stages needs at least one host:port")
-        for address in self.stages:
-            host, _, port = address.rpartition(":")
-            if not host or not port.isdigit():
-                raise ValueError(f"stage address {address!r} is not host:port")
+        for group in self.stages:
+            for address in group.split("+"):  # '+' joins replicas of one position
+                host, _, port = address.rpartition(":")
+                if not host or not port.isdigit():
+                    raise ValueError(f"stage address {address!r} is not host:port")
         if self.strategy not in STRATEGIES:
             raise ValueError(
                 f"--strategy must be one of {sorted(STRATEGIES)}, got {self.strategy!r}"

@@ -75,6 +75,7 @@ class StepResult:
 class Router:
     def __init__(self, step_timeout_s: float = 60.0):
         self.step_timeout_s = step_timeout_s
+        self.channel_credentials = None  # TLS toward stages; set by orchestrator/server.py
         self.plan: PartitionPlan | None = None
         self.pool = ReplicaPool(self._make_client)
         self.pool.rejoin = self._rejoin
@@ -82,7 +83,9 @@ class Router:
         self._plan_lock = threading.Lock()  # apply() and rejoins: one layer assignment at a time
 
     def _make_client(self, address: str) -> StageClient:
-        return StageClient(address, 0, self.step_timeout_s)
+        return StageClient(
+            address, 0, self.step_timeout_s, channel_credentials=self.channel_credentials
+        )
 
     @property
     def addresses(self) -> list[str]:

@@ -10,7 +10,6 @@ import grpc
 from orchestrator.config import OrchestratorConfig
 from orchestrator.orchestrator import Orchestrator
 from orchestrator.servicer import OrchestratorServicer
-from protos import llamadist_pb2_grpc as pb_grpc
 from protos import security
 from protos.serving import listening_server, run_until_signal
 
@@ -26,7 +25,7 @@ def build_server(config: OrchestratorConfig) -> tuple[grpc.Server, int, Orchestr
     orch = Orchestrator(config)
     orch.router.channel_credentials = stage_credentials  # read by Router.client for StageClient
     server, port = listening_server(
-        pb_grpc.add_OrchestratorServicer_to_server,
+        "Orchestrator",
         OrchestratorServicer(orch),
         config.host,
         config.port,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent import futures
 
 import grpc
+
+from protos.handlers import add_service
 
 MAX_MESSAGE_BYTES = 256 * 2**20
 GRPC_OPTIONS = [
@@ -28,7 +30,7 @@ def run_until_signal(server: grpc.Server, banner: str, grace_s: float) -> None:
 
 
 def listening_server(
-    add_servicer: Callable[[object, grpc.Server], None],
+    service_name: str,
     servicer: object,
     host: str,
     port: int,
@@ -36,14 +38,15 @@ def listening_server(
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> tuple[grpc.Server, int]:
-    """A server (not started) with `servicer` bound to host:port; port 0 picks a free one.
+    """A server (not started) with `servicer` serving `llamadist.<service_name>` on host:port;
+    port 0 picks a free one.
     With `credentials` the port speaks TLS only (see protos/security.py), else plaintext."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         options=GRPC_OPTIONS,
         interceptors=list(interceptors),
     )
-    add_servicer(servicer, server)
+    add_service(server, service_name, servicer)
     if credentials is None:
         bound = server.add_insecure_port(f"{host}:{port}")
     else:

@@ -7,7 +7,6 @@ import logging
 import grpc
 import torch
 
-from protos import llamadist_pb2_grpc as pb_grpc
 from protos.security import server_credentials
 from protos.serving import listening_server, run_until_signal
 from stage_service.config import StageConfig
@@ -24,7 +23,7 @@ def build_server(config: StageConfig) -> tuple[grpc.Server, int, Stage]:
     torch.set_num_threads(config.threads)
     stage = Stage(config)
     server, port = listening_server(
-        pb_grpc.add_StageServicer_to_server,
+        "Stage",
         StageServicer(stage),
         config.host,
         config.port,
