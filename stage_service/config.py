@@ -20,7 +20,9 @@ class StageConfig:
     kv_cache_mb: int = 1024
     session_ttl_s: float = 600.0
     threads: int = 1
-    max_workers: int = 16
+    max_workers: int = 128  # most wait for the compute thread's next batch
+    max_batch: int = 64  # sessions one forward may batch
+    max_batch_tokens: int = 8192  # rows (tokens) one forward may batch
     grace_s: float = 5.0
     # Mutual TLS: this stage's certificate and key, and the CA that must have signed every
     # caller's certificate (the orchestrator's). All empty = plaintext.

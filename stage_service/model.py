@@ -147,28 +147,45 @@ def attention(
     return out.permute(2, 0, 1, 3).reshape(seq, heads * dim)
 
 
+@dataclass
+class Segment:
+    """The rows of a step that belong to one session: x[rows] are its tokens at positions
+    start_pos.., and kv holds its cache buffers, one (K, V) pair per held layer."""
+
+    rows: slice
+    start_pos: int
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+
 def decoder_layer(
     args: LlamaArgs,
     w: LayerWeights,
+    layer: int,
     x: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    kv: tuple[torch.Tensor, torch.Tensor],
-    start_pos: int,
+    segments: list[Segment],
 ) -> torch.Tensor:
-    """x: [S, hidden]; kv: this layer's cache buffers [Hkv, capacity, D], written in place."""
-    seq = x.shape[0]
+    """x: [N, hidden], the rows of every segment; matmuls run over all rows at once, attention
+    per segment against its own cache (written in place)."""
+    rows = x.shape[0]
     heads, kv_heads, dim = args.num_heads, args.num_kv_heads, args.head_dim
     h = rms_norm(x, w.input_norm, args.rms_norm_eps)
     qkv = F.linear(h, w.wqkv, w.bqkv)
     q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
-    q = apply_rope(q.view(seq, heads, dim), cos, sin)
-    k = apply_rope(k.view(seq, kv_heads, dim), cos, sin)
-    k_cache, v_cache = kv
-    end = start_pos + seq
-    k_cache[:, start_pos:end] = k.transpose(0, 1)
-    v_cache[:, start_pos:end] = v.view(seq, kv_heads, dim).transpose(0, 1)
-    attn = attention(q, k_cache[:, :end], v_cache[:, :end], start_pos, kv_heads)
+    q = apply_rope(q.view(rows, heads, dim), cos, sin)
+    k = apply_rope(k.view(rows, kv_heads, dim), cos, sin).transpose(0, 1)  # [Hkv, N, D]
+    v = v.view(rows, kv_heads, dim).transpose(0, 1)
+    outs = []
+    for seg in segments:
+        k_cache, v_cache = seg.kv[layer]
+        end = seg.start_pos + seg.rows.stop - seg.rows.start
+        k_cache[:, seg.start_pos : end] = k[:, seg.rows]
+        v_cache[:, seg.start_pos : end] = v[:, seg.rows]
+        outs.append(
+            attention(q[seg.rows], k_cache[:, :end], v_cache[:, :end], seg.start_pos, kv_heads)
+        )
+    attn = outs[0] if len(outs) == 1 else torch.cat(outs)
     x = x + F.linear(attn, w.wo, w.bo)
     h = rms_norm(x, w.post_norm, args.rms_norm_eps)
     gate, up = F.linear(h, w.w_gate_up, w.b_gate_up).chunk(2, dim=-1)
@@ -208,24 +225,25 @@ class RangeModel:
     @torch.inference_mode()
     def forward(
         self,
-        start_pos: int,
+        segments: list[Segment],
         token_ids: torch.Tensor,
         hidden: torch.Tensor | None,
-        kv: list[tuple[torch.Tensor, torch.Tensor]],
         all_logits: bool = False,
     ) -> torch.Tensor:
-        """token_ids: [S]; hidden: [S, hidden] (None on the first stage); kv: one (K, V) buffer
-        pair per held layer. Returns the hidden state [S, hidden], or on the last stage the
-        logits [S or 1, vocab] (float32) of every position or only the last one."""
+        """One step of one or more sessions. token_ids: [N], the rows of all segments in order;
+        hidden: [N, hidden] (None on the first stage). Returns the hidden state [N, hidden], or on
+        the last stage float32 logits: of every row, or of each segment's last row."""
         w = self.weights
         x = F.embedding(token_ids, w.embed) if w.is_first else hidden
-        positions = torch.arange(start_pos, start_pos + x.shape[0], device=self.device)
+        positions = torch.cat(
+            [torch.arange(s.start_pos, s.start_pos + s.rows.stop - s.rows.start) for s in segments]
+        ).to(self.device)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        for layer, layer_kv in zip(w.layers, kv, strict=True):
-            x = decoder_layer(self.args, layer, x, cos, sin, layer_kv, start_pos)
+        for i, layer in enumerate(w.layers):
+            x = decoder_layer(self.args, layer, i, x, cos, sin, segments)
         if not w.is_last:
             return x
         if not all_logits:
-            x = x[-1:]
+            x = x[[s.rows.stop - 1 for s in segments]]
         x = rms_norm(x, w.final_norm, self.args.rms_norm_eps)
         return F.linear(x, w.head).float()

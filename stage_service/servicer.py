@@ -28,7 +28,12 @@ class StageServicer(pb_grpc.StageServicer):
             return_logits=request.return_logits,
         )
         out = self.stage.forward(step)
-        reply = pb.StepReply(token_id=out.token_id, logprob=out.logprob, compute_ns=out.compute_ns)
+        reply = pb.StepReply(
+            token_id=out.token_id,
+            logprob=out.logprob,
+            compute_ns=out.compute_ns,
+            batch_size=out.batch_size,
+        )
         if out.hidden is not None:
             reply.hidden.CopyFrom(codec.to_pb(out.hidden))
         if out.logits is not None:

@@ -14,12 +14,13 @@ from pathlib import Path
 import psutil
 import torch
 
-from protos.errors import FailedPrecondition, InvalidArgument
+from protos.errors import FailedPrecondition, InvalidArgument, LlamadistError
 from protos.limits import check_session_id
 from protos.sampling import Sampling
+from stage_service.batcher import Batcher, Job
 from stage_service.config import StageConfig
 from stage_service.kv_cache import CacheShape, SessionCache
-from stage_service.model import LlamaArgs, RangeModel
+from stage_service.model import LlamaArgs, RangeModel, Segment
 from stage_service.sampling import sample
 from stage_service.speed import measure_gflops
 from stage_service.weights import load_range, model_fingerprint, read_config, weight_bytes
@@ -43,6 +44,7 @@ class StepOutput:
     logprob: float = 0.0
     logits: torch.Tensor | None = None
     compute_ns: int = 0
+    batch_size: int = 1  # sessions in the forward this step ran in
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Stage:
         self.gflops = measure_gflops(self.device, self.dtype)
         # One forward at a time: torch already uses the stage's threads inside each op.
         self._compute = threading.Lock()
+        self.batcher = Batcher(self._run_batch, config.max_batch, config.max_batch_tokens)
 
     # ------------------------------------------------------------------ admin
 
@@ -138,33 +141,61 @@ class Stage:
         return self._require_loaded().cache.end(session_id)
 
     def forward(self, step: StepInput) -> StepOutput:
-        loaded = self._require_loaded()
-        self._validate(step, loaded)
+        """Validates the step and runs it in the next batch of the compute thread."""
+        self._validate(step, self._require_loaded())
+        return self.batcher.submit(step)
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        """The compute thread: one forward for every job of the batch (one segment each)."""
         with self._compute:
-            if self.loaded is not loaded:
-                raise FailedPrecondition("the stage's layers were reloaded during the step; retry")
+            loaded = self._require_loaded()
             t0 = time.perf_counter_ns()
-            session = loaded.cache.begin_step(step.session_id, step.start_pos, len(step.token_ids))
-            ids = torch.tensor(step.token_ids, dtype=torch.long, device=self.device)
-            hidden = None if step.hidden is None else step.hidden.to(self.device)
-            result = loaded.model.forward(
-                step.start_pos, ids, hidden, session.kv, all_logits=step.return_logits
-            )
-            session.length = step.start_pos + len(step.token_ids)
-            out = StepOutput()
-            if loaded.model.weights.is_last:
-                session.seen_tokens.extend(step.token_ids)
-                if step.start_pos == 0 and step.sampling.seed is not None:
-                    session.generator = torch.Generator(device=self.device)
-                    session.generator.manual_seed(step.sampling.seed)
-                out.token_id, out.logprob = sample(
-                    result[-1], step.sampling, session.seen_tokens, session.generator
-                )
-                out.logits = result if step.return_logits else None
-            else:
-                out.hidden = result
-            out.compute_ns = time.perf_counter_ns() - t0
-            return out
+            segments, ready, row = [], [], 0
+            for job in jobs:
+                step: StepInput = job.step
+                if step.plan_epoch != loaded.epoch:
+                    job.error = FailedPrecondition("the stage's layers were reloaded; retry")
+                    continue
+                try:
+                    session = loaded.cache.begin_step(
+                        step.session_id, step.start_pos, len(step.token_ids)
+                    )
+                except LlamadistError as err:
+                    job.error = err
+                    continue
+                n = len(step.token_ids)
+                segments.append(Segment(slice(row, row + n), step.start_pos, session.kv))
+                ready.append((job, session))
+                row += n
+            if not ready:
+                return
+            steps = [job.step for job, _ in ready]
+            ids = torch.tensor([t for s in steps for t in s.token_ids], device=self.device)
+            hidden = None
+            if not loaded.model.weights.is_first:
+                hidden = torch.cat([s.hidden for s in steps]).to(self.device)
+            all_logits = steps[0].return_logits  # such a step runs alone (batcher)
+            result = loaded.model.forward(segments, ids, hidden, all_logits=all_logits)
+            compute_ns = time.perf_counter_ns() - t0
+            for i, ((job, session), seg) in enumerate(zip(ready, segments, strict=True)):
+                session.length = seg.start_pos + seg.rows.stop - seg.rows.start
+                if loaded.model.weights.is_last:
+                    job.out = self._sample(job.step, session, result, i, seg)
+                else:
+                    job.out = StepOutput(hidden=result[seg.rows])
+                job.out.compute_ns = compute_ns
+                job.out.batch_size = len(ready)
+
+    def _sample(self, step: StepInput, session, result, i: int, seg: Segment) -> StepOutput:
+        session.seen_tokens.extend(step.token_ids)
+        if step.start_pos == 0 and step.sampling.seed is not None:
+            session.generator = torch.Generator(device=self.device)
+            session.generator.manual_seed(step.sampling.seed)
+        logits = result[seg.rows] if step.return_logits else result[i : i + 1]
+        token, logprob = sample(logits[-1], step.sampling, session.seen_tokens, session.generator)
+        return StepOutput(
+            token_id=token, logprob=logprob, logits=logits if step.return_logits else None
+        )
 
     def _require_loaded(self) -> Loaded:
         loaded = self.loaded

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stage_service.kv_cache import CacheShape, SessionCache
-from stage_service.model import LlamaArgs, RangeModel
+from stage_service.model import LlamaArgs, RangeModel, Segment
 from stage_service.weights import load_range, read_config
 from tests.conftest import TINY_CONFIGS, make_tiny_model, reference_model
 
@@ -27,7 +27,8 @@ def run_chain(models, caches, session: str, start: int, ids: list[int]) -> torch
     hidden = None
     for model, cache in zip(models, caches, strict=True):
         s = cache.begin_step(session, start, len(ids))
-        hidden = model.forward(start, torch.tensor(ids), hidden, s.kv, all_logits=True)
+        segment = Segment(slice(0, len(ids)), start, s.kv)
+        hidden = model.forward([segment], torch.tensor(ids), hidden, all_logits=True)
         s.length = start + len(ids)
     return hidden
 
