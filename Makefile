@@ -38,7 +38,32 @@ format: install
 	$(VENV)/bin/ruff format .
 
 bench: install
-	$(PY) bench/cpu_generate.py
+	$(VENV)/bin/llamadist bench
 
 clean:
 	rm -rf $(VENV) protos/*_pb2*.py protos/*_pb2.pyi
+
+# Deployment (docker/, README "Deploy"): the image, compose on this host, the end-to-end tests.
+IMAGE ?= llamadist:latest
+BASE_IMAGE ?= llamadist-base:bookworm
+COMPOSE := docker-compose -p llamadist -f docker/docker-compose.yml
+MODEL_DIR = $$($(VENV)/bin/llamadist model fetch-default)
+
+.PHONY: images compose-up compose-down compose-test netns-test
+
+images: install
+	docker/build-images.sh "$(PY)" "$(TORCH_SPEC)" "$(BASE_IMAGE)" "$(IMAGE)"
+
+compose-up: images
+	LLAMADIST_MODEL_DIR="$(MODEL_DIR)" LLAMADIST_IMAGE=$(IMAGE) $(COMPOSE) up -d
+	$(PY) -c "from client import Client; Client('127.0.0.1:$${LLAMADIST_PORT:-50051}').wait_ready(300)"
+	@echo "llamadist serving on 127.0.0.1:$${LLAMADIST_PORT:-50051} (make compose-down stops it)"
+
+compose-down:
+	LLAMADIST_MODEL_DIR=$${LLAMADIST_MODEL_DIR:-unused} $(COMPOSE) down -v --remove-orphans
+
+compose-test: images
+	LLAMADIST_COMPOSE_TEST=1 LLAMADIST_IMAGE=$(IMAGE) $(PY) -m pytest -q -s -rs -m slow tests/test_compose.py
+
+netns-test: install
+	$(PY) -m pytest -q -s -rs -m slow tests/test_netns.py

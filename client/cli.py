@@ -220,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.0)
     chat.add_argument("--system", default=None, help="a system message")
 
+    bench = sub.add_parser("bench", help="measure a mesh against transformers' generate")
+    from client.bench import add_arguments as bench_arguments
+
+    bench_arguments(bench)
+
     plan = sub.add_parser("plan", help="the partition plan")
     plan_sub = plan.add_subparsers(dest="plan_command", required=True)
     show = plan_sub.add_parser("show", help="a table of stages and their layers")
@@ -477,7 +482,14 @@ def _run_model(a: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench(a: argparse.Namespace) -> int:
+    from client.bench import run
+
+    return run(a)
+
+
 COMMANDS = {
+    "bench": _run_bench,
     "model": _run_model,
     "stage": _run_stage,
     "orchestrator": _run_orchestrator,

@@ -82,6 +82,7 @@ class LocalMesh:
         threads: int | None = None,
         log_dir: Path | None = None,
         extra_stage_args: list[str] | None = None,
+        extra_orchestrator_args: list[str] | None = None,
         ready_timeout_s: float = 300.0,
         secure: bool = False,
         tls_cert: str = "",
@@ -99,6 +100,7 @@ class LocalMesh:
         self.threads = threads or max(1, (os.cpu_count() or 1) // num_stages)
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="llamadist-up-"))
         self.extra_stage_args = extra_stage_args or []
+        self.extra_orchestrator_args = extra_orchestrator_args or []
         self.ready_timeout_s = ready_timeout_s
         self.processes: list[Process] = []
         self.address = ""
@@ -162,6 +164,7 @@ class LocalMesh:
                     ",".join(addresses),
                     *self._tls_args(),
                     *(["--api-keys-file", self.api_keys_file] if self.api_keys_file else []),
+                    *self.extra_orchestrator_args,
                 ],
             )
             self.address = orch.wait_address(self.ready_timeout_s)
