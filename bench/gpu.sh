@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Issue 6's GPU benchmark, for a lent 2-GPU machine (device tool, kind nvidia-h100-x2):
+# it has torch, transformers, grpcio and protobuf but no network. Regenerates the protobuf code
+# there when grpc_tools is present (its protobuf runtime may differ from ours), then runs
+# bench/gpu_bench.py. Results: the table at the end of the output and $OUT/gpu_bench.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+python3 -c 'import torch, transformers, grpc, google.protobuf as p; print("torch", torch.__version__, "transformers", transformers.__version__, "grpcio", grpc.__version__, "protobuf", p.__version__, "gpus", torch.cuda.device_count())'
+if python3 -c 'import grpc_tools' 2>/dev/null; then
+  python3 -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. protos/llamadist.proto
+fi
+python3 -c 'import protos.llamadist_pb2, psutil, safetensors' 
+nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv
+python3 bench/gpu_bench.py
