@@ -9,6 +9,9 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 python3 -c 'import torch, transformers, grpc, google.protobuf as p; print("torch", torch.__version__, "transformers", transformers.__version__, "grpcio", grpc.__version__, "protobuf", p.__version__, "gpus", torch.cuda.device_count())'
 if python3 -c 'import grpc_tools' 2>/dev/null; then
   python3 -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. protos/llamadist.proto
+elif [ -d .device_protos/protos ]; then
+  # made here with the grpcio-tools release matching the device's grpcio (carried by the call)
+  cp .device_protos/protos/llamadist_pb2*.py protos/
 fi
 python3 -c 'import protos.llamadist_pb2, psutil, safetensors' 
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv
