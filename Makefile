@@ -40,6 +40,12 @@ format: install
 bench: install
 	$(VENV)/bin/llamadist bench
 
+# Soak (tests/soak.py): 32 concurrent sessions against a 2-stage mesh; CI runs 30 s (test_soak).
+SOAK_SECONDS ?= 300
+.PHONY: soak
+soak: install
+	$(PY) -m tests.soak --seconds $(SOAK_SECONDS)
+
 clean:
 	rm -rf $(VENV) protos/*_pb2*.py protos/*_pb2.pyi
 

@@ -1,0 +1,28 @@
+"""The CI version of the soak (issue 5): `python -m tests.soak --seconds 30`, 32 concurrent
+sessions against a 2-stage mesh; `make soak` is the 5-minute run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_soak_30_seconds(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.soak", "--seconds", "30", "--log-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    print(run.stdout)
+    logs = "\n".join(f"{p}:\n{p.read_text()[-3000:]}" for p in sorted(tmp_path.glob("*.log")))
+    assert run.returncode == 0, f"{run.stdout}\n{run.stderr[-3000:]}\n{logs}"
+    assert "soak: passed" in run.stdout
