@@ -66,7 +66,7 @@ compose-up: images
 	@echo "llamadist serving on 127.0.0.1:$${LLAMADIST_PORT:-50051} (make compose-down stops it)"
 
 compose-down:
-	LLAMADIST_MODEL_DIR=$${LLAMADIST_MODEL_DIR:-unused} $(COMPOSE) down -v --remove-orphans
+	LLAMADIST_MODEL_DIR=$${LLAMADIST_MODEL_DIR:-/unused} $(COMPOSE) down -v --remove-orphans
 
 compose-test: images
 	LLAMADIST_COMPOSE_TEST=1 LLAMADIST_IMAGE=$(IMAGE) $(PY) -m pytest -q -s -rs -m slow tests/test_compose.py
