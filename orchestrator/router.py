@@ -241,6 +241,8 @@ class Router:
         route = self.pool.unpin(session_id)
         freed, found = 0, False
         for replica in route:
+            if not replica.up:
+                continue  # down: it lost the session, and asking would wait for a deadline
             try:
                 freed += replica.client.end_session(session_id)
                 found = True

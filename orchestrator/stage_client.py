@@ -47,7 +47,7 @@ class StageClient:
         return self._call(self.stub.Forward, request, self.step_timeout_s)
 
     def end_session(self, session_id: str) -> int:
-        reply = self._call(self.stub.EndSession, pb.EndSessionRequest(session_id=session_id), 10)
+        reply = self._call(self.stub.EndSession, pb.EndSessionRequest(session_id=session_id), 2)
         return reply.freed_bytes
 
     def info(self, timeout_s: float = 10.0) -> pb.StageInfo:
