@@ -12,6 +12,7 @@ Generate equals transformers' own. A summary of the statuses per RPC is printed 
 from __future__ import annotations
 
 import collections
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -32,8 +33,9 @@ pytestmark = pytest.mark.slow
 MODEL = "gqa"  # 4 layers, vocabulary 101, hidden size 64, context 256
 VOCAB, HIDDEN, LAYERS, CONTEXT = 101, 64, 4, 256
 DEADLINE_S = 5.0  # every fuzzed call; DEADLINE_EXCEEDED is acceptable, nothing runs longer
-TOTAL_REQUESTS = 2200
+TOTAL_REQUESTS = 4000
 MIN_PER_RPC = 50
+ROUNDS = 5
 FAILING = {"INTERNAL", "UNKNOWN", "UNIMPLEMENTED", "DATA_LOSS"}
 PROMPT = [7, 3, 99, 12, 45, 60, 2, 81, 33, 5, 18, 70]
 
@@ -500,28 +502,33 @@ def test_fuzz_every_rpc_of_both_services(mesh, model_dir):
     stage_addresses = [p.address for p in mesh.processes if p.name.startswith("stage")]
     fz = Fuzzer(mesh.address, stage_addresses, processes=list(mesh.processes))
     fz.refresh_epochs()
-    table = [(s, m, reply, w) for s, m, _, reply, w in RPCS]
-    pick = weighted(*((w, st.just((s, m, reply))) for s, m, reply, w in table))
     t0 = time.monotonic()
 
-    @settings(
-        max_examples=TOTAL_REQUESTS,
-        deadline=None,
-        database=None,
-        phases=[Phase.generate],  # statuses are recorded, not raised: nothing to shrink
-        suppress_health_check=list(HealthCheck),
-    )
-    @given(st.data())
-    def one_request(data):
-        service, method, reply_type = data.draw(pick)
-        if data.draw(st.integers(0, 2)):
-            address, msg = data.draw(fz.well_formed(method, service))
-            raw = msg.SerializeToString()
-        else:
-            address, raw = data.draw(fz.mutated(service, method))
-        fz.call(service, method, reply_type, address, raw)
+    def fuzz(service: str, method: str, reply_type, examples: int) -> None:
+        @settings(
+            max_examples=examples,
+            deadline=None,
+            database=None,
+            phases=[Phase.generate],  # statuses are recorded, not raised: nothing to shrink
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(st.data())
+        def one_request(data):
+            if data.draw(st.integers(0, 2)):
+                address, msg = data.draw(fz.well_formed(method, service))
+                raw = msg.SerializeToString()
+            else:
+                address, raw = data.draw(fz.mutated(service, method))
+            fz.call(service, method, reply_type, address, raw)
 
-    one_request()
+        one_request()
+
+    # Rounds of every RPC in a shuffled order, so that layout changes (LoadLayers, ReloadPlan)
+    # come between the others; each RPC gets its share of TOTAL_REQUESTS by weight.
+    weights = sum(w for *_, w in RPCS)
+    for round_ in range(ROUNDS):
+        for service, method, _, reply_type, weight in random.Random(round_).sample(RPCS, len(RPCS)):
+            fuzz(service, method, reply_type, -(-TOTAL_REQUESTS * weight // (weights * ROUNDS)))
     elapsed = time.monotonic() - t0
     print(f"\n{fz.calls} fuzzed requests in {elapsed:.0f} s\n{fz.summary()}")
     for failure in fz.failures[:20]:
