@@ -99,8 +99,7 @@ class ReplicaPool:
                     if not live:
                         raise Unavailable(
                             f"{position.name} is unreachable: no live replica "
-                            f"(down: {', '.join(r.client.address for r in position.replicas)}); "
-                            "the session can be resumed once it is back"
+                            f"(down: {', '.join(r.client.address for r in position.replicas)})"
                         )
                     if choice is not None:
                         choice.sessions.discard(session_id)
