@@ -20,10 +20,13 @@ class Sampling:
 
     def __post_init__(self) -> None:
         checks = [
-            (0 <= self.temperature <= 100, "temperature must be in [0, 100] (0 = greedy)"),
+            (
+                self.temperature == 0 or 1e-3 <= self.temperature <= 100,
+                "temperature must be 0 (greedy) or in [0.001, 100]",
+            ),
             (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1] (1 = off)"),
-            (0 < self.repetition_penalty <= 100, "repetition_penalty must be in (0, 100]"),
+            (0.01 <= self.repetition_penalty <= 100, "repetition_penalty must be in [0.01, 100]"),
         ]
         for ok, message in checks:
             if not ok or any(math.isnan(v) for v in self._floats()):

@@ -32,6 +32,7 @@ class Batcher:
         self.max_batch = max_batch
         self.max_batch_tokens = max_batch_tokens
         self._queue: deque[Job] = deque()
+        self.taken = 0  # jobs taken into batches so far
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="compute", daemon=True)
@@ -56,6 +57,7 @@ class Batcher:
                 return []
             batch = [self._queue.popleft()]
             if batch[0].step.return_logits:
+                self.taken += 1
                 return batch
             sessions = {batch[0].step.session_id}
             tokens = len(batch[0].step.token_ids)
@@ -74,6 +76,7 @@ class Batcher:
                 sessions.add(job.step.session_id)
                 tokens += n
             self._queue.extendleft(reversed(kept))
+            self.taken += len(batch)
             return batch
 
     def _work(self) -> None:

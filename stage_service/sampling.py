@@ -43,7 +43,10 @@ def sample(
     if params.greedy:
         token = int(torch.argmax(scores))
     else:
-        scores = filter_top_k_top_p(scores / params.temperature, params.top_k, params.top_p)
+        # Shifted so that the largest score is 0: dividing by a small temperature cannot
+        # overflow to inf (the softmax is the same).
+        scores = (scores - scores.max()) / params.temperature
+        scores = filter_top_k_top_p(scores, params.top_k, params.top_p)
         probs = torch.softmax(scores, dim=-1)
         token = int(torch.multinomial(probs, 1, generator=generator))
     logprob = float(torch.log_softmax(logits, dim=-1)[token])

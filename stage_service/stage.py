@@ -74,6 +74,11 @@ class Stage:
     def load_layers(self, start: int, end: int, epoch: int) -> None:
         """Loads [start, end) and drops the old range with every cached session; an empty
         range (start == end) leaves the stage holding nothing."""
+        if not (start == end == 0 or 0 <= start < end <= self.args.num_layers):
+            raise InvalidArgument(
+                f"layer range [{start}, {end}) is not inside the model's "
+                f"{self.args.num_layers} layers (an empty range is 0..0)"
+            )
         with self._compute:
             self.loaded = None  # free the old range before reading the new one
             if start == end:
@@ -179,10 +184,14 @@ class Stage:
             compute_ns = time.perf_counter_ns() - t0
             for i, ((job, session), seg) in enumerate(zip(ready, segments, strict=True)):
                 session.length = seg.start_pos + seg.rows.stop - seg.rows.start
-                if loaded.model.weights.is_last:
-                    job.out = self._sample(job.step, session, result, i, seg)
-                else:
-                    job.out = StepOutput(hidden=result[seg.rows])
+                try:  # one session's failure (a sampling error) is its own, not the batch's
+                    if loaded.model.weights.is_last:
+                        job.out = self._sample(job.step, session, result, i, seg)
+                    else:
+                        job.out = StepOutput(hidden=result[seg.rows])
+                except Exception as err:  # noqa: BLE001 - handed to that caller only
+                    job.error = err
+                    continue
                 job.out.compute_ns = compute_ns
                 job.out.batch_size = len(ready)
 

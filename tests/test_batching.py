@@ -21,6 +21,13 @@ def prompts() -> list[list[int]]:
     return [torch.randint(0, 101, (3 + 4 * i,), generator=g).tolist() for i in range(SESSIONS)]
 
 
+def wait_for(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
 def step(session: str, start: int, ids: list[int]) -> StepInput:
     return StepInput(session, 1, start, ids, None, Sampling(), return_logits=False)
 
@@ -42,18 +49,61 @@ def test_concurrent_decode_steps_are_batched_and_exact(tmp_path):
     def decode(i: int, p: list[int]) -> None:
         results[i] = stage.forward(step(f"s{i}", len(p), [alone[i][0].token_id]))
 
-    # Hold the compute thread so that the steps queue up, then let it take them as one batch.
+    # Hold the compute thread on a first step, let the other steps queue up behind it, then let
+    # it take them as one batch.
+    threads = [threading.Thread(target=decode, args=(i, p)) for i, p in enumerate(prompts())]
     with stage._compute:
-        threads = [threading.Thread(target=decode, args=(i, p)) for i, p in enumerate(prompts())]
-        for t in threads:
+        taken = stage.batcher.taken
+        threads[0].start()
+        wait_for(lambda: stage.batcher.taken == taken + 1)  # the compute thread waits on the lock
+        for t in threads[1:]:
             t.start()
-        deadline = time.monotonic() + 10
-        while len(stage.batcher._queue) < SESSIONS - 1 and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_for(lambda: len(stage.batcher._queue) == SESSIONS - 1)
     for t in threads:
         t.join()
     assert max(r.batch_size for r in results.values()) == SESSIONS - 1
     for i in range(SESSIONS):
         assert results[i].token_id == alone[i][1].token_id
         assert abs(results[i].logprob - alone[i][1].logprob) < 1e-5
+    stage.batcher.close()
+
+
+def test_one_sessions_failure_does_not_fail_its_batch(tmp_path, monkeypatch):
+    import stage_service.stage as stage_module
+
+    model_dir = make_tiny_model(tmp_path, "gqa")
+    stage = Stage(StageConfig(model=str(model_dir)))
+    stage.load_layers(0, 4, epoch=1)
+    real_sample = stage_module.sample
+
+    def flaky(logits, params, seen, generator):
+        if seen[:1] == [66]:  # the session whose prompt starts with 66
+            raise RuntimeError("sampling failed")
+        return real_sample(logits, params, seen, generator)
+
+    monkeypatch.setattr(stage_module, "sample", flaky)
+    outcomes: dict[str, object] = {}
+
+    def run(name: str, first: int) -> None:
+        try:
+            outcomes[name] = stage.forward(step(name, 0, [first, 2, 3]))
+        except RuntimeError as err:
+            outcomes[name] = err
+
+    first = threading.Thread(target=run, args=("first", 9))
+    threads = [threading.Thread(target=run, args=(n, f)) for n, f in
+               (("a", 5), ("bad", 66), ("b", 7))]  # fmt: skip
+    with stage._compute:  # queue the three behind a first step, then run them as one batch
+        taken = stage.batcher.taken
+        first.start()
+        wait_for(lambda: stage.batcher.taken == taken + 1)
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(stage.batcher._queue) == 3)
+    first.join()
+    for t in threads:
+        t.join()
+    assert isinstance(outcomes["bad"], RuntimeError)
+    assert outcomes["a"].token_id >= 0 and outcomes["b"].token_id >= 0
+    assert outcomes["a"].batch_size == 3
     stage.batcher.close()

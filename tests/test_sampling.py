@@ -68,3 +68,15 @@ def test_sampling_stays_inside_top_k_and_follows_the_seed():
 def test_bad_parameters_are_refused(kwargs):
     with pytest.raises(InvalidArgument):
         Sampling(**kwargs)
+
+
+def test_the_smallest_allowed_temperature_is_near_greedy_and_finite():
+    logits = scores(4)
+    token, logprob = sample(logits, Sampling(temperature=1e-3, seed=1), [], torch.Generator())
+    assert token == int(logits.argmax()) and logprob == logprob  # not NaN
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=1e-39), dict(repetition_penalty=1e-39)])
+def test_parameters_that_would_overflow_are_refused(kwargs):
+    with pytest.raises(InvalidArgument):
+        Sampling(**kwargs)

@@ -189,3 +189,15 @@ def test_stage_without_layers_refuses_steps_and_reports_not_serving(tiny):
 def test_end_unknown_session_is_not_found(two_stages):
     code, details = _status(two_stages.stubs[0].EndSession, pb.EndSessionRequest(session_id="nope"))
     assert code.name == "NOT_FOUND" and "nope" in details
+
+
+def test_a_refused_load_layers_keeps_the_range_in_force(two_stages):
+    two_stages.step("live", 0, [1, 2, 3])
+    code, details = _status(
+        two_stages.stubs[1].LoadLayers,
+        pb.LoadLayersRequest(layer_start=3, layer_end=9, plan_epoch=1),
+    )
+    assert code.name == "INVALID_ARGUMENT" and "4 layers" in details
+    info = two_stages.stubs[1].Info(pb.InfoRequest())
+    assert (info.layer_start, info.layer_end, info.plan_epoch) == (2, 4, 1)
+    assert two_stages.step("live", 3, [4]).token_id >= 0
