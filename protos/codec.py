@@ -26,6 +26,9 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
 
 assert sys.byteorder == "little", "the wire format is little-endian"
 
+MAX_DIMS = 8
+MAX_DIM = 2**31 - 1
+
 
 def to_pb(tensor: torch.Tensor) -> pb.Tensor:
     if tensor.dtype not in WIRE_DTYPES:
@@ -41,8 +44,11 @@ def from_pb(msg: pb.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """Decodes and checks that the byte length matches shape and dtype."""
     if msg.dtype not in TORCH_DTYPES:
         raise InvalidArgument(f"tensor dtype {msg.dtype} is not one of {list(DTYPE_NAMES)}")
-    if any(d < 0 for d in msg.shape):
-        raise InvalidArgument(f"tensor shape {list(msg.shape)} has a negative dimension")
+    if len(msg.shape) > MAX_DIMS or any(not 0 <= d <= MAX_DIM for d in msg.shape):
+        raise InvalidArgument(
+            f"tensor shape {list(msg.shape)[: MAX_DIMS + 1]} must have at most {MAX_DIMS} "
+            f"dimensions, each in [0, {MAX_DIM}]"
+        )
     dtype = TORCH_DTYPES[msg.dtype]
     numel = 1
     for d in msg.shape:

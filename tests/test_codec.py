@@ -34,7 +34,9 @@ def test_wire_bytes_are_little_endian_row_major():
     [
         (pb.Tensor(data=b"\x00" * 7, shape=[2], dtype=pb.FLOAT32), "needs 8 bytes, got 7"),
         (pb.Tensor(data=b"", shape=[1], dtype=pb.DTYPE_UNSPECIFIED), "dtype"),
-        (pb.Tensor(data=b"", shape=[-1, 2], dtype=pb.FLOAT32), "negative"),
+        (pb.Tensor(data=b"", shape=[-1, 2], dtype=pb.FLOAT32), "each in"),
+        (pb.Tensor(data=b"", shape=[2**63 - 1, 348, 0, 6], dtype=pb.FLOAT32), "each in"),
+        (pb.Tensor(data=b"", shape=[1] * 9, dtype=pb.FLOAT32), "at most 8"),
         (pb.Tensor(data=b"\x00" * 4, shape=[], dtype=pb.FLOAT16), "needs 2 bytes"),
     ],
 )
