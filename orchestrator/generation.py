@@ -25,6 +25,8 @@ from protos.limits import check_session_id
 from protos.sampling import Sampling
 
 DEFAULT_MAX_NEW_TOKENS = 128
+MAX_STOP_STRINGS = 16
+MAX_STOP_LEN = 256
 MAX_SUSPENDED = 1024  # sessions kept resumable after a stage failure
 SUSPEND_TTL_S = 600.0
 
@@ -149,8 +151,12 @@ class Generator:
             )
         if req.stop and self.tokenizer.hf is None:
             raise InvalidArgument("stop strings need a tokenizer; this model has none")
-        if any(not s for s in req.stop):
-            raise InvalidArgument("stop strings must not be empty")
+        if len(req.stop) > MAX_STOP_STRINGS or any(
+            not 0 < len(s) <= MAX_STOP_LEN for s in req.stop
+        ):
+            raise InvalidArgument(
+                f"give at most {MAX_STOP_STRINGS} stop strings of 1 to {MAX_STOP_LEN} characters"
+            )
         Sampling.from_pb(req.sampling)  # raises InvalidArgument on bad parameters
 
     def end(self, session_id: str, timeout_s: float = 30.0) -> int:
