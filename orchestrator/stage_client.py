@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
 
+from orchestrator.step_stream import StepStream
 from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
 from protos.errors import Unavailable
@@ -32,6 +34,8 @@ class StageClient:
         else:
             self.channel = grpc.secure_channel(address, channel_credentials, options=GRPC_OPTIONS)
         self.stub = pb_grpc.StageStub(self.channel)
+        self._stream: StepStream | None = None
+        self._stream_lock = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -44,7 +48,12 @@ class StageClient:
             raise from_rpc_error(err, self.name) from None
 
     def forward(self, request: pb.StepRequest) -> pb.StepReply:
-        return self._call(self.stub.Forward, request, self.step_timeout_s)
+        """A step over this link's ForwardStream (opened again when it broke)."""
+        with self._stream_lock:
+            if self._stream is None or self._stream.broken:
+                self._stream = StepStream(self.stub.ForwardStream, lambda: self.name)
+            stream = self._stream
+        return stream.step(request, self.step_timeout_s)
 
     def end_session(self, session_id: str) -> int:
         reply = self._call(self.stub.EndSession, pb.EndSessionRequest(session_id=session_id), 2)
@@ -72,4 +81,6 @@ class StageClient:
                 continue
 
     def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
         self.channel.close()

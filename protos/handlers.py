@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
 from protos import llamadist_pb2 as pb
+from protos.errors import InvalidArgument
 
 
 def _parse(cls, raw: bytes, context: grpc.ServicerContext):
@@ -45,9 +46,21 @@ def _parsing(behavior: Callable, cls) -> Callable:
 
 
 def _parsing_stream(behavior: Callable, cls) -> Callable:
+    """Request streams are parsed as they are read; a bad message raises InvalidArgument from
+    the iterator (the servicer ends the stream with it)."""
+
+    def parsed(raw_iterator):
+        for raw in raw_iterator:
+            try:
+                yield cls.FromString(raw)
+            except (DecodeError, RuntimeError, ValueError) as err:
+                raise InvalidArgument(
+                    f"the request is not a valid llamadist.{cls.DESCRIPTOR.name} message: {err}"
+                ) from None
+
     @functools.wraps(behavior)
     def bidi(raw_iterator, context):
-        return behavior((_parse(cls, raw, context) for raw in raw_iterator), context)
+        return behavior(parsed(raw_iterator), context)
 
     return bidi
 

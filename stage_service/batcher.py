@@ -22,6 +22,7 @@ class Job:
     out: object = None  # stage.StepOutput once done
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    on_done: Callable[[Job], None] | None = None  # called on the compute thread when done
 
 
 class Batcher:
@@ -39,16 +40,22 @@ class Batcher:
         self._thread.start()
 
     def submit(self, step) -> object:
-        job = Job(step)
+        """Runs a step in the next batch and returns its output."""
+        job = self.submit_async(step)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.out
+
+    def submit_async(self, step, on_done: Callable[[Job], None] | None = None) -> Job:
+        """Queues a step; `on_done(job)` runs on the compute thread once it is done."""
+        job = Job(step, on_done=on_done)
         with self._cond:
             if self._closed:
                 raise Unavailable("the stage is shutting down")
             self._queue.append(job)
             self._cond.notify()
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job.out
+        return job
 
     def _next_batch(self) -> list[Job]:
         with self._cond:
@@ -92,6 +99,8 @@ class Batcher:
                         job.error = err
             for job in batch:
                 job.done.set()
+                if job.on_done is not None:
+                    job.on_done(job)
 
     def close(self) -> None:
         with self._cond:
@@ -102,3 +111,5 @@ class Batcher:
         for job in pending:
             job.error = Unavailable("the stage is shutting down")
             job.done.set()
+            if job.on_done is not None:
+                job.on_done(job)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,6 +150,12 @@ class Stage:
         """Validates the step and runs it in the next batch of the compute thread."""
         self._validate(step, self._require_loaded())
         return self.batcher.submit(step)
+
+    def forward_async(self, step: StepInput, on_done: Callable[[Job], None]) -> None:
+        """The same without waiting: `on_done(job)` runs on the compute thread (job.out or
+        job.error). Validation errors raise here."""
+        self._validate(step, self._require_loaded())
+        self.batcher.submit_async(step, on_done)
 
     def _run_batch(self, jobs: list[Job]) -> None:
         """The compute thread: one forward for every job of the batch (one segment each)."""

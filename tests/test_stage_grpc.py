@@ -17,12 +17,13 @@ from tests.conftest import make_tiny_model, reference_model
 
 class Stages:
     def __init__(self, model_dir, bounds, kv_cache_mb=16):
-        self.servers, self.stubs = [], []
+        self.servers, self.stubs, self.addresses = [], [], []
         for a, b in zip(bounds, bounds[1:], strict=False):
             server, port, _ = build_server(
                 StageConfig(model=str(model_dir), kv_cache_mb=kv_cache_mb)
             )
             server.start()
+            self.addresses.append(f"127.0.0.1:{port}")
             stub = pb_grpc.StageStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
             stub.LoadLayers(pb.LoadLayersRequest(layer_start=a, layer_end=b, plan_epoch=1))
             self.servers.append(server)
@@ -201,3 +202,33 @@ def test_a_refused_load_layers_keeps_the_range_in_force(two_stages):
     info = two_stages.stubs[1].Info(pb.InfoRequest())
     assert (info.layer_start, info.layer_end, info.plan_epoch) == (2, 4, 1)
     assert two_stages.step("live", 3, [4]).token_id >= 0
+
+
+def test_forward_stream_answers_each_step_and_survives_a_bad_one(two_stages):
+    from orchestrator.step_stream import StepStream
+    from protos.errors import InvalidArgument
+
+    stream = StepStream(two_stages.stubs[0].ForwardStream, lambda: "stage 0")
+    try:
+        ok = stream.step(pb.StepRequest(session_id="st", plan_epoch=1, token_ids=[1, 2]), 10)
+        unary = two_stages.stubs[0].Forward(
+            pb.StepRequest(session_id="un", plan_epoch=1, token_ids=[1, 2])
+        )
+        assert ok.hidden == unary.hidden and ok.request_id == 1
+        with pytest.raises(InvalidArgument, match="outside the vocabulary"):
+            stream.step(pb.StepRequest(session_id="st", plan_epoch=1, token_ids=[999]), 10)
+        again = stream.step(pb.StepRequest(session_id="st", plan_epoch=1, start_pos=2,
+                                           token_ids=[3]), 10)  # fmt: skip
+        assert again.request_id == 3 and not again.error_code and not stream.broken
+    finally:
+        stream.close()
+
+
+def test_garbage_on_the_stream_ends_it_with_invalid_argument(two_stages):
+    call = grpc.insecure_channel(two_stages.addresses[0]).stream_stream(
+        "/llamadist.Stage/ForwardStream"
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        list(call(iter([b"\xff\xff\xff\xff"]), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert two_stages.step("live", 0, [1, 2]).token_id >= 0
