@@ -186,6 +186,24 @@ def mesh_numbers(model: Path, log_dir: Path, results: dict) -> list[int]:
             p.stop()
 
 
+def logits_rel_error(model: Path, ref, ids: torch.Tensor) -> float:
+    """Our layer-range math (all layers, one GPU, bf16) against transformers on the prompt:
+    ||ours - theirs|| / ||theirs|| over every position's logits (bf16 band: 1e-3..1e-2)."""
+    from stage_service.kv_cache import CacheShape, SessionCache
+    from stage_service.model import LlamaArgs, RangeModel, Segment
+    from stage_service.weights import load_range, read_config
+
+    dev = torch.device("cuda:0")
+    args = LlamaArgs.from_config(read_config(model))
+    ours = RangeModel(args, load_range(model, args, 0, args.num_layers, torch.bfloat16, dev), dev)
+    shape = CacheShape(args.num_layers, args.num_kv_heads, args.head_dim, torch.bfloat16, dev, 8192)
+    session = SessionCache(shape, 2**31, 60).begin_step("p", 0, ids.shape[1])
+    got = ours.forward([Segment(slice(0, ids.shape[1]), 0, session.kv)], ids[0], None, True)
+    want = ref(ids).logits[0].float()
+    del ours, session
+    return float((got - want).norm() / want.norm())
+
+
 def transformers_numbers(model: Path, results: dict, ours: list[int]) -> None:
     from transformers import LlamaForCausalLM
 
@@ -194,6 +212,7 @@ def transformers_numbers(model: Path, results: dict, ours: list[int]) -> None:
     cfg.eos_token_id, cfg.pad_token_id, cfg.do_sample = None, 0, False
     with torch.inference_mode():
         ids = torch.tensor([PROMPT], device="cuda:0")
+        results["logits_rel_error_vs_transformers"] = logits_rel_error(model, ref, ids)
         theirs = ref.generate(ids, generation_config=cfg, max_new_tokens=16)[
             0, len(PROMPT) :
         ].tolist()
