@@ -15,4 +15,4 @@ elif [ -d .device_protos/protos ]; then
 fi
 python3 -c 'import protos.llamadist_pb2, psutil, safetensors' 
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv
-python3 bench/gpu_bench.py
+python3 bench/gpu_bench.py "$@"

@@ -4,11 +4,12 @@ RMSNorm, RoPE (default, linear and llama3 scaling), GQA attention over a per-ses
 SwiGLU MLP, optional attention/MLP biases, tied or untied head. transformers' LlamaForCausalLM is
 the reference: tests/test_model_parity.py compares logits on the same weights.
 
-Shapes: a step is S tokens of one session, hidden states are [S, hidden]; the KV cache of a layer
-is [n_kv_heads, capacity, head_dim] (see kv_cache.py).
+Shapes: a step is N rows, the tokens of one or more sessions (one `Segment` each); hidden states
+are [N, hidden]; the KV cache of a layer is [n_kv_heads, capacity, head_dim] (see kv_cache.py).
 
-Attention uses plain matmuls with GQA grouping (no repeat of K/V): on this 2-core CPU that
-measured faster than torch's SDPA for single-token decode (bench/attention_cpu.py).
+Attention: on CPU plain matmuls with GQA grouping (no repeat of K/V), which measured faster than
+torch's SDPA for single-token decode on the 2-core development machine; on CUDA one fused SDPA
+kernel (fewer launches, fp32 accumulation as transformers' default SDPA path).
 """
 
 from __future__ import annotations
@@ -136,6 +137,15 @@ def attention(
     group = heads // num_kv_heads
     total = k.shape[1]
     assert total == start_pos + seq, (total, start_pos, seq)
+    if q.is_cuda:  # one fused kernel (fp32 accumulation) instead of the matmuls below
+        mask = None
+        if seq > 1 and start_pos > 0:  # a replay onto a cut-back cache: causal with an offset
+            mask = torch.ones(seq, total, dtype=torch.bool, device=q.device).tril(start_pos)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask,
+            is_causal=seq > 1 and start_pos == 0, enable_gqa=True,
+        )  # fmt: skip
+        return out[0].transpose(0, 1).reshape(seq, heads * dim)
     qg = q.view(seq, num_kv_heads, group, dim).permute(1, 2, 0, 3)  # [Hkv, G, S, D]
     scores = torch.matmul(qg, k.unsqueeze(1).transpose(-1, -2)) / math.sqrt(dim)  # [Hkv,G,S,T]
     if seq > 1:
