@@ -129,8 +129,8 @@ def plot(results: dict, path: Path) -> str:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     conc = results["aggregate_tokens_per_s"]
     a.plot([int(k) for k in conc], list(conc.values()), "o-", label="llamadist")
-    for name, value in results.get("transformers_tokens_per_s", {}).items():
-        a.axhline(value, linestyle="--", label=f"transformers generate ({name})")
+    for i, (name, value) in enumerate(results.get("transformers_tokens_per_s", {}).items()):
+        a.axhline(value, linestyle="--", color=f"C{i + 1}", label=f"transformers generate ({name})")
     a.set(xscale="log", xlabel="concurrent sessions", ylabel="aggregate tok/s", title="throughput")
     a.legend()
     ctx = results["cache_vs_recompute"]
