@@ -13,7 +13,6 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -89,36 +88,8 @@ def make_model(path: Path) -> None:
     (path / "config.json").write_text(json.dumps(CONFIG))
 
 
-def aggregate(address: str, sessions: int, tokens: int) -> float:
-    from client.client import Client
-
-    counts, errors = [], []
-
-    def one():
-        try:
-            with Client(address, timeout_s=600) as c:
-                counts.append(
-                    len(
-                        c.generate(
-                            token_ids=PROMPT, max_new_tokens=tokens, ignore_eos=True
-                        ).token_ids
-                    )
-                )
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=one) for _ in range(sessions)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise RuntimeError(f"{len(errors)} sessions failed: {errors[0]}")
-    return sum(counts) / (time.perf_counter() - t0)
-
-
 def mesh_numbers(model: Path, log_dir: Path, results: dict) -> list[int]:
+    from client.bench import aggregate
     from client.client import Client
     from client.launcher import Process
 
@@ -179,7 +150,10 @@ def mesh_numbers(model: Path, log_dir: Path, results: dict) -> list[int]:
                 for i in (0, 1)
             ]
             greedy = runs[0].token_ids[:16]
-        results["mesh_aggregate_tok_s"] = {n: aggregate(address, n, 64) for n in (1, 4, 16, 64)}
+        results["mesh_aggregate_tok_s"] = {
+            n: aggregate(lambda: Client(address, timeout_s=600), n, 64, token_ids=PROMPT)
+            for n in (1, 4, 16, 64)
+        }
         return greedy
     finally:
         for p in procs:

@@ -53,17 +53,18 @@ def batch1(client: Client, tokens: int, repeats: int) -> dict:
     }
 
 
-def aggregate(client_factory, sessions: int, tokens: int) -> float:
-    """Aggregate generated tok/s with `sessions` generations running at once."""
+def aggregate(client_factory, sessions: int, tokens: int, **request) -> float:
+    """Aggregate generated tok/s with `sessions` generations running at once (`request`: the
+    input, PROMPT by default)."""
+    request = request or {"prompt": PROMPT}
     counts: list[int] = []
     errors: list[Exception] = []
 
     def one() -> None:
         try:
             with client_factory() as c:
-                counts.append(
-                    len(c.generate(PROMPT, max_new_tokens=tokens, ignore_eos=True).token_ids)
-                )
+                reply = c.generate(max_new_tokens=tokens, ignore_eos=True, **request)
+                counts.append(len(reply.token_ids))
         except Exception as err:  # noqa: BLE001 - reported below
             errors.append(err)
 

@@ -24,12 +24,21 @@ LISTENING = re.compile(r"listening on (\S+:\d+)")
 class Process:
     """A llamadist service process whose stdout is scanned for its listening address."""
 
-    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        log_dir: Path,
+        env: dict | None = None,
+        prefix: list[str] | None = None,
+    ):
+        """`prefix` runs the command through another, e.g. ["ip", "netns", "exec", NS] (which
+        execs it, so the PID stays the llamadist process's)."""
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "client.cli", *args],
+            [*(prefix or []), sys.executable, "-m", "client.cli", *args],
             stdout=subprocess.PIPE,
             stderr=self._log,
             env={**os.environ, **(env or {})},

@@ -14,16 +14,15 @@ import ipaddress
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.launcher import Process
+
 PREFIX = "llx"
 LLAMADIST = str(Path(sys.executable).parent / "llamadist")
-LISTENING = re.compile(r"listening on (\S+:\d+)")
 TEST_RANGE = ipaddress.ip_network("198.18.0.0/15")
 
 
@@ -73,50 +72,6 @@ def remove_stale() -> list[str]:
     return removed
 
 
-class NetnsProcess:
-    """A llamadist service inside a namespace; its stdout is scanned for the listening address."""
-
-    def __init__(self, name: str, netns: str, args: list[str], log_dir: Path):
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        # `ip netns exec` execs the command: the PID is the llamadist process itself.
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", netns, LLAMADIST, *args],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-        )
-        self.address: str | None = None
-        self._found = threading.Event()
-        threading.Thread(target=self._scan, daemon=True).start()
-
-    def _scan(self) -> None:
-        for line in self.proc.stdout:
-            match = LISTENING.search(line.decode(errors="replace"))
-            if match and self.address is None:
-                self.address = match.group(1)
-                self._found.set()
-        self._found.set()  # the process ended
-
-    def wait_address(self, timeout_s: float) -> str:
-        self._found.wait(timeout_s)
-        if self.address is None:
-            self._log.flush()
-            tail = self.log_path.read_text(errors="replace").splitlines()[-15:]
-            raise RuntimeError(f"{self.name} did not start:\n" + "\n".join(tail))
-        return self.address
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
 @dataclass(frozen=True)
 class Host:
     name: str
@@ -149,7 +104,7 @@ class NetnsLab:
         self.prefix_len = network.prefixlen
         self.delay_ms = delay_ms
         self.delay_note = ""
-        self.processes: list[NetnsProcess] = []
+        self.processes: list[Process] = []
         self._made: list[str] = []
 
     # ------------------------------------------------------------------ building
@@ -203,9 +158,11 @@ class NetnsLab:
 
     # ------------------------------------------------------------------ using
 
-    def spawn(self, host: str, args: list[str], name: str | None = None) -> NetnsProcess:
+    def spawn(self, host: str, args: list[str], name: str | None = None) -> Process:
         """Starts `llamadist ARGS` inside HOST (stopped by close())."""
-        process = NetnsProcess(name or host, self.hosts[host].netns, args, self.log_dir)
+        process = Process(
+            name or host, args, self.log_dir, prefix=["ip", "netns", "exec", self.hosts[host].netns]
+        )
         self.processes.append(process)
         return process
 
