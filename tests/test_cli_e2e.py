@@ -57,16 +57,9 @@ def test_up_generate_plan_and_shutdown(default_model):
         assert len(children) == 3
 
         prompt = "What is the capital of France?"
-        out = run_cli(
-            "generate",
-            "--server",
-            address,
-            "--json",
-            "--max-new-tokens",
-            "24",
-            "--ignore-eos",
-            prompt,
-        )
+        greedy_24 = ("generate", "--server", address, "--json", "--max-new-tokens", "24",
+                     "--ignore-eos", prompt)  # fmt: skip
+        out = run_cli(*greedy_24)
         assert out.returncode == 0, out.stderr
         result = json.loads(out.stdout)
         from transformers import AutoTokenizer
@@ -105,16 +98,7 @@ def test_up_generate_plan_and_shutdown(default_model):
         assert json.loads(reload.stdout)["epoch"] == 2
         shown = json.loads(run_cli("plan", "show", "--server", address, "--json").stdout)
         assert [s["layers"] for s in shown["stages"]] == ["0-9", "10-29"]
-        again = run_cli(
-            "generate",
-            "--server",
-            address,
-            "--json",
-            "--max-new-tokens",
-            "24",
-            "--ignore-eos",
-            prompt,
-        )
+        again = run_cli(*greedy_24)
         assert json.loads(again.stdout)["token_ids"] == result["token_ids"]
         infeasible = run_cli(
             "plan", "reload", "--server", address, "--strategy", "memory", "--max-memory", "1MB"
