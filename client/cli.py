@@ -132,6 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stage.add_argument("--kv-cache-mb", type=int, default=1024, help="KV cache budget in MiB")
     stage.add_argument("--session-ttl-s", type=float, default=600.0, help="idle session lifetime")
+    stage.add_argument(
+        "--static-kv",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="KV in static slots, decode as CUDA graphs (auto: on for CUDA, off for CPU)",
+    )
+    stage.add_argument(
+        "--max-context",
+        type=int,
+        default=0,
+        help="most tokens a session may reach (0 = the model's); static slots are this long",
+    )
+    stage.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="run static-KV decode steps eagerly (for debugging)",
+    )
     _grace_arg(stage)
     stage.add_argument(
         "--threads",
@@ -265,6 +283,9 @@ def _run_stage(a: argparse.Namespace) -> int:
             dtype=a.dtype,
             kv_cache_mb=a.kv_cache_mb,
             session_ttl_s=a.session_ttl_s,
+            static_kv=a.static_kv,
+            max_context=a.max_context,
+            cuda_graphs=a.cuda_graphs,
             threads=a.threads,
             grace_s=a.grace_s,
             tls_cert=a.tls_cert,

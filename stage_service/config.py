@@ -18,6 +18,10 @@ class StageConfig:
     device: str = "cpu"
     dtype: str = ""  # "" = float32 on CPU, bfloat16 on GPU
     kv_cache_mb: int = 1024
+    # KV layout (stage_service/kv_cache.py): "auto" = static slots on CUDA, growable on CPU.
+    static_kv: str = "auto"
+    max_context: int = 0  # tokens a session may reach; 0 = the model's context
+    cuda_graphs: bool = True  # replay decode steps as CUDA graphs (static slots on CUDA only)
     session_ttl_s: float = 600.0
     threads: int = 1
     max_workers: int = 128  # most wait for the compute thread's next batch
@@ -36,6 +40,10 @@ class StageConfig:
             raise ValueError(f"--dtype must be one of {list(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.kv_cache_mb <= 0:
             raise ValueError("--kv-cache-mb must be positive")
+        if self.static_kv not in ("auto", "on", "off"):
+            raise ValueError(f"--static-kv must be auto, on or off, got {self.static_kv!r}")
+        if self.max_context < 0:
+            raise ValueError("--max-context must be >= 0 (0 = the model's context)")
         if self.threads <= 0:
             raise ValueError("--threads must be positive")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -46,3 +54,7 @@ class StageConfig:
         if self.dtype:
             return DTYPE_NAMES[self.dtype]
         return torch.float32 if self.device == "cpu" else torch.bfloat16
+
+    @property
+    def use_static_kv(self) -> bool:
+        return self.static_kv == "on" or (self.static_kv == "auto" and self.device != "cpu")

@@ -2,7 +2,14 @@
 
 A full cache refuses (ResourceExhausted) rather than evicting a live session; only sessions idle
 longer than the TTL are reclaimed. Each session holds one (K, V) buffer pair per held layer,
-[n_kv_heads, capacity, head_dim], grown by doubling (bounded by the model's context).
+[n_kv_heads, capacity, head_dim]. Where they live is one of two layouts:
+
+- growable (the CPU default): each session's own buffers, grown by doubling up to the context;
+  memory follows the sessions' lengths.
+- static slots (the CUDA default, `SlotPool`): per layer one K and one V tensor
+  [slots + 1, n_kv_heads, context, head_dim] allocated once; a session owns one slot and its
+  buffers are views of it. Addresses never change, so a decode step can be captured once as a
+  CUDA graph and replayed (stage_service/decode.py); the budget buys whole slots.
 """
 
 from __future__ import annotations
@@ -43,6 +50,37 @@ class Session:
     last_used: float = 0.0
     seen_tokens: list[int] = field(default_factory=list)  # last stage: repetition penalty
     generator: torch.Generator | None = None  # last stage: per-request seed
+    slot: int = -1  # static layout: the session's slot in the pool
+
+
+class SlotPool:
+    """Static KV storage: per held layer one K and one V tensor [slots + 1, kv_heads, context,
+    head_dim]. The extra last slot is scratch, written by the padding rows of a graph bucket."""
+
+    def __init__(self, shape: CacheShape, slots: int):
+        if slots < 1:
+            raise ResourceExhausted(
+                f"the KV budget does not hold one slot of {shape.max_positions} tokens "
+                f"({shape.max_positions * shape.bytes_per_token} bytes): raise --kv-cache-mb or "
+                "lower --max-context"
+            )
+        dims = (slots + 1, shape.kv_heads, shape.max_positions, shape.head_dim)
+        layers = range(shape.num_layers)
+        self.k = [torch.zeros(dims, dtype=shape.dtype, device=shape.device) for _ in layers]
+        self.v = [torch.zeros_like(k) for k in self.k]
+        self.slots = slots
+        self.scratch = slots
+        self._free = list(range(slots - 1, -1, -1))  # pop() hands out the lowest first
+
+    def take(self) -> int | None:
+        return self._free.pop() if self._free else None
+
+    def give_back(self, slot: int) -> None:
+        self._free.append(slot)
+        self._free.sort(reverse=True)
+
+    def views(self, slot: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(k[slot], v[slot]) for k, v in zip(self.k, self.v, strict=True)]
 
 
 class SessionCache:
@@ -52,8 +90,15 @@ class SessionCache:
         budget_bytes: int,
         ttl_s: float,
         clock: Callable[[], float] = time.monotonic,
+        static: bool = False,
     ):
+        """static: the slot layout, as many slots of shape.max_positions tokens as the budget
+        holds (see the module docstring)."""
         self.shape = shape
+        self.pool: SlotPool | None = None
+        if static:
+            per_slot = shape.max_positions * shape.bytes_per_token
+            self.pool = SlotPool(shape, budget_bytes // per_slot)
         self.budget_bytes = budget_bytes
         self.ttl_s = ttl_s
         self.clock = clock
@@ -77,7 +122,8 @@ class SessionCache:
         end = start_pos + num_tokens
         if end > self.shape.max_positions:
             raise InvalidArgument(
-                f"positions up to {end} exceed the model's context of {self.shape.max_positions}"
+                f"positions up to {end} exceed the context of {self.shape.max_positions} tokens "
+                "this stage serves (the model's, or --max-context)"
             )
         with self._lock:
             self._sweep_locked()
@@ -106,12 +152,16 @@ class SessionCache:
         """Frees a session; returns the bytes released."""
         with self._lock:
             session = self._sessions.pop(session_id, None)
+            if session is not None:
+                self._release_locked(session)
         if session is None:
             raise NotFound(f"session {session_id!r} is not cached on this stage")
         return session.capacity * self.shape.bytes_per_token
 
     def clear(self) -> None:
         with self._lock:
+            for session in self._sessions.values():
+                self._release_locked(session)
             self._sessions.clear()
 
     def sweep(self) -> list[str]:
@@ -122,11 +172,27 @@ class SessionCache:
         now = self.clock()
         idle = [sid for sid, s in self._sessions.items() if now - s.last_used > self.ttl_s]
         for sid in idle:
-            del self._sessions[sid]
+            self._release_locked(self._sessions.pop(sid))
         return idle
+
+    def _release_locked(self, session: Session) -> None:
+        if self.pool is not None and session.slot >= 0:
+            self.pool.give_back(session.slot)
+            session.slot = -1
 
     def _reserve_locked(self, session: Session, needed: int) -> None:
         if needed <= session.capacity:
+            return
+        if self.pool is not None:  # a new session: its whole slot, or a refusal
+            slot = self.pool.take()
+            if slot is None:
+                raise ResourceExhausted(
+                    f"KV cache full: all {self.pool.slots} slots of {self.shape.max_positions} "
+                    f"tokens are taken by live sessions, none for session {session.id!r}; end "
+                    "sessions, raise --kv-cache-mb or lower --max-context"
+                )
+            session.slot, session.kv = slot, self.pool.views(slot)
+            session.capacity = self.shape.max_positions
             return
         shape = self.shape
         used = sum(s.capacity for s in self._sessions.values() if s is not session)

@@ -167,6 +167,31 @@ class Segment:
     kv: list[tuple[torch.Tensor, torch.Tensor]]
 
 
+def qkv_rope(
+    args: LlamaArgs, w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's start: norm, the fused q/k/v projection, RoPE. Returns q [N, H, D] and
+    k, v [N, Hkv, D]."""
+    rows = x.shape[0]
+    heads, kv_heads, dim = args.num_heads, args.num_kv_heads, args.head_dim
+    h = rms_norm(x, w.input_norm, args.rms_norm_eps)
+    qkv = F.linear(h, w.wqkv, w.bqkv)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q = apply_rope(q.view(rows, heads, dim), cos, sin)
+    k = apply_rope(k.view(rows, kv_heads, dim), cos, sin)
+    return q, k, v.view(rows, kv_heads, dim)
+
+
+def out_proj_mlp(
+    args: LlamaArgs, w: LayerWeights, x: torch.Tensor, attn: torch.Tensor
+) -> torch.Tensor:
+    """A layer's end: the output projection onto the residual, then the SwiGLU MLP."""
+    x = x + F.linear(attn, w.wo, w.bo)
+    h = rms_norm(x, w.post_norm, args.rms_norm_eps)
+    gate, up = F.linear(h, w.w_gate_up, w.b_gate_up).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, w.w_down, w.b_down)
+
+
 def decoder_layer(
     args: LlamaArgs,
     w: LayerWeights,
@@ -178,14 +203,9 @@ def decoder_layer(
 ) -> torch.Tensor:
     """x: [N, hidden], the rows of every segment; matmuls run over all rows at once, attention
     per segment against its own cache (written in place)."""
-    rows = x.shape[0]
-    heads, kv_heads, dim = args.num_heads, args.num_kv_heads, args.head_dim
-    h = rms_norm(x, w.input_norm, args.rms_norm_eps)
-    qkv = F.linear(h, w.wqkv, w.bqkv)
-    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
-    q = apply_rope(q.view(rows, heads, dim), cos, sin)
-    k = apply_rope(k.view(rows, kv_heads, dim), cos, sin).transpose(0, 1)  # [Hkv, N, D]
-    v = v.view(rows, kv_heads, dim).transpose(0, 1)
+    q, k, v = qkv_rope(args, w, x, cos, sin)
+    k, v = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, N, D]
+    kv_heads = args.num_kv_heads
     outs = []
     for seg in segments:
         k_cache, v_cache = seg.kv[layer]
@@ -196,10 +216,40 @@ def decoder_layer(
             attention(q[seg.rows], k_cache[:, :end], v_cache[:, :end], seg.start_pos, kv_heads)
         )
     attn = outs[0] if len(outs) == 1 else torch.cat(outs)
-    x = x + F.linear(attn, w.wo, w.bo)
-    h = rms_norm(x, w.post_norm, args.rms_norm_eps)
-    gate, up = F.linear(h, w.w_gate_up, w.b_gate_up).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, w.w_down, w.b_down)
+    return out_proj_mlp(args, w, x, attn)
+
+
+def decode_layer(
+    args: LlamaArgs,
+    w: LayerWeights,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    key_mask: torch.Tensor,
+) -> torch.Tensor:
+    """One decode token per row, with fixed shapes (CUDA-graph safe: no host values, no
+    allocation that depends on data). x: [B, hidden]; row b is the token at positions[b] of the
+    session in slot slots[b] of the pools ([slots, Hkv, context, D], kv_cache.SlotPool).
+    key_mask: [B, 1, 1, L], True where a key position is past the row's own; attention reads the
+    first L positions of each row's slot."""
+    rows = x.shape[0]
+    heads, kv_heads, dim = args.num_heads, args.num_kv_heads, args.head_dim
+    q, k, v = qkv_rope(args, w, x, cos, sin)
+    k_pool[slots, :, positions] = k  # each row's new K/V at its position in its slot
+    v_pool[slots, :, positions] = v
+    context = key_mask.shape[-1]
+    keys = k_pool[:, :, :context].index_select(0, slots)  # [B, Hkv, L, D]
+    values = v_pool[:, :, :context].index_select(0, slots)
+    qg = q.view(rows, kv_heads, heads // kv_heads, dim)  # head h reads KV head h // group
+    scores = torch.matmul(qg, keys.transpose(-1, -2)) / math.sqrt(dim)  # [B, Hkv, G, L]
+    scores = scores.masked_fill(key_mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    attn = torch.matmul(probs, values).reshape(rows, heads * dim)
+    return out_proj_mlp(args, w, x, attn)
 
 
 @dataclass
@@ -255,5 +305,31 @@ class RangeModel:
             return x
         if not all_logits:
             x = x[[s.rows.stop - 1 for s in segments]]
-        x = rms_norm(x, w.final_norm, self.args.rms_norm_eps)
-        return F.linear(x, w.head).float()
+        return self._head(x)
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        pool,
+        inputs: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        context: int,
+    ) -> torch.Tensor:
+        """One decode token per row over a kv_cache.SlotPool, with fixed shapes (see
+        decode_layer). inputs: token ids [B] on the first stage, else hidden states [B, hidden];
+        attention reads the first `context` positions of each slot. Returns as forward."""
+        w = self.weights
+        x = F.embedding(inputs, w.embed) if w.is_first else inputs
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        key_pos = torch.arange(context, device=self.device)
+        key_mask = (key_pos[None, :] > positions[:, None])[:, None, None, :]
+        for i, layer in enumerate(w.layers):
+            x = decode_layer(
+                self.args, layer, pool.k[i], pool.v[i], x, cos, sin, slots, positions, key_mask
+            )
+        return self._head(x) if w.is_last else x
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        x = rms_norm(x, self.weights.final_norm, self.args.rms_norm_eps)
+        return F.linear(x, self.weights.head).float()

@@ -51,3 +51,29 @@ def sample(
         token = int(torch.multinomial(probs, 1, generator=generator))
     logprob = float(torch.log_softmax(logits, dim=-1)[token])
     return token, logprob
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    params: list[Sampling],
+    seen: list[list[int]],
+    generators: list[torch.Generator | None],
+) -> list[tuple[int, float] | Exception]:
+    """logits: [n, vocab] float32, one row per session. Greedy rows without a repetition penalty
+    are decided together (one copy to the host for all of them), the others one by one; a row
+    that fails gets its exception, the other rows their (token id, log-probability)."""
+    results: list[tuple[int, float] | Exception | None] = [None] * len(params)
+    fast = [i for i, p in enumerate(params) if p.greedy and p.repetition_penalty == 1.0]
+    if fast:
+        rows = logits if len(fast) == len(params) else logits[fast]
+        tokens = rows.argmax(-1)
+        logprobs = rows.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(rows, dim=-1)
+        for i, token, logprob in zip(fast, tokens.tolist(), logprobs.tolist(), strict=True):
+            results[i] = (token, logprob)
+    for i, p in enumerate(params):
+        if results[i] is None:
+            try:
+                results[i] = sample(logits[i], p, seen[i], generators[i])
+            except Exception as err:  # noqa: BLE001 - that row's caller gets it
+                results[i] = err
+    return results

@@ -20,9 +20,10 @@ from protos.limits import check_session_id
 from protos.sampling import Sampling
 from stage_service.batcher import Batcher, Job
 from stage_service.config import StageConfig
-from stage_service.kv_cache import CacheShape, SessionCache
+from stage_service.decode import StaticDecoder
+from stage_service.kv_cache import CacheShape, Session, SessionCache
 from stage_service.model import LlamaArgs, RangeModel, Segment
-from stage_service.sampling import sample
+from stage_service.sampling import sample_rows
 from stage_service.speed import measure_gflops
 from stage_service.weights import load_range, model_fingerprint, read_config, weight_bytes
 
@@ -54,6 +55,7 @@ class Loaded:
     cache: SessionCache
     weight_bytes: int
     epoch: int
+    decoder: StaticDecoder | None = None  # static KV: decode steps of one token per session
 
 
 class Stage:
@@ -85,22 +87,29 @@ class Stage:
             if start == end:
                 return
             weights = load_range(self.model_dir, self.args, start, end, self.dtype, self.device)
+            context = self.args.max_position_embeddings
             shape = CacheShape(
                 num_layers=end - start,
                 kv_heads=self.args.num_kv_heads,
                 head_dim=self.args.head_dim,
                 dtype=self.dtype,
                 device=self.device,
-                max_positions=self.args.max_position_embeddings,
+                max_positions=min(self.config.max_context or context, context),
             )
-            self.loaded = Loaded(
-                model=RangeModel(self.args, weights, self.device),
-                cache=SessionCache(
-                    shape, self.config.kv_cache_mb * 2**20, self.config.session_ttl_s
-                ),
-                weight_bytes=weight_bytes(weights),
-                epoch=epoch,
+            static = self.config.use_static_kv
+            cache = SessionCache(
+                shape,
+                self.config.kv_cache_mb * 2**20,
+                self.config.session_ttl_s,
+                static=static,
             )
+            model = RangeModel(self.args, weights, self.device)
+            decoder = None
+            if static:
+                graphs = self.config.cuda_graphs and self.device.type == "cuda"
+                rows = min(self.config.max_batch, cache.pool.slots)
+                decoder = StaticDecoder(model, cache.pool, rows, graphs)
+            self.loaded = Loaded(model, cache, weight_bytes(weights), epoch, decoder)
 
     def info(self) -> dict:
         loaded = self.loaded
@@ -158,11 +167,12 @@ class Stage:
         self.batcher.submit_async(step, on_done)
 
     def _run_batch(self, jobs: list[Job]) -> None:
-        """The compute thread: one forward for every job of the batch (one segment each)."""
+        """The compute thread: the jobs of a batch (one session each) run as one forward, the
+        decode steps through the static decoder when the stage has one."""
         with self._compute:
             loaded = self._require_loaded()
             t0 = time.perf_counter_ns()
-            segments, ready, row = [], [], 0
+            ready: list[tuple[Job, Session]] = []
             for job in jobs:
                 step: StepInput = job.step
                 if step.plan_epoch != loaded.epoch:
@@ -175,43 +185,94 @@ class Stage:
                 except LlamadistError as err:
                     job.error = err
                     continue
-                n = len(step.token_ids)
-                segments.append(Segment(slice(row, row + n), step.start_pos, session.kv))
                 ready.append((job, session))
-                row += n
             if not ready:
                 return
-            steps = [job.step for job, _ in ready]
-            ids = torch.tensor([t for s in steps for t in s.token_ids], device=self.device)
-            hidden = None
-            if not loaded.model.weights.is_first:
-                hidden = torch.cat([s.hidden for s in steps]).to(self.device)
-            all_logits = steps[0].return_logits  # such a step runs alone (batcher)
-            result = loaded.model.forward(segments, ids, hidden, all_logits=all_logits)
+            decode, other = [], []
+            for job, session in ready:
+                single = len(job.step.token_ids) == 1 and not job.step.return_logits
+                (decode if loaded.decoder is not None and single else other).append((job, session))
+            ready = other + decode
+            parts = []  # per job: hidden rows or logits rows, in `ready` order
+            if other:
+                parts.append(self._forward(loaded, other))
+            if decode:
+                steps = [job.step for job, _ in decode]
+                parts.append(
+                    loaded.decoder.run(
+                        [session.slot for _, session in decode],
+                        [s.start_pos for s in steps],
+                        [s.token_ids[0] for s in steps],
+                        self._hidden(loaded, steps),
+                    )
+                )
+            result = parts[0] if len(parts) == 1 else torch.cat(parts)
+            for job, session in ready:
+                session.length = job.step.start_pos + len(job.step.token_ids)
+            if loaded.model.weights.is_last:
+                outputs = self._sample(ready, result)
+            else:
+                rows = result.cpu()  # one copy for the batch; the graph's output is reused
+                outputs, row = [], 0
+                for job, _ in ready:
+                    n = len(job.step.token_ids)
+                    outputs.append(StepOutput(hidden=rows[row : row + n]))
+                    row += n
             compute_ns = time.perf_counter_ns() - t0
-            for i, ((job, session), seg) in enumerate(zip(ready, segments, strict=True)):
-                session.length = seg.start_pos + seg.rows.stop - seg.rows.start
-                try:  # one session's failure (a sampling error) is its own, not the batch's
-                    if loaded.model.weights.is_last:
-                        job.out = self._sample(job.step, session, result, i, seg)
-                    else:
-                        job.out = StepOutput(hidden=result[seg.rows])
-                except Exception as err:  # noqa: BLE001 - handed to that caller only
-                    job.error = err
+            for (job, _), out in zip(ready, outputs, strict=True):
+                if isinstance(out, Exception):  # one session's failure is its own
+                    job.error = out
                     continue
-                job.out.compute_ns = compute_ns
-                job.out.batch_size = len(ready)
+                out.compute_ns = compute_ns
+                out.batch_size = len(ready)
+                job.out = out
 
-    def _sample(self, step: StepInput, session, result, i: int, seg: Segment) -> StepOutput:
-        session.seen_tokens.extend(step.token_ids)
-        if step.start_pos == 0 and step.sampling.seed is not None:
-            session.generator = torch.Generator(device=self.device)
-            session.generator.manual_seed(step.sampling.seed)
-        logits = result[seg.rows] if step.return_logits else result[i : i + 1]
-        token, logprob = sample(logits[-1], step.sampling, session.seen_tokens, session.generator)
-        return StepOutput(
-            token_id=token, logprob=logprob, logits=logits if step.return_logits else None
+    def _hidden(self, loaded: Loaded, steps: list[StepInput]) -> torch.Tensor | None:
+        if loaded.model.weights.is_first:
+            return None
+        return torch.cat([s.hidden for s in steps]).to(self.device)
+
+    def _forward(self, loaded: Loaded, ready: list[tuple[Job, Session]]) -> torch.Tensor:
+        """The general path (prefills, replays, full logits): one segment per session. Returns
+        the hidden rows of every token, or logits: every row's when asked, else one per job."""
+        segments, row = [], 0
+        for job, session in ready:
+            n = len(job.step.token_ids)
+            segments.append(Segment(slice(row, row + n), job.step.start_pos, session.kv))
+            row += n
+        steps = [job.step for job, _ in ready]
+        ids = torch.tensor([t for s in steps for t in s.token_ids], device=self.device)
+        all_logits = steps[0].return_logits  # such a step runs alone (batcher)
+        return loaded.model.forward(segments, ids, self._hidden(loaded, steps), all_logits)
+
+    def _sample(
+        self, ready: list[tuple[Job, Session]], logits: torch.Tensor
+    ) -> list[StepOutput | Exception]:
+        """The last stage: each session's next token from its logits row(s)."""
+        steps = [job.step for job, _ in ready]
+        for step, (_, session) in zip(steps, ready, strict=True):
+            session.seen_tokens.extend(step.token_ids)
+            if step.start_pos == 0 and step.sampling.seed is not None:
+                session.generator = torch.Generator(device=self.device)
+                session.generator.manual_seed(step.sampling.seed)
+        full = steps[0].return_logits  # then it is the batch's only step, every row its own
+        last_rows = logits[-1:] if full else logits
+        picked = sample_rows(
+            last_rows,
+            [s.sampling for s in steps],
+            [session.seen_tokens for _, session in ready],
+            [session.generator for _, session in ready],
         )
+        outputs: list[StepOutput | Exception] = []
+        for pick in picked:
+            if isinstance(pick, Exception):
+                outputs.append(pick)
+                continue
+            token, logprob = pick
+            outputs.append(
+                StepOutput(token_id=token, logprob=logprob, logits=logits.cpu() if full else None)
+            )
+        return outputs
 
     def _require_loaded(self) -> Loaded:
         loaded = self.loaded

@@ -126,15 +126,17 @@ class InProcessMesh:
         num_stages: int,
         kv_cache_mb: int = 64,
         plan_stages: int = 0,
+        stage_options: dict | None = None,
         **orchestrator_options,
     ):
-        """Starts `num_stages` stages; the first plan uses the first `plan_stages` (0 = all)."""
+        """Starts `num_stages` stages (StageConfig `stage_options`); the first plan uses the
+        first `plan_stages` (0 = all)."""
         self.stage_servers = []
         self.stages = []
         addresses = []
         for _ in range(num_stages):
             server, port, stage = build_stage(
-                StageConfig(model=str(model_dir), kv_cache_mb=kv_cache_mb)
+                StageConfig(model=str(model_dir), kv_cache_mb=kv_cache_mb, **(stage_options or {}))
             )
             server.start()
             self.stage_servers.append(server)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import torch
 
 from protos.sampling import Sampling
@@ -32,9 +33,11 @@ def step(session: str, start: int, ids: list[int]) -> StepInput:
     return StepInput(session, 1, start, ids, None, Sampling(), return_logits=False)
 
 
-def test_concurrent_decode_steps_are_batched_and_exact(tmp_path):
+@pytest.mark.parametrize("static_kv", ["off", "on"])
+def test_concurrent_decode_steps_are_batched_and_exact(tmp_path, static_kv):
+    """Growable caches and static slots (the decode step of the CUDA graphs, run eagerly)."""
     model_dir = make_tiny_model(tmp_path, "gqa")
-    stage = Stage(StageConfig(model=str(model_dir)))
+    stage = Stage(StageConfig(model=str(model_dir), static_kv=static_kv, max_context=128))
     stage.load_layers(0, 4, epoch=1)
     alone = {}
     for i, p in enumerate(prompts()):  # one at a time: prefill, then two decode steps
@@ -69,24 +72,25 @@ def test_concurrent_decode_steps_are_batched_and_exact(tmp_path):
 
 
 def test_one_sessions_failure_does_not_fail_its_batch(tmp_path, monkeypatch):
-    import stage_service.stage as stage_module
+    import stage_service.sampling as sampling_module
 
     model_dir = make_tiny_model(tmp_path, "gqa")
     stage = Stage(StageConfig(model=str(model_dir)))
     stage.load_layers(0, 4, epoch=1)
-    real_sample = stage_module.sample
+    real_sample = sampling_module.sample
 
     def flaky(logits, params, seen, generator):
         if seen[:1] == [66]:  # the session whose prompt starts with 66
             raise RuntimeError("sampling failed")
         return real_sample(logits, params, seen, generator)
 
-    monkeypatch.setattr(stage_module, "sample", flaky)
+    monkeypatch.setattr(sampling_module, "sample", flaky)
     outcomes: dict[str, object] = {}
+    sampled = Sampling(temperature=0.7, seed=1)  # not greedy: sampled row by row
 
     def run(name: str, first: int) -> None:
         try:
-            outcomes[name] = stage.forward(step(name, 0, [first, 2, 3]))
+            outcomes[name] = stage.forward(StepInput(name, 1, 0, [first, 2, 3], None, sampled))
         except RuntimeError as err:
             outcomes[name] = err
 

@@ -84,3 +84,29 @@ def test_position_checks():
     assert cache.begin_step("x", 2, 1).length == 2  # replay cuts back
     with pytest.raises(NotFound):
         cache.end("nope")
+
+
+def test_static_slots_are_taken_whole_and_given_back():
+    clock = Clock()
+    slot_bytes = SHAPE.max_positions * PER_TOKEN
+    cache = SessionCache(SHAPE, budget_bytes=2 * slot_bytes + 5, ttl_s=10, clock=clock, static=True)
+    assert cache.pool.slots == 2
+    a = cache.begin_step("a", 0, 3)
+    b = cache.begin_step("b", 0, 200)
+    assert (a.slot, b.slot) == (0, 1) and a.capacity == SHAPE.max_positions
+    a.kv[1][0][:, 2] = 7.0  # a session's buffers are views of its slot in the pool
+    assert torch.all(cache.pool.k[1][0, :, 2] == 7.0)
+    with pytest.raises(ResourceExhausted, match="all 2 slots"):
+        cache.begin_step("c", 0, 1)
+    assert cache.end("a") == slot_bytes
+    assert cache.begin_step("c", 0, 1).slot == 0
+    with pytest.raises(InvalidArgument, match="context of 256 tokens"):
+        cache.begin_step("b", 200, 57)
+    clock.now = 11  # both idle past the TTL: their slots come back
+    assert cache.begin_step("d", 0, 1).slot == 0
+    assert cache.begin_step("e", 0, 1).slot == 1
+
+
+def test_static_slots_need_room_for_one():
+    with pytest.raises(ResourceExhausted, match="does not hold one slot"):
+        SessionCache(SHAPE, budget_bytes=100 * PER_TOKEN, ttl_s=10, static=True)

@@ -6,7 +6,12 @@ from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, Top
 
 from protos.errors import InvalidArgument
 from protos.sampling import Sampling
-from stage_service.sampling import apply_repetition_penalty, filter_top_k_top_p, sample
+from stage_service.sampling import (
+    apply_repetition_penalty,
+    filter_top_k_top_p,
+    sample,
+    sample_rows,
+)
 
 
 def scores(seed=0, n=50):
@@ -80,3 +85,24 @@ def test_the_smallest_allowed_temperature_is_near_greedy_and_finite():
 def test_parameters_that_would_overflow_are_refused(kwargs):
     with pytest.raises(InvalidArgument):
         Sampling(**kwargs)
+
+
+def test_sample_rows_equals_sampling_each_row():
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(2)) * 3
+    params = [
+        Sampling(),
+        Sampling(repetition_penalty=1.3),
+        Sampling(),
+        Sampling(temperature=0.8, top_k=5, seed=3),
+        Sampling(),
+    ]
+    seen = [[1, 2], [int(logits[1].argmax()), 4], [], [7], [9]]
+    rows = sample_rows(logits, params, seen, [None, None, None, None, None])
+    for i in range(5):
+        if params[i].greedy:
+            token, logprob = sample(logits[i], params[i], seen[i], None)
+            assert rows[i][0] == token and abs(rows[i][1] - logprob) < 1e-5
+    assert rows[1][0] != int(logits[1].argmax())  # the penalty applied to that row only
+    gen = torch.Generator().manual_seed(3)
+    assert rows[3][0] in torch.topk(logits[3], 5).indices.tolist()
+    assert sample(logits[3], params[3], seen[3], gen)[0] in torch.topk(logits[3], 5).indices
