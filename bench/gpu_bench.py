@@ -109,6 +109,8 @@ def mesh_numbers(model: Path, log_dir: Path, results: dict) -> list[int]:
                 "bfloat16",
                 "--kv-cache-mb",
                 "16000",
+                "--max-context",
+                "1024",
                 "--threads",
                 "4",
             ]
@@ -151,7 +153,7 @@ def mesh_numbers(model: Path, log_dir: Path, results: dict) -> list[int]:
             ]
             greedy = runs[0].token_ids[:16]
         results["mesh_aggregate_tok_s"] = {
-            n: aggregate(lambda: Client(address, timeout_s=600), n, 64, token_ids=PROMPT)
+            n: aggregate(lambda: Client(address, timeout_s=600), n, 128, token_ids=PROMPT)
             for n in (1, 4, 16, 64)
         }
         return greedy
@@ -160,9 +162,11 @@ def mesh_numbers(model: Path, log_dir: Path, results: dict) -> list[int]:
             p.stop()
 
 
-def logits_rel_error(model: Path, ref, ids: torch.Tensor) -> float:
-    """Our layer-range math (all layers, one GPU, bf16) against transformers on the prompt:
-    ||ours - theirs|| / ||theirs|| over every position's logits (bf16 band: 1e-3..1e-2)."""
+def in_process_numbers(model: Path, results: dict) -> None:
+    """The whole model as one range on cuda:0, no gRPC: decode step time through the static
+    decoder (CUDA graphs) at 1 and 64 rows, and logits for the parity check: every prompt
+    position from the general path, the last 8 from decode steps (the graphs)."""
+    from stage_service.decode import StaticDecoder
     from stage_service.kv_cache import CacheShape, SessionCache
     from stage_service.model import LlamaArgs, RangeModel, Segment
     from stage_service.weights import load_range, read_config
@@ -170,12 +174,59 @@ def logits_rel_error(model: Path, ref, ids: torch.Tensor) -> float:
     dev = torch.device("cuda:0")
     args = LlamaArgs.from_config(read_config(model))
     ours = RangeModel(args, load_range(model, args, 0, args.num_layers, torch.bfloat16, dev), dev)
-    shape = CacheShape(args.num_layers, args.num_kv_heads, args.head_dim, torch.bfloat16, dev, 8192)
-    session = SessionCache(shape, 2**31, 60).begin_step("p", 0, ids.shape[1])
-    got = ours.forward([Segment(slice(0, ids.shape[1]), 0, session.kv)], ids[0], None, True)
-    want = ref(ids).logits[0].float()
-    del ours, session
-    return float((got - want).norm() / want.norm())
+    shape = CacheShape(args.num_layers, args.num_kv_heads, args.head_dim, torch.bfloat16, dev, 256)
+    cache = SessionCache(shape, 65 * 256 * shape.bytes_per_token, 600, static=True)
+    decoder = StaticDecoder(ours, cache.pool, 64, graphs=True)
+    ids = torch.tensor(PROMPT, device=dev)
+    n = len(PROMPT)
+    session = cache.begin_step("all", 0, n)
+    eager = ours.forward([Segment(slice(0, n), 0, session.kv)], ids, None, all_logits=True)
+    session = cache.begin_step("decode", 0, n - 8)
+    ours.forward([Segment(slice(0, n - 8), 0, session.kv)], ids[: n - 8], None)
+    decoded = [
+        decoder.run([session.slot], [pos], [PROMPT[pos]], None).clone() for pos in range(n - 8, n)
+    ]
+    results["_ours_logits"] = (eager.cpu(), torch.cat(decoded).cpu())
+    cache.end("all")
+    cache.end("decode")
+    for rows in (1, 64):
+        slots = [cache.begin_step(f"t{i}", 0, 1).slot for i in range(rows)]
+        times = []
+        for pos in range(100, 140):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            decoder.run(slots, [pos] * rows, [7] * rows, None).argmax(-1).tolist()
+            times.append(time.perf_counter() - t0)
+        results[f"inproc_32_layers_decode_ms_batch{rows}"] = statistics.median(times[5:]) * 1e3
+        for i in range(rows):
+            cache.end(f"t{i}")
+    results["inproc_graphs_captured"] = decoder.captured
+
+
+def parity(model: Path, results: dict) -> None:
+    """||x - ref|| / ||ref|| over the logits, with transformers in float32 as ref: ours (bf16,
+    general path and decode graphs) and transformers' own bf16, so the bf16 band is measured
+    rather than assumed."""
+    from transformers import LlamaForCausalLM
+
+    eager, decoded = results.pop("_ours_logits")
+    ids = torch.tensor([PROMPT], device="cuda:1")
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        ref = LlamaForCausalLM.from_pretrained(str(model), dtype=dtype).to("cuda:1").eval()
+        with torch.inference_mode():
+            logits[dtype] = ref(ids).logits[0].float().cpu()
+        del ref
+        torch.cuda.empty_cache()
+    fp32, bf16 = logits[torch.float32], logits[torch.bfloat16]
+
+    def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+        return float((x - ref).norm() / ref.norm())
+
+    results["logits_rel_error_ours_vs_fp32"] = rel(eager, fp32)
+    results["logits_rel_error_ours_decode_graphs_vs_fp32"] = rel(decoded, fp32[-8:])
+    results["logits_rel_error_transformers_bf16_vs_fp32"] = rel(bf16, fp32)
+    results["logits_rel_error_ours_vs_transformers_bf16"] = rel(eager, bf16)
 
 
 def transformers_numbers(model: Path, results: dict, ours: list[int]) -> None:
@@ -186,7 +237,6 @@ def transformers_numbers(model: Path, results: dict, ours: list[int]) -> None:
     cfg.eos_token_id, cfg.pad_token_id, cfg.do_sample = None, 0, False
     with torch.inference_mode():
         ids = torch.tensor([PROMPT], device="cuda:0")
-        results["logits_rel_error_vs_transformers"] = logits_rel_error(model, ref, ids)
         theirs = ref.generate(ids, generation_config=cfg, max_new_tokens=16)[
             0, len(PROMPT) :
         ].tolist()
@@ -218,6 +268,9 @@ def main() -> int:
     make_model(model)
     results["make_model_s"] = time.perf_counter() - t0
     ours = mesh_numbers(model, out, results)
+    in_process_numbers(model, results)
+    torch.cuda.empty_cache()
+    parity(model, results)
     transformers_numbers(model, results, ours)
     (out / "gpu_bench.json").write_text(json.dumps(results, indent=2))
     for k, v in results.items():

@@ -7,8 +7,9 @@ to a power of two, L to a power of two at least MIN_CONTEXT, at most the slot's 
 inputs are copied into static tensors, the graph replays, the output is read from its static
 tensor. Padding rows write their K/V into the pool's scratch slot and are dropped.
 
-Graphs are captured lazily, the first time a bucket is met (a warm-up run, then the capture;
-both write the same K/V as the step itself, so they are harmless), and share one memory pool.
+Every bucket's graph is captured when the layers are loaded (`capture_all`: a warm-up run, then
+the capture, with every row on the scratch slot), so that no step pays for a capture; they share
+one memory pool.
 Without graphs (on CPU, or with --no-cuda-graphs) the same fixed-shape math runs eagerly on the
 exact rows, which is what the CPU tests check against transformers.
 """
@@ -55,6 +56,18 @@ class StaticDecoder:
     @property
     def captured(self) -> int:
         return len(self._captured)
+
+    def capture_all(self) -> None:
+        """Captures the graph of every (rows, context) bucket, rows on the scratch slot."""
+        self._meta.zero_()
+        self._meta[2].fill_(self.pool.scratch)
+        contexts = sorted({self.context_bucket(bucket(1, MIN_CONTEXT) << i) for i in range(32)})
+        with torch.cuda.device(self.device):
+            for context in contexts:
+                rows = 1
+                while rows <= self.max_rows:
+                    self._graph(rows, context)
+                    rows *= 2
 
     def context_bucket(self, longest: int) -> int:
         return min(bucket(longest, MIN_CONTEXT), self.context)
@@ -103,5 +116,5 @@ class StaticDecoder:
             with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
                 out = step()
             self._captured[key] = (graph, out)
-            log.info("captured the decode graph for %d rows, %d positions", rows, context)
+            log.debug("captured the decode graph for %d rows, %d positions", rows, context)
         return self._captured[key]

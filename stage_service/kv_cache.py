@@ -104,6 +104,8 @@ class SessionCache:
         self.clock = clock
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
+        self._sweep_every_s = min(1.0, ttl_s / 4)  # and whenever the cache is full
+        self._next_sweep = 0.0
 
     @property
     def used_bytes(self) -> int:
@@ -126,7 +128,8 @@ class SessionCache:
                 "this stage serves (the model's, or --max-context)"
             )
         with self._lock:
-            self._sweep_locked()
+            if self.clock() >= self._next_sweep:
+                self._sweep_locked()
             session = self._sessions.get(session_id)
             if session is None:
                 if start_pos != 0:
@@ -142,7 +145,12 @@ class SessionCache:
                 )
             if start_pos == 0:
                 session.seen_tokens.clear()
-            self._reserve_locked(session, end)
+            try:
+                self._reserve_locked(session, end)
+            except ResourceExhausted:
+                if not self._sweep_locked(keep=session):
+                    raise
+                self._reserve_locked(session, end)  # idle sessions made room
             session.length = start_pos  # cut back: positions >= start_pos are rewritten
             session.last_used = self.clock()
             self._sessions[session_id] = session
@@ -168,9 +176,14 @@ class SessionCache:
         with self._lock:
             return self._sweep_locked()
 
-    def _sweep_locked(self) -> list[str]:
+    def _sweep_locked(self, keep: Session | None = None) -> list[str]:
         now = self.clock()
-        idle = [sid for sid, s in self._sessions.items() if now - s.last_used > self.ttl_s]
+        self._next_sweep = now + self._sweep_every_s
+        idle = [
+            sid
+            for sid, s in self._sessions.items()
+            if now - s.last_used > self.ttl_s and s is not keep
+        ]
         for sid in idle:
             self._release_locked(self._sessions.pop(sid))
         return idle

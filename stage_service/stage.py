@@ -6,6 +6,7 @@ the plan epoch that every step must then carry.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from stage_service.model import LlamaArgs, RangeModel, Segment
 from stage_service.sampling import sample_rows
 from stage_service.speed import measure_gflops
 from stage_service.weights import load_range, model_fingerprint, read_config, weight_bytes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -109,6 +112,14 @@ class Stage:
                 graphs = self.config.cuda_graphs and self.device.type == "cuda"
                 rows = min(self.config.max_batch, cache.pool.slots)
                 decoder = StaticDecoder(model, cache.pool, rows, graphs)
+                if graphs:
+                    t0 = time.perf_counter()
+                    decoder.capture_all()
+                    log.info(
+                        "captured %d decode graphs in %.1f s",
+                        decoder.captured,
+                        time.perf_counter() - t0,
+                    )
             self.loaded = Loaded(model, cache, weight_bytes(weights), epoch, decoder)
 
     def info(self) -> dict:
