@@ -1,53 +1,78 @@
 """Where a GPU stage's decode step goes (bench/GPU_NOTES.md): one 16-layer bf16 range of the
-benchmark model on cuda:0, a decode step timed (a) through Stage.forward (the batcher's compute
-thread), (b) calling RangeModel.forward directly on this thread; medians of 50 steps."""
+benchmark model on cuda:0 with static KV slots, no gRPC. Times a decode step through
+Stage.forward (the compute thread, CUDA graphs) and the static decoder alone at 1 and 64 rows,
+then prints the GPU kernels of one 64-row graph replay by total time (torch.profiler)."""
 
 from __future__ import annotations
 
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu_bench import make_model  # noqa: E402
 from protos.sampling import Sampling  # noqa: E402
 from stage_service.config import StageConfig  # noqa: E402
-from stage_service.model import Segment  # noqa: E402
 from stage_service.stage import Stage, StepInput  # noqa: E402
+
+
+def median_ms(fn, n: int = 40) -> float:
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[5:]) * 1e3
 
 
 def main() -> None:
     model = Path("/tmp/llama3-8b-random")
     make_model(model)
-    stage = Stage(StageConfig(model=str(model), device="cuda:0", dtype="bfloat16"))
+    config = StageConfig(
+        model=str(model), device="cuda:0", dtype="bfloat16", kv_cache_mb=8000, max_context=1024
+    )
+    stage = Stage(config)
+    t0 = time.perf_counter()
     stage.load_layers(0, 16, epoch=1)
+    print(
+        f"load + capture: {time.perf_counter() - t0:.1f} s, graphs {stage.loaded.decoder.captured}"
+    )
     prompt = list(range(1, 33))
-    stage.forward(StepInput("a", 1, 0, prompt, None, Sampling()))
-    times = []
-    for pos in range(32, 96):
-        t0 = time.perf_counter()
-        stage.forward(StepInput("a", 1, pos, [5], None, Sampling()))
+    for i in range(64):
+        stage.forward(StepInput(f"s{i}", 1, 0, prompt, None, Sampling()))
+    length = dict.fromkeys(range(64), 32)
+
+    def step(i: int) -> None:
+        stage.forward(StepInput(f"s{i}", 1, length[i], [5], None, Sampling()))
+        length[i] += 1
+
+    print(f"Stage.forward, 1 row: {median_ms(lambda: step(0)):.2f} ms")
+
+    def sixty_four() -> None:
+        threads = [threading.Thread(target=step, args=(i,)) for i in range(64)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    print(f"Stage.forward, 64 threads (batched): {median_ms(sixty_four, 20):.2f} ms")
+    decoder = stage.loaded.decoder
+    slots = list(range(64))
+    for rows in (1, 64):
+        ms = median_ms(lambda r=rows: decoder.run(slots[:r], [100] * r, [7] * r, None).cpu())
+        print(f"decoder.run, {rows} rows: {ms:.2f} ms")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decoder.run(slots, [100] * 64, [7] * 64, None).cpu()
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    print(f"Stage.forward (compute thread): {statistics.median(times[10:]) * 1e3:.2f} ms")
-    loaded = stage.loaded
-    session = loaded.cache.begin_step("b", 0, 32)
-    ids = torch.tensor(prompt, device="cuda:0")
-    loaded.model.forward([Segment(slice(0, 32), 0, session.kv)], ids, None)
-    session.length = 32
-    times = []
-    for pos in range(32, 96):
-        session = loaded.cache.begin_step("b", pos, 1)
-        t0 = time.perf_counter()
-        out = loaded.model.forward([Segment(slice(0, 1), pos, session.kv)], ids[:1], None)
-        out.cpu()
-        times.append(time.perf_counter() - t0)
-        session.length = pos + 1
-    print(f"RangeModel.forward (this thread): {statistics.median(times[10:]) * 1e3:.2f} ms")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
 
 
 if __name__ == "__main__":
