@@ -1,6 +1,10 @@
 """One long-lived ForwardStream per stage link: the steps of many sessions multiplexed on it by
 request id, each caller waiting for its own reply (cheaper per step than a unary call).
 
+Steps queued while the stream is busy sending go out together as one StepBatch (the stage runs
+them in one forward where they fit and answers with one StepBatchReply), so with many sessions
+a stage link carries a few messages per step of the mesh, not one per session.
+
 A broken stream fails every step waiting on it with Unavailable naming the stage; the next step
 opens a new one. A step that gets no reply within its deadline fails the same way.
 """
@@ -10,7 +14,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -31,16 +35,31 @@ class StepStream:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self.broken = False
-        self._call = open_stream(iter(self._requests.get, None))
+        self._call = open_stream(self._batches())
         threading.Thread(target=self._read, name="step-replies", daemon=True).start()
+
+    def _batches(self) -> Iterator[pb.StepBatch]:
+        """What grpc sends: every request queued by now, as one message (None ends the stream)."""
+        get, get_nowait = self._requests.get, self._requests.get_nowait
+        while (request := get()) is not None:
+            steps = [request]
+            try:
+                while (request := get_nowait()) is not None:
+                    steps.append(request)
+            except queue.Empty:
+                pass
+            yield pb.StepBatch(steps=steps)
+            if request is None:
+                return
 
     def _read(self) -> None:
         try:
-            for reply in self._call:
+            for batch in self._call:
                 with self._lock:
-                    future = self._pending.pop(reply.request_id, None)
-                if future is not None:
-                    future.set_result(reply)
+                    futures = [self._pending.pop(r.request_id, None) for r in batch.replies]
+                for future, reply in zip(futures, batch.replies, strict=True):
+                    if future is not None:
+                        future.set_result(reply)
             error: LlamadistError = Unavailable(f"{self.describe()} closed the step stream")
         except grpc.RpcError as err:
             error = from_rpc_error(err, self.describe())

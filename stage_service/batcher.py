@@ -57,6 +57,28 @@ class Batcher:
             self._cond.notify()
         return job
 
+    def submit_many(self, jobs: list[Job], on_done: Callable[[], None]) -> None:
+        """Queues `jobs` together, so that those that fit (distinct sessions, within max_batch
+        and max_batch_tokens) run in one forward; `on_done()` runs once, on the compute thread,
+        when the last of them is done."""
+        left = [len(jobs)]
+        lock = threading.Lock()  # the compute thread and close() may finish jobs of one group
+
+        def one_done(_: Job) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                on_done()
+
+        for job in jobs:
+            job.on_done = one_done
+        with self._cond:
+            if self._closed:
+                raise Unavailable("the stage is shutting down")
+            self._queue.extend(jobs)
+            self._cond.notify()
+
     def _next_batch(self) -> list[Job]:
         with self._cond:
             self._cond.wait_for(lambda: self._queue or self._closed)

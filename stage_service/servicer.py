@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -61,37 +61,52 @@ class StageServicer(pb_grpc.StageServicer):
     def Forward(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepReply:
         return self._reply(self.stage.forward(self._step(request)))
 
-    @grpc_errors
-    def ForwardStream(self, requests, context) -> Iterator[pb.StepReply]:
-        """Steps are read and queued for the compute thread as they arrive; the compute thread
-        answers each as soon as its batch is done (no thread waits per step)."""
-        replies: queue.SimpleQueue = queue.SimpleQueue()
-
-        def send(request_id: int, reply: pb.StepReply) -> None:
-            reply.request_id = request_id
-            replies.put(reply)
-
-        def done(job: Job, request_id: int) -> None:  # on the compute thread
+    def _submit_batch(self, batch: pb.StepBatch, send: Callable[[pb.StepBatchReply], None]) -> None:
+        """Queues a batch's steps together; `send` gets its one reply when all are done (on the
+        compute thread, or here when none could be queued). Every step fails on its own."""
+        requests = batch.steps
+        replies: list[pb.StepReply | None] = [None] * len(requests)
+        steps, slots = [], []
+        for i, request in enumerate(requests):
             try:
-                if job.error is not None:
-                    raise job.error
-                reply = self._reply(job.out)
-            except Exception as err:  # noqa: BLE001 - a failed step is answered, the stream goes on
-                reply = self._error_reply(err)
-            send(request_id, reply)
+                steps.append(self._step(request))
+                slots.append(i)
+            except Exception as err:  # noqa: BLE001 - a step that does not decode
+                replies[i] = self._error_reply(err)
+
+        def done(jobs: list[Job]) -> None:
+            for i, job in zip(slots, jobs, strict=True):
+                try:
+                    if job.error is not None:
+                        raise job.error
+                    replies[i] = self._reply(job.out)
+                except Exception as err:  # noqa: BLE001 - a failed step is answered
+                    replies[i] = self._error_reply(err)
+            for reply, request in zip(replies, requests, strict=True):
+                reply.request_id = request.request_id
+            send(pb.StepBatchReply(replies=replies))
+
+        try:
+            self.stage.forward_many(steps, done)
+        except Exception as err:  # noqa: BLE001 - no layers, shutting down: every step fails
+            for i in slots:
+                replies[i] = self._error_reply(err)
+            slots.clear()
+            done([])
+
+    @grpc_errors
+    def ForwardStream(self, batches, context) -> Iterator[pb.StepBatchReply]:
+        """Batches are read and queued for the compute thread as they arrive (a reader thread);
+        the compute thread hands each batch's reply to this one to send as soon as the batch is
+        done (no thread waits per step)."""
+        replies: queue.SimpleQueue = queue.SimpleQueue()
 
         def read() -> None:
             submitted = 0
             try:
-                for request in requests:
+                for batch in batches:
                     submitted += 1
-                    rid = request.request_id
-                    try:
-                        self.stage.forward_async(
-                            self._step(request), lambda job, rid=rid: done(job, rid)
-                        )
-                    except Exception as err:  # noqa: BLE001 - refused before it was queued
-                        send(rid, self._error_reply(err))
+                    self._submit_batch(batch, replies.put)
             except Exception as err:  # noqa: BLE001 - a bad message or a broken stream
                 replies.put(err)
             replies.put(submitted)  # the end marker: how many replies to wait for

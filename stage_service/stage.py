@@ -171,11 +171,24 @@ class Stage:
         self._validate(step, self._require_loaded())
         return self.batcher.submit(step)
 
-    def forward_async(self, step: StepInput, on_done: Callable[[Job], None]) -> None:
-        """The same without waiting: `on_done(job)` runs on the compute thread (job.out or
-        job.error). Validation errors raise here."""
-        self._validate(step, self._require_loaded())
-        self.batcher.submit_async(step, on_done)
+    def forward_many(self, steps: list[StepInput], on_done: Callable[[list[Job]], None]) -> None:
+        """Queues the valid steps together (one forward where they fit) without waiting;
+        `on_done(jobs)` runs once, on the compute thread, when all are done: one job per step in
+        order, each with its out or its error (a step that fails validation is never queued; if
+        none is queued, on_done runs here). No layers or shutting down raise here."""
+        loaded = self._require_loaded()
+        jobs = [Job(step) for step in steps]
+        queued = []
+        for job in jobs:
+            try:
+                self._validate(job.step, loaded)
+                queued.append(job)
+            except Exception as err:  # noqa: BLE001 - that step's own failure
+                job.error = err
+        if queued:
+            self.batcher.submit_many(queued, lambda: on_done(jobs))
+        else:
+            on_done(jobs)
 
     def _run_batch(self, jobs: list[Job]) -> None:
         """The compute thread: the jobs of a batch (one session each) run as one forward, the

@@ -3,6 +3,10 @@ bad input answered with a precise status while other sessions keep being served.
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
+
 import grpc
 import pytest
 import torch
@@ -232,3 +236,122 @@ def test_garbage_on_the_stream_ends_it_with_invalid_argument(two_stages):
         list(call(iter([b"\xff\xff\xff\xff"]), timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert two_stages.step("live", 0, [1, 2]).token_id >= 0
+
+
+def _forward_stream(address: str, batches: list[pb.StepBatch]) -> list[pb.StepBatchReply]:
+    stub = pb_grpc.StageStub(grpc.insecure_channel(address))
+    return list(stub.ForwardStream(iter(batches), timeout=10))
+
+
+def test_a_step_batch_runs_in_one_forward_and_is_answered_in_one_reply(two_stages):
+    ids = {"b0": [1, 2, 3], "b1": [4, 5], "b2": [6, 7, 8, 9]}
+    steps = [
+        pb.StepRequest(session_id=s, plan_epoch=1, token_ids=t, request_id=10 + i)
+        for i, (s, t) in enumerate(ids.items())
+    ]
+    (answer,) = _forward_stream(two_stages.addresses[0], [pb.StepBatch(steps=steps)])
+    assert [r.request_id for r in answer.replies] == [10, 11, 12]
+    assert all(r.batch_size == 3 and not r.error_code for r in answer.replies)
+    for reply, (session, tokens) in zip(answer.replies, ids.items(), strict=True):
+        alone = two_stages.stubs[0].Forward(
+            pb.StepRequest(session_id=f"alone-{session}", plan_epoch=1, token_ids=tokens)
+        )
+        torch.testing.assert_close(codec.from_pb(reply.hidden), codec.from_pb(alone.hidden))
+
+
+def test_one_bad_step_in_a_batch_fails_only_itself(two_stages):
+    good = dict(plan_epoch=1, token_ids=[1, 2])
+    steps = [
+        pb.StepRequest(session_id="g0", request_id=1, **good),
+        pb.StepRequest(session_id="bad-vocab", plan_epoch=1, token_ids=[999], request_id=2),
+        pb.StepRequest(
+            session_id="bad-tensor",
+            request_id=3,
+            hidden=pb.Tensor(data=b"\x00" * 3, shape=[2, 64], dtype=99),
+            **good,
+        ),
+        pb.StepRequest(session_id="bad-epoch", plan_epoch=7, token_ids=[1], request_id=4),
+        pb.StepRequest(session_id="g1", request_id=5, **good),
+    ]
+    later = pb.StepBatch(steps=[pb.StepRequest(session_id="g0", request_id=6, plan_epoch=1,
+                                               start_pos=2, token_ids=[3])])  # fmt: skip
+    first, second = _forward_stream(two_stages.addresses[0], [pb.StepBatch(steps=steps), later])
+    codes = [grpc.StatusCode.OK.value[0]] + [
+        code.value[0]
+        for code in (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+    ] + [0]  # fmt: skip
+    assert [r.error_code for r in first.replies] == codes
+    assert [r.request_id for r in first.replies] == [1, 2, 3, 4, 5]
+    assert "outside the vocabulary" in first.replies[1].error_message
+    assert "dtype 99" in first.replies[2].error_message
+    assert first.replies[0].batch_size == 2 and first.replies[4].HasField("hidden")
+    assert second.replies[0].request_id == 6 and not second.replies[0].error_code
+
+
+def test_step_batches_without_layers_answer_every_step_with_the_reason(tiny):
+    server, port, _ = build_server(StageConfig(model=str(tiny), kv_cache_mb=16))
+    server.start()
+    try:
+        steps = [pb.StepRequest(session_id=f"s{i}", plan_epoch=1, token_ids=[1], request_id=i)
+                 for i in range(3)]  # fmt: skip
+        (answer,) = _forward_stream(f"127.0.0.1:{port}", [pb.StepBatch(steps=steps)])
+        assert {r.error_code for r in answer.replies} == {
+            grpc.StatusCode.FAILED_PRECONDITION.value[0]
+        }
+        assert [r.request_id for r in answer.replies] == [0, 1, 2]
+        (empty,) = _forward_stream(f"127.0.0.1:{port}", [pb.StepBatch()])
+        assert not empty.replies
+    finally:
+        server.stop(0)
+
+
+def test_step_stream_sends_the_steps_queued_meanwhile_as_one_batch():
+    """Three callers queue while the stream is busy: one StepBatch carries all three, and one
+    StepBatchReply answers each caller with its own reply."""
+    from orchestrator.step_stream import StepStream
+
+    opened, answers = [], queue.SimpleQueue()
+
+    class FakeCall:
+        def __iter__(self):
+            return iter(answers.get, None)
+
+        def cancel(self):
+            answers.put(None)
+
+    def open_stream(batches):
+        opened.append(batches)
+        return FakeCall()
+
+    stream = StepStream(open_stream, lambda: "stage 0")
+    results = {}
+
+    def call(i: int) -> None:
+        request = pb.StepRequest(session_id=f"s{i}", token_ids=[i])
+        results[i] = stream.step(request, 10).token_id
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(stream._pending) < 3:  # all three queued, none sent yet
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    batch = next(opened[0])
+    assert sorted(s.session_id for s in batch.steps) == ["s0", "s1", "s2"]
+    answers.put(
+        pb.StepBatchReply(
+            replies=[
+                pb.StepReply(request_id=s.request_id, token_id=100 + s.token_ids[0])
+                for s in reversed(batch.steps)
+            ]  # fmt: skip
+        )
+    )
+    for t in threads:
+        t.join(10)
+    assert results == {0: 100, 1: 101, 2: 102}
+    stream.close()
