@@ -53,7 +53,7 @@ def from_pb(msg: pb.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     numel = 1
     for d in msg.shape:
         numel *= d
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if len(msg.data) != numel * itemsize:
         raise InvalidArgument(
             f"tensor of shape {list(msg.shape)} and dtype {dtype} needs {numel * itemsize} bytes, "
@@ -61,5 +61,6 @@ def from_pb(msg: pb.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         )
     if numel == 0:
         return torch.empty(tuple(msg.shape), dtype=dtype, device=device)
-    raw = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8)
-    return raw.view(dtype).reshape(tuple(msg.shape)).to(device)
+    # One copy into a writable buffer (torch refuses read-only bytes), read in place as `dtype`.
+    tensor = torch.frombuffer(bytearray(msg.data), dtype=dtype).reshape(tuple(msg.shape))
+    return tensor if device == "cpu" else tensor.to(device)
