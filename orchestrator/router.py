@@ -217,24 +217,17 @@ class Router:
             raise Unavailable(f"session {session_id!r}: too many stage failures in one step")
 
     def _run(self, route, plan, session_id, start_pos, tokens, sampling):
-        t0 = time.perf_counter_ns()
-        hidden, stage_ns, last = None, [], len(route) - 1
-        for i, replica in enumerate(route):
-            request = pb.StepRequest(
+        requests = [
+            pb.StepRequest(
                 session_id=session_id,
                 plan_epoch=plan.epoch,
                 start_pos=start_pos,
                 token_ids=tokens,
-                hidden=hidden,
-                sampling=sampling if i == last else None,
+                sampling=sampling if i == len(route) - 1 else None,
             )
-            try:
-                reply = replica.client.forward(request)
-            except (Unavailable, FailedPrecondition, NotFound) as err:
-                raise _StageFailed(replica, err) from None
-            stage_ns.append(reply.compute_ns)
-            hidden = reply.hidden
-        return reply, time.perf_counter_ns() - t0, stage_ns
+            for i in range(len(route))
+        ]
+        return _Chain(route, requests).run(self.step_timeout_s)
 
     def end_session(self, session_id: str) -> int:
         """Frees the session on the stages that served it."""
@@ -256,6 +249,74 @@ class Router:
 
     def close(self) -> None:
         self.pool.close()
+
+
+class _Chain:
+    """One step through every stage of a route. Each hop's reply sends the next hop from the
+    link's reply thread (held with the other sessions' next hops of the same reply batch, so the
+    next stage gets them as one batch); only the last reply wakes the waiting caller. Each hop
+    has step_timeout_s to answer."""
+
+    def __init__(self, route: list[Replica], requests: list[pb.StepRequest]):
+        self.route = route
+        self.requests = requests
+        self.stage_ns: list[int] = []
+        self.outcome: pb.StepReply | Exception | None = None
+        self.hop = 0
+        self.hop_started = 0.0
+        self.request_id = 0
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+
+    def run(self, timeout_s: float) -> tuple[pb.StepReply, int, list[int]]:
+        t0 = time.perf_counter_ns()
+        self._send(0)
+        while not self._done.wait(max(0.0, self.hop_started + timeout_s - time.monotonic())):
+            hop = self.hop
+            if time.monotonic() - self.hop_started < timeout_s:
+                continue  # the chain moved on to the next hop meanwhile
+            replica = self.route[hop]
+            replica.client.forget(self.request_id)
+            error = Unavailable(
+                f"{replica.client.name} did not answer a step within {timeout_s:.0f} s"
+            )
+            self._finish(_StageFailed(replica, error))
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome, time.perf_counter_ns() - t0, self.stage_ns
+
+    def _send(self, hop: int, hidden: pb.Tensor | None = None) -> None:
+        replica = self.route[hop]
+        request = self.requests[hop]
+        if hidden is not None:
+            request.hidden.CopyFrom(hidden)
+        self.hop, self.hop_started = hop, time.monotonic()
+        try:
+            self.request_id = replica.client.submit(request, lambda out: self._reply(hop, out))
+        except LlamadistError as err:
+            self._fail(hop, err)
+
+    def _reply(self, hop: int, out: pb.StepReply | LlamadistError) -> None:
+        if isinstance(out, LlamadistError):
+            self._fail(hop, out)
+            return
+        self.stage_ns.append(out.compute_ns)
+        if hop == len(self.route) - 1:
+            self._finish(out)
+        else:
+            self._send(hop + 1, out.hidden)
+
+    def _fail(self, hop: int, error: LlamadistError) -> None:
+        if isinstance(error, Unavailable | FailedPrecondition | NotFound):
+            self._finish(_StageFailed(self.route[hop], error))
+        else:
+            self._finish(error)
+
+    def _finish(self, outcome: pb.StepReply | Exception) -> None:
+        with self._lock:  # the first outcome stands (a late reply after a timeout is dropped)
+            if self.outcome is None:
+                self.outcome = outcome
+        self._done.set()
 
 
 class _StageFailed(Exception):

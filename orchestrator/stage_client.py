@@ -7,7 +7,7 @@ import time
 
 import grpc
 
-from orchestrator.step_stream import StepStream
+from orchestrator.step_stream import OnReply, StepStream
 from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
 from protos.errors import Unavailable
@@ -47,13 +47,19 @@ class StageClient:
         except grpc.RpcError as err:
             raise from_rpc_error(err, self.name) from None
 
-    def forward(self, request: pb.StepRequest) -> pb.StepReply:
-        """A step over this link's ForwardStream (opened again when it broke)."""
+    def submit(self, request: pb.StepRequest, on_reply: OnReply) -> int:
+        """A step over this link's ForwardStream (opened again when it broke); see
+        StepStream.submit. Returns the request id, for `forget`."""
         with self._stream_lock:
             if self._stream is None or self._stream.broken:
                 self._stream = StepStream(self.stub.ForwardStream, lambda: self.name)
             stream = self._stream
-        return stream.step(request, self.step_timeout_s)
+        return stream.submit(request, on_reply)
+
+    def forget(self, request_id: int) -> None:
+        stream = self._stream
+        if stream is not None:
+            stream.forget(request_id)
 
     def end_session(self, session_id: str) -> int:
         reply = self._call(self.stub.EndSession, pb.EndSessionRequest(session_id=session_id), 2)

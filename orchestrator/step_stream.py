@@ -1,5 +1,5 @@
 """One long-lived ForwardStream per stage link: the steps of many sessions multiplexed on it by
-request id, each caller waiting for its own reply (cheaper per step than a unary call).
+request id, each answered through its own callback (cheaper per step than a unary call).
 
 Steps queued while the stream is busy sending go out together as one StepBatch (the stage runs
 them in one forward where they fit and answers with one StepBatchReply), so with many sessions
@@ -12,6 +12,7 @@ opens a new one. A step that gets no reply within its deadline fails the same wa
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -26,12 +27,27 @@ from protos.status import ERRORS, from_rpc_error
 
 STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
+OnReply = Callable[[pb.StepReply | LlamadistError], None]
+
+# While a reader thread hands out the replies of one batch, the next-hop steps those callbacks
+# submit are held here and queued together when it is done, one group per link: the next stage
+# then gets them as one StepBatch (one forward) rather than one message for the first of them.
+_held = threading.local()
+log = logging.getLogger(__name__)
+
+
+def _call_back(on_reply: OnReply, outcome: pb.StepReply | LlamadistError) -> None:
+    try:
+        on_reply(outcome)
+    except Exception:  # a caller's bug must not stop the replies of the other callers
+        log.exception("a step's reply callback failed")
+
 
 class StepStream:
     def __init__(self, open_stream, describe: Callable[[], str]):
         self.describe = describe  # the link's current name, "stage i (host:port)"
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._pending: dict[int, Future] = {}
+        self._pending: dict[int, OnReply] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self.broken = False
@@ -39,57 +55,90 @@ class StepStream:
         threading.Thread(target=self._read, name="step-replies", daemon=True).start()
 
     def _batches(self) -> Iterator[pb.StepBatch]:
-        """What grpc sends: every request queued by now, as one message (None ends the stream)."""
+        """What grpc sends: every request queued by now, as one message (None ends the stream).
+        The queue holds requests and lists of requests (a held group)."""
         get, get_nowait = self._requests.get, self._requests.get_nowait
-        while (request := get()) is not None:
-            steps = [request]
+        steps: list[pb.StepRequest] = []
+        item = get()
+        while item is not None:
+            if isinstance(item, list):
+                steps.extend(item)
+            else:
+                steps.append(item)
             try:
-                while (request := get_nowait()) is not None:
-                    steps.append(request)
+                item = get_nowait()
+                continue
             except queue.Empty:
                 pass
             yield pb.StepBatch(steps=steps)
-            if request is None:
-                return
+            steps = []
+            item = get()
+        if steps:
+            yield pb.StepBatch(steps=steps)
 
     def _read(self) -> None:
         try:
             for batch in self._call:
                 with self._lock:
-                    futures = [self._pending.pop(r.request_id, None) for r in batch.replies]
-                for future, reply in zip(futures, batch.replies, strict=True):
-                    if future is not None:
-                        future.set_result(reply)
+                    callbacks = [self._pending.pop(r.request_id, None) for r in batch.replies]
+                _held.groups = {}
+                try:
+                    for on_reply, reply in zip(callbacks, batch.replies, strict=True):
+                        if on_reply is not None:
+                            _call_back(on_reply, self._outcome(reply))
+                finally:
+                    groups, _held.groups = _held.groups, None
+                    for stream, requests in groups.items():
+                        stream._requests.put(requests)
             error: LlamadistError = Unavailable(f"{self.describe()} closed the step stream")
         except grpc.RpcError as err:
             error = from_rpc_error(err, self.describe())
         with self._lock:
             self.broken = True
             pending, self._pending = self._pending, {}
-        for future in pending.values():
-            future.set_exception(error)
+        for on_reply in pending.values():
+            _call_back(on_reply, error)
 
-    def step(self, request: pb.StepRequest, timeout_s: float) -> pb.StepReply:
-        future: Future = Future()
+    def _outcome(self, reply: pb.StepReply) -> pb.StepReply | LlamadistError:
+        if not reply.error_code:
+            return reply
+        code = STATUS_BY_NUMBER.get(reply.error_code, grpc.StatusCode.UNKNOWN)
+        return ERRORS.get(code, LlamadistError)(f"{self.describe()}: {reply.error_message}")
+
+    def submit(self, request: pb.StepRequest, on_reply: OnReply) -> int:
+        """Queues a step; `on_reply(reply or error)` runs once, on this link's reader thread
+        (keep it short: it delays the other replies of its batch). Returns the request id."""
         with self._lock:
             if self.broken:
                 raise Unavailable(f"{self.describe()}: the step stream is broken")
             request.request_id = next(self._ids)
-            self._pending[request.request_id] = future
-        self._requests.put(request)
+            self._pending[request.request_id] = on_reply
+        groups = getattr(_held, "groups", None)
+        if groups is None:
+            self._requests.put(request)
+        else:
+            groups.setdefault(self, []).append(request)
+        return request.request_id
+
+    def forget(self, request_id: int) -> None:
+        """Drops a step's callback (its caller gave up waiting)."""
+        with self._lock:
+            self._pending.pop(request_id, None)
+
+    def step(self, request: pb.StepRequest, timeout_s: float) -> pb.StepReply:
+        """submit() and wait for the reply."""
+        future: Future = Future()
+        request_id = self.submit(request, future.set_result)
         try:
-            reply = future.result(timeout_s)
+            outcome = future.result(timeout_s)
         except FutureTimeout:
-            with self._lock:
-                self._pending.pop(request.request_id, None)
+            self.forget(request_id)
             raise Unavailable(
                 f"{self.describe()} did not answer a step within {timeout_s:.0f} s"
             ) from None
-        if reply.error_code:
-            code = STATUS_BY_NUMBER.get(reply.error_code, grpc.StatusCode.UNKNOWN)
-            cls = ERRORS.get(code, LlamadistError)
-            raise cls(f"{self.describe()}: {reply.error_message}")
-        return reply
+        if isinstance(outcome, LlamadistError):
+            raise outcome
+        return outcome
 
     def close(self) -> None:
         self._requests.put(None)

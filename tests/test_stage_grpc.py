@@ -355,3 +355,53 @@ def test_step_stream_sends_the_steps_queued_meanwhile_as_one_batch():
         t.join(10)
     assert results == {0: 100, 1: 101, 2: 102}
     stream.close()
+
+
+def test_next_hops_sent_from_one_reply_batch_go_out_as_one_batch():
+    """Replies of one batch from stage 0 whose callbacks submit each session's next hop to
+    stage 1: stage 1's link sends the three as one StepBatch (one forward there), not the first
+    alone. Fake calls stand in for the two links."""
+    from orchestrator.step_stream import StepStream
+
+    def fake_link():
+        opened, answers = [], queue.SimpleQueue()
+
+        class FakeCall:
+            def __iter__(self):
+                return iter(answers.get, None)
+
+            def cancel(self):
+                answers.put(None)
+
+        def open_stream(batches):
+            opened.append(batches)
+            return FakeCall()
+
+        return open_stream, opened, answers
+
+    open0, opened0, answers0 = fake_link()
+    open1, opened1, answers1 = fake_link()
+    stage0 = StepStream(open0, lambda: "stage 0")
+    stage1 = StepStream(open1, lambda: "stage 1")
+    finals = queue.SimpleQueue()
+
+    def next_hop(i: int, reply: pb.StepReply) -> None:
+        if i == 2:
+            time.sleep(0.3)  # a slow last callback: the first two must not leave without it
+        stage1.submit(pb.StepRequest(session_id=f"s{i}", hidden=reply.hidden), finals.put)
+
+    for i in range(3):
+        stage0.submit(
+            pb.StepRequest(session_id=f"s{i}", token_ids=[i]), lambda r, i=i: next_hop(i, r)
+        )
+    first = next(opened0[0])
+    assert len(first.steps) == 3  # queued before the sender ran: already one batch
+    answers0.put(pb.StepBatchReply(replies=[pb.StepReply(request_id=s.request_id)
+                                            for s in first.steps]))  # fmt: skip
+    forwarded = next(opened1[0])
+    assert [s.session_id for s in forwarded.steps] == ["s0", "s1", "s2"]
+    answers1.put(pb.StepBatchReply(replies=[pb.StepReply(request_id=s.request_id, token_id=7)
+                                            for s in forwarded.steps]))  # fmt: skip
+    assert [finals.get(timeout=10).token_id for _ in range(3)] == [7, 7, 7]
+    stage0.close()
+    stage1.close()
