@@ -309,11 +309,9 @@ def test_step_batches_without_layers_answer_every_step_with_the_reason(tiny):
         server.stop(0)
 
 
-def test_step_stream_sends_the_steps_queued_meanwhile_as_one_batch():
-    """Three callers queue while the stream is busy: one StepBatch carries all three, and one
-    StepBatchReply answers each caller with its own reply."""
-    from orchestrator.step_stream import StepStream
-
+def fake_link():
+    """A stand-in for a ForwardStream call: `opened` gets the request iterator the stream hands
+    to grpc; what is put on `answers` comes back as replies."""
     opened, answers = [], queue.SimpleQueue()
 
     class FakeCall:
@@ -327,6 +325,15 @@ def test_step_stream_sends_the_steps_queued_meanwhile_as_one_batch():
         opened.append(batches)
         return FakeCall()
 
+    return open_stream, opened, answers
+
+
+def test_step_stream_sends_the_steps_queued_meanwhile_as_one_batch():
+    """Three callers queue while the stream is busy: one StepBatch carries all three, and one
+    StepBatchReply answers each caller with its own reply."""
+    from orchestrator.step_stream import StepStream
+
+    open_stream, opened, answers = fake_link()
     stream = StepStream(open_stream, lambda: "stage 0")
     results = {}
 
@@ -362,22 +369,6 @@ def test_next_hops_sent_from_one_reply_batch_go_out_as_one_batch():
     stage 1: stage 1's link sends the three as one StepBatch (one forward there), not the first
     alone. Fake calls stand in for the two links."""
     from orchestrator.step_stream import StepStream
-
-    def fake_link():
-        opened, answers = [], queue.SimpleQueue()
-
-        class FakeCall:
-            def __iter__(self):
-                return iter(answers.get, None)
-
-            def cancel(self):
-                answers.put(None)
-
-        def open_stream(batches):
-            opened.append(batches)
-            return FakeCall()
-
-        return open_stream, opened, answers
 
     open0, opened0, answers0 = fake_link()
     open1, opened1, answers1 = fake_link()
