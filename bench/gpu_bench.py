@@ -111,6 +111,7 @@ def mesh_numbers(model: Path, log_dir: Path, results: dict) -> list[int]:
                 "16000",
                 "--max-context",
                 "1024",
+                "--compile",
                 "--threads",
                 "4",
             ]

@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="run static-KV decode steps eagerly (for debugging)",
     )
+    stage.add_argument(
+        "--compile",
+        action="store_true",
+        help="static KV: fuse the decode step's small kernels with torch.compile (slower start)",
+    )
     _grace_arg(stage)
     stage.add_argument(
         "--threads",
@@ -286,6 +291,7 @@ def _run_stage(a: argparse.Namespace) -> int:
             static_kv=a.static_kv,
             max_context=a.max_context,
             cuda_graphs=a.cuda_graphs,
+            compile=a.compile,
             threads=a.threads,
             grace_s=a.grace_s,
             tls_cert=a.tls_cert,

@@ -22,6 +22,7 @@ class StageConfig:
     static_kv: str = "auto"
     max_context: int = 0  # tokens a session may reach; 0 = the model's context
     cuda_graphs: bool = True  # replay decode steps as CUDA graphs (static slots on CUDA only)
+    compile: bool = False  # torch.compile the decode step's elementwise parts (static slots)
     session_ttl_s: float = 600.0
     threads: int = 1
     max_workers: int = 128  # most wait for the compute thread's next batch

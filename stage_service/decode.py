@@ -21,7 +21,7 @@ import logging
 import torch
 
 from stage_service.kv_cache import SlotPool
-from stage_service.model import RangeModel
+from stage_service.model import EAGER, LayerParts, RangeModel, out_proj_mlp, qkv_rope
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,17 @@ def bucket(n: int, smallest: int = 1) -> int:
 
 
 class StaticDecoder:
-    def __init__(self, model: RangeModel, pool: SlotPool, max_rows: int, graphs: bool):
+    def __init__(
+        self, model: RangeModel, pool: SlotPool, max_rows: int, graphs: bool, compile: bool = False
+    ):
+        """compile: each layer's pure ends through torch.compile (fused elementwise kernels;
+        compiled when the graphs are captured)."""
         self.model = model
+        self.parts = EAGER
+        if compile:
+            self.parts = LayerParts(
+                torch.compile(qkv_rope, dynamic=True), torch.compile(out_proj_mlp, dynamic=True)
+            )
         self.pool = pool
         self.graphs = graphs
         self.device = model.device
@@ -87,7 +96,7 @@ class StaticDecoder:
         if not self.graphs:
             meta = torch.tensor([token_ids, positions, slots], device=self.device)
             inputs = meta[0] if hidden is None else hidden.to(self.device)
-            return self.model.decode(self.pool, inputs, meta[1], meta[2], context)
+            return self.model.decode(self.pool, inputs, meta[1], meta[2], context, self.parts)
         rows = bucket(n)
         pad = rows - n
         meta = torch.tensor(
@@ -108,7 +117,7 @@ class StaticDecoder:
             inputs = meta[0] if self._hidden is None else self._hidden[:rows]
 
             def step() -> torch.Tensor:
-                return self.model.decode(self.pool, inputs, meta[1], meta[2], context)
+                return self.model.decode(self.pool, inputs, meta[1], meta[2], context, self.parts)
 
             step()  # warm-up: lazy initialisation stays out of the capture
             torch.cuda.synchronize(self.device)

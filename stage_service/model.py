@@ -15,7 +15,9 @@ kernel (fewer launches, fp32 accumulation as transformers' default SDPA path).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -220,6 +222,17 @@ def decoder_layer(
     return out_proj_mlp(args, w, x, attn)
 
 
+class LayerParts(NamedTuple):
+    """The pure ends of a decode layer (no cache writes), which `--compile` swaps for
+    torch.compile'd versions that fuse their small kernels."""
+
+    pre: Callable = qkv_rope
+    post: Callable = out_proj_mlp
+
+
+EAGER = LayerParts()
+
+
 def decode_layer(
     args: LlamaArgs,
     w: LayerWeights,
@@ -231,6 +244,7 @@ def decode_layer(
     slots: torch.Tensor,
     positions: torch.Tensor,
     key_mask: torch.Tensor,
+    parts: LayerParts = EAGER,
 ) -> torch.Tensor:
     """One decode token per row, with fixed shapes (CUDA-graph safe: no host values, no
     allocation that depends on data). x: [B, hidden]; row b is the token at positions[b] of the
@@ -239,7 +253,7 @@ def decode_layer(
     first L positions of each row's slot."""
     rows = x.shape[0]
     heads, kv_heads, dim = args.num_heads, args.num_kv_heads, args.head_dim
-    q, k, v = qkv_rope(args, w, x, cos, sin)
+    q, k, v = parts.pre(args, w, x, cos, sin)
     k_pool[slots, :, positions] = k  # each row's new K/V at its position in its slot
     v_pool[slots, :, positions] = v
     context = key_mask.shape[-1]
@@ -250,7 +264,7 @@ def decode_layer(
     scores = scores.masked_fill(key_mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     attn = torch.matmul(probs, values).reshape(rows, heads * dim)
-    return out_proj_mlp(args, w, x, attn)
+    return parts.post(args, w, x, attn)
 
 
 @dataclass
@@ -316,6 +330,7 @@ class RangeModel:
         positions: torch.Tensor,
         slots: torch.Tensor,
         context: int,
+        parts: LayerParts = EAGER,
     ) -> torch.Tensor:
         """One decode token per row over a kv_cache.SlotPool, with fixed shapes (see
         decode_layer). inputs: token ids [B] on the first stage, else hidden states [B, hidden];
@@ -327,8 +342,9 @@ class RangeModel:
         key_mask = (key_pos[None, :] > positions[:, None])[:, None, None, :]
         for i, layer in enumerate(w.layers):
             x = decode_layer(
-                self.args, layer, pool.k[i], pool.v[i], x, cos, sin, slots, positions, key_mask
-            )
+                self.args, layer, pool.k[i], pool.v[i], x, cos, sin, slots, positions, key_mask,
+                parts,
+            )  # fmt: skip
         return self._head(x) if w.is_last else x
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:

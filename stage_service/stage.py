@@ -111,7 +111,7 @@ class Stage:
             if static:
                 graphs = self.config.cuda_graphs and self.device.type == "cuda"
                 rows = min(self.config.max_batch, cache.pool.slots)
-                decoder = StaticDecoder(model, cache.pool, rows, graphs)
+                decoder = StaticDecoder(model, cache.pool, rows, graphs, self.config.compile)
                 if graphs:
                     t0 = time.perf_counter()
                     decoder.capture_all()

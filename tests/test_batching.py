@@ -3,6 +3,8 @@ and logits as the sessions one at a time."""
 
 from __future__ import annotations
 
+import queue
+import shutil
 import threading
 import time
 
@@ -111,3 +113,31 @@ def test_one_sessions_failure_does_not_fail_its_batch(tmp_path, monkeypatch):
     assert outcomes["a"].token_id >= 0 and outcomes["b"].token_id >= 0
     assert outcomes["a"].batch_size == 3
     stage.batcher.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile on CPU needs a compiler"
+)
+def test_compiled_decode_parts_give_the_same_tokens(tmp_path):
+    """--compile (the decode step's pure ends through torch.compile) against the same step
+    without it, for several sessions at once (CPU, float32: equal within rounding)."""
+    model_dir = make_tiny_model(tmp_path, "gqa")
+    outs = {}
+    for compile in (False, True):
+        config = StageConfig(model=str(model_dir), static_kv="on", max_context=64, compile=compile)
+        stage = Stage(config)
+        stage.load_layers(0, 4, epoch=1)
+        for i, p in enumerate(prompts()[:4]):
+            stage.forward(step(f"s{i}", 0, p))
+        answers, outs[compile] = queue.SimpleQueue(), []
+        for k in range(3):  # three decode steps of the four sessions, each batch one forward
+            steps = [step(f"s{i}", len(p) + k, [7 + k]) for i, p in enumerate(prompts()[:4])]
+            stage.forward_many(steps, answers.put)
+            outs[compile].append(answers.get(timeout=60))
+        stage.batcher.close()
+    for eager_jobs, compiled_jobs in zip(outs[False], outs[True], strict=True):
+        for eager, compiled in zip(eager_jobs, compiled_jobs, strict=True):
+            assert eager.out.batch_size == compiled.out.batch_size == 4
+            assert compiled.out.token_id == eager.out.token_id
+            assert abs(compiled.out.logprob - eager.out.logprob) < 1e-4
