@@ -68,8 +68,10 @@ def sample_rows(
         rows = logits if len(fast) == len(params) else logits[fast]
         tokens = rows.argmax(-1)
         logprobs = rows.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(rows, dim=-1)
-        for i, token, logprob in zip(fast, tokens.tolist(), logprobs.tolist(), strict=True):
-            results[i] = (token, logprob)
+        # one copy to the host for both (float64 holds every token id exactly)
+        picked = torch.stack([tokens.double(), logprobs.double()]).tolist()
+        for i, token, logprob in zip(fast, *picked, strict=True):
+            results[i] = (int(token), logprob)
     for i, p in enumerate(params):
         if results[i] is None:
             try:
