@@ -4,6 +4,9 @@ numbers, NaN floats, random token ids, tensors of random shape, dtype and data, 
 choice) and mutated bytes of valid requests (bit flips, truncation, insertion, deletion, stray
 fields), at the raw gRPC level, to the orchestrator and to each stage directly.
 
+ForwardStream gets random and mutated StepBatch messages of up to 5 steps; each step's own status
+(in its reply) counts too ("Stage.ForwardStream steps" in the summary).
+
 Passes when no process died, no call was answered INTERNAL or UNKNOWN (or UNIMPLEMENTED), and a
 valid request is served correctly afterwards: the layout restored by a ReloadPlan, a greedy
 Generate equals transformers' own. A summary of the statuses per RPC is printed (`-s`).
@@ -14,6 +17,7 @@ from __future__ import annotations
 import collections
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import grpc
@@ -38,10 +42,12 @@ MIN_PER_RPC = 50
 ROUNDS = 5
 FAILING = {"INTERNAL", "UNKNOWN", "UNIMPLEMENTED", "DATA_LOSS"}
 PROMPT = [7, 3, 99, 12, 45, 60, 2, 81, 33, 5, 18, 70]
+STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 # (service, method, request type, reply type, weight): how often each RPC is picked.
 RPCS = [
     ("Stage", "Forward", pb.StepRequest, pb.StepReply, 18),
+    ("Stage", "ForwardStream", pb.StepBatch, pb.StepBatchReply, 12),
     ("Stage", "EndSession", pb.EndSessionRequest, pb.EndSessionReply, 6),
     ("Stage", "Info", pb.InfoRequest, pb.StageInfo, 4),
     ("Stage", "LoadLayers", pb.LoadLayersRequest, pb.StageInfo, 6),
@@ -207,6 +213,15 @@ class Fuzzer:
         if service == "Stage":
             if method == "Forward":
                 return stage.flatmap(lambda a: st.tuples(st.just(a), self.step_requests(a)))
+            if method == "ForwardStream":
+                return stage.flatmap(
+                    lambda a: st.tuples(
+                        st.just(a),
+                        st.lists(self.step_requests(a), max_size=5).map(
+                            lambda steps: pb.StepBatch(steps=steps)
+                        ),
+                    )
+                )
             if method == "EndSession":
                 return st.tuples(stage, self.end_session_requests())
             if method == "LoadLayers":
@@ -355,6 +370,15 @@ class Fuzzer:
                 sampling=pb.SamplingParams(temperature=0.8, top_k=5, seed=3),
             )
             return [(s0, first.SerializeToString()), (s1, second.SerializeToString())]
+        if service == "Stage" and method == "ForwardStream":
+            return [
+                (
+                    address,
+                    pb.StepBatch(steps=[pb.StepRequest.FromString(raw)] * n).SerializeToString(),
+                )
+                for address, raw in self.seeds("Stage", "Forward")
+                for n in (1, 3)
+            ]
         if method == "EndSession":
             msg = pb.EndSessionRequest(session_id=self.known()[-1]).SerializeToString()
             return [(a, msg) for a in ([s0, s1] if service == "Stage" else [self.orchestrator])]
@@ -442,6 +466,17 @@ class Fuzzer:
         try:
             if method == "GenerateStream":
                 replies = list(self.channel(address).unary_stream(path)(raw, timeout=DEADLINE_S))
+            elif method == "ForwardStream":
+                call = self.channel(address).stream_stream(path)
+                replies = list(call(iter([raw]), timeout=DEADLINE_S))
+                for reply in replies:  # each step's own status, carried in the reply
+                    for step in reply_type.FromString(reply).replies:
+                        step_code = STATUS_NAMES.get(step.error_code, f"code {step.error_code}")
+                        steps = self.counts.setdefault("Stage.ForwardStream steps", Counter())
+                        steps[step_code] += 1
+                        if step_code in FAILING or step_code.startswith("code"):
+                            detail = f"a step answered {step_code}: {step.error_message}"
+                            self.failures.append(f"{service}.{method} to {address}: {detail}")
             else:
                 replies = [self.channel(address).unary_unary(path)(raw, timeout=DEADLINE_S)]
             for reply in replies:
