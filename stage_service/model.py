@@ -245,20 +245,25 @@ def decode_layer(
     positions: torch.Tensor,
     key_mask: torch.Tensor,
     parts: LayerParts = EAGER,
+    dense: bool = False,
 ) -> torch.Tensor:
     """One decode token per row, with fixed shapes (CUDA-graph safe: no host values, no
     allocation that depends on data). x: [B, hidden]; row b is the token at positions[b] of the
-    session in slot slots[b] of the pools ([slots, Hkv, context, D], kv_cache.SlotPool).
-    key_mask: [B, 1, 1, L], True where a key position is past the row's own; attention reads the
-    first L positions of each row's slot."""
+    session in slot slots[b] of the pools ([slots, Hkv, context, D], kv_cache.SlotPool): its
+    K/V are written there. key_mask: [B, 1, 1, L], True where a key position is past the row's
+    own; attention reads the first L positions of each row's slot, gathered from the pool, or
+    with `dense` straight from the pool's first B slots (row b is slot b, no copy)."""
     rows = x.shape[0]
     heads, kv_heads, dim = args.num_heads, args.num_kv_heads, args.head_dim
     q, k, v = parts.pre(args, w, x, cos, sin)
     k_pool[slots, :, positions] = k  # each row's new K/V at its position in its slot
     v_pool[slots, :, positions] = v
     context = key_mask.shape[-1]
-    keys = k_pool[:, :, :context].index_select(0, slots)  # [B, Hkv, L, D]
-    values = v_pool[:, :, :context].index_select(0, slots)
+    if dense:
+        keys, values = k_pool[:rows, :, :context], v_pool[:rows, :, :context]  # [B, Hkv, L, D]
+    else:
+        keys = k_pool[:, :, :context].index_select(0, slots)
+        values = v_pool[:, :, :context].index_select(0, slots)
     qg = q.view(rows, kv_heads, heads // kv_heads, dim)  # head h reads KV head h // group
     scores = torch.matmul(qg, keys.transpose(-1, -2)) / math.sqrt(dim)  # [B, Hkv, G, L]
     scores = scores.masked_fill(key_mask, float("-inf"))
@@ -331,6 +336,7 @@ class RangeModel:
         slots: torch.Tensor,
         context: int,
         parts: LayerParts = EAGER,
+        dense: bool = False,
     ) -> torch.Tensor:
         """One decode token per row over a kv_cache.SlotPool, with fixed shapes (see
         decode_layer). inputs: token ids [B] on the first stage, else hidden states [B, hidden];
@@ -343,7 +349,7 @@ class RangeModel:
         for i, layer in enumerate(w.layers):
             x = decode_layer(
                 self.args, layer, pool.k[i], pool.v[i], x, cos, sin, slots, positions, key_mask,
-                parts,
+                parts, dense,
             )  # fmt: skip
         return self._head(x) if w.is_last else x
 
