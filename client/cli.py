@@ -438,11 +438,19 @@ def _print_plan(plan: dict, stages: dict[str, dict], as_json: bool) -> int:
         )
     if as_json:
         print(
-            json.dumps({"epoch": int(plan["epoch"]), "strategy": plan["strategy"], "stages": rows})
+            json.dumps(
+                {
+                    "epoch": int(plan["epoch"]),
+                    "strategy": plan["strategy"],
+                    "max_context": int(plan["max_context"]),
+                    "stages": rows,
+                }
+            )
         )
     else:
         print(
-            f"plan epoch {plan['epoch']}, strategy {plan['strategy']}, {plan['num_layers']} layers"
+            f"plan epoch {plan['epoch']}, strategy {plan['strategy']}, "
+            f"{plan['num_layers']} layers, sessions up to {plan['max_context']} tokens"
         )
         header = list(rows[0])[:-1] if rows else []
         table = [header] + [[str(r[h]) for h in header] for r in rows]

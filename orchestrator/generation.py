@@ -147,7 +147,8 @@ class Generator:
         if total > self.max_positions:
             raise InvalidArgument(
                 f"prompt ({len(req.prompt_ids)} tokens) + max_new_tokens ({req.max_new_tokens}) = "
-                f"{total} exceeds the model's context of {self.max_positions} tokens"
+                f"{total} exceeds the {self.max_positions} tokens a session may reach (the "
+                "model's context, or the stages' --max-context)"
             )
         if req.stop and self.tokenizer.hf is None:
             raise InvalidArgument("stop strings need a tokenizer; this model has none")

@@ -56,6 +56,7 @@ class StageEstimate:
 class PlanView:
     plan: PartitionPlan
     stages: tuple[StageEstimate, ...]
+    max_context: int  # the longest session every stage of the plan serves
 
 
 def plan_spec(request: PlanRequest) -> PlanSpec:
@@ -150,7 +151,9 @@ class Orchestrator:
                     ms_per_token=estimate_ms_per_token(profile, cap, layers, first, last),
                 )
             )
-        return PlanView(plan, tuple(estimates))
+        contexts = [i.max_context for g in groups for i in g if i.max_context > 0]
+        max_context = min([self.args.max_position_embeddings, *contexts])
+        return PlanView(plan, tuple(estimates), max_context)
 
     def reload(self, request: PlanRequest) -> PlanView:
         """Applies a new plan while serving: steps in flight finish first, new ones wait, and
@@ -168,7 +171,8 @@ class Orchestrator:
                     log.error("reload to %s failed (%s); restoring the previous plan", plan, err)
                     self.router.apply(dataclasses.replace(old, epoch=plan.epoch + 1))
                     raise type(err)(f"{err}; the previous plan is restored") from None
-                self.view = PlanView(plan, view.stages)
+                self.view = PlanView(plan, view.stages, view.max_context)
+                self.generator.max_positions = view.max_context
                 log.info("plan epoch %d applied: %s", plan.epoch, plan)
                 return self.view
 

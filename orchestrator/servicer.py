@@ -77,6 +77,7 @@ def plan_to_pb(view: PlanView) -> pb.Plan:
                 zip(plan.addresses, plan.ranges, view.stages, strict=True)
             )
         ],
+        max_context=view.max_context,
     )
 
 

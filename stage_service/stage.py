@@ -90,14 +90,13 @@ class Stage:
             if start == end:
                 return
             weights = load_range(self.model_dir, self.args, start, end, self.dtype, self.device)
-            context = self.args.max_position_embeddings
             shape = CacheShape(
                 num_layers=end - start,
                 kv_heads=self.args.num_kv_heads,
                 head_dim=self.args.head_dim,
                 dtype=self.dtype,
                 device=self.device,
-                max_positions=min(self.config.max_context or context, context),
+                max_positions=self.max_context,
             )
             static = self.config.use_static_kv
             cache = SessionCache(
@@ -139,6 +138,7 @@ class Stage:
             "model_fingerprint": self.fingerprint,
             "threads": torch.get_num_threads(),
             "gflops": self.gflops,
+            "max_context": self.max_context,
         }
         if loaded is not None:
             loaded.cache.sweep()
@@ -155,6 +155,12 @@ class Stage:
                 "plan_epoch": loaded.epoch,
             }
         return out
+
+    @property
+    def max_context(self) -> int:
+        """The most tokens a session may reach on this stage."""
+        context = self.args.max_position_embeddings
+        return min(self.config.max_context or context, context)
 
     def ready(self) -> tuple[bool, str]:
         if self.loaded is None:

@@ -23,7 +23,7 @@ def tiny_mesh(tmp_path_factory):
     [
         (dict(token_ids=[]), "INVALID_ARGUMENT", "prompt is empty"),
         (dict(token_ids=[1, 500]), "INVALID_ARGUMENT", "outside the vocabulary"),
-        (dict(token_ids=[1], max_new_tokens=300), "INVALID_ARGUMENT", "context of 256"),
+        (dict(token_ids=[1], max_new_tokens=300), "INVALID_ARGUMENT", "the 256 tokens"),
         (dict(token_ids=[1], max_new_tokens=-3), "INVALID_ARGUMENT", "max_new_tokens"),
         (dict(token_ids=[1], temperature=-1.0), "INVALID_ARGUMENT", "temperature"),
         (dict(token_ids=[1], top_p=1.5), "INVALID_ARGUMENT", "top_p"),
@@ -139,3 +139,17 @@ def test_a_client_over_its_session_cap_is_refused(tmp_path):
         for s in streams:
             list(s)
         assert mesh.client.generate(token_ids=[1, 2], max_new_tokens=2).token_ids
+
+
+def test_stages_max_context_is_the_plans_and_checked_before_any_step(tmp_path):
+    """Stages serving --max-context 40 (of the model's 256): the plan says so, a request that
+    would outgrow it is refused up front (not cut off mid-way), one that fits is served."""
+    model_dir = make_tiny_model(tmp_path, "gqa")
+    options = dict(static_kv="on", max_context=40)
+    with in_process_mesh(model_dir, 2, stage_options=options) as mesh:
+        assert mesh.client.plan()["max_context"] == 40
+        with pytest.raises(ClientError) as err:
+            mesh.client.generate(token_ids=[1, 2, 3], max_new_tokens=38)
+        assert err.value.code == "INVALID_ARGUMENT" and "the 40 tokens" in err.value.message
+        reply = mesh.client.generate(token_ids=[1, 2, 3], max_new_tokens=37)
+        assert len(reply.token_ids) == 37 and reply.finish_reason == "length"
