@@ -189,7 +189,13 @@ def rss(mesh: LocalMesh) -> dict[str, int]:
 
 
 def soak(
-    model: Path, seconds: float, sessions: int, seed: int, log_dir: Path, warmup_s: float
+    model: Path,
+    seconds: float,
+    sessions: int,
+    seed: int,
+    log_dir: Path,
+    warmup_s: float,
+    stage_args: list[str] | None = None,
 ) -> int:
     vocab, context = model_shape(model)
     keys_file, keys = "", [None]
@@ -198,7 +204,10 @@ def soak(
         keys_file = str(log_dir / "api-keys")
         Path(keys_file).write_text("".join(f"{k} client\n" for k in keys))
     print(f"soak: model {model}, {sessions} sessions, {seconds:.0f} s (+ {warmup_s:.0f} s warm-up)")
-    with LocalMesh(str(model), 2, log_dir=log_dir, api_keys_file=keys_file) as mesh:
+    mesh = LocalMesh(
+        str(model), 2, log_dir=log_dir, api_keys_file=keys_file, extra_stage_args=stage_args
+    )
+    with mesh:
         stages = [p.address for p in mesh.processes if p.name.startswith("stage")]
         print(f"mesh: orchestrator {mesh.address}, stages {stages}, logs {log_dir}")
         with Client(mesh.address, timeout_s=60, api_key=keys[0]) as client:
@@ -318,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         help="warm-up before the RSS baseline (default: 10%% of --seconds, 10 to 60 s)",
     )
     p.add_argument("--log-dir", default="", help="process logs (default: a temporary directory)")
+    p.add_argument(
+        "--stage-args",
+        default="",
+        help="more stage options, e.g. '--static-kv on --max-context 256'",
+    )
     args = p.parse_args(argv)
     warmup_s = args.warmup_seconds
     if warmup_s is None:
@@ -331,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
             from tests.conftest import make_tiny_model  # torch + transformers: only when needed
 
             model = make_tiny_model(Path(tmp), "gqa")  # 4 layers, 256-token context
-        return soak(model, args.seconds, args.sessions, args.seed, log_dir, warmup_s)
+        stage_args = args.stage_args.split()
+        return soak(model, args.seconds, args.sessions, args.seed, log_dir, warmup_s, stage_args)
 
 
 if __name__ == "__main__":
