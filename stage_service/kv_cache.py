@@ -53,17 +53,25 @@ class Session:
     slot: int = -1  # static layout: the session's slot in the pool
 
 
+def check_slot_budget(shape: CacheShape, budget_bytes: int) -> int:
+    """The number of static slots a budget holds; ResourceExhausted when not even one."""
+    per_slot = shape.max_positions * shape.bytes_per_token
+    if budget_bytes < per_slot:
+        raise ResourceExhausted(
+            f"the KV budget of {budget_bytes // 2**20} MiB does not hold one slot of "
+            f"{shape.max_positions} tokens ({per_slot} bytes for {shape.num_layers} layers): "
+            "raise --kv-cache-mb or lower --max-context"
+        )
+    return budget_bytes // per_slot
+
+
 class SlotPool:
     """Static KV storage: per held layer one K and one V tensor [slots + 1, kv_heads, context,
     head_dim]. The extra last slot is scratch, written by the padding rows of a graph bucket."""
 
     def __init__(self, shape: CacheShape, slots: int):
         if slots < 1:
-            raise ResourceExhausted(
-                f"the KV budget does not hold one slot of {shape.max_positions} tokens "
-                f"({shape.max_positions * shape.bytes_per_token} bytes): raise --kv-cache-mb or "
-                "lower --max-context"
-            )
+            check_slot_budget(shape, 0)
         dims = (slots + 1, shape.kv_heads, shape.max_positions, shape.head_dim)
         layers = range(shape.num_layers)
         self.k = [torch.zeros(dims, dtype=shape.dtype, device=shape.device) for _ in layers]
@@ -97,8 +105,7 @@ class SessionCache:
         self.shape = shape
         self.pool: SlotPool | None = None
         if static:
-            per_slot = shape.max_positions * shape.bytes_per_token
-            self.pool = SlotPool(shape, budget_bytes // per_slot)
+            self.pool = SlotPool(shape, check_slot_budget(shape, budget_bytes))
         self.budget_bytes = budget_bytes
         self.ttl_s = ttl_s
         self.clock = clock

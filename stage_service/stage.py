@@ -22,7 +22,7 @@ from protos.sampling import Sampling
 from stage_service.batcher import Batcher, Job
 from stage_service.config import StageConfig
 from stage_service.decode import StaticDecoder
-from stage_service.kv_cache import CacheShape, Session, SessionCache
+from stage_service.kv_cache import CacheShape, Session, SessionCache, check_slot_budget
 from stage_service.model import LlamaArgs, RangeModel, Segment
 from stage_service.sampling import sample_rows
 from stage_service.speed import measure_gflops
@@ -85,20 +85,22 @@ class Stage:
                 f"layer range [{start}, {end}) is not inside the model's "
                 f"{self.args.num_layers} layers (an empty range is 0..0)"
             )
+        shape = CacheShape(
+            num_layers=end - start,
+            kv_heads=self.args.num_kv_heads,
+            head_dim=self.args.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+            max_positions=self.max_context,
+        )
+        static = self.config.use_static_kv
+        if static and start != end:
+            check_slot_budget(shape, self.config.kv_cache_mb * 2**20)  # before dropping anything
         with self._compute:
             self.loaded = None  # free the old range before reading the new one
             if start == end:
                 return
             weights = load_range(self.model_dir, self.args, start, end, self.dtype, self.device)
-            shape = CacheShape(
-                num_layers=end - start,
-                kv_heads=self.args.num_kv_heads,
-                head_dim=self.args.head_dim,
-                dtype=self.dtype,
-                device=self.device,
-                max_positions=self.max_context,
-            )
-            static = self.config.use_static_kv
             cache = SessionCache(
                 shape,
                 self.config.kv_cache_mb * 2**20,
