@@ -131,16 +131,15 @@ class StaticDecoder:
         self, static: torch.Tensor, hidden: torch.Tensor, slots: list[int], dense: bool
     ) -> torch.Tensor:
         """The step's hidden rows into the input rows (at their slots when dense)."""
-        hidden = hidden.to(self.device)
-        if dense:
-            static.index_copy_(0, torch.tensor(slots, device=self.device), hidden)
-        else:
+        if dense and slots != list(range(len(slots))):
+            static.index_copy_(0, torch.tensor(slots, device=self.device), hidden.to(self.device))
+        else:  # gathered, or dense with rows already in slot order (a lone session in slot 0)
             static[: len(slots)].copy_(hidden)
         return static
 
     def _rows(self, out: torch.Tensor, slots: list[int], dense: bool) -> torch.Tensor:
         """The output rows of the step's sessions, in its order."""
-        if dense:
+        if dense and slots != list(range(len(slots))):
             return out.index_select(0, torch.tensor(slots, device=self.device))
         return out[: len(slots)]
 

@@ -6,6 +6,7 @@ the plan epoch that every step must then carry.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -97,6 +98,8 @@ class Stage:
         if static and start != end:
             check_slot_budget(shape, self.config.kv_cache_mb * 2**20)  # before dropping anything
         with self._compute:
+            if self.loaded is not None and self.loaded.decoder is not None:
+                gc.unfreeze()  # the old range's objects become collectable again (see below)
             self.loaded = None  # free the old range before reading the new one
             if start == end:
                 return
@@ -122,6 +125,11 @@ class Stage:
                         time.perf_counter() - t0,
                     )
             self.loaded = Loaded(model, cache, weight_bytes(weights), epoch, decoder)
+            if decoder is not None and decoder.graphs:
+                # What loading made (graphs, compiled code: a great many objects) is kept out of
+                # the collector's full scans, whose pauses would land on ~3 ms decode steps.
+                gc.collect()
+                gc.freeze()
 
     def info(self) -> dict:
         loaded = self.loaded
