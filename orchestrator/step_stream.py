@@ -6,7 +6,7 @@ them in one forward where they fit and answers with one StepBatchReply), so with
 a stage link carries a few messages per step of the mesh, not one per session.
 
 A broken stream fails every step waiting on it with Unavailable naming the stage; the next step
-opens a new one. A step that gets no reply within its deadline fails the same way.
+opens a new one. Deadlines are the caller's (router._Chain): a step it gives up on is forgotten.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 
 import grpc
 
@@ -124,21 +122,6 @@ class StepStream:
         """Drops a step's callback (its caller gave up waiting)."""
         with self._lock:
             self._pending.pop(request_id, None)
-
-    def step(self, request: pb.StepRequest, timeout_s: float) -> pb.StepReply:
-        """submit() and wait for the reply."""
-        future: Future = Future()
-        request_id = self.submit(request, future.set_result)
-        try:
-            outcome = future.result(timeout_s)
-        except FutureTimeout:
-            self.forget(request_id)
-            raise Unavailable(
-                f"{self.describe()} did not answer a step within {timeout_s:.0f} s"
-            ) from None
-        if isinstance(outcome, LlamadistError):
-            raise outcome
-        return outcome
 
     def close(self) -> None:
         self._requests.put(None)

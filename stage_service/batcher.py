@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from protos.errors import Unavailable
 
@@ -21,7 +21,6 @@ class Job:
     step: object  # stage.StepInput
     out: object = None  # stage.StepOutput once done
     error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
     on_done: Callable[[Job], None] | None = None  # called on the compute thread when done
 
 
@@ -41,21 +40,12 @@ class Batcher:
 
     def submit(self, step) -> object:
         """Runs a step in the next batch and returns its output."""
-        job = self.submit_async(step)
-        job.done.wait()
+        job, done = Job(step), threading.Event()
+        self.submit_many([job], done.set)
+        done.wait()
         if job.error is not None:
             raise job.error
         return job.out
-
-    def submit_async(self, step, on_done: Callable[[Job], None] | None = None) -> Job:
-        """Queues a step; `on_done(job)` runs on the compute thread once it is done."""
-        job = Job(step, on_done=on_done)
-        with self._cond:
-            if self._closed:
-                raise Unavailable("the stage is shutting down")
-            self._queue.append(job)
-            self._cond.notify()
-        return job
 
     def submit_many(self, jobs: list[Job], on_done: Callable[[], None]) -> None:
         """Queues `jobs` together, so that those that fit (distinct sessions, within max_batch
@@ -120,7 +110,6 @@ class Batcher:
                     if job.out is None and job.error is None:
                         job.error = err
             for job in batch:
-                job.done.set()
                 if job.on_done is not None:
                     job.on_done(job)
 
@@ -132,6 +121,5 @@ class Batcher:
             self._cond.notify_all()
         for job in pending:
             job.error = Unavailable("the stage is shutting down")
-            job.done.set()
             if job.on_done is not None:
                 job.on_done(job)

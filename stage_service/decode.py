@@ -104,10 +104,10 @@ class StaticDecoder:
         rows = bucket(n)
         dense_rows = bucket(max(slots) + 1)
         dense = dense_rows <= min(2 * rows, self.max_rows, self.pool.slots)
+        if dense:
+            rows = dense_rows
         pad_ids, pad_pos, pad_slots = [0] * rows, [0] * rows, [self.pool.scratch] * rows
         if dense:  # row j is slot j: the batch's rows go to their slots, the rest is padding
-            rows = dense_rows
-            pad_ids, pad_pos, pad_slots = [0] * rows, [0] * rows, [self.pool.scratch] * rows
             for slot, token, pos in zip(slots, token_ids, positions, strict=True):
                 pad_ids[slot], pad_pos[slot], pad_slots[slot] = token, pos, slot
         else:
@@ -130,7 +130,8 @@ class StaticDecoder:
     def _place(
         self, static: torch.Tensor, hidden: torch.Tensor, slots: list[int], dense: bool
     ) -> torch.Tensor:
-        """The step's hidden rows into the input rows (at their slots when dense)."""
+        """The step's hidden rows (on the host) into the input rows (at their slots when
+        dense): one copy to the device."""
         if dense and slots != list(range(len(slots))):
             static.index_copy_(0, torch.tensor(slots, device=self.device), hidden.to(self.device))
         else:  # gathered, or dense with rows already in slot order (a lone session in slot 0)

@@ -70,8 +70,7 @@ class SlotPool:
     head_dim]. The extra last slot is scratch, written by the padding rows of a graph bucket."""
 
     def __init__(self, shape: CacheShape, slots: int):
-        if slots < 1:
-            check_slot_budget(shape, 0)
+        """slots: as many as the budget holds (check_slot_budget), at least one."""
         dims = (slots + 1, shape.kv_heads, shape.max_positions, shape.head_dim)
         layers = range(shape.num_layers)
         self.k = [torch.zeros(dims, dtype=shape.dtype, device=shape.device) for _ in layers]

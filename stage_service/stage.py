@@ -268,9 +268,10 @@ class Stage:
                 job.out = out
 
     def _hidden(self, loaded: Loaded, steps: list[StepInput]) -> torch.Tensor | None:
+        """The steps' incoming hidden rows, on the host (None on the first stage)."""
         if loaded.model.weights.is_first:
             return None
-        return torch.cat([s.hidden for s in steps]).to(self.device)
+        return torch.cat([s.hidden for s in steps])
 
     def _forward(self, loaded: Loaded, ready: list[tuple[Job, Session]]) -> torch.Tensor:
         """The general path (prefills, replays, full logits): one segment per session. Returns
@@ -283,7 +284,10 @@ class Stage:
         steps = [job.step for job, _ in ready]
         ids = torch.tensor([t for s in steps for t in s.token_ids], device=self.device)
         all_logits = steps[0].return_logits  # such a step runs alone (batcher)
-        return loaded.model.forward(segments, ids, self._hidden(loaded, steps), all_logits)
+        hidden = self._hidden(loaded, steps)
+        if hidden is not None:
+            hidden = hidden.to(self.device)
+        return loaded.model.forward(segments, ids, hidden, all_logits)
 
     def _sample(
         self, ready: list[tuple[Job, Session]], logits: torch.Tensor

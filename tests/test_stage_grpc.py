@@ -208,21 +208,33 @@ def test_a_refused_load_layers_keeps_the_range_in_force(two_stages):
     assert two_stages.step("live", 3, [4]).token_id >= 0
 
 
+def step_on(stream, request: pb.StepRequest, timeout_s: float = 10) -> pb.StepReply:
+    """A step over a StepStream, waiting for its reply (raises the step's error)."""
+    from concurrent.futures import Future
+
+    future: Future = Future()
+    stream.submit(request, future.set_result)
+    outcome = future.result(timeout_s)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
 def test_forward_stream_answers_each_step_and_survives_a_bad_one(two_stages):
     from orchestrator.step_stream import StepStream
     from protos.errors import InvalidArgument
 
     stream = StepStream(two_stages.stubs[0].ForwardStream, lambda: "stage 0")
     try:
-        ok = stream.step(pb.StepRequest(session_id="st", plan_epoch=1, token_ids=[1, 2]), 10)
+        ok = step_on(stream, pb.StepRequest(session_id="st", plan_epoch=1, token_ids=[1, 2]))
         unary = two_stages.stubs[0].Forward(
             pb.StepRequest(session_id="un", plan_epoch=1, token_ids=[1, 2])
         )
         assert ok.hidden == unary.hidden and ok.request_id == 1
         with pytest.raises(InvalidArgument, match="outside the vocabulary"):
-            stream.step(pb.StepRequest(session_id="st", plan_epoch=1, token_ids=[999]), 10)
-        again = stream.step(pb.StepRequest(session_id="st", plan_epoch=1, start_pos=2,
-                                           token_ids=[3]), 10)  # fmt: skip
+            step_on(stream, pb.StepRequest(session_id="st", plan_epoch=1, token_ids=[999]))
+        again = step_on(stream, pb.StepRequest(session_id="st", plan_epoch=1, start_pos=2,
+                                               token_ids=[3]))  # fmt: skip
         assert again.request_id == 3 and not again.error_code and not stream.broken
     finally:
         stream.close()
@@ -339,7 +351,7 @@ def test_step_stream_sends_the_steps_queued_meanwhile_as_one_batch():
 
     def call(i: int) -> None:
         request = pb.StepRequest(session_id=f"s{i}", token_ids=[i])
-        results[i] = stream.step(request, 10).token_id
+        results[i] = step_on(stream, request).token_id
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
     for t in threads:
