@@ -49,7 +49,6 @@ class Session:
     length: int = 0
     last_used: float = 0.0
     seen_tokens: list[int] = field(default_factory=list)  # last stage: repetition penalty
-    generator: torch.Generator | None = None  # last stage: per-request seed
     slot: int = -1  # static layout: the session's slot in the pool
 
 
@@ -149,8 +148,7 @@ class SessionCache:
                     f"start_pos {start_pos} is past session {session_id!r}'s cached length "
                     f"{session.length}"
                 )
-            if start_pos == 0:
-                session.seen_tokens.clear()
+            del session.seen_tokens[start_pos:]  # the tokens before the step, as on a first run
             try:
                 self._reserve_locked(session, end)
             except ResourceExhausted:

@@ -1,5 +1,10 @@
 """Next-token choice on the last stage: repetition penalty, then temperature, top-k and top-p,
-in the order transformers applies them; temperature 0 is greedy."""
+in the order transformers applies them; temperature 0 is greedy.
+
+A seeded draw is a function of (seed, position) only — a counter-based stream: the generator of
+the token at position p is seeded from a mix of the seed and p. So a session replayed onto
+another replica, after a plan reload or a resume, samples exactly the tokens an uninterrupted run
+would have."""
 
 from __future__ import annotations
 
@@ -33,6 +38,28 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
         remove = remove_sorted.scatter(0, order, remove_sorted)
         logits = logits.masked_fill(remove, float("-inf"))
     return logits
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def position_seed(seed: int, position: int) -> int:
+    """splitmix64 of (seed, position): well-spread 64-bit seeds for neighbouring positions."""
+    z = (seed + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def draw_generator(
+    seed: int | None, position: int, device: torch.device
+) -> torch.Generator | None:
+    """The generator for the token at `position` (None: unseeded, torch's global stream)."""
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(position_seed(seed, position))
+    return generator
 
 
 def sample(

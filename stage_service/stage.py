@@ -25,7 +25,7 @@ from stage_service.config import StageConfig
 from stage_service.decode import StaticDecoder
 from stage_service.kv_cache import CacheShape, Session, SessionCache, check_slot_budget
 from stage_service.model import LlamaArgs, RangeModel, Segment
-from stage_service.sampling import sample_rows
+from stage_service.sampling import draw_generator, sample_rows
 from stage_service.speed import measure_gflops
 from stage_service.weights import load_range, model_fingerprint, read_config, weight_bytes
 
@@ -296,16 +296,17 @@ class Stage:
         steps = [job.step for job, _ in ready]
         for step, (_, session) in zip(steps, ready, strict=True):
             session.seen_tokens.extend(step.token_ids)
-            if step.start_pos == 0 and step.sampling.seed is not None:
-                session.generator = torch.Generator(device=self.device)
-                session.generator.manual_seed(step.sampling.seed)
         full = steps[0].return_logits  # then it is the batch's only step, every row its own
         last_rows = logits[-1:] if full else logits
         picked = sample_rows(
             last_rows,
             [s.sampling for s in steps],
             [session.seen_tokens for _, session in ready],
-            [session.generator for _, session in ready],
+            # the token sampled here takes the position after the step's last input token
+            [
+                draw_generator(s.sampling.seed, s.start_pos + len(s.token_ids), self.device)
+                for s in steps
+            ],
         )
         outputs: list[StepOutput | Exception] = []
         for pick in picked:

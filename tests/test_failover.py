@@ -91,6 +91,21 @@ def test_killing_a_replica_mid_stream_changes_nothing(mesh, expected):
     assert client.generate(token_ids=PROMPT, max_new_tokens=30).token_ids == expected[:30]
 
 
+def test_seeded_sampling_is_the_same_after_a_failover(mesh):
+    a, b, c = mesh.stage("a"), mesh.stage("b"), mesh.stage("c")
+    client = mesh.orchestrator(f"{a.address}+{b.address},{c.address}")
+    sampling = dict(temperature=0.8, seed=1234, max_new_tokens=60, ignore_eos=True)
+    expected = client.generate(token_ids=PROMPT, **sampling).token_ids
+    stream = client.stream(token_ids=PROMPT, **sampling)
+    pieces = [next(stream) for _ in range(8)]
+    serving = [s["address"] for s in client.stages() if s["info"].get("active_sessions", 0)]
+    victim = next(s for s in (a, b) if s.address in serving)
+    kill(victim)
+    pieces += list(stream)
+    assert pieces[-1].timings["replays"] >= 1
+    assert [t for p in pieces for t in p.token_ids] == expected
+
+
 def test_without_a_replica_fails_fast_then_resumes(mesh, expected):
     a, b = mesh.stage("a"), mesh.stage("b")
     port_b = b.address.rsplit(":", 1)[1]

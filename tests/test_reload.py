@@ -101,3 +101,17 @@ def test_plan_reports_estimates_from_live_capacities(model_dir):
             assert stage["est_ms_per_token"] > 0
         compute = mesh.client.preview_plan(strategy="compute")
         assert sum(s["layer_end"] - s["layer_start"] for s in compute["stages"]) == 6
+
+
+def test_seeded_sampling_survives_a_reload_mid_stream(model_dir):
+    """Each sampled token is a function of (seed, position): a reload replays the session from
+    position 0 and the tokens after it are those of an uninterrupted run with the same seed."""
+    sampling = dict(temperature=0.8, top_k=40, seed=1234, repetition_penalty=1.3)
+    with in_process_mesh(model_dir, 3, plan_stages=2) as mesh:
+        expected = mesh.client.generate(token_ids=PROMPT, max_new_tokens=40, **sampling).token_ids
+        stream = mesh.client.stream(token_ids=PROMPT, max_new_tokens=40, **sampling)
+        pieces = [next(stream) for _ in range(8)]
+        mesh.client.reload_plan(strategy="custom", boundaries="0-1,2-3,4-5", stages=mesh.addresses)
+        pieces += list(stream)
+    assert pieces[-1].timings["replays"] >= 1
+    assert [t for p in pieces for t in p.token_ids] == expected
