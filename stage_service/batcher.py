@@ -4,16 +4,23 @@ Whatever is queued when the thread becomes free goes into the next batch: decode
 sessions (and prefills) share each matmul, one segment per session (model.Segment). Nothing
 waits for a batch to fill, so a lone session pays no extra latency; under load the batch grows
 with the queue. A step that asks for full logits runs alone (they are per row of its batch).
+
+Queued work whose caller is gone (`Job.cancelled`) or whose session was ended (`drop`) is
+answered Cancelled instead of computed. If the compute thread ever dies, every waiting and later
+job fails with Unavailable (and the stage's Health says NOT_SERVING): nobody waits forever.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from protos.errors import Unavailable
+from protos.errors import Cancelled, Unavailable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -22,6 +29,7 @@ class Job:
     out: object = None  # stage.StepOutput once done
     error: BaseException | None = None
     on_done: Callable[[Job], None] | None = None  # called on the compute thread when done
+    cancelled: Callable[[], bool] | None = None  # True once nobody waits for the answer
 
 
 class Batcher:
@@ -33,14 +41,20 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self._queue: deque[Job] = deque()
         self.taken = 0  # jobs taken into batches so far
+        self.dropped = 0  # jobs answered Cancelled without running
+        self.died: str = ""  # why the compute thread ended, if it did other than by close()
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="compute", daemon=True)
         self._thread.start()
 
-    def submit(self, step) -> object:
+    @property
+    def alive(self) -> bool:
+        return not self.died
+
+    def submit(self, step, cancelled: Callable[[], bool] | None = None) -> object:
         """Runs a step in the next batch and returns its output."""
-        job, done = Job(step), threading.Event()
+        job, done = Job(step, cancelled=cancelled), threading.Event()
         self.submit_many([job], done.set)
         done.wait()
         if job.error is not None:
@@ -64,28 +78,44 @@ class Batcher:
         for job in jobs:
             job.on_done = one_done
         with self._cond:
+            if self.died:
+                raise Unavailable(f"the stage's compute thread died ({self.died})")
             if self._closed:
                 raise Unavailable("the stage is shutting down")
             self._queue.extend(jobs)
             self._cond.notify()
 
-    def _next_batch(self) -> list[Job]:
+    def drop(self, session_id: str) -> int:
+        """Answers the session's queued (not yet running) jobs Cancelled; returns how many."""
+        with self._cond:
+            mine = [j for j in self._queue if j.step.session_id == session_id]
+            if mine:
+                self._queue = deque(j for j in self._queue if j.step.session_id != session_id)
+        self._finish(mine, Cancelled(f"session {session_id!r} was ended"))
+        return len(mine)
+
+    def _next_batch(self) -> tuple[list[Job], list[Job]] | None:
+        """The next batch (maybe empty), and the queued jobs nobody waits for any more; None
+        once closed."""
         with self._cond:
             self._cond.wait_for(lambda: self._queue or self._closed)
             if self._closed:
-                return []
-            batch = [self._queue.popleft()]
-            if batch[0].step.return_logits:
-                self.taken += 1
-                return batch
-            sessions = {batch[0].step.session_id}
-            tokens = len(batch[0].step.token_ids)
+                return None
+            batch: list[Job] = []
+            gone: list[Job] = []
+            sessions: set[str] = set()
+            tokens = 0
             kept: deque[Job] = deque()
             while self._queue and len(batch) < self.max_batch:
                 job = self._queue.popleft()
+                if job.cancelled is not None and job.cancelled():
+                    gone.append(job)
+                    continue
                 n = len(job.step.token_ids)
-                if (
-                    job.step.return_logits
+                alone = job.step.return_logits
+                if batch and (
+                    alone
+                    or batch[0].step.return_logits
                     or job.step.session_id in sessions
                     or tokens + n > self.max_batch_tokens
                 ):
@@ -94,24 +124,48 @@ class Batcher:
                 batch.append(job)
                 sessions.add(job.step.session_id)
                 tokens += n
+                if alone:
+                    break
             self._queue.extendleft(reversed(kept))
             self.taken += len(batch)
-            return batch
+            self.dropped += len(gone)
+            return batch, gone
+
+    def _finish(self, jobs: list[Job], error: BaseException | None = None) -> None:
+        for job in jobs:
+            if error is not None and job.out is None and job.error is None:
+                job.error = error
+            if job.on_done is not None:
+                try:
+                    job.on_done(job)
+                except Exception:  # a caller's bug must not end the compute thread
+                    log.exception("a step's completion callback failed")
 
     def _work(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if not batch:
-                return
-            try:
-                self.run_batch(batch)
-            except BaseException as err:  # noqa: BLE001 - handed to every waiting caller
-                for job in batch:
-                    if job.out is None and job.error is None:
-                        job.error = err
-            for job in batch:
-                if job.on_done is not None:
-                    job.on_done(job)
+        batch: list[Job] = []
+        try:
+            while (taken := self._next_batch()) is not None:
+                batch, gone = taken
+                self._finish(gone, Cancelled("the step's caller is gone"))
+                if not batch:
+                    continue
+                try:
+                    self.run_batch(batch)
+                    self._finish(batch)
+                except Exception as err:  # noqa: BLE001 - handed to every waiting caller
+                    log.exception("a batch failed")
+                    self._finish(batch, err)
+                batch = []
+        except BaseException as err:
+            # SystemExit, KeyboardInterrupt, MemoryError...: this thread ends. Fail what waits
+            # and refuse what comes, so that callers get an answer and Health turns NOT_SERVING.
+            with self._cond:
+                self.died = f"{type(err).__name__}: {err}"
+                pending = list(self._queue)
+                self._queue.clear()
+            log.critical("the compute thread died: %s", self.died)
+            self._finish(batch + pending, Unavailable(f"the stage's compute thread died ({err!r})"))
+            raise
 
     def close(self) -> None:
         with self._cond:
@@ -119,7 +173,4 @@ class Batcher:
             pending = list(self._queue)
             self._queue.clear()
             self._cond.notify_all()
-        for job in pending:
-            job.error = Unavailable("the stage is shutting down")
-            if job.on_done is not None:
-                job.on_done(job)
+        self._finish(pending, Unavailable("the stage is shutting down"))

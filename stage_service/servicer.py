@@ -59,9 +59,15 @@ class StageServicer(pb_grpc.StageServicer):
 
     @grpc_errors
     def Forward(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepReply:
-        return self._reply(self.stage.forward(self._step(request)))
+        step = self._step(request)
+        return self._reply(self.stage.forward(step, lambda: not context.is_active()))
 
-    def _submit_batch(self, batch: pb.StepBatch, send: Callable[[pb.StepBatchReply], None]) -> None:
+    def _submit_batch(
+        self,
+        batch: pb.StepBatch,
+        send: Callable[[pb.StepBatchReply], None],
+        cancelled: Callable[[], bool],
+    ) -> None:
         """Queues a batch's steps together; `send` gets its one reply when all are done (on the
         compute thread, or here when none could be queued). Every step fails on its own."""
         requests = batch.steps
@@ -87,7 +93,7 @@ class StageServicer(pb_grpc.StageServicer):
             send(pb.StepBatchReply(replies=replies))
 
         try:
-            self.stage.forward_many(steps, done)
+            self.stage.forward_many(steps, done, cancelled)
         except Exception as err:  # noqa: BLE001 - no layers, shutting down: every step fails
             for i in slots:
                 replies[i] = self._error_reply(err)
@@ -101,12 +107,15 @@ class StageServicer(pb_grpc.StageServicer):
         done (no thread waits per step)."""
         replies: queue.SimpleQueue = queue.SimpleQueue()
 
+        def gone() -> bool:  # the orchestrator closed the stream: drop what it queued
+            return not context.is_active()
+
         def read() -> None:
             submitted = 0
             try:
                 for batch in batches:
                     submitted += 1
-                    self._submit_batch(batch, replies.put)
+                    self._submit_batch(batch, replies.put, gone)
             except Exception as err:  # noqa: BLE001 - a bad message or a broken stream
                 replies.put(err)
             replies.put(submitted)  # the end marker: how many replies to wait for

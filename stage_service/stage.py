@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from protos.errors import FailedPrecondition, InvalidArgument, LlamadistError
+from protos.errors import FailedPrecondition, InvalidArgument, LlamadistError, NotFound
 from protos.limits import check_session_id
 from protos.sampling import Sampling
 from stage_service.batcher import Batcher, Job
@@ -173,6 +173,8 @@ class Stage:
         return min(self.config.max_context or context, context)
 
     def ready(self) -> tuple[bool, str]:
+        if not self.batcher.alive:
+            return False, f"the compute thread died ({self.batcher.died}); restart the stage"
         if self.loaded is None:
             return False, "no layers loaded yet; the orchestrator assigns them"
         return True, ""
@@ -180,20 +182,35 @@ class Stage:
     # ------------------------------------------------------------------ serving
 
     def end_session(self, session_id: str) -> int:
-        return self._require_loaded().cache.end(session_id)
+        """Frees the session's cache; its queued steps are dropped (answered Cancelled)."""
+        loaded = self._require_loaded()
+        dropped = self.batcher.drop(session_id)
+        try:
+            return loaded.cache.end(session_id)
+        except NotFound:
+            if dropped:
+                return 0  # only queued work: nothing was cached yet
+            raise
 
-    def forward(self, step: StepInput) -> StepOutput:
-        """Validates the step and runs it in the next batch of the compute thread."""
+    def forward(self, step: StepInput, cancelled: Callable[[], bool] | None = None) -> StepOutput:
+        """Validates the step and runs it in the next batch of the compute thread (unless
+        `cancelled()` says its caller is gone by then)."""
         self._validate(step, self._require_loaded())
-        return self.batcher.submit(step)
+        return self.batcher.submit(step, cancelled)
 
-    def forward_many(self, steps: list[StepInput], on_done: Callable[[list[Job]], None]) -> None:
+    def forward_many(
+        self,
+        steps: list[StepInput],
+        on_done: Callable[[list[Job]], None],
+        cancelled: Callable[[], bool] | None = None,
+    ) -> None:
         """Queues the valid steps together (one forward where they fit) without waiting;
         `on_done(jobs)` runs once, on the compute thread, when all are done: one job per step in
         order, each with its out or its error (a step that fails validation is never queued; if
-        none is queued, on_done runs here). No layers or shutting down raise here."""
+        none is queued, on_done runs here). No layers or shutting down raise here. Steps still
+        queued when `cancelled()` turns true are dropped (answered Cancelled)."""
         loaded = self._require_loaded()
-        jobs = [Job(step) for step in steps]
+        jobs = [Job(step, cancelled=cancelled) for step in steps]
         queued = []
         for job in jobs:
             try:
