@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.plan import LayerRange
 from orchestrator.stage_client import StageClient
-from protos.errors import LlamadistError, Unavailable
+from protos.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class ReplicaPool:
                 replica.down_since = time.monotonic()
                 replica.backoff_s = FIRST_BACKOFF_S
                 replica.next_probe = time.monotonic() + replica.backoff_s
-            if self._prober is None or not self._prober.is_alive():
+            if self._prober is None:
                 self._prober = threading.Thread(target=self._probe_loop, daemon=True)
                 self._prober.start()
         self._wake.set()
@@ -137,8 +137,14 @@ class ReplicaPool:
     def _probe_loop(self) -> None:
         while not self._closed:
             down = self.down()
+            with self._lock:
+                # Decided under the lock that mark_down takes: a replica marked down after this
+                # sees no prober and starts one; one marked down before it is in `down`.
+                if not any(not r.up for r in self._replicas.values()):
+                    self._prober = None
+                    return
             if not down:
-                return
+                continue
             wait = min(r.next_probe for r in down) - time.monotonic()
             if wait > 0:
                 self._wake.wait(wait)
@@ -153,7 +159,7 @@ class ReplicaPool:
             replica.client.info(timeout_s=1.0)
             if self.rejoin is not None:
                 self.rejoin(replica)
-        except LlamadistError as err:
+        except Exception as err:  # noqa: BLE001 - any failure to rejoin: still down, retried
             with self._lock:
                 replica.backoff_s = min(replica.backoff_s * 2, MAX_BACKOFF_S)
                 replica.next_probe = time.monotonic() + replica.backoff_s
