@@ -167,10 +167,11 @@ def in_process_numbers(model: Path, results: dict) -> None:
     """The whole model as one range on cuda:0, no gRPC: decode step time through the static
     decoder (CUDA graphs) at 1 and 64 rows, and logits for the parity check: every prompt
     position from the general path, the last 8 from decode steps (the graphs)."""
+    from protos.model_files import LlamaArgs, read_config
     from stage_service.decode import StaticDecoder
     from stage_service.kv_cache import CacheShape, SessionCache
-    from stage_service.model import LlamaArgs, RangeModel, Segment
-    from stage_service.weights import load_range, read_config
+    from stage_service.model import RangeModel, Segment
+    from stage_service.weights import load_range
 
     dev = torch.device("cuda:0")
     args = LlamaArgs.from_config(read_config(model))

@@ -7,13 +7,12 @@ whatever dtype the files hold. FLOPs count multiply-adds as 2: the matmul weight
 the weighted sum of values). Norms, activations, RoPE and biases are left out (small next to the
 matmuls).
 
-This module imports no torch and no gRPC (the stage_service helpers that read the files are
-imported only inside `from_model_dir`), so the planning layer stays importable anywhere.
+This module imports no torch and no gRPC (protos/model_files reads the files without either),
+so the planning layer stays importable anywhere.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from orchestrator.plan import LayerRange
 from protos.errors import FailedPrecondition, InvalidArgument
+from protos.model_files import LlamaArgs, TensorIndex, read_config
 
 _LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 EMBED = "model.embed_tokens.weight"
@@ -70,23 +70,14 @@ class ModelProfile:
         """From config.json + the safetensors headers (never loads a weight). Layer bytes are
         the element counts of the layer's tensors times `dtype_bytes`; attention FLOPs assume
         `context` cached tokens per generated token."""
-        # Imported here: stage_service pulls in torch, which the planner itself never needs.
-        from stage_service.model import LlamaArgs
-        from stage_service.weights import read_config, safetensors_files, safetensors_header
-
         if dtype_bytes < 1:
             raise InvalidArgument(f"dtype_bytes must be >= 1, got {dtype_bytes}")
         if context < 0:
             raise InvalidArgument(f"context must be >= 0 tokens, got {context}")
         model_dir = Path(model_dir)
         args = LlamaArgs.from_config(read_config(model_dir))
-        numel: dict[str, int] = {}
-        ndim: dict[str, int] = {}
-        for path in safetensors_files(model_dir):
-            for name, info in json.loads(safetensors_header(path)).items():
-                if name != "__metadata__":
-                    numel[name] = math.prod(info["shape"])
-                    ndim[name] = len(info["shape"])
+        shapes = TensorIndex(model_dir).shapes
+        numel = {name: math.prod(shape) for name, shape in shapes.items()}
 
         layer_elems = [0] * args.num_layers
         matmul_params = [0] * args.num_layers
@@ -96,7 +87,7 @@ class ModelProfile:
                 continue
             i = int(m.group(1))
             layer_elems[i] += count
-            if ndim[name] == 2:  # the projection matrices (norms and biases are 1-D)
+            if len(shapes[name]) == 2:  # the projection matrices (norms and biases are 1-D)
                 matmul_params[i] += count
         missing = [i for i, n in enumerate(layer_elems) if n == 0]
         if missing:

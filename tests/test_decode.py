@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import torch
 
+from protos.model_files import LlamaArgs, read_config
 from stage_service.decode import StaticDecoder
 from stage_service.kv_cache import CacheShape, SessionCache
-from stage_service.model import LlamaArgs, RangeModel, Segment
-from stage_service.weights import load_range, read_config
+from stage_service.model import RangeModel, Segment
+from stage_service.weights import load_range
 from tests.conftest import make_tiny_model
 
 CPU = torch.device("cpu")

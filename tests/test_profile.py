@@ -14,7 +14,7 @@ from safetensors import safe_open
 from orchestrator.plan import LayerRange
 from orchestrator.profile import ModelProfile, StageCapacity
 from protos.errors import InvalidArgument
-from stage_service.model import LlamaArgs
+from protos.model_files import LlamaArgs
 from stage_service.weights import load_range, weight_bytes
 from tests.conftest import TINY_CONFIGS, make_tiny_model
 

@@ -1,0 +1,118 @@
+"""What every service knows about a model directory (config.json + *.safetensors), without torch:
+the model's shape (`LlamaArgs`), which file holds which tensor and its shape (`TensorIndex`,
+read from the safetensors *headers* only) and the fingerprint stages and the orchestrator compare
+so that everyone serves the same weights. Loading tensors is the stage's job
+(stage_service/weights.py); the orchestrator and the client never import torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from protos.errors import FailedPrecondition
+
+
+@dataclass(frozen=True)
+class LlamaArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict = field(default_factory=dict)  # {"rope_type": ..., params}; {} = default
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> LlamaArgs:
+        """From a config.json dict, old (rope_theta + rope_scaling) or new (rope_parameters)."""
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        rope = {**rope, "rope_type": rope_type} if rope_type != "default" else {}
+        heads = cfg["num_attention_heads"]
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", False),
+            mlp_bias=cfg.get("mlp_bias", False),
+        )
+
+
+def read_config(model_dir: Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FailedPrecondition(
+            f"{model_dir} has no config.json; pass --model DIR of an HF-layout model "
+            "(`llamadist model fetch-default` makes one)"
+        )
+    return json.loads(path.read_text())
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FailedPrecondition(f"{model_dir} has no *.safetensors files")
+    return files
+
+
+def safetensors_header(path: Path) -> bytes:
+    """The raw JSON header of a safetensors file (names, dtypes, shapes, offsets)."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return f.read(length)
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """sha256 over config.json and every safetensors header: cheap, and changes with the
+    architecture, tensor layout or file contents' sizes."""
+    digest = hashlib.sha256(json.dumps(read_config(model_dir), sort_keys=True).encode())
+    for path in safetensors_files(model_dir):
+        digest.update(path.name.encode())
+        digest.update(safetensors_header(path))
+    return digest.hexdigest()[:16]
+
+
+class TensorIndex:
+    """Which safetensors file holds which tensor name, and its shape (from the headers)."""
+
+    def __init__(self, model_dir: Path):
+        self.location: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for path in safetensors_files(model_dir):
+            for name, info in json.loads(safetensors_header(path)).items():
+                if name != "__metadata__":
+                    self.location[name] = path
+                    self.shapes[name] = tuple(info["shape"])
+
+    def has(self, name: str) -> bool:
+        return name in self.location
+
+    def by_file(self, names: list[str]) -> dict[Path, list[str]]:
+        """The names grouped by the file that holds them, so each file is opened once."""
+        grouped: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in self.location:
+                raise FailedPrecondition(f"tensor {name} is missing from the model's safetensors")
+            grouped.setdefault(self.location[name], []).append(name)
+        return grouped
