@@ -25,8 +25,7 @@ from orchestrator.strategies import (
 )
 from orchestrator.tokenizer import Tokenizer
 from protos.errors import InvalidArgument, LlamadistError, Unavailable
-from stage_service.model import LlamaArgs
-from stage_service.weights import model_fingerprint, read_config
+from protos.model_files import LlamaArgs, model_fingerprint, read_config
 
 log = logging.getLogger(__name__)
 
