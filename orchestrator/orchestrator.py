@@ -15,14 +15,7 @@ from orchestrator.generation import Generator
 from orchestrator.plan import PartitionPlan
 from orchestrator.profile import ModelProfile, StageCapacity
 from orchestrator.router import Router
-from orchestrator.strategies import (
-    PlanSpec,
-    Strategy,
-    estimate_ms_per_token,
-    make_plan,
-    parse_boundaries,
-    parse_memory,
-)
+from orchestrator.strategies import PlanSpec, estimate_ms_per_token, make_plan, spec_from_text
 from orchestrator.tokenizer import Tokenizer
 from protos.errors import InvalidArgument, LlamadistError, Unavailable
 from protos.model_files import LlamaArgs, model_fingerprint, read_config
@@ -59,20 +52,8 @@ class PlanView:
 
 
 def plan_spec(request: PlanRequest) -> PlanSpec:
-    try:
-        strategy = Strategy(request.strategy or "uniform")
-    except ValueError:
-        names = ", ".join(s.value for s in Strategy)
-        raise InvalidArgument(f"strategy {request.strategy!r} is not one of {names}") from None
-    if request.boundaries and strategy is not Strategy.CUSTOM:
-        raise InvalidArgument("boundaries are for the custom strategy only")
-    if strategy is Strategy.CUSTOM and not request.boundaries:
-        raise InvalidArgument("the custom strategy needs boundaries such as 0-9,10-29")
-    return PlanSpec(
-        strategy=strategy,
-        num_partitions=request.num_partitions or None,
-        max_memory_bytes=parse_memory(request.max_memory) if request.max_memory else (),
-        custom_boundaries=parse_boundaries(request.boundaries) if request.boundaries else (),
+    return spec_from_text(
+        request.strategy, request.num_partitions, request.max_memory, request.boundaries
     )
 
 

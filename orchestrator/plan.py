@@ -3,6 +3,7 @@ layer is dropped or served twice."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from protos.errors import InvalidArgument
@@ -18,6 +19,39 @@ class LayerRange:
 
     def __str__(self) -> str:
         return f"{self.start}-{self.end - 1}"
+
+
+def check_contiguous(ranges: Sequence[LayerRange], num_layers: int, name: str) -> None:
+    """The one contiguity check: the ranges, in order, serve layers 0..num_layers-1 each exactly
+    once. `name` says what the ranges are in the message ("stage", "custom range")."""
+    expected = 0
+    for i, r in enumerate(ranges):
+        if len(r) <= 0:
+            raise InvalidArgument(f"{name} {i} ({r.start}..{r.end - 1}) has no layers")
+        if r.start != expected:
+            if r.start > expected:
+                gap = f"layer(s) {LayerRange(expected, r.start)} are served by no stage"
+            else:
+                gap = f"layer(s) {LayerRange(r.start, min(expected, r.end))} would be served twice"
+            before = (
+                "the first range must start at layer 0"
+                if i == 0
+                else f"the layers before it end at {expected - 1}"
+            )
+            raise InvalidArgument(
+                f"{name} {i} ({r}) starts at layer {r.start} but {before}: {gap} "
+                f"(starts at layer {r.start}, expected {expected})"
+            )
+        expected = r.end
+    if expected != num_layers:
+        if expected < num_layers:
+            gap = f"layer(s) {LayerRange(expected, num_layers)} are served by no stage"
+        else:
+            gap = f"layer(s) {LayerRange(num_layers, expected)} do not exist"
+        raise InvalidArgument(
+            f"the {name}s end at layer {expected - 1} but the model has {num_layers} layers "
+            f"(0-{num_layers - 1}): {gap}"
+        )
 
 
 @dataclass(frozen=True)
@@ -38,20 +72,7 @@ class PartitionPlan:
             )
         if not self.ranges:
             raise InvalidArgument("a plan needs at least one stage")
-        expected = 0
-        for i, r in enumerate(self.ranges):
-            if r.start != expected:
-                raise InvalidArgument(
-                    f"stage {i} starts at layer {r.start}, expected {expected}: layers must be "
-                    "contiguous and each served once"
-                )
-            if len(r) <= 0:
-                raise InvalidArgument(f"stage {i} has no layers ({r.start}..{r.end})")
-            expected = r.end
-        if expected != self.num_layers:
-            raise InvalidArgument(
-                f"plan covers layers 0..{expected - 1} but the model has {self.num_layers}"
-            )
+        check_contiguous(self.ranges, self.num_layers, "stage")
 
     @property
     def num_stages(self) -> int:

@@ -31,7 +31,7 @@ from enum import Enum
 from functools import cached_property
 from itertools import accumulate
 
-from orchestrator.plan import LayerRange, PartitionPlan
+from orchestrator.plan import LayerRange, PartitionPlan, check_contiguous
 from orchestrator.profile import ModelProfile, StageCapacity
 from protos.errors import InvalidArgument
 
@@ -42,6 +42,15 @@ class Strategy(str, Enum):
     COMPUTE = "compute"
     MIXED = "mixed"
     CUSTOM = "custom"
+
+    @classmethod
+    def parse(cls, name: str) -> Strategy:
+        """The one check of a strategy name (command line, config, PlanRequest)."""
+        try:
+            return cls(name)
+        except ValueError:
+            names = ", ".join(s.value for s in cls)
+            raise InvalidArgument(f"unknown strategy {name!r}; choose one of {names}") from None
 
 
 STRATEGIES = tuple(s.value for s in Strategy)
@@ -58,12 +67,7 @@ class PlanSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.strategy, Strategy):
-            try:
-                object.__setattr__(self, "strategy", Strategy(self.strategy))
-            except ValueError:
-                raise InvalidArgument(
-                    f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}"
-                ) from None
+            object.__setattr__(self, "strategy", Strategy.parse(self.strategy))
         object.__setattr__(self, "max_memory_bytes", tuple(self.max_memory_bytes))
         object.__setattr__(self, "custom_boundaries", tuple(self.custom_boundaries))
 
@@ -144,6 +148,24 @@ def parse_boundaries(text: str) -> tuple[LayerRange, ...]:
             )
         ranges.append(LayerRange(first, last + 1))
     return tuple(ranges)
+
+
+def spec_from_text(
+    strategy: str = "", num_partitions: int = 0, max_memory: str = "", boundaries: str = ""
+) -> PlanSpec:
+    """An operator's plan request as text (the orchestrator's flags, a PlanRequest message;
+    "" and 0 = the defaults) -> a checked PlanSpec."""
+    chosen = Strategy.parse(strategy or Strategy.UNIFORM.value)
+    if boundaries and chosen is not Strategy.CUSTOM:
+        raise InvalidArgument("boundaries are for the custom strategy only")
+    if chosen is Strategy.CUSTOM and not boundaries:
+        raise InvalidArgument("the custom strategy needs boundaries such as 0-9,10-29")
+    return PlanSpec(
+        strategy=chosen,
+        num_partitions=num_partitions or None,
+        max_memory_bytes=parse_memory(max_memory) if max_memory else (),
+        custom_boundaries=parse_boundaries(boundaries) if boundaries else (),
+    )
 
 
 # ---------------------------------------------------------------- the legacy entry point
@@ -420,35 +442,5 @@ def _check_custom(ranges: Sequence[LayerRange], problem: _Problem) -> tuple[Laye
         raise InvalidArgument(
             f"{len(ranges)} custom layer range(s) for {n} stage(s): give exactly one per stage"
         )
-    expected = 0
-    for i, r in enumerate(ranges):
-        if r.end <= r.start:
-            raise InvalidArgument(f"custom range {i} ({r.start}..{r.end - 1}) has no layers")
-        if i == 0 and r.start > 0:
-            raise InvalidArgument(
-                f"custom range 0 ({r}) starts at layer {r.start} but the first range must start "
-                f"at layer 0: layer(s) {LayerRange(0, r.start)} are served by no stage"
-            )
-        if r.start > expected:
-            raise InvalidArgument(
-                f"custom range {i} ({r}) starts at layer {r.start} but the layers before it end "
-                f"at {expected - 1}: layer(s) {LayerRange(expected, r.start)} are served by "
-                "no stage"
-            )
-        if r.start < expected:
-            raise InvalidArgument(
-                f"custom range {i} ({r}) starts at layer {r.start} but the layers before it end "
-                f"at {expected - 1}: layer(s) {LayerRange(r.start, min(expected, r.end))} "
-                "would be served twice"
-            )
-        expected = r.end
-    if expected != num_layers:
-        if expected < num_layers:
-            gap = f"layer(s) {LayerRange(expected, num_layers)} are served by no stage"
-        else:
-            gap = f"layer(s) {LayerRange(num_layers, expected)} do not exist"
-        raise InvalidArgument(
-            f"custom ranges end at layer {expected - 1} but the model has {num_layers} layers "
-            f"(0-{num_layers - 1}): {gap}"
-        )
+    check_contiguous(ranges, num_layers, "custom range")
     return tuple(ranges)
