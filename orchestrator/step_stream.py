@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from protos import llamadist_pb2 as pb
-from protos.errors import LlamadistError, Unavailable
+from protos.errors import InvalidArgument, LlamadistError, Unavailable
+from protos.limits import MAX_BATCH_BYTES, split_by_size
 from protos.status import ERRORS, from_rpc_error
 
 STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
@@ -42,8 +43,11 @@ def _call_back(on_reply: OnReply, outcome: pb.StepReply | LlamadistError) -> Non
 
 
 class StepStream:
-    def __init__(self, open_stream, describe: Callable[[], str]):
+    def __init__(
+        self, open_stream, describe: Callable[[], str], max_batch_bytes: int = MAX_BATCH_BYTES
+    ):
         self.describe = describe  # the link's current name, "stage i (host:port)"
+        self.max_batch_bytes = max_batch_bytes
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: dict[int, OnReply] = {}
         self._ids = itertools.count(1)
@@ -53,8 +57,9 @@ class StepStream:
         threading.Thread(target=self._read, name="step-replies", daemon=True).start()
 
     def _batches(self) -> Iterator[pb.StepBatch]:
-        """What grpc sends: every request queued by now, as one message (None ends the stream).
-        The queue holds requests and lists of requests (a held group)."""
+        """What grpc sends: every request queued by now, as few messages as fit under the
+        message limit (None ends the stream). The queue holds requests and lists of requests
+        (a held group)."""
         get, get_nowait = self._requests.get, self._requests.get_nowait
         steps: list[pb.StepRequest] = []
         item = get()
@@ -68,11 +73,12 @@ class StepStream:
                 continue
             except queue.Empty:
                 pass
-            yield pb.StepBatch(steps=steps)
+            for group in split_by_size(steps, self.max_batch_bytes):
+                yield pb.StepBatch(steps=group)
             steps = []
             item = get()
-        if steps:
-            yield pb.StepBatch(steps=steps)
+        for group in split_by_size(steps, self.max_batch_bytes):
+            yield pb.StepBatch(steps=group)
 
     def _read(self) -> None:
         try:
@@ -106,6 +112,12 @@ class StepStream:
     def submit(self, request: pb.StepRequest, on_reply: OnReply) -> int:
         """Queues a step; `on_reply(reply or error)` runs once, on this link's reader thread
         (keep it short: it delays the other replies of its batch). Returns the request id."""
+        size = request.ByteSize()
+        if size > self.max_batch_bytes:
+            raise InvalidArgument(
+                f"a step of {len(request.token_ids)} tokens is {size:,} bytes, over the "
+                f"{self.max_batch_bytes:,}-byte limit of one message: send fewer tokens per step"
+            )
         with self._lock:
             if self.broken:
                 raise Unavailable(f"{self.describe()}: the step stream is broken")

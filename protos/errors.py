@@ -29,5 +29,9 @@ class Unavailable(LlamadistError):
     """A stage cannot be reached; the message names it."""
 
 
+class OutOfRange(LlamadistError):
+    """A value left the range the model's dtype holds (NaN or Inf inside a stage)."""
+
+
 class Cancelled(LlamadistError):
     """The session was ended while it ran."""

@@ -10,8 +10,8 @@ from concurrent import futures
 import grpc
 
 from protos.handlers import add_service
+from protos.limits import MAX_MESSAGE_BYTES
 
-MAX_MESSAGE_BYTES = 256 * 2**20
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

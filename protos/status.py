@@ -24,6 +24,7 @@ CODES: dict[type[errors.LlamadistError], grpc.StatusCode] = {
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Cancelled: grpc.StatusCode.CANCELLED,
+    errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
 }
 ERRORS: dict[grpc.StatusCode, type[errors.LlamadistError]] = {v: k for k, v in CODES.items()}
 

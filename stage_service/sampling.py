@@ -8,6 +8,8 @@ would have."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from protos.sampling import Sampling
@@ -51,9 +53,7 @@ def position_seed(seed: int, position: int) -> int:
     return z ^ (z >> 31)
 
 
-def draw_generator(
-    seed: int | None, position: int, device: torch.device
-) -> torch.Generator | None:
+def draw_generator(seed: int | None, position: int, device: torch.device) -> torch.Generator | None:
     """The generator for the token at `position` (None: unseeded, torch's global stream)."""
     if seed is None:
         return None
@@ -62,10 +62,16 @@ def draw_generator(
     return generator
 
 
+class NonFiniteLogits(ValueError):
+    """A logits row holds NaN or Inf: no token can be chosen from it."""
+
+
 def sample(
     logits: torch.Tensor, params: Sampling, seen: list[int], generator: torch.Generator | None
 ) -> tuple[int, float]:
     """logits: [vocab] float32. Returns (token id, its log-probability under the model)."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogits("the logits row holds NaN or Inf")
     scores = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         token = int(torch.argmax(scores))
@@ -98,7 +104,9 @@ def sample_rows(
         # one copy to the host for both (float64 holds every token id exactly)
         picked = torch.stack([tokens.double(), logprobs.double()]).tolist()
         for i, token, logprob in zip(fast, *picked, strict=True):
-            results[i] = (int(token), logprob)
+            # NaN or Inf anywhere in the row makes its log-sum-exp, hence the logprob, non-finite
+            finite = math.isfinite(logprob)
+            results[i] = (int(token), logprob) if finite else NonFiniteLogits("NaN or Inf")
     for i, p in enumerate(params):
         if results[i] is None:
             try:

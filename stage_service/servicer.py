@@ -13,6 +13,7 @@ from protos import codec
 from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
 from protos.errors import LlamadistError
+from protos.limits import MAX_BATCH_BYTES, split_by_size
 from protos.sampling import Sampling
 from protos.status import code_of, grpc_errors
 from stage_service.batcher import Job
@@ -65,11 +66,11 @@ class StageServicer(pb_grpc.StageServicer):
     def _submit_batch(
         self,
         batch: pb.StepBatch,
-        send: Callable[[pb.StepBatchReply], None],
+        send: Callable[[list[pb.StepBatchReply]], None],
         cancelled: Callable[[], bool],
     ) -> None:
-        """Queues a batch's steps together; `send` gets its one reply when all are done (on the
-        compute thread, or here when none could be queued). Every step fails on its own."""
+        """Queues a batch's steps together; `send` gets its reply messages when all are done (on
+        the compute thread, or here when none could be queued). Every step fails on its own."""
         requests = batch.steps
         replies: list[pb.StepReply | None] = [None] * len(requests)
         steps, slots = [], []
@@ -90,7 +91,10 @@ class StageServicer(pb_grpc.StageServicer):
                     replies[i] = self._error_reply(err)
             for reply, request in zip(replies, requests, strict=True):
                 reply.request_id = request.request_id
-            send(pb.StepBatchReply(replies=replies))
+            # replies carry hidden states, often larger than their requests (the first stage
+            # gets token ids): as many messages as keep each under the limit
+            groups = split_by_size(replies, MAX_BATCH_BYTES)
+            send([pb.StepBatchReply(replies=g) for g in groups] or [pb.StepBatchReply()])
 
         try:
             self.stage.forward_many(steps, done, cancelled)
@@ -131,7 +135,7 @@ class StageServicer(pb_grpc.StageServicer):
                     raise item
                 return  # the caller went away
             else:
-                yield item
+                yield from item  # one batch's reply messages
                 sent += 1
 
     @grpc_errors

@@ -17,15 +17,21 @@ from pathlib import Path
 import psutil
 import torch
 
-from protos.errors import FailedPrecondition, InvalidArgument, LlamadistError, NotFound
-from protos.limits import check_session_id
+from protos.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    LlamadistError,
+    NotFound,
+    OutOfRange,
+)
+from protos.limits import MAX_BATCH_BYTES, check_session_id
 from protos.sampling import Sampling
 from stage_service.batcher import Batcher, Job
 from stage_service.config import StageConfig
 from stage_service.decode import StaticDecoder
 from stage_service.kv_cache import CacheShape, Session, SessionCache, check_slot_budget
 from stage_service.model import LlamaArgs, RangeModel, Segment
-from stage_service.sampling import draw_generator, sample_rows
+from stage_service.sampling import NonFiniteLogits, draw_generator, sample_rows
 from stage_service.speed import measure_gflops
 from stage_service.weights import load_range, model_fingerprint, read_config, weight_bytes
 
@@ -269,12 +275,7 @@ class Stage:
             if loaded.model.weights.is_last:
                 outputs = self._sample(ready, result)
             else:
-                rows = result.cpu()  # one copy for the batch; the graph's output is reused
-                outputs, row = [], 0
-                for job, _ in ready:
-                    n = len(job.step.token_ids)
-                    outputs.append(StepOutput(hidden=rows[row : row + n]))
-                    row += n
+                outputs = self._hidden_outputs(loaded, ready, result)
             compute_ns = time.perf_counter_ns() - t0
             for (job, _), out in zip(ready, outputs, strict=True):
                 if isinstance(out, Exception):  # one session's failure is its own
@@ -283,6 +284,32 @@ class Stage:
                 out.compute_ns = compute_ns
                 out.batch_size = len(ready)
                 job.out = out
+
+    def _hidden_outputs(
+        self, loaded: Loaded, ready: list[tuple[Job, Session]], result: torch.Tensor
+    ) -> list[StepOutput | Exception]:
+        """A middle stage: each job's hidden rows, on the host; a job whose rows are not finite
+        (an overflow inside the range) fails rather than pass NaN or Inf on."""
+        rows = result.cpu()  # one copy for the batch; the graph's output is reused
+        finite = torch.isfinite(rows).all(dim=-1).tolist()
+        outputs: list[StepOutput | Exception] = []
+        row = 0
+        for job, _ in ready:
+            n = len(job.step.token_ids)
+            if all(finite[row : row + n]):
+                outputs.append(StepOutput(hidden=rows[row : row + n]))
+            else:
+                outputs.append(self._non_finite(loaded, "hidden state"))
+            row += n
+        return outputs
+
+    @staticmethod
+    def _non_finite(loaded: Loaded, what: str) -> OutOfRange:
+        w = loaded.model.weights
+        return OutOfRange(
+            f"layers {w.start}-{w.end - 1} produced a {what} with NaN or Inf (an overflow in "
+            f"{str(w.layers[0].wqkv.dtype).removeprefix('torch.')}? try --dtype float32)"
+        )
 
     def _hidden(self, loaded: Loaded, steps: list[StepInput]) -> torch.Tensor | None:
         """The steps' incoming hidden rows, on the host (None on the first stage)."""
@@ -327,6 +354,9 @@ class Stage:
         )
         outputs: list[StepOutput | Exception] = []
         for pick in picked:
+            if isinstance(pick, NonFiniteLogits):
+                outputs.append(self._non_finite(self._require_loaded(), "logits row"))
+                continue
             if isinstance(pick, Exception):
                 outputs.append(pick)
                 continue
@@ -335,6 +365,21 @@ class Stage:
                 StepOutput(token_id=token, logprob=logprob, logits=logits.cpu() if full else None)
             )
         return outputs
+
+    def _check_reply_size(self, step: StepInput, is_last: bool) -> None:
+        """A step whose answer (hidden rows, or float32 logits when asked) could not fit in one
+        message is refused before any work."""
+        n = len(step.token_ids)
+        if is_last:
+            row_bytes = self.args.vocab_size * 4 if step.return_logits else 0
+        else:
+            row_bytes = self.args.hidden_size * self.dtype.itemsize
+        if n * row_bytes > MAX_BATCH_BYTES:
+            raise InvalidArgument(
+                f"a step of {n} tokens would answer {n * row_bytes:,} bytes, over the "
+                f"{MAX_BATCH_BYTES:,}-byte message limit: send at most "
+                f"{MAX_BATCH_BYTES // row_bytes} tokens per step"
+            )
 
     def _require_loaded(self) -> Loaded:
         loaded = self.loaded
@@ -359,6 +404,7 @@ class Stage:
         if bad:
             raise InvalidArgument(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         weights = loaded.model.weights
+        self._check_reply_size(step, weights.is_last)
         if weights.is_first:
             if step.hidden is not None:
                 raise InvalidArgument("the first stage takes token ids, not a hidden state")
