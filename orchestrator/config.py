@@ -1,44 +1,102 @@
-"""The orchestrator process's one frozen config, built from the command line in `client/cli.py`."""
+"""The orchestrator process's one frozen config. Each field is a knob (protos/knobs.py): its
+default, help and check are written here once; `llamadist orchestrator` derives its flags and
+the LLAMADIST_ORCHESTRATOR_<FIELD> environment defaults from them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestrator.strategies import STRATEGIES
-from protos.security import check_tls_flags
+from orchestrator.strategies import (
+    STRATEGIES,
+    Strategy,
+    parse_boundaries,
+    parse_memory,
+    spec_from_text,
+)
+from protos.errors import InvalidArgument
+from protos.knobs import (
+    ConfigError,
+    ServiceConfig,
+    host_port,
+    knob,
+    positive,
+    readable_file,
+    split_list,
+)
+
+ENV_PREFIX = "LLAMADIST_ORCHESTRATOR"
 
 
-@dataclass(frozen=True)
-class OrchestratorConfig:
-    model: str
-    stages: tuple[str, ...]  # host:port of each position in order; '+' joins replicas
-    host: str = "127.0.0.1"
-    port: int = 0  # 0 = any free port (printed when listening)
-    strategy: str = "uniform"
-    max_memory: str = ""  # "4GB" for all stages or "4GB,8GB" one per stage
-    boundaries: str = ""  # custom strategy: "0-9,10-29"
-    stage_wait_s: float = 300.0  # how long to wait for stages at start
-    step_timeout_s: float = 60.0  # deadline of one stage call
-    max_workers: int = 64
-    max_sessions_per_client: int = 32  # concurrent generations per API key (or peer host)
-    grace_s: float = 5.0
-    # TLS: the certificate served to clients and presented to the stages (mutual TLS), and the
-    # CA that signed the stages' certificates. All empty = plaintext. See protos/security.py.
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_ca: str = ""
-    api_keys_file: str = ""  # "<key> <role>" lines; empty = no keys needed
+def _addresses(stages: tuple[str, ...]) -> str | None:
+    if not stages:
+        return "needs at least one host:port"
+    for group in stages:
+        for address in group.split("+"):  # '+' joins replicas of one position
+            if problem := host_port(address):
+                return problem
+    return None
+
+
+def _strategy(name: str) -> None:
+    Strategy.parse(name)  # the enum's own refusal, as PreviewPlan and ReloadPlan give it
+
+
+def _memory(text: str) -> None:
+    if text:
+        parse_memory(text)  # raises InvalidArgument saying what is wrong
+
+
+def _boundaries(text: str) -> None:
+    if text:
+        parse_boundaries(text)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrchestratorConfig(ServiceConfig):
+    port: int = ServiceConfig.knob_default("port", 50051)
+    max_workers: int = ServiceConfig.knob_default("max_workers", 64)
+    stages: tuple[str, ...] = knob(
+        help="stage addresses in pipeline order, H:P,H:P,...; '+' joins replicas of one "
+        "position (H:P+H:P,H:P): sessions spread over them and fail over between them",
+        parse=split_list,
+        check=_addresses,
+        metavar="H:P,H:P",
+    )
+    strategy: str = knob(
+        Strategy.UNIFORM.value,
+        "uniform: equal layer counts; memory: within memory limits; compute: fastest by "
+        "measured stage speed; mixed: compute within memory limits; custom: --boundaries",
+        check=_strategy,
+        metavar="|".join(STRATEGIES),
+    )
+    max_memory: str = knob(
+        "",
+        "memory limit for weights + KV: 4GB for every stage, or 4GB,8GB one per stage "
+        "('' = each stage's free memory)",
+        check=_memory,
+    )
+    boundaries: str = knob(
+        "",
+        "custom strategy: inclusive layer ranges such as 0-9,10-29",
+        check=_boundaries,
+    )
+    stage_wait_s: float = knob(300.0, "wait this long for the stages at start", check=positive)
+    step_timeout_s: float = knob(60.0, "deadline of one step on one stage", check=positive)
+    max_sessions_per_client: int = knob(
+        32, "concurrent generations one client (API key, else host) may run", check=positive
+    )
+    api_keys_file: str = knob(
+        "",
+        "API keys file: one '<key> <role>' per line, role client (generate, chat, plan show, "
+        "end sessions) or admin (also plan preview/reload); '#' starts a comment. Calls need "
+        "'authorization: Bearer <key>' (missing or wrong: UNAUTHENTICATED; client key on an "
+        "admin call: PERMISSION_DENIED); Health needs no key ('' = no keys needed)",
+        check=readable_file,
+    )
 
     def __post_init__(self) -> None:
-        check_tls_flags(self.tls_cert, self.tls_key, self.tls_ca)
-        if not self.stages:
-            raise ValueError("--stages needs at least one host:port")
-        for group in self.stages:
-            for address in group.split("+"):  # '+' joins replicas of one position
-                host, _, port = address.rpartition(":")
-                if not host or not port.isdigit():
-                    raise ValueError(f"stage address {address!r} is not host:port")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(
-                f"--strategy must be one of {sorted(STRATEGIES)}, got {self.strategy!r}"
-            )
+        super().__post_init__()
+        try:  # the start-up plan request as a whole, as PreviewPlan and ReloadPlan check it
+            spec_from_text(self.strategy, 0, self.max_memory, self.boundaries)
+        except InvalidArgument as err:
+            raise ConfigError(f"--strategy {self.strategy}: {err}") from None

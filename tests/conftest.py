@@ -145,6 +145,7 @@ class InProcessMesh:
         self.addresses = addresses
         config = OrchestratorConfig(
             model=str(model_dir),
+            port=0,
             stages=tuple(addresses[: plan_stages or num_stages]),
             stage_wait_s=10,
             **orchestrator_options,

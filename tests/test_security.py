@@ -75,6 +75,7 @@ class SecureMesh:
             self.addresses.append(f"127.0.0.1:{port}")
         config = OrchestratorConfig(
             model=str(model_dir),
+            port=0,
             stages=tuple(self.addresses),
             stage_wait_s=orch_kwargs.pop("stage_wait_s", 10),
             **orch_tls,
@@ -182,11 +183,11 @@ def test_a_stage_outside_the_ca_cannot_join(model_dir, pki, stage_side):
         m.stop()
 
 
-def test_partial_tls_settings_are_refused(pki):
+def test_partial_tls_settings_are_refused(pki, model_dir):
     with pytest.raises(ValueError, match="go together"):
-        StageConfig(model=".", tls_cert=str(pki.good["server.pem"]))
+        StageConfig(model=str(model_dir), tls_cert=str(pki.good["server.pem"]))
     with pytest.raises(ValueError, match="go together"):
-        OrchestratorConfig(model=".", stages=("a:1",), tls_ca=str(pki.good["ca.pem"]))
+        OrchestratorConfig(model=str(model_dir), stages=("a:1",), tls_ca=str(pki.good["ca.pem"]))
 
 
 # ---------------------------------------------------------------------- TLS toward clients
