@@ -153,8 +153,11 @@ def plot(results: dict, path: Path) -> str:
 def run(a: argparse.Namespace) -> int:
     from client.default_model import fetch_default
     from client.launcher import LocalMesh
+    from protos.knobs import check_value
+    from stage_service.config import StageConfig
 
     model = Path(a.model) if a.model else fetch_default()
+    check_value(StageConfig, "model", str(model))  # before a mesh starts on it
     concurrency = [int(c) for c in a.concurrency.split(",") if c]
     mesh = (
         nullcontext(None)

@@ -32,8 +32,9 @@ def test_unreachable_server_is_one_line_and_non_zero():
         assert "Traceback" not in out.stderr
 
 
-def test_bad_stage_address_is_one_line():
-    out = run_cli("orchestrator", "--stages", "nohostport", "--model", ".")
+def test_bad_stage_address_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # a model directory as far as flags can tell
+    out = run_cli("orchestrator", "--stages", "nohostport", "--model", str(tmp_path))
     assert out.returncode == 2 and "not host:port" in out.stderr and "Traceback" not in out.stderr
 
 

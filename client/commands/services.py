@@ -1,0 +1,115 @@
+"""`llamadist stage`, `llamadist orchestrator` and `llamadist up`. The flags of the first two are
+derived from their config dataclasses (stage_service/config.py, orchestrator/config.py), where
+each knob's default, help and check are declared once."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+from client.commands import Command
+from orchestrator.config import ENV_PREFIX as ORCHESTRATOR_ENV
+from orchestrator.config import OrchestratorConfig
+from protos.knobs import add_flags, check_value, checked, default, from_args, positive
+from stage_service.config import ENV_PREFIX as STAGE_ENV
+from stage_service.config import StageConfig
+
+
+def add_stage_arguments(p: argparse.ArgumentParser) -> None:
+    add_flags(p, StageConfig, STAGE_ENV)
+
+
+def run_stage(a: argparse.Namespace) -> int:
+    config = from_args(StageConfig, a, STAGE_ENV)  # checked before torch is imported
+    from stage_service.server import serve
+
+    serve(config)
+    return 0
+
+
+def add_orchestrator_arguments(p: argparse.ArgumentParser) -> None:
+    add_flags(p, OrchestratorConfig, ORCHESTRATOR_ENV)
+
+
+def run_orchestrator(a: argparse.Namespace) -> int:
+    config = from_args(OrchestratorConfig, a, ORCHESTRATOR_ENV)
+    from orchestrator.server import serve
+
+    serve(config)
+    return 0
+
+
+def add_up_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="DIR", help="as for stage and orchestrator")
+    p.add_argument(
+        "--stages", type=checked(int, positive), default=2, help="number of stage processes"
+    )
+    p.add_argument("--port", type=int, default=50051, help="orchestrator port (0 = any free one)")
+    p.add_argument(
+        "--threads",
+        type=checked(int, positive),
+        default=None,
+        help="torch threads per stage (default: the cores shared out)",
+    )
+    for name in ("tls_cert", "tls_key", "tls_ca"):
+        p.add_argument(
+            f"--{name.replace('_', '-')}", default="", metavar="PEM", help="as for stage"
+        )
+    p.add_argument("--api-keys-file", default="", help="as for orchestrator")
+    p.add_argument(
+        "--secure",
+        action="store_true",
+        help="TLS everywhere and API keys: makes a development CA, certificates and an API "
+        "keys file in the log directory (unless given with the flags above)",
+    )
+
+
+def run_up(a: argparse.Namespace) -> int:
+    from client.launcher import LocalMesh
+
+    model = a.model or default(StageConfig, "model")
+    # The values `up` passes on, checked by their declarations before any process starts.
+    check_value(StageConfig, "model", model)
+    check_value(OrchestratorConfig, "port", a.port)
+    for name in ("tls_cert", "tls_key", "tls_ca", "api_keys_file"):
+        check_value(OrchestratorConfig, name, getattr(a, name))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    mesh = LocalMesh(
+        model,
+        num_stages=a.stages,
+        port=a.port,
+        threads=a.threads,
+        secure=a.secure,
+        tls_cert=a.tls_cert,
+        tls_key=a.tls_key,
+        tls_ca=a.tls_ca,
+        api_keys_file=a.api_keys_file,
+    )
+    print(f"starting {a.stages} stages and an orchestrator (logs in {mesh.log_dir})", flush=True)
+    with mesh:
+        if mesh.tls_ca:
+            print(f"TLS: clients give --tls-ca {mesh.tls_ca}", flush=True)
+        if mesh.api_keys_file:
+            made = " (one key alone in .client, .admin)" if mesh.api_keys else ""
+            print(f"API keys file: {mesh.api_keys_file}{made}; clients give --api-key", flush=True)
+        print(f"llamadist mesh ready: orchestrator listening on {mesh.address}", flush=True)
+        stop.wait()
+        print("stopping", flush=True)
+    return 0
+
+
+COMMANDS = (
+    Command(
+        "stage",
+        "run a stage service (layers come from the orchestrator)",
+        add_stage_arguments,
+        run_stage,
+    ),
+    Command(
+        "orchestrator", "run the orchestrator service", add_orchestrator_arguments, run_orchestrator
+    ),
+    Command("up", "start N stages and an orchestrator on loopback", add_up_arguments, run_up),
+)
