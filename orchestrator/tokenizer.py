@@ -1,5 +1,10 @@
 """The model's tokenizer and end-of-sequence ids, loaded from the model directory (never a hub).
-A model directory without tokenizer files (tests' tiny random models) serves token ids only."""
+A model directory without tokenizer files (tests' tiny random models) serves token ids only.
+
+transformers' `AutoTokenizer` imports torch (through its model configs) even to tokenize; where
+it would pick the generic fast tokenizer anyway, that class is loaded directly (`load_hf`), so
+the orchestrator process never imports torch for the default model.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,32 @@ import json
 from pathlib import Path
 
 from protos.errors import FailedPrecondition, InvalidArgument
+
+# tokenizer_config.json classes that AutoTokenizer resolves to transformers' TokenizersBackend
+# (PreTrainedTokenizerFast is its old name) for a Llama model without custom tokenizer code.
+GENERIC_FAST = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_hf(model_dir: Path):
+    """The tokenizer AutoTokenizer.from_pretrained(model_dir) makes; the generic fast class is
+    loaded without AutoTokenizer's detour through torch (tests/test_torch_free.py checks both
+    that and the equality)."""
+    tokenizer_config = _read_json(model_dir / "tokenizer_config.json")
+    if (
+        tokenizer_config.get("tokenizer_class") in GENERIC_FAST
+        and "auto_map" not in tokenizer_config
+        and _read_json(model_dir / "config.json").get("model_type") == "llama"
+    ):
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+        return TokenizersBackend.from_pretrained(str(model_dir))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
 
 
 def eos_token_ids(model_dir: Path, tokenizer=None) -> set[int]:
@@ -29,9 +60,7 @@ class Tokenizer:
         model_dir = Path(model_dir)
         self.hf = None
         if (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer.model").is_file():
-            from transformers import AutoTokenizer
-
-            self.hf = AutoTokenizer.from_pretrained(str(model_dir))
+            self.hf = load_hf(model_dir)
         self.eos_ids = eos_token_ids(model_dir, self.hf)
 
     def _require(self, what: str):

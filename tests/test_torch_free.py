@@ -1,5 +1,7 @@
 """The orchestrator and the client run without torch: importing them (in a fresh interpreter, as
-their processes do) loads neither torch nor transformers. Only the stages need torch."""
+their processes do) loads neither torch nor transformers, and the orchestrator's tokenizer for
+the default model loads transformers' tokenizer without torch, equal to AutoTokenizer's. Only
+the stages need torch."""
 
 from __future__ import annotations
 
@@ -37,3 +39,29 @@ def heavy_modules_after(code: str) -> list[str]:
 )
 def test_importing_loads_no_torch_and_no_transformers(module):
     assert heavy_modules_after(f"import {module}") == []
+
+
+def test_the_default_models_tokenizer_loads_no_torch(default_model):
+    code = (
+        "from orchestrator.tokenizer import Tokenizer\n"
+        f"tok = Tokenizer({str(default_model)!r})\n"
+        "tok.decode(tok.encode_chat([{'role': 'user', 'content': 'Hi'}]))"
+    )
+    assert heavy_modules_after(code) == ["transformers"]
+
+
+def test_the_tokenizer_is_the_one_auto_tokenizer_makes(default_model):
+    from transformers import AutoTokenizer
+
+    from orchestrator.tokenizer import Tokenizer, eos_token_ids
+
+    ours, auto = Tokenizer(default_model), AutoTokenizer.from_pretrained(str(default_model))
+    assert type(ours.hf) is type(auto)
+    for prompt in ["The history of the Roman Empire", "  é 北京 <|im_start|>x\n\tz  ", "1234"]:
+        ids = auto(prompt)["input_ids"]
+        assert ours.encode(prompt) == ids
+        assert ours.decode(ids) == auto.decode(ids, skip_special_tokens=True)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    text = auto.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert ours.encode_chat(chat) == auto(text, add_special_tokens=False)["input_ids"]
+    assert ours.eos_ids == eos_token_ids(default_model, auto)
