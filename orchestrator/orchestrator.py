@@ -17,7 +17,7 @@ from orchestrator.profile import ModelProfile, StageCapacity
 from orchestrator.router import Router
 from orchestrator.strategies import PlanSpec, estimate_ms_per_token, make_plan, spec_from_text
 from orchestrator.tokenizer import Tokenizer
-from protos.errors import InvalidArgument, LlamadistError, Unavailable
+from protos.errors import FailedPrecondition, InvalidArgument, LlamadistError, Unavailable
 from protos.model_files import LlamaArgs, model_fingerprint, read_config
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class PlanView:
     plan: PartitionPlan
     stages: tuple[StageEstimate, ...]
     max_context: int  # the longest session every stage of the plan serves
+    stage_epoch: int = 0  # the newest plan epoch any of its stages holds (a new plan goes above)
 
 
 def plan_spec(request: PlanRequest) -> PlanSpec:
@@ -133,7 +134,8 @@ class Orchestrator:
             )
         contexts = [i.max_context for g in groups for i in g if i.max_context > 0]
         max_context = min([self.args.max_position_embeddings, *contexts])
-        return PlanView(plan, tuple(estimates), max_context)
+        stage_epoch = max(i.plan_epoch for g in groups for i in g)
+        return PlanView(plan, tuple(estimates), max_context, stage_epoch)
 
     def reload(self, request: PlanRequest) -> PlanView:
         """Applies a new plan while serving: steps in flight finish first, new ones wait, and
@@ -142,7 +144,15 @@ class Orchestrator:
             view = self.preview(request)  # infeasible specs fail here; nothing has changed
             with self.router.exclusive():
                 old = self.router.plan
-                plan = dataclasses.replace(view.plan, epoch=(old.epoch if old else 0) + 1)
+                # Above every epoch a stage holds: stages refuse older assignments, and after
+                # an orchestrator restart they still hold the previous run's epochs.
+                epoch = max(old.epoch if old else 0, view.stage_epoch) + 1
+                if epoch >= 2**64:
+                    raise FailedPrecondition(
+                        f"a stage holds plan epoch {view.stage_epoch}, the last there is; "
+                        "restart the stages of this plan"
+                    )
+                plan = dataclasses.replace(view.plan, epoch=epoch)
                 try:
                     self.router.apply(plan)
                 except LlamadistError as err:
@@ -151,7 +161,7 @@ class Orchestrator:
                     log.error("reload to %s failed (%s); restoring the previous plan", plan, err)
                     self.router.apply(dataclasses.replace(old, epoch=plan.epoch + 1))
                     raise type(err)(f"{err}; the previous plan is restored") from None
-                self.view = PlanView(plan, view.stages, view.max_context)
+                self.view = dataclasses.replace(view, plan=plan)
                 self.generator.max_positions = view.max_context
                 log.info("plan epoch %d applied: %s", plan.epoch, plan)
                 return self.view

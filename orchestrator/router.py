@@ -166,7 +166,7 @@ class Router:
             new = {r.client.address for p in positions for r in p.replicas}
             for address in old - new:
                 with contextlib.suppress(LlamadistError):  # a stage that is gone holds nothing
-                    self.client(address).load_layers(0, 0, plan.epoch)
+                    self.client(address).drop_layers(plan.epoch)
             self.pool.set_positions(positions)
             self.plan = plan
 

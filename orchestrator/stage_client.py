@@ -72,6 +72,10 @@ class StageClient:
         request = pb.LoadLayersRequest(layer_start=start, layer_end=end, plan_epoch=epoch)
         return self._call(self.stub.LoadLayers, request, 600)
 
+    def drop_layers(self, epoch: int) -> pb.StageInfo:
+        request = pb.LoadLayersRequest(hold_nothing=True, plan_epoch=epoch)
+        return self._call(self.stub.LoadLayers, request, 60)
+
     def wait_ready(self, timeout_s: float) -> None:
         """Polls until the stage answers Info (it need not hold layers yet): each try waits for
         the connection (wait_for_ready) for up to 2 s."""

@@ -12,7 +12,7 @@ import grpc
 from protos import codec
 from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
-from protos.errors import LlamadistError
+from protos.errors import InvalidArgument, LlamadistError
 from protos.limits import MAX_BATCH_BYTES, split_by_size
 from protos.sampling import Sampling
 from protos.status import code_of, grpc_errors
@@ -148,7 +148,12 @@ class StageServicer(pb_grpc.StageServicer):
 
     @grpc_errors
     def LoadLayers(self, request: pb.LoadLayersRequest, context) -> pb.StageInfo:
-        self.stage.load_layers(request.layer_start, request.layer_end, request.plan_epoch)
+        if request.hold_nothing:
+            if request.layer_start or request.layer_end:
+                raise InvalidArgument("hold_nothing takes no layer range (leave both at 0)")
+            self.stage.drop_layers(request.plan_epoch)
+        else:
+            self.stage.load_layers(request.layer_start, request.layer_end, request.plan_epoch)
         return pb.StageInfo(**self.stage.info())
 
     @grpc_errors

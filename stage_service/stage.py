@@ -80,18 +80,51 @@ class Stage:
         self.gflops = measure_gflops(self.device, self.dtype)
         # One forward at a time: torch already uses the stage's threads inside each op.
         self._compute = threading.Lock()
+        self._admin = threading.Lock()  # one layer assignment at a time
+        self.epoch = 0  # the plan epoch of the assignment in force (0: none yet)
         self.batcher = Batcher(self._run_batch, config.max_batch, config.max_batch_tokens)
 
     # ------------------------------------------------------------------ admin
 
+    def _check_epoch(self, epoch: int, same_as_in_force: bool) -> bool:
+        """Whether an assignment under `epoch` is to be carried out: it must come from a newer
+        plan than the one in force; the same epoch is a retry, a no-op when it asks for what is
+        in force already. Anything else (a stray or replayed message) is refused."""
+        if epoch == self.epoch and same_as_in_force:
+            return False
+        if epoch <= self.epoch:
+            raise FailedPrecondition(
+                f"plan epoch {epoch} is not newer than the epoch in force ({self.epoch}); "
+                "layer assignments come from the orchestrator's plan reloads"
+            )
+        return True
+
+    def drop_layers(self, epoch: int) -> None:
+        """Holds nothing from plan `epoch` on (frees the range and every cached session)."""
+        with self._admin:
+            if not self._check_epoch(epoch, self.loaded is None):
+                return
+            with self._compute:
+                if self.loaded is not None and self.loaded.decoder is not None:
+                    gc.unfreeze()
+                self.loaded = None
+                self.epoch = epoch
+
     def load_layers(self, start: int, end: int, epoch: int) -> None:
-        """Loads [start, end) and drops the old range with every cached session; an empty
-        range (start == end) leaves the stage holding nothing."""
-        if not (start == end == 0 or 0 <= start < end <= self.args.num_layers):
+        """Loads [start, end) under plan `epoch` and drops the old range with every cached
+        session (see _check_epoch for which epochs are taken)."""
+        if not 0 <= start < end <= self.args.num_layers:
             raise InvalidArgument(
                 f"layer range [{start}, {end}) is not inside the model's "
-                f"{self.args.num_layers} layers (an empty range is 0..0)"
+                f"{self.args.num_layers} layers (to hold nothing, ask for that explicitly)"
             )
+        with self._admin:
+            loaded = self.loaded
+            w = loaded.model.weights if loaded is not None else None
+            if self._check_epoch(epoch, w is not None and (w.start, w.end) == (start, end)):
+                self._load(start, end, epoch)
+
+    def _load(self, start: int, end: int, epoch: int) -> None:
         shape = CacheShape(
             num_layers=end - start,
             kv_heads=self.args.num_kv_heads,
@@ -101,14 +134,13 @@ class Stage:
             max_positions=self.max_context,
         )
         static = self.config.use_static_kv
-        if static and start != end:
+        if static:
             check_slot_budget(shape, self.config.kv_cache_mb * 2**20)  # before dropping anything
         with self._compute:
             if self.loaded is not None and self.loaded.decoder is not None:
                 gc.unfreeze()  # the old range's objects become collectable again (see below)
             self.loaded = None  # free the old range before reading the new one
-            if start == end:
-                return
+            self.epoch = epoch  # what was in force is gone, even if this load fails
             weights = load_range(self.model_dir, self.args, start, end, self.dtype, self.device)
             cache = SessionCache(
                 shape,
@@ -155,6 +187,7 @@ class Stage:
             "threads": torch.get_num_threads(),
             "gflops": self.gflops,
             "max_context": self.max_context,
+            "plan_epoch": self.epoch,
         }
         if loaded is not None:
             loaded.cache.sweep()
@@ -168,7 +201,6 @@ class Stage:
                 "kv_used_bytes": loaded.cache.used_bytes,
                 "kv_bytes_per_token": loaded.cache.shape.bytes_per_token,
                 "active_sessions": len(loaded.cache),
-                "plan_epoch": loaded.epoch,
             }
         return out
 

@@ -80,7 +80,7 @@ def test_preview_and_infeasible_reloads_change_nothing(model_dir):
             (dict(strategy="memory", max_memory="1KB"), "bytes more than its limit of 1,000"),
             (dict(strategy="custom", boundaries="0-2,4-5"), "layer"),
             (dict(strategy="custom", boundaries="0-5"), "stage"),
-            (dict(strategy="fastest"), "not one of"),
+            (dict(strategy="fastest"), "choose one of"),
         ]:
             with pytest.raises(ClientError) as err:
                 mesh.client.reload_plan(**spec)
@@ -115,3 +115,31 @@ def test_seeded_sampling_survives_a_reload_mid_stream(model_dir):
         pieces += list(stream)
     assert pieces[-1].timings["replays"] >= 1
     assert [t for p in pieces for t in p.token_ids] == expected
+
+
+def test_a_restarted_orchestrator_plans_above_the_epochs_its_stages_hold(model_dir, expected):
+    from orchestrator.config import OrchestratorConfig
+    from orchestrator.server import build_server
+
+    with in_process_mesh(model_dir, 2) as mesh:
+        mesh.client.reload_plan(strategy="custom", boundaries="0-1,2-5")
+        mesh.client.reload_plan(strategy="uniform")
+        assert mesh.client.plan()["epoch"] == "3"
+        config = OrchestratorConfig(
+            model=str(model_dir), stages=tuple(mesh.addresses), port=0, stage_wait_s=10
+        )
+        server, port, second = build_server(config)
+        server.start()
+        second.start()
+        try:
+            assert second.ready() == (True, "") and second.view.plan.epoch == 4
+            from client.client import Client
+
+            with Client(f"127.0.0.1:{port}", timeout_s=60) as client:
+                assert (
+                    client.generate(token_ids=PROMPT, max_new_tokens=20).token_ids
+                    == (expected[:20])
+                )
+        finally:
+            server.stop(0)
+            second.close()

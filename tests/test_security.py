@@ -139,7 +139,7 @@ def test_stage_refuses_callers_without_a_certificate_of_its_ca(mesh, pki):
         stage = StageClient(address, 0, channel_credentials=creds)
         try:
             with pytest.raises(Unavailable, match=re.escape(address)):
-                stage.load_layers(0, 0, 99)  # an admin RPC: it must never run
+                stage.drop_layers(99)  # an admin RPC: it must never run
         finally:
             stage.close()
     stage = StageClient(address, 0, channel_credentials=good)

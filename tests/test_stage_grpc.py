@@ -408,3 +408,34 @@ def test_next_hops_sent_from_one_reply_batch_go_out_as_one_batch():
     assert [finals.get(timeout=10).token_id for _ in range(3)] == [7, 7, 7]
     stage0.close()
     stage1.close()
+
+
+def test_only_a_newer_plan_epoch_changes_the_layers(two_stages):
+    """Stray or replayed LoadLayers (older or same epoch, an implicit empty range, empty bytes
+    that parse as all defaults) are refused and change nothing; a same-epoch retry of the range
+    in force is a no-op; holding nothing is an explicit request."""
+    stub = two_stages.stubs[1]
+    two_stages.step("live", 0, [1, 2, 3])
+    refused = [
+        (pb.LoadLayersRequest(layer_start=1, layer_end=4, plan_epoch=1), "FAILED_PRECONDITION"),
+        (pb.LoadLayersRequest(layer_start=2, layer_end=4, plan_epoch=0), "FAILED_PRECONDITION"),
+        (pb.LoadLayersRequest(layer_start=0, layer_end=0, plan_epoch=5), "INVALID_ARGUMENT"),
+        (pb.LoadLayersRequest(hold_nothing=True, plan_epoch=1), "FAILED_PRECONDITION"),
+        (pb.LoadLayersRequest(hold_nothing=True, layer_end=2, plan_epoch=5), "INVALID_ARGUMENT"),
+        (pb.LoadLayersRequest(), "INVALID_ARGUMENT"),  # what b"" parses to
+    ]
+    for request, expected in refused:
+        code, details = _status(stub.LoadLayers, request)
+        assert code.name == expected, (request, details)
+    raw = grpc.insecure_channel(two_stages.addresses[1]).unary_unary("/llamadist.Stage/LoadLayers")
+    with pytest.raises(grpc.RpcError) as err:
+        raw(b"", timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = stub.Info(pb.InfoRequest())
+    assert (info.layer_start, info.layer_end, info.plan_epoch, info.active_sessions) == (2, 4, 1, 1)
+
+    stub.LoadLayers(pb.LoadLayersRequest(layer_start=2, layer_end=4, plan_epoch=1))  # a retry
+    assert two_stages.step("live", 3, [4]).token_id >= 0  # the session's cache is still there
+    stub.LoadLayers(pb.LoadLayersRequest(hold_nothing=True, plan_epoch=2))
+    info = stub.Info(pb.InfoRequest())
+    assert (info.layer_start, info.layer_end, info.plan_epoch) == (0, 0, 2)
