@@ -1,7 +1,8 @@
 """The `llamadist` command line: services (stage, orchestrator, up), generation, chat, plans and
-the default model. Each command's flags sit next to its runner (client/commands/); this module
-holds the table of commands and turns every failure into one line on stderr and a non-zero exit
-code, never a traceback: 2 for a refused flag or value, 1 for a call or service that failed."""
+the default model. Each command's flags sit next to its runner (client/commands_*.py,
+client/bench.py); this module holds the table of commands and turns every failure into one line
+on stderr and a non-zero exit code, never a traceback: 2 for a refused flag or value, 1 for a
+call or service that failed."""
 
 from __future__ import annotations
 
@@ -9,10 +10,16 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NoReturn
 
+from client import bench
+from client import commands_generate as generate
+from client import commands_model as model
+from client import commands_plan as plan
+from client import commands_services as services
 from client.client import ClientError
-from client.commands import Command, generate, model, plan, services
 from protos.errors import InvalidArgument, LlamadistError
 
 
@@ -23,22 +30,66 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"llamadist: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 
-def _bench() -> Command:
-    from client import bench
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]  # its flags, next to its runner
+    run: Callable[[argparse.Namespace], int]  # -> exit code
 
-    return Command(
+
+COMMANDS = (
+    Command(
+        "stage",
+        "run a stage service (layers come from the orchestrator)",
+        services.add_stage_arguments,
+        services.run_stage,
+    ),
+    Command(
+        "orchestrator",
+        "run the orchestrator service",
+        services.add_orchestrator_arguments,
+        services.run_orchestrator,
+    ),
+    Command(
+        "up",
+        "start N stages and an orchestrator on loopback",
+        services.add_up_arguments,
+        services.run_up,
+    ),
+    Command(
+        "generate",
+        "generate text, streaming it as it arrives",
+        generate.add_generate_arguments,
+        generate.run_generate,
+    ),
+    Command(
+        "chat", "interactive question and answer", generate.add_chat_arguments, generate.run_chat
+    ),
+    Command("plan", "the partition plan", plan.add_plan_arguments, plan.run_plan),
+    Command(
+        "health",
+        "exit 0 when the orchestrator serves (with --stage: when the stage answers)",
+        plan.add_health_arguments,
+        plan.run_health,
+    ),
+    Command("model", "the embedded default model", model.add_model_arguments, model.run_model),
+    Command(
+        "certs",
+        "make a development CA and certificates for TLS (not for production)",
+        model.add_certs_arguments,
+        model.run_certs,
+    ),
+    Command(
         "bench", "measure a mesh against transformers' generate", bench.add_arguments, bench.run
-    )
-
-
-def commands() -> tuple[Command, ...]:
-    return (*services.COMMANDS, *generate.COMMANDS, *plan.COMMANDS, *model.COMMANDS, _bench())
+    ),
+)
 
 
 def build_parser() -> Parser:
     parser = Parser(prog="llamadist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in commands():
+    for command in COMMANDS:
         p = sub.add_parser(command.name, help=command.help, description=command.help)
         command.add_arguments(p)
         p.set_defaults(run=command.run)

@@ -7,7 +7,6 @@ import argparse
 import os
 from pathlib import Path
 
-from client.commands import Command
 from protos.knobs import checked, positive
 
 
@@ -69,14 +68,3 @@ def run_certs(a: argparse.Namespace) -> int:
         make_api_keys(target)
         print(target)
     return 0
-
-
-COMMANDS = (
-    Command("model", "the embedded default model", add_model_arguments, run_model),
-    Command(
-        "certs",
-        "make a development CA and certificates for TLS (not for production)",
-        add_certs_arguments,
-        run_certs,
-    ),
-)

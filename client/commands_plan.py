@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from client import server_flags
 from client.client import stage_health
-from client.commands import Command, connection
 from orchestrator.strategies import STRATEGIES
 from protos.knobs import checked, non_negative, split_list
 
@@ -41,7 +41,7 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     preview = sub.add_parser("preview", help="the plan a strategy would make; no change")
     reload = sub.add_parser("reload", help="apply a new plan while serving")
     for q in (show, preview, reload):
-        connection.add_arguments(q)
+        server_flags.add_arguments(q)
         q.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     for q in (preview, reload):
         _strategy_arguments(q)
@@ -88,7 +88,7 @@ def _print_plan(plan: dict, stages: dict[str, dict], as_json: bool) -> int:
 
 
 def run_plan(a: argparse.Namespace) -> int:
-    with connection.connect(a) as client:
+    with server_flags.connect(a) as client:
         if a.plan_command == "show":
             plan = client.plan()
             return _print_plan(plan, {s["address"]: s for s in client.stages()}, a.json)
@@ -105,7 +105,7 @@ def run_plan(a: argparse.Namespace) -> int:
 
 
 def add_health_arguments(p: argparse.ArgumentParser) -> None:
-    connection.add_arguments(p)
+    server_flags.add_arguments(p)
     p.add_argument(
         "--stage",
         action="store_true",
@@ -115,21 +115,10 @@ def add_health_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_health(a: argparse.Namespace) -> int:
     if a.stage:
-        ok, detail = stage_health(a.server, **connection.tls(a))
+        ok, detail = stage_health(a.server, **server_flags.tls(a))
         print("SERVING" if ok else f"NOT_SERVING: {detail}")
         return 0
-    with connection.client(a) as client:
+    with server_flags.client(a) as client:
         ok, detail = client.health()
     print("SERVING" if ok else f"NOT_SERVING: {detail}")
     return 0 if ok else 1
-
-
-COMMANDS = (
-    Command("plan", "the partition plan", add_plan_arguments, run_plan),
-    Command(
-        "health",
-        "exit 0 when the orchestrator serves (with --stage: when the stage answers)",
-        add_health_arguments,
-        run_health,
-    ),
-)

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from client.commands import Command, connection
+from client import server_flags
 from protos.knobs import checked, non_negative, positive
 from protos.limits import DEFAULT_MAX_NEW_TOKENS
 from protos.sampling import Sampling
@@ -37,7 +37,7 @@ def _sampling(a: argparse.Namespace) -> Sampling:
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    connection.add_arguments(p)
+    server_flags.add_arguments(p)
     p.add_argument("prompt", help="the prompt")
     _sampling_arguments(p)
     p.add_argument("--top-k", type=checked(int, non_negative), default=0, help="0 = off")
@@ -66,7 +66,7 @@ def run_generate(a: argparse.Namespace) -> int:
         kwargs["messages"] = [{"role": "user", "content": a.prompt}]
     else:
         kwargs["prompt"] = a.prompt
-    with connection.connect(a) as client:
+    with server_flags.connect(a) as client:
         if a.json:
             result = client.generate(**kwargs)
             out = {
@@ -85,7 +85,7 @@ def run_generate(a: argparse.Namespace) -> int:
 
 
 def add_chat_arguments(p: argparse.ArgumentParser) -> None:
-    connection.add_arguments(p)
+    server_flags.add_arguments(p)
     _sampling_arguments(p)
     p.add_argument("--system", default=None, help="a system message")
 
@@ -93,7 +93,7 @@ def add_chat_arguments(p: argparse.ArgumentParser) -> None:
 def run_chat(a: argparse.Namespace) -> int:
     _sampling(a)
     messages = [{"role": "system", "content": a.system}] if a.system else []
-    with connection.connect(a) as client:
+    with server_flags.connect(a) as client:
         client.wait_ready(10)  # it answers; give a mesh that is starting a moment
         print("llamadist chat: empty line or Ctrl-D to quit", file=sys.stderr)
         while True:
@@ -114,14 +114,3 @@ def run_chat(a: argparse.Namespace) -> int:
                 print(piece.text, end="", flush=True)
             print()
             messages.append({"role": "assistant", "content": "".join(answer)})
-
-
-COMMANDS = (
-    Command(
-        "generate",
-        "generate text, streaming it as it arrives",
-        add_generate_arguments,
-        run_generate,
-    ),
-    Command("chat", "interactive question and answer", add_chat_arguments, run_chat),
-)

@@ -1,6 +1,6 @@
-"""The flags every client command shares (which orchestrator, TLS, API key) and the connection
-they make. Environment fallbacks: LLAMADIST_API_KEY, LLAMADIST_TLS_CA, LLAMADIST_TLS_CERT,
-LLAMADIST_TLS_KEY."""
+"""The flags that name the server for every client command (which orchestrator, TLS, API key)
+and the connection they make. Environment fallbacks: LLAMADIST_API_KEY, LLAMADIST_TLS_CA,
+LLAMADIST_TLS_CERT, LLAMADIST_TLS_KEY."""
 
 from __future__ import annotations
 

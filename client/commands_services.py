@@ -8,7 +8,6 @@ import argparse
 import signal
 import threading
 
-from client.commands import Command
 from orchestrator.config import ENV_PREFIX as ORCHESTRATOR_ENV
 from orchestrator.config import OrchestratorConfig
 from protos.knobs import add_flags, check_value, checked, default, from_args, positive
@@ -99,17 +98,3 @@ def run_up(a: argparse.Namespace) -> int:
         stop.wait()
         print("stopping", flush=True)
     return 0
-
-
-COMMANDS = (
-    Command(
-        "stage",
-        "run a stage service (layers come from the orchestrator)",
-        add_stage_arguments,
-        run_stage,
-    ),
-    Command(
-        "orchestrator", "run the orchestrator service", add_orchestrator_arguments, run_orchestrator
-    ),
-    Command("up", "start N stages and an orchestrator on loopback", add_up_arguments, run_up),
-)
