@@ -81,7 +81,29 @@ class OrchestratorConfig(ServiceConfig):
         check=_boundaries,
     )
     stage_wait_s: float = knob(300.0, "wait this long for the stages at start", check=positive)
-    step_timeout_s: float = knob(60.0, "deadline of one step on one stage", check=positive)
+    step_timeout_s: float = knob(
+        60.0,
+        "a stage silent on a step this long is asked for its Health: one that answers is busy "
+        "and waited for, one that does not is marked down (its sessions fail over)",
+        check=positive,
+    )
+    prefill_chunk_tokens: int = knob(
+        512,
+        "most tokens one step carries: longer prompts and replays go in chunks of this many, "
+        "so that no step holds a stage long",
+        check=positive,
+    )
+    prefill_tokens_in_flight: int = knob(
+        2048,
+        "prefill tokens (prompt chunks, replays) in flight through the stages at once; more "
+        "wait their turn in the orchestrator, decode steps never wait",
+        check=positive,
+    )
+    sessions_file: str = knob(
+        "",
+        "on SIGTERM, sessions still running are suspended and saved here, and a start loads "
+        "them, so that clients resume them by session id after a restart ('' = not kept)",
+    )
     max_sessions_per_client: int = knob(
         32, "concurrent generations one client (API key, else host) may run", check=positive
     )

@@ -1,5 +1,10 @@
 """The generation loop: prefill, decode steps until eos / length / a stop string, streamed text
-and timings. Each session's token history lives here (the stages only cache K/V)."""
+and timings. Each session's token history lives here (the stages only cache K/V).
+
+A generation stops at its next step when its caller is gone (`cancelled`), and frees its
+caches. One that fails for want of a stage, or that is still running when the orchestrator
+shuts down, is suspended: its client may resume it by naming its session id (after a restart
+too, when the orchestrator keeps a sessions file)."""
 
 from __future__ import annotations
 
@@ -12,19 +17,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from orchestrator.router import Router, StepResult
+from orchestrator.sessions_file import SessionsFile
 from orchestrator.tokenizer import Tokenizer
 from protos import llamadist_pb2 as pb
 from protos.errors import (
     Cancelled,
     InvalidArgument,
     LlamadistError,
+    PermissionDenied,
     ResourceExhausted,
     Unavailable,
 )
-from protos.limits import check_session_id
+from protos.limits import DEFAULT_MAX_NEW_TOKENS, check_session_id
 from protos.sampling import Sampling
 
-DEFAULT_MAX_NEW_TOKENS = 128
 MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256
 MAX_SUSPENDED = 1024  # sessions kept resumable after a stage failure
@@ -62,11 +68,25 @@ class Chunk:
     timings: Timings | None = None
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who makes a request: `id` is what the per-client session cap counts (an API key's hash
+    with keys, else the peer's host); `owns_all` callers may resume or end any session (no keys
+    configured, or an admin key), the others only the sessions their key started."""
+
+    id: str = ""
+    owns_all: bool = True
+
+    def may_touch(self, owner: str) -> bool:
+        return self.owns_all or owner == self.id
+
+
 @dataclass
 class SessionState:
     """What a generation has produced so far: enough to resume it after a stage failure."""
 
     req: GenerationRequest
+    owner: str = ""  # Caller.id of the client that started it
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     suspended_at: float = 0.0
@@ -74,9 +94,9 @@ class SessionState:
 
 @dataclass
 class Running:
-    """A generation in progress, as EndSession sees it."""
+    """A generation in progress, as EndSession and a shutdown see it."""
 
-    client_id: str = ""
+    owner: str = ""
     cancelled: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     freed_bytes: int = 0
@@ -120,9 +140,11 @@ class Generator:
         tokenizer: Tokenizer,
         vocab_size: int,
         max_positions: int,
-        max_sessions_per_client: int = 64,
+        max_sessions_per_client: int,
+        sessions_file: str = "",
     ):
         self.router = router
+        self.sessions = SessionsFile(sessions_file) if sessions_file else None
         self.max_sessions_per_client = max_sessions_per_client
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -130,6 +152,9 @@ class Generator:
         self._active: dict[str, Running] = {}
         self._suspended: dict[str, SessionState] = {}  # failed for want of a stage; resumable
         self._lock = threading.Lock()
+        self.shutting_down = False
+        if self.sessions is not None:
+            self._suspended = self.sessions.load(SUSPEND_TTL_S)
 
     def validate(self, req: GenerationRequest) -> None:
         if req.session_id:
@@ -160,11 +185,16 @@ class Generator:
             )
         Sampling.from_pb(req.sampling)  # raises InvalidArgument on bad parameters
 
-    def end(self, session_id: str, timeout_s: float = 30.0) -> int:
+    def end(self, session_id: str, caller: Caller, timeout_s: float = 30.0) -> int:
         """Ends a session: a running generation is cancelled and frees its caches itself (so no
         step runs against freed caches); otherwise the stages free what they hold."""
         with self._lock:
             running = self._active.get(session_id)
+            suspended = self._suspended.get(session_id)
+            owner = running.owner if running else suspended.owner if suspended else None
+            if owner is not None and not caller.may_touch(owner):
+                raise PermissionDenied(f"session {session_id!r} belongs to another API key")
+            self._suspended.pop(session_id, None)
         if running is None:
             return self.router.end_session(session_id)
         running.cancelled.set()
@@ -183,37 +213,51 @@ class Generator:
         ]:
             del self._suspended[sid]
 
-    def run(self, req: GenerationRequest, client_id: str = "") -> Iterator[Chunk]:
+    def run(
+        self,
+        req: GenerationRequest,
+        caller: Caller | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> Iterator[Chunk]:
         """Generates; a request naming a suspended session resumes it (its first chunk repeats
         what was generated before the failure, so a resumed call returns the whole answer).
-        A client (`client_id`: its API key or host) runs at most max_sessions_per_client."""
+        A client (`caller.id`) runs at most max_sessions_per_client. The generation stops at
+        its next step once `cancelled` is set (its caller is gone)."""
+        caller = caller or Caller()
+        running = Running(owner=caller.id, cancelled=cancelled or threading.Event())
         with self._lock:
-            state = self._suspended.pop(req.session_id, None) if req.session_id else None
-        if state is None:
-            self.validate(req)
-            session_id = req.session_id or uuid.uuid4().hex
-            state = SessionState(dataclasses.replace(req, session_id=session_id))
-        session_id = state.req.session_id
-        running = Running(client_id=client_id)
-        with self._lock:
+            if self.shutting_down:
+                raise Unavailable("the orchestrator is shutting down; retry on another one")
+            state = self._suspended.get(req.session_id) if req.session_id else None
+            if state is not None and not caller.may_touch(state.owner):
+                raise PermissionDenied(f"session {req.session_id!r} belongs to another API key")
+            if state is None:
+                self.validate(req)
+                session_id = req.session_id or uuid.uuid4().hex
+                state = SessionState(dataclasses.replace(req, session_id=session_id), caller.id)
+            session_id = state.req.session_id
             if session_id in self._active:
                 raise InvalidArgument(f"session {session_id!r} is already generating")
-            mine = sum(r.client_id == client_id for r in self._active.values())
+            mine = sum(r.owner == caller.id for r in self._active.values())
             if mine >= self.max_sessions_per_client:
                 raise ResourceExhausted(
                     f"this client already runs {mine} sessions, the limit per client; "
                     "wait for one to finish"
                 )
+            self._suspended.pop(session_id, None)
             self._active[session_id] = running
         try:
             yield from self._loop(state, running.cancelled)
-        except Unavailable as err:
+        except (Unavailable, Cancelled) as err:
+            if not isinstance(err, Unavailable) and not self.shutting_down:
+                raise  # ended by its caller or by EndSession: nothing to resume
             with self._lock:
                 self._expire_suspended()
                 if len(self._suspended) < MAX_SUSPENDED:
                     state.suspended_at = time.monotonic()
                     self._suspended[session_id] = state
-            raise Unavailable(f"{err}; resume with session_id {session_id!r}") from None
+            why = "the orchestrator is shutting down" if self.shutting_down else str(err)
+            raise Unavailable(f"{why}; resume with session_id {session_id!r}") from None
         finally:
             # Nothing cached, or a stage is down: the stage's TTL reclaims the rest.
             with contextlib.suppress(LlamadistError):
@@ -221,6 +265,32 @@ class Generator:
             with self._lock:
                 del self._active[session_id]
             running.done.set()
+
+    def shut_down(self, deadline: float) -> int:
+        """Stops taking generations, lets those running finish until shortly before `deadline`
+        (time.monotonic()), then suspends the rest (their clients get UNAVAILABLE with the
+        session id to resume) and saves every suspended session to the sessions file, if any.
+        Returns how many were suspended by the shutdown."""
+        with self._lock:
+            self.shutting_down = True
+        margin = min(1.0, max(0.0, deadline - time.monotonic()) / 4)  # time to suspend and save
+        while time.monotonic() < deadline - margin:
+            with self._lock:
+                running = list(self._active.values())
+            if not running:
+                break
+            running[0].done.wait(0.05)
+        with self._lock:
+            running = list(self._active.values())
+        for r in running:
+            r.cancelled.set()
+        for r in running:
+            r.done.wait(max(0.0, deadline - time.monotonic()))
+        if self.sessions is not None:
+            with self._lock:
+                self._expire_suspended()
+                self.sessions.save(self._suspended)
+        return len(running)
 
     def _loop(self, state: SessionState, cancelled: threading.Event) -> Iterator[Chunk]:
         req, session_id = state.req, state.req.session_id
@@ -237,7 +307,9 @@ class Generator:
         while True:
             if cancelled.is_set():
                 raise Cancelled(f"session {session_id!r} was ended")
-            result = self.router.step(session_id, history, step_input, req.sampling, cached_epoch)
+            result = self.router.step(
+                session_id, history, step_input, req.sampling, cached_epoch, cancelled
+            )
             steps.append(result)
             history += step_input
             cached_epoch = result.epoch

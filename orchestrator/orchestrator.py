@@ -64,7 +64,9 @@ class Orchestrator:
         self.model_dir = Path(config.model)
         self.args = LlamaArgs.from_config(read_config(self.model_dir))
         self.fingerprint = model_fingerprint(self.model_dir)
-        self.router = Router(config.step_timeout_s)
+        self.router = Router(
+            config.step_timeout_s, config.prefill_chunk_tokens, config.prefill_tokens_in_flight
+        )
         self.tokenizer = Tokenizer(self.model_dir)
         self.generator = Generator(
             self.router,
@@ -72,6 +74,7 @@ class Orchestrator:
             self.args.vocab_size,
             self.args.max_position_embeddings,
             config.max_sessions_per_client,
+            config.sessions_file,
         )
         self.default_request = PlanRequest(
             strategy=config.strategy,
@@ -190,6 +193,12 @@ class Orchestrator:
         ok, detail = self.ready()
         if not ok:
             raise Unavailable(f"the orchestrator is not ready: {detail}")
+
+    def shut_down(self, deadline: float) -> None:
+        """SIGTERM: generations finish or are suspended before `deadline` (time.monotonic())."""
+        suspended = self.generator.shut_down(deadline)
+        if suspended:
+            log.info("suspended %d sessions still running at shutdown", suspended)
 
     def close(self) -> None:
         self.router.close()

@@ -15,15 +15,18 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from orchestrator.admission import TokenBudget
 from orchestrator.plan import PartitionPlan
 from orchestrator.replicas import Position, Replica, ReplicaPool, split_group
 from orchestrator.stage_client import StageClient
 from protos import llamadist_pb2 as pb
-from protos.errors import FailedPrecondition, LlamadistError, NotFound, Unavailable
+from protos.errors import Cancelled, FailedPrecondition, LlamadistError, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
 MAX_FAILOVERS = 8  # attempts of one step across replicas before giving up
+HEALTH_TIMEOUT_S = 2.0  # a silent stage must answer Health within this to count as busy
+POLL_S = 0.25  # how often a waiting step looks at its caller's cancellation
 
 
 class ReadWriteLock:
@@ -73,8 +76,15 @@ class StepResult:
 
 
 class Router:
-    def __init__(self, step_timeout_s: float = 60.0):
+    def __init__(
+        self,
+        step_timeout_s: float = 60.0,
+        prefill_chunk_tokens: int = 512,
+        prefill_tokens_in_flight: int = 2048,
+    ):
         self.step_timeout_s = step_timeout_s
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.prefill_budget = TokenBudget(prefill_tokens_in_flight)
         self.channel_credentials = None  # TLS toward stages; set by orchestrator/server.py
         self.plan: PartitionPlan | None = None
         self.pool = ReplicaPool(self._make_client)
@@ -186,10 +196,12 @@ class Router:
         new_tokens: list[int],
         sampling: pb.SamplingParams,
         cached_epoch: int,
+        cancelled: threading.Event | None = None,
     ) -> StepResult:
         """Runs `new_tokens` after `history` (whose K/V the stages cached under `cached_epoch`;
         0 = nothing cached). Under another epoch, or after a failover to another replica, the
-        whole history is replayed first (a step is idempotent: stages cut back to start_pos)."""
+        whole history is replayed first (a step is idempotent: stages cut back to start_pos).
+        Raises Cancelled soon after `cancelled` is set."""
         with self._gate.read():
             plan = self.require_plan()
             replay = cached_epoch != plan.epoch
@@ -200,8 +212,8 @@ class Router:
                 tokens = history + new_tokens if replay else new_tokens
                 replayed = replayed or (replay and bool(history))
                 try:
-                    reply, wall, stage_ns = self._run(
-                        route, plan, session_id, start_pos, tokens, sampling
+                    reply, wall, stage_ns = self._run_chunks(
+                        route, plan, session_id, start_pos, tokens, sampling, cancelled
                     )
                 except _StageFailed as failed:
                     if isinstance(failed.error, Unavailable | FailedPrecondition):
@@ -216,18 +228,36 @@ class Router:
                 )
             raise Unavailable(f"session {session_id!r}: too many stage failures in one step")
 
-    def _run(self, route, plan, session_id, start_pos, tokens, sampling):
-        requests = [
-            pb.StepRequest(
-                session_id=session_id,
-                plan_epoch=plan.epoch,
-                start_pos=start_pos,
-                token_ids=tokens,
-                sampling=sampling if i == len(route) - 1 else None,
+    def _run_chunks(self, route, plan, session_id, start_pos, tokens, sampling, cancelled):
+        """Sends `tokens` in steps of at most prefill_chunk_tokens, so that no step holds a
+        stage long (the last chunk's reply is the step's). Chunks of prompt or replay wait for
+        the prefill budget; a one-token decode step goes at once."""
+        chunk = self.prefill_chunk_tokens
+        wall, stage_ns = 0, [0] * len(route)
+        for offset in range(0, len(tokens), chunk):
+            piece = tokens[offset : offset + chunk]
+            requests = [
+                pb.StepRequest(
+                    session_id=session_id,
+                    plan_epoch=plan.epoch,
+                    start_pos=start_pos + offset,
+                    token_ids=piece,
+                    sampling=sampling if i == len(route) - 1 else None,
+                )
+                for i in range(len(route))
+            ]
+            admitted = (
+                self.prefill_budget.hold(len(piece), cancelled)
+                if len(piece) > 1
+                else contextlib.nullcontext()
             )
-            for i in range(len(route))
-        ]
-        return _Chain(route, requests).run(self.step_timeout_s)
+            with admitted:
+                reply, piece_wall, piece_ns = _Chain(route, requests).run(
+                    self.step_timeout_s, cancelled
+                )
+            wall += piece_wall
+            stage_ns = [a + b for a, b in zip(stage_ns, piece_ns, strict=True)]
+        return reply, wall, stage_ns
 
     def end_session(self, session_id: str) -> int:
         """Frees the session on the stages that served it."""
@@ -268,22 +298,49 @@ class _Chain:
         self._done = threading.Event()
         self._lock = threading.Lock()
 
-    def run(self, timeout_s: float) -> tuple[pb.StepReply, int, list[int]]:
+    def run(
+        self, timeout_s: float, cancelled: threading.Event | None = None
+    ) -> tuple[pb.StepReply, int, list[int]]:
+        """A hop silent for timeout_s is checked: a stage whose Health answers SERVING is busy
+        (a long queue, a long prefill) and waited for; one that does not answer is down. The
+        wait ends early when `cancelled` is set (the caller is gone)."""
         t0 = time.perf_counter_ns()
         self._send(0)
-        while not self._done.wait(max(0.0, self.hop_started + timeout_s - time.monotonic())):
+        while True:
+            silent_s = time.monotonic() - self.hop_started
+            wait_s = max(0.0, timeout_s - silent_s)
+            if cancelled is not None:
+                wait_s = min(wait_s, POLL_S)
+            if self._done.wait(wait_s):
+                break
             hop = self.hop
-            if time.monotonic() - self.hop_started < timeout_s:
-                continue  # the chain moved on to the next hop meanwhile
-            replica = self.route[hop]
-            replica.client.forget(self.request_id)
-            error = Unavailable(
-                f"{replica.client.name} did not answer a step within {timeout_s:.0f} s"
-            )
-            self._finish(_StageFailed(replica, error))
+            if cancelled is not None and cancelled.is_set():
+                self.route[hop].client.forget(self.request_id)
+                self._finish(Cancelled("the request was cancelled"))
+            elif time.monotonic() - self.hop_started >= timeout_s:
+                self._check_alive(hop, timeout_s)
         if isinstance(self.outcome, Exception):
             raise self.outcome
         return self.outcome, time.perf_counter_ns() - t0, self.stage_ns
+
+    def _check_alive(self, hop: int, timeout_s: float) -> None:
+        replica = self.route[hop]
+        try:
+            serving, detail = replica.client.health(timeout_s=HEALTH_TIMEOUT_S)
+        except LlamadistError as err:
+            serving, detail = False, str(err)
+        if serving:
+            log.info("%s is busy: no answer to a step for %.0f s", replica.client.name, timeout_s)
+            self.hop_started = time.monotonic()  # unless the chain moved on meanwhile
+            return
+        if self.hop != hop:
+            return  # it answered while we asked: the chain moved on
+        replica.client.forget(self.request_id)
+        error = Unavailable(
+            f"{replica.client.name} did not answer a step within {timeout_s:.0f} s and is not "
+            f"serving ({detail})"
+        )
+        self._finish(_StageFailed(replica, error))
 
     def _send(self, hop: int, hidden: pb.Tensor | None = None) -> None:
         replica = self.route[hop]

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterator
 
 import grpc
 
-from orchestrator.generation import Chunk, GenerationRequest, Timings
+from orchestrator.generation import Caller, Chunk, GenerationRequest, Timings
 from orchestrator.orchestrator import Orchestrator, PlanRequest, PlanView
 from orchestrator.replicas import split_group
 from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
 from protos.errors import InvalidArgument, LlamadistError
-from protos.limits import check_session_id
+from protos.limits import DEFAULT_MAX_NEW_TOKENS, check_session_id
+from protos.security import ApiKeyInterceptor
 from protos.status import grpc_errors
 
 FINISH = {"eos": pb.EOS, "length": pb.LENGTH, "stop": pb.STOP, "": pb.FINISH_REASON_UNSPECIFIED}
@@ -33,14 +35,26 @@ def timings_to_pb(t: Timings, addresses: list[str]) -> pb.Timings:
     )
 
 
-def client_identity(context: grpc.ServicerContext) -> str:
-    """Whom the per-client session cap counts against: the API key (hashed, never kept in the
-    clear) when one is sent, else the peer's host."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            return "key:" + hashlib.sha256(value.encode()).hexdigest()[:16]
+def caller_of(context: grpc.ServicerContext, keys: ApiKeyInterceptor | None) -> Caller:
+    """Who calls: with API keys, the key (hashed, never kept in the clear; the interceptor has
+    already refused unknown ones), which owns the sessions it starts; without keys, the peer's
+    host (a header anyone can vary would let a client dodge its session cap)."""
+    metadata = context.invocation_metadata() or ()
+    if keys is not None:
+        value = next((v for k, v in metadata if k == "authorization"), "")
+        key_id = "key:" + hashlib.sha256(value.encode()).hexdigest()[:16]
+        return Caller(key_id, owns_all=keys.role(metadata) == "admin")
     peer = context.peer() or ""  # "ipv4:127.0.0.1:50512" / "ipv6:[::1]:50512"
-    return "host:" + peer.rsplit(":", 1)[0]
+    return Caller("host:" + peer.rsplit(":", 1)[0], owns_all=True)
+
+
+def cancelled_with(context: grpc.ServicerContext) -> threading.Event:
+    """An event set when the call ends for any reason: its client cancelled, its deadline
+    passed, its connection dropped (or it completed)."""
+    event = threading.Event()
+    if not context.add_callback(event.set):
+        event.set()  # already over
+    return event
 
 
 def plan_request_from_pb(msg: pb.PlanRequest) -> PlanRequest:
@@ -82,8 +96,9 @@ def plan_to_pb(view: PlanView) -> pb.Plan:
 
 
 class OrchestratorServicer(pb_grpc.OrchestratorServicer):
-    def __init__(self, orchestrator: Orchestrator):
+    def __init__(self, orchestrator: Orchestrator, keys: ApiKeyInterceptor | None = None):
         self.orch = orchestrator
+        self.keys = keys  # the API key check in force, None without keys
 
     def _request(self, msg: pb.GenerateRequest) -> GenerationRequest:
         self.orch.require_ready()
@@ -103,7 +118,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
             raise InvalidArgument("the request has no input: set prompt, token_ids or chat")
         return GenerationRequest(
             prompt_ids=ids,
-            max_new_tokens=msg.max_new_tokens or 128,
+            max_new_tokens=msg.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
             sampling=msg.sampling,
             stop=tuple(msg.stop),
             ignore_eos=msg.ignore_eos,
@@ -125,16 +140,16 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     @grpc_errors
     def GenerateStream(self, request: pb.GenerateRequest, context) -> Iterator[pb.GenerateChunk]:
         req = self._request(request)
-        for chunk in self.orch.generator.run(req, client_identity(context)):
-            if not context.is_active():
-                return  # the client went away; run()'s cleanup frees the session
+        caller, cancelled = caller_of(context, self.keys), cancelled_with(context)
+        for chunk in self.orch.generator.run(req, caller, cancelled):
             yield self._chunk_to_pb(chunk)
 
     @grpc_errors
     def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateReply:
         req = self._request(request)
         reply = pb.GenerateReply(prompt_tokens=len(req.prompt_ids))
-        for chunk in self.orch.generator.run(req, client_identity(context)):
+        caller, cancelled = caller_of(context, self.keys), cancelled_with(context)
+        for chunk in self.orch.generator.run(req, caller, cancelled):
             reply.text += chunk.text
             reply.token_ids.extend(chunk.token_ids)
             reply.logprobs.extend(chunk.logprobs)
@@ -147,7 +162,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     @grpc_errors
     def EndSession(self, request: pb.EndSessionRequest, context) -> pb.EndSessionReply:
         check_session_id(request.session_id)
-        freed = self.orch.generator.end(request.session_id)
+        freed = self.orch.generator.end(request.session_id, caller_of(context, self.keys))
         return pb.EndSessionReply(freed_bytes=freed)
 
     @grpc_errors

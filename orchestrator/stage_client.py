@@ -46,6 +46,8 @@ class StageClient:
             return method(request, timeout=timeout_s)
         except grpc.RpcError as err:
             raise from_rpc_error(err, self.name) from None
+        except ValueError as err:  # "Cannot invoke RPC on closed channel!" while shutting down
+            raise Unavailable(f"{self.name}: {err}") from None
 
     def submit(self, request: pb.StepRequest, on_reply: OnReply) -> int:
         """A step over this link's ForwardStream (opened again when it broke); see
@@ -64,6 +66,11 @@ class StageClient:
     def end_session(self, session_id: str) -> int:
         reply = self._call(self.stub.EndSession, pb.EndSessionRequest(session_id=session_id), 2)
         return reply.freed_bytes
+
+    def health(self, timeout_s: float = 2.0) -> tuple[bool, str]:
+        """(serving, why not): answered by the stage's RPC threads even while it computes."""
+        reply = self._call(self.stub.Health, pb.HealthRequest(), timeout_s)
+        return reply.status == pb.HealthReply.SERVING, reply.detail
 
     def info(self, timeout_s: float = 10.0) -> pb.StageInfo:
         return self._call(self.stub.Info, pb.InfoRequest(), timeout_s)

@@ -20,6 +20,10 @@ class ResourceExhausted(LlamadistError):
     """A budget is spent: the KV cache is full."""
 
 
+class PermissionDenied(LlamadistError):
+    """The caller may not touch this (another API key's session)."""
+
+
 class FailedPrecondition(LlamadistError):
     """The request is valid but the service is not in a state to serve it (wrong plan epoch,
     no layers loaded, no tokenizer)."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from concurrent import futures
 
 import grpc
@@ -26,15 +27,24 @@ GRPC_OPTIONS = [
 ]
 
 
-def run_until_signal(server: grpc.Server, banner: str, grace_s: float) -> None:
+def run_until_signal(
+    server: grpc.Server,
+    banner: str,
+    grace_s: float,
+    drain: Callable[[float], None] | None = None,
+) -> None:
     """Prints `banner` (launchers read the address from it), then serves until SIGINT/SIGTERM
-    and stops with a grace period for calls in flight."""
+    and stops within `grace_s`: `drain(deadline)` (a time.monotonic() deadline) winds the work
+    in flight down first, then calls still open are cancelled."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     print(banner, flush=True)
     stop.wait()
-    server.stop(grace_s).wait()
+    deadline = time.monotonic() + grace_s
+    if drain is not None:
+        drain(deadline)
+    server.stop(max(0.0, deadline - time.monotonic())).wait()
 
 
 def listening_server(

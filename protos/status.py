@@ -25,6 +25,7 @@ CODES: dict[type[errors.LlamadistError], grpc.StatusCode] = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Cancelled: grpc.StatusCode.CANCELLED,
     errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 ERRORS: dict[grpc.StatusCode, type[errors.LlamadistError]] = {v: k for k, v in CODES.items()}
 

@@ -25,6 +25,7 @@ from protos.errors import (
     OutOfRange,
 )
 from protos.limits import MAX_BATCH_BYTES, check_session_id
+from protos.model_files import model_fingerprint, read_config
 from protos.sampling import Sampling
 from stage_service.batcher import Batcher, Job
 from stage_service.config import StageConfig
@@ -33,7 +34,7 @@ from stage_service.kv_cache import CacheShape, Session, SessionCache, check_slot
 from stage_service.model import LlamaArgs, RangeModel, Segment
 from stage_service.sampling import NonFiniteLogits, draw_generator, sample_rows
 from stage_service.speed import measure_gflops
-from stage_service.weights import load_range, model_fingerprint, read_config, weight_bytes
+from stage_service.weights import load_range, weight_bytes
 
 log = logging.getLogger(__name__)
 

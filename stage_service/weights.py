@@ -11,10 +11,6 @@ from safetensors import safe_open
 
 from protos.errors import InvalidArgument
 from protos.model_files import LlamaArgs, TensorIndex
-
-# Re-exported (explicitly, `as`) for stage_service/stage.py until it imports protos.model_files.
-from protos.model_files import model_fingerprint as model_fingerprint
-from protos.model_files import read_config as read_config
 from stage_service.model import LayerWeights, RangeWeights
 
 
