@@ -40,17 +40,18 @@ class Mesh:
         p.wait_address(60)
         return p
 
-    def orchestrator(self, stages: str) -> Client:
+    def orchestrator(self, stages: str, *extra: str, port: int = 0) -> Client:
         args = [
             "orchestrator",
             "--model",
             self.model_dir,
             "--port",
-            "0",
+            str(port),
             "--stages",
             stages,
             "--step-timeout-s",
             "5",
+            *extra,
         ]
         p = Process("orchestrator", args, self.log_dir)
         self.processes.append(p)
@@ -149,3 +150,64 @@ def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(mesh, expected):
     with pytest.raises(ClientError) as err:
         client.generate(token_ids=PROMPT, max_new_tokens=2)
     assert err.value.code == "UNAVAILABLE"
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory):
+    """A tiny model with a long context, so that generations outlast a short grace period."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import TINY_BASE
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("long") / "long"
+    config = LlamaConfig(**{**TINY_BASE, "max_position_embeddings": 4096})
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def test_sigterm_suspends_what_still_runs_and_a_restart_resumes_it(long_model, tmp_path):
+    """SIGTERM with 4 streams that cannot finish within --grace-s 1: the orchestrator exits 0
+    within the grace period (plus process start-up and teardown), each client is told how to
+    resume, nothing is logged as a traceback, and an orchestrator started again with the same
+    --sessions-file resumes each session to exactly the tokens of an uninterrupted run."""
+    mesh = Mesh(long_model, tmp_path)
+    try:
+        a = mesh.stage("a")
+        sessions = tmp_path / "sessions.json"
+        extra = ("--grace-s", "1", "--sessions-file", str(sessions))
+        client = mesh.orchestrator(a.address, *extra)
+        orchestrator = mesh.processes[-1]
+        port = int(orchestrator.address.rsplit(":", 1)[1])
+        kwargs = [dict(token_ids=PROMPT, max_new_tokens=800, ignore_eos=True, temperature=0.8,
+                       seed=i) for i in range(4)]  # fmt: skip
+        expected = [client.generate(**kw).token_ids for kw in kwargs]
+        streams = [client.stream(session_id=f"s{i}", **kw) for i, kw in enumerate(kwargs)]
+        before = [list(next(s).token_ids) for s in streams]
+        t0 = time.monotonic()
+        orchestrator.proc.send_signal(signal.SIGTERM)
+        errors = []
+        for i, stream in enumerate(streams):
+            with pytest.raises(ClientError) as err:
+                for piece in stream:
+                    before[i] += piece.token_ids
+            errors.append(err.value)
+        assert orchestrator.proc.wait(10) == 0
+        took = time.monotonic() - t0
+        assert took < 1 + 1.5, f"exit took {took:.1f} s with --grace-s 1 (1.5 s for teardown)"
+        for i, err in enumerate(errors):
+            assert err.code == "UNAVAILABLE" and "shutting down" in err.message, err
+            assert f"resume with session_id 's{i}'" in err.message, err
+        log = orchestrator.log_path.read_text()
+        assert "Traceback" not in log, log[-3000:]
+        assert all(0 < len(b) < 800 for b in before)
+
+        client = mesh.orchestrator(a.address, *extra, port=port)
+        for i in range(4):
+            resumed = client.generate(token_ids=[1], max_new_tokens=1, session_id=f"s{i}")
+            assert resumed.token_ids[: len(before[i])] == before[i]
+            assert resumed.token_ids == expected[i]
+        assert not sessions.exists()  # a session resumes once
+    finally:
+        mesh.stop()
