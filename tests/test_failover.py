@@ -34,8 +34,9 @@ class Mesh:
         self.model_dir, self.log_dir = str(model_dir), log_dir
         self.processes: list[Process] = []
 
-    def stage(self, name: str, port: int = 0) -> Process:
-        p = Process(name, ["stage", "--model", self.model_dir, "--port", str(port)], self.log_dir)
+    def stage(self, name: str, port: int = 0, *extra: str) -> Process:
+        args = ["stage", "--model", self.model_dir, "--port", str(port), *extra]
+        p = Process(name, args, self.log_dir)
         self.processes.append(p)
         p.wait_address(60)
         return p
@@ -60,7 +61,9 @@ class Mesh:
         return client
 
     def stop(self):
-        for p in self.processes:
+        # the orchestrator first: once its streams close, each stage exits without waiting out
+        # its grace period for them
+        for p in reversed(self.processes):
             p.stop()
 
 
@@ -76,15 +79,32 @@ def kill(process: Process) -> None:
     process.proc.wait()
 
 
+def holders(client: Client, replicas: tuple[Process, ...]) -> list[str]:
+    """The addresses among `replicas` that hold a session now."""
+    addresses = {r.address for r in replicas}
+    return [
+        s["address"]
+        for s in client.stages()
+        if s["address"] in addresses and s.get("info", {}).get("active_sessions", 0)
+    ]
+
+
+def the_one_serving(client: Client, a: Process, b: Process) -> tuple[Process, Process]:
+    """(the replica of a+b that holds the session, the other); asserts it is exactly one."""
+    serving = holders(client, (a, b))
+    assert len(serving) == 1, f"the session should sit on one replica of {a.address}+{b.address}"
+    return (a, b) if serving == [a.address] else (b, a)
+
+
 def test_killing_a_replica_mid_stream_changes_nothing(mesh, expected):
     a, b, c = mesh.stage("a"), mesh.stage("b"), mesh.stage("c")
     client = mesh.orchestrator(f"{a.address}+{b.address},{c.address}")
     stream = client.stream(token_ids=PROMPT, max_new_tokens=200)
     pieces = [next(stream) for _ in range(20)]
-    serving = [s for s in client.stages() if s["info"].get("active_sessions", 0)]
-    victim = a if serving[0]["address"] == a.address else b
-    assert serving[0]["address"] == victim.address  # the session is on one replica of position 0
+    victim, other = the_one_serving(client, a, b)
     kill(victim)
+    pieces += [next(stream) for _ in range(5)]
+    assert holders(client, (a, b)) == [other.address]  # the session moved to the live replica
     pieces += list(stream)
     assert [t for p in pieces for t in p.token_ids] == expected
     assert pieces[-1].timings["replays"] >= 1
@@ -99,8 +119,7 @@ def test_seeded_sampling_is_the_same_after_a_failover(mesh):
     expected = client.generate(token_ids=PROMPT, **sampling).token_ids
     stream = client.stream(token_ids=PROMPT, **sampling)
     pieces = [next(stream) for _ in range(8)]
-    serving = [s["address"] for s in client.stages() if s["info"].get("active_sessions", 0)]
-    victim = next(s for s in (a, b) if s.address in serving)
+    victim, _ = the_one_serving(client, a, b)
     kill(victim)
     pieces += list(stream)
     assert pieces[-1].timings["replays"] >= 1
@@ -114,14 +133,17 @@ def test_without_a_replica_fails_fast_then_resumes(mesh, expected):
     stream = client.stream(token_ids=PROMPT, max_new_tokens=200, session_id="resume-me")
     pieces = [next(stream) for _ in range(20)]
     kill(b)
-    t0 = time.monotonic()
+    died_at = time.monotonic()  # kill() returns once the process is reaped: its sockets are shut
     with pytest.raises(ClientError) as err:
         for piece in stream:
             pieces.append(piece)
-    elapsed = time.monotonic() - t0
+    elapsed = time.monotonic() - died_at
     assert err.value.code == "UNAVAILABLE" and f"stage 1 ({b.address})" in err.value.message
     assert "resume-me" in err.value.message
-    assert elapsed < 2.0, elapsed
+    assert elapsed < 2.0, (
+        f"the README promises that a request with no live replica fails in about a second; "
+        f"it failed {elapsed:.2f} s after stage 1 died"
+    )
     before = [t for p in pieces for t in p.token_ids]
 
     mesh.stage("b-again", int(port_b))  # same address; the prober reloads its layers
@@ -135,6 +157,49 @@ def test_without_a_replica_fails_fast_then_resumes(mesh, expected):
             time.sleep(0.2)  # the prober's backoff; the next try is a real request
     assert resumed.token_ids[: len(before)] == before
     assert resumed.token_ids == expected
+
+
+def test_a_stuck_stage_is_found_within_the_step_deadline_and_failed_over(mesh, expected):
+    """SIGSTOP: the stage's process is alive (its sockets accept) but answers nothing, not even
+    keepalive pings or Health. The session moves to the other replica within --step-timeout-s
+    (5 s here) and the output does not change."""
+    a, b, c = mesh.stage("a"), mesh.stage("b"), mesh.stage("c")
+    client = mesh.orchestrator(f"{a.address}+{b.address},{c.address}")
+    stream = client.stream(token_ids=PROMPT, max_new_tokens=200)
+    pieces = [next(stream) for _ in range(20)]
+    victim, _ = the_one_serving(client, a, b)
+    os.kill(victim.proc.pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        pieces.append(next(stream))
+        found = time.monotonic() - stopped_at
+        pieces += list(stream)
+    finally:
+        os.kill(victim.proc.pid, signal.SIGCONT)
+    assert [t for p in pieces for t in p.token_ids] == expected
+    assert found < 5.0, (
+        f"a stuck stage must be found within the step deadline (--step-timeout-s 5): the next "
+        f"token came {found:.2f} s after SIGSTOP"
+    )
+
+
+def test_a_stage_sigterm_serves_until_its_grace_then_exits_0(mesh, expected):
+    """SIGTERM on a replica mid-stream: it keeps answering the steps it gets for --grace-s,
+    exits 0 within it, and the session carries on on the other replica unchanged."""
+    a, b = mesh.stage("a", 0, "--grace-s", "2"), mesh.stage("b", 0, "--grace-s", "2")
+    c = mesh.stage("c")
+    client = mesh.orchestrator(f"{a.address}+{b.address},{c.address}")
+    stream = client.stream(token_ids=PROMPT, max_new_tokens=200)
+    pieces = [next(stream) for _ in range(20)]
+    victim, _ = the_one_serving(client, a, b)
+    victim.proc.send_signal(signal.SIGTERM)
+    signalled_at = time.monotonic()
+    pieces += list(stream)
+    assert [t for p in pieces for t in p.token_ids] == expected
+    assert victim.proc.wait(10) == 0
+    took = time.monotonic() - signalled_at
+    assert took < 2 + 1.5, f"the stage took {took:.1f} s to exit with --grace-s 2 (+1.5 s slack)"
+    assert "Traceback" not in victim.log_path.read_text()
 
 
 def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(mesh, expected):
