@@ -25,9 +25,11 @@ protos: $(PROTO_OUT)
 run: install
 	$(PY) -m client.quickstart
 
+# -rfEs: the short summary names every failure and error and says why each skip skipped
+# (`-rs` alone would drop the failures from it); LLAMADIST_REQUIRE makes chosen skips fail.
 test: install
-	$(PY) -m pytest -q -m "not slow" tests
-	$(PY) -m pytest -q -m slow tests
+	$(PY) -m pytest -q -rfEs -m "not slow" tests
+	$(PY) -m pytest -q -rfEs -m slow tests
 
 lint: install
 	$(VENV)/bin/ruff check .

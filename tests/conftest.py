@@ -1,11 +1,13 @@
 """Shared fixtures: tiny random Llama models saved as safetensors, the default model, and
-in-process meshes (real gRPC servers on port 0)."""
+in-process meshes (real gRPC servers on port 0); `require_or_skip`, the strict mode's skip."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import torch
@@ -176,3 +178,28 @@ def in_process_mesh(model_dir: Path, num_stages: int, **kwargs) -> Iterator[InPr
 @pytest.fixture
 def mesh_factory():
     return in_process_mesh
+
+
+REQUIRABLE = ("netns", "compose", "compile")  # the parts LLAMADIST_REQUIRE may name
+
+
+def required_parts() -> set[str]:
+    return {p.strip() for p in os.environ.get("LLAMADIST_REQUIRE", "").split(",") if p.strip()}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    unknown = required_parts() - set(REQUIRABLE)
+    if unknown:  # a typo must not turn the strict mode off
+        raise pytest.UsageError(
+            f"LLAMADIST_REQUIRE names {sorted(unknown)}; the parts are {', '.join(REQUIRABLE)}"
+        )
+
+
+def require_or_skip(part: str, reason: str) -> NoReturn:
+    """Skips the test, saying `reason`; fails it instead when LLAMADIST_REQUIRE (a comma list of
+    REQUIRABLE parts) names `part`. CI (.ci/run) sets it, so a part that cannot run there is a
+    failure, not a skip nobody reads."""
+    assert part in REQUIRABLE, part
+    if part in required_parts():
+        pytest.fail(f"{reason} (LLAMADIST_REQUIRE names {part!r}: it must run)", pytrace=False)
+    pytest.skip(reason)

@@ -105,6 +105,7 @@ class NetnsLab:
         self.delay_ms = delay_ms
         self.delay_note = ""
         self.processes: list[Process] = []
+        self._popened: list[subprocess.Popen] = []
         self._made: list[str] = []
 
     # ------------------------------------------------------------------ building
@@ -177,6 +178,19 @@ class NetnsLab:
             timeout=timeout_s,
         )
 
+    def popen(self, host: str, argv: list[str]) -> subprocess.Popen:
+        """Starts a command inside HOST with text pipes to its stdin and from its stdout (stderr
+        joins stdout); the caller talks to it and waits for it, close() kills it if still alive."""
+        process = subprocess.Popen(
+            ["ip", "netns", "exec", self.hosts[host].netns, *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._popened.append(process)
+        return process
+
     def cut(self, host: str) -> None:
         """Pulls HOST's cable: deletes its link (both ends of the veth pair)."""
         _ip("-n", self.switch, "link", "del", self.hosts[host].port)
@@ -188,6 +202,11 @@ class NetnsLab:
         return [n for n in namespaces() if n.startswith(self.tag + "-")]
 
     def close(self) -> None:
+        for popened in self._popened:  # `ip netns exec` execs the command: this is its PID
+            if popened.poll() is None:
+                popened.kill()
+                popened.wait(30)
+        self._popened.clear()
         for process in reversed(self.processes):
             process.stop()
         self.processes.clear()

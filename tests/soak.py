@@ -1,6 +1,6 @@
 """Soak (issue 5): concurrent sessions of random lengths against a 2-stage mesh on loopback.
 
-    python -m tests.soak --seconds 300 [--sessions 32] [--model DIR] [--seed S]
+    python -m tests.soak --seconds 300 [--sessions 32] [--slots 40] [--model DIR] [--seed S]
 
 Starts a 2-stage LocalMesh (default: a tiny random Llama with a 256-token context, made in a
 temporary directory), then `--sessions` client threads run back-to-back sessions: random prompt
@@ -9,9 +9,19 @@ abandoned halfway (EndSession, then the stream is closed), some greedy canaries 
 equal the idle mesh's. A warm-up phase (every thread runs a full-context session first) comes
 before the timed run; every call has a deadline and the threads are joined with one.
 
-Fails (exit 1) on any error, a canary mismatch, a process that died, KV cache not back to zero
-(kv_used_bytes and active_sessions on every stage) or resident memory of any process grown by
-5 % or more from the end of the warm-up to the end of the run. Prints a summary either way.
+Each thread's plan: its full-context session, then random sessions until the deadline, at least
+one (MIN_SESSIONS in all). Fails (exit 1) when a thread does not carry it out — still running
+after its deadline, ended by an exception (named, its traceback printed), or fewer sessions
+completed than planned — and on any error, a canary mismatch, a process that died, KV cache not
+back to zero (kv_used_bytes and active_sessions on every stage) or resident memory of any
+process grown by 5 % or more from the end of the warm-up to the end of the run. Prints a summary
+either way.
+
+`--slots N` runs the stages with static KV slots (`--static-kv on`) and a `--kv-cache-mb` that
+holds about N slots per stage, a few more than the threads' sessions, so that a slot not given
+back soon starves them. kv_used_bytes counts the sessions a stage holds, not its free list, so
+after the run a probe takes every slot of each stage with sessions of its own (Forward, one
+token each): all must be taken, one more refused (RESOURCE_EXHAUSTED), then they are ended.
 
 The orchestrator runs at most 32 concurrent generations per client (--max-sessions-per-client,
 keyed by API key, else by host): 32 threads from this host fit exactly, because a finished
@@ -30,21 +40,22 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import psutil
 
 from client.client import Client, ClientError
 from client.launcher import LocalMesh
-from protos import llamadist_pb2 as pb
+from tests.soak_kv import caches_back_to_zero, probe_slots, static_slot_args
 
 PER_CLIENT_CAP = 32  # the orchestrator's default --max-sessions-per-client
 CALL_TIMEOUT_S = 120.0  # one generation; a full-context one under full load takes ~30 s here
 RSS_LIMIT = 0.05
 CANARY = [7, 3, 99, 12, 45, 60, 2, 81, 33, 5, 18, 70]
 CANARY_TOKENS = 32
+MIN_SESSIONS = 2  # per thread: its full-context session and at least one random one
 
 
 @dataclass
@@ -68,6 +79,18 @@ class Stats:
                     self.errors.append(value)
                 else:
                     setattr(self, name, getattr(self, name) + value)
+
+
+@dataclass
+class Worker:
+    """One client thread and how far it got."""
+
+    index: int
+    thread: threading.Thread | None = None
+    started: int = 0  # sessions begun
+    completed: int = 0  # sessions that ended without an error
+    finished: bool = False  # it reached its deadline: no exception ended it
+    crash: str = ""  # the traceback of the exception that ended it
 
 
 def model_shape(model: Path) -> tuple[int, int]:
@@ -142,46 +165,75 @@ def one_session(
     return dict(prompt_tokens=prompt_len, tokens=got, abandoned=1)
 
 
-def worker(
-    index: int,
-    address: str,
-    api_key: str | None,
-    seed: int,
-    vocab: int,
-    context: int,
-    canary: list[int],
-    warmup_until: float,
-    stop_at: float,
-    stats: Stats,
-    warm: Stats,
-) -> None:
-    rng = random.Random(seed * 1000 + index)
-    n = 0
-    with Client(address, timeout_s=CALL_TIMEOUT_S, api_key=api_key) as client:
-        while True:
-            now = time.monotonic()
-            if now >= stop_at:
-                return
-            target = warm if now < warmup_until else stats
-            t0 = time.monotonic()
-            try:
-                counts = one_session(
-                    client, rng, vocab, context, canary, f"soak-{index}-{n}", full=n == 0
-                )
-            except (ClientError, AssertionError) as err:
-                target.add(error=f"thread {index} session {n}: {err}")
-                counts = {}
-            target.add(sessions=1, latency_s=time.monotonic() - t0, **counts)
-            n += 1
+@dataclass(frozen=True)
+class Run:
+    """What every thread shares: the mesh, the model's shape, the clock and the counts."""
+
+    address: str
+    seed: int
+    vocab: int
+    context: int
+    canary: list[int]
+    warmup_until: float
+    stop_at: float
+    stats: Stats
+    warm: Stats
 
 
-def stage_infos(addresses: list[str]) -> list[pb.StageInfo]:
-    infos = []
-    for address in addresses:
-        with grpc.insecure_channel(address) as channel:
-            raw = channel.unary_unary("/llamadist.Stage/Info")(b"", timeout=10)
-            infos.append(pb.StageInfo.FromString(raw))
-    return infos
+def worker(w: Worker, run: Run, api_key: str | None) -> None:
+    """Runs w's plan (see the module docstring). A session's ClientError or AssertionError is
+    an error in the stats and the thread goes on; anything else ends it, kept in w.crash."""
+    rng = random.Random(run.seed * 1000 + w.index)
+    try:
+        with Client(run.address, timeout_s=CALL_TIMEOUT_S, api_key=api_key) as client:
+            while w.started < MIN_SESSIONS or time.monotonic() < run.stop_at:
+                n = w.started
+                w.started += 1
+                t0 = time.monotonic()
+                target = run.warm if t0 < run.warmup_until else run.stats
+                try:
+                    counts = one_session(
+                        client,
+                        rng,
+                        run.vocab,
+                        run.context,
+                        run.canary,
+                        tag=f"soak-{w.index}-{n}",
+                        full=n == 0,
+                    )
+                except (ClientError, AssertionError) as err:
+                    target.add(error=f"thread {w.index} session {n}: {err}")
+                    counts = {}
+                else:
+                    w.completed += 1
+                target.add(sessions=1, latency_s=time.monotonic() - t0, **counts)
+        w.finished = True
+    except BaseException:  # noqa: BLE001 - whatever it is, the soak fails naming it
+        w.crash = traceback.format_exc()
+
+
+def worker_failures(workers: list[Worker]) -> list[str]:
+    """What each thread left undone; prints the tracebacks of those an exception ended."""
+    failures = []
+    hung = [w.index for w in workers if w.thread.is_alive()]
+    if hung:
+        failures.append(f"{len(hung)} client threads still running after their deadline: {hung}")
+    shown = 0
+    for w in workers:
+        if w.thread.is_alive():
+            continue
+        if w.crash:
+            where = f"in session {w.started - 1}" if w.started else "before its first session"
+            failures.append(f"thread {w.index} died {where}: {w.crash.splitlines()[-1]}")
+            if shown < 5:  # the first few tracebacks; each thread's exception is in its line
+                print(f"\nthread {w.index} died {where}:\n{w.crash}", end="")
+                shown += 1
+        elif not w.finished or w.completed < MIN_SESSIONS:
+            failures.append(
+                f"thread {w.index} completed {w.completed} of {w.started} sessions "
+                f"(at least {MIN_SESSIONS} planned)"
+            )
+    return failures
 
 
 def rss(mesh: LocalMesh) -> dict[str, int]:
@@ -196,14 +248,19 @@ def soak(
     log_dir: Path,
     warmup_s: float,
     stage_args: list[str] | None = None,
+    slots: int = 0,
 ) -> int:
     vocab, context = model_shape(model)
+    stage_args = list(stage_args or [])
+    if slots:
+        stage_args += static_slot_args(model, slots, stage_args)
     keys_file, keys = "", [None]
     if sessions > PER_CLIENT_CAP:  # one client identity per 32 threads
         keys = [f"{seed:x}{i:04x}" + "0" * 40 for i in range(-(-sessions // PER_CLIENT_CAP))]
         keys_file = str(log_dir / "api-keys")
         Path(keys_file).write_text("".join(f"{k} client\n" for k in keys))
     print(f"soak: model {model}, {sessions} sessions, {seconds:.0f} s (+ {warmup_s:.0f} s warm-up)")
+    print(f"stage options: {' '.join(stage_args) or '(defaults)'}")
     mesh = LocalMesh(
         str(model), 2, log_dir=log_dir, api_keys_file=keys_file, extra_stage_args=stage_args
     )
@@ -218,58 +275,30 @@ def soak(
         t_start = time.monotonic()
         warmup_until = t_start + warmup_s
         stop_at = warmup_until + seconds
-        threads = [
-            threading.Thread(
-                target=worker,
-                args=(
-                    i,
-                    mesh.address,
-                    keys[i // PER_CLIENT_CAP],
-                    seed,
-                    vocab,
-                    context,
-                    canary,
-                    warmup_until,
-                    stop_at,
-                    stats,
-                    warm,
-                ),
-                daemon=True,
-            )
-            for i in range(sessions)
-        ]
-        for t in threads:
-            t.start()
+        run = Run(mesh.address, seed, vocab, context, canary, warmup_until, stop_at, stats, warm)
+        workers = [Worker(i) for i in range(sessions)]
+        for w in workers:
+            key = keys[w.index // PER_CLIENT_CAP]
+            w.thread = threading.Thread(target=worker, args=(w, run, key), daemon=True)
+            w.thread.start()
         time.sleep(max(0.0, warmup_until - time.monotonic()))
         rss_before = rss(mesh)
         t_run = time.monotonic()
-        for t in threads:
-            t.join(max(1.0, stop_at + 2 * CALL_TIMEOUT_S - time.monotonic()))
+        for w in workers:  # a thread's last session may start just before stop_at
+            w.thread.join(max(1.0, stop_at + 2 * CALL_TIMEOUT_S - time.monotonic()))
         elapsed = time.monotonic() - t_run
-        hung = sum(t.is_alive() for t in threads)
-        failures = [f"{hung} client threads still running after their deadline"] if hung else []
+        failures = worker_failures(workers)
 
         dead = [p.name for p in mesh.processes if p.proc.poll() is not None]
         if dead:
             failures.append(f"processes died: {dead}")
             infos = []
         else:
-            deadline = time.monotonic() + 5  # caches are freed as replies go out: a moment
-            while True:
-                infos = stage_infos(stages)
-                if all(i.kv_used_bytes == 0 and i.active_sessions == 0 for i in infos):
-                    break
-                if time.monotonic() > deadline:
-                    failures.append(
-                        "KV cache not back to zero: "
-                        + ", ".join(
-                            f"{a} kv_used_bytes={i.kv_used_bytes} "
-                            f"active_sessions={i.active_sessions}"
-                            for a, i in zip(stages, infos, strict=True)
-                        )
-                    )
-                    break
-                time.sleep(0.2)
+            infos, failure = caches_back_to_zero(stages)
+            failures += [failure] if failure else []
+            if slots:
+                hidden_size = json.loads((model / "config.json").read_text())["hidden_size"]
+                failures += filter(None, (probe_slots(a, hidden_size) for a in stages))
         rss_after = rss(mesh) if not dead else {}
 
         print(
@@ -318,6 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.soak", description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=300.0, help="timed run after the warm-up")
     p.add_argument("--sessions", type=int, default=32, help="concurrent client threads")
+    p.add_argument(
+        "--slots",
+        type=int,
+        default=0,
+        help="static KV slots per stage (--static-kv on, --kv-cache-mb to fit), all checked "
+        "free after the run; at least --sessions (0 = the stage options' KV layout)",
+    )
     p.add_argument("--model", default="", help="model directory (default: a tiny random one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -333,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         help="more stage options, e.g. '--static-kv on --max-context 256'",
     )
     args = p.parse_args(argv)
+    if args.slots and args.slots < args.sessions:
+        p.error(f"--slots {args.slots}: each of the {args.sessions} sessions holds one")
     warmup_s = args.warmup_seconds
     if warmup_s is None:
         warmup_s = min(60.0, max(10.0, args.seconds / 10))
@@ -346,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
 
             model = make_tiny_model(Path(tmp), "gqa")  # 4 layers, 256-token context
         stage_args = args.stage_args.split()
-        return soak(model, args.seconds, args.sessions, args.seed, log_dir, warmup_s, stage_args)
+        return soak(
+            model, args.seconds, args.sessions, args.seed, log_dir, warmup_s, stage_args, args.slots
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import pytest
 
 from client import Client, ClientError
 from client.launcher import LocalMesh
+from tests.conftest import require_or_skip
 from tests.netns import LLAMADIST
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,7 +118,7 @@ def generate_and_plan(address: str, reference: list[int], label: str) -> None:
 def test_compose_deployment(default_model, reference, tmp_path):
     reason = docker_reason()
     if reason:
-        pytest.skip(f"compose test: {reason}")
+        require_or_skip("compose", f"compose test: {reason}")
     project = f"llamadist-test-{os.getpid()}"
     port = free_port()
     network = tmp_path / "network.yml"

@@ -1,6 +1,7 @@
 """The CI version of the soak (issue 5): `python -m tests.soak --seconds 30`, 32 concurrent
 sessions against a 2-stage mesh, and 15 s more with static KV slots (the GPU layout: slots must
-come back as sessions end, are abandoned or time out); `make soak` is the 5-minute run."""
+come back as sessions end, are abandoned or time out), 40 per stage so that a slot not given back
+soon shows, and every one checked free at the end; `make soak` is the 5-minute run."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
-    "seconds, stage_args", [("30", ""), ("15", "--static-kv on --max-context 256")]
+    "seconds, options",
+    [("30", []), ("15", ["--slots", "40", "--stage-args", "--max-context 256"])],
+    ids=["growable", "static-slots"],
 )
-def test_soak(tmp_path, seconds, stage_args):
+def test_soak(tmp_path, seconds, options):
     run = subprocess.run(
         [sys.executable, "-m", "tests.soak", "--seconds", seconds, "--log-dir", str(tmp_path)]
-        + ["--stage-args", stage_args],
+        + options,
         cwd=ROOT,
         capture_output=True,
         text=True,
