@@ -71,9 +71,35 @@ def test_tied_and_untied_heads(tiny_root, name):
         assert profile.head_bytes == tensors["lm_head.weight"].nbytes
 
 
-def test_the_tiny_set_has_both_tied_and_untied_models():
-    tied = {n for n, c in TINY_CONFIGS.items() if c.get("tie_word_embeddings")}
-    assert tied and tied != set(TINY_CONFIGS)
+@pytest.mark.parametrize(
+    "config_tied, file_has_head", [(False, False), (True, True)], ids=["no-head", "tied-config"]
+)
+def test_the_head_is_tied_exactly_when_a_stage_loads_the_embeddings_as_head(
+    tiny_root, tmp_path, config_tied, file_has_head
+):
+    """Checkpoints whose config and files disagree: untied in config.json but no lm_head tensor
+    (the stage uses the embeddings), tied in config.json with an lm_head tensor too (the stage
+    ignores it). The profile must count the bytes the stage really holds, for one stage holding
+    everything (a tied head shares the embedding matrix) and for a last stage alone."""
+    from safetensors.torch import save_file
+
+    source = make_tiny_model(tiny_root, "gqa")  # untied, lm_head stored
+    tensors = actual_tensors(source)
+    if not file_has_head:
+        del tensors["lm_head.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(
+        json.dumps(config(source) | {"tie_word_embeddings": config_tied})
+    )
+    profile = ModelProfile.from_model_dir(tmp_path)
+    assert profile.tied and profile.head_bytes == profile.embed_bytes
+    args = LlamaArgs.from_config(config(tmp_path))
+    num = profile.num_layers
+    for r in (LayerRange(0, num), LayerRange(num - 1, num)):
+        first = r.start == 0
+        loaded = load_range(tmp_path, args, r.start, r.end, torch.float32, torch.device("cpu"))
+        assert (loaded.head is loaded.embed) is first  # one matrix for both, when both are here
+        assert profile.stage_weight_bytes(r, first, True) == weight_bytes(loaded)
 
 
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))

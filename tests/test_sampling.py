@@ -1,5 +1,7 @@
 """Sampling against transformers' own logits processors on the same scores."""
 
+import math
+
 import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
@@ -8,10 +10,13 @@ from protos.errors import InvalidArgument
 from protos.sampling import Sampling
 from stage_service.sampling import (
     apply_repetition_penalty,
+    draw_generator,
     filter_top_k_top_p,
     sample,
     sample_rows,
 )
+
+CPU = torch.device("cpu")
 
 
 def scores(seed=0, n=50):
@@ -22,6 +27,7 @@ def test_greedy_is_argmax_with_its_logprob():
     logits = scores()
     token, logprob = sample(logits, Sampling(), [], None)
     assert token == int(logits.argmax())
+    assert math.isfinite(logprob)
     assert logprob == pytest.approx(float(torch.log_softmax(logits, -1)[token]))
 
 
@@ -78,7 +84,7 @@ def test_bad_parameters_are_refused(kwargs):
 def test_the_smallest_allowed_temperature_is_near_greedy_and_finite():
     logits = scores(4)
     token, logprob = sample(logits, Sampling(temperature=1e-3, seed=1), [], torch.Generator())
-    assert token == int(logits.argmax()) and logprob == logprob  # not NaN
+    assert token == int(logits.argmax()) and math.isfinite(logprob)
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=1e-39), dict(repetition_penalty=1e-39)])
@@ -88,21 +94,36 @@ def test_parameters_that_would_overflow_are_refused(kwargs):
 
 
 def test_sample_rows_equals_sampling_each_row():
-    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(2)) * 3
+    """Every row of a batch, greedy or sampled, gets what `sample` gives that row alone with the
+    same generator (the stage seeds it from (seed, position): stage_service/stage.py)."""
+    logits = torch.randn(7, 50, generator=torch.Generator().manual_seed(2)) * 3
     params = [
         Sampling(),
         Sampling(repetition_penalty=1.3),
         Sampling(),
         Sampling(temperature=0.8, top_k=5, seed=3),
         Sampling(),
+        Sampling(temperature=1.5, top_p=0.9, seed=4),
+        Sampling(temperature=2.0, repetition_penalty=1.2, seed=5),
     ]
-    seen = [[1, 2], [int(logits[1].argmax()), 4], [], [7], [9]]
-    rows = sample_rows(logits, params, seen, [None, None, None, None, None])
-    for i in range(5):
-        if params[i].greedy:
-            token, logprob = sample(logits[i], params[i], seen[i], None)
-            assert rows[i][0] == token and abs(rows[i][1] - logprob) < 1e-5
+    seen = [[1, 2], [int(logits[1].argmax()), 4], [], [7], [9], [], [int(logits[6].argmax())]]
+    positions = [12, 13, 14, 15, 16, 17, 18]
+
+    def generators():
+        return [draw_generator(p.seed, pos, CPU) for p, pos in zip(params, positions, strict=True)]
+
+    rows = sample_rows(logits, params, seen, generators())
+    # fresh generators for the rows alone: the same streams the batch drew from
+    alone = [sample(logits[i], params[i], seen[i], g) for i, g in enumerate(generators())]
+    for i, (row, want) in enumerate(zip(rows, alone, strict=True)):
+        assert row[0] == want[0], f"row {i}"
+        assert math.isfinite(row[1]) and row[1] == pytest.approx(want[1], abs=1e-5), f"row {i}"
     assert rows[1][0] != int(logits[1].argmax())  # the penalty applied to that row only
-    gen = torch.Generator().manual_seed(3)
-    assert rows[3][0] in torch.topk(logits[3], 5).indices.tolist()
-    assert sample(logits[3], params[3], seen[3], gen)[0] in torch.topk(logits[3], 5).indices
+    assert rows[0][0] == int(logits[0].argmax()) and rows[2][0] == int(logits[2].argmax())
+    # the sampled rows are draws, not argmaxes: over positions they vary within their filters
+    draws = [
+        sample_rows(logits, params, seen, [draw_generator(p.seed, pos, CPU) for p in params])
+        for pos in range(20)
+    ]
+    top5 = set(torch.topk(logits[3], 5).indices.tolist())
+    assert {d[3][0] for d in draws} <= top5 and len({d[3][0] for d in draws}) > 1
