@@ -64,6 +64,7 @@ class Chunk:
     logprobs: list[float]
     text: str
     session_id: str
+    prompt_tokens: int = 0  # the session's prompt, also when it is resumed
     finish_reason: str = ""  # "", "eos", "length", "stop"
     timings: Timings | None = None
 
@@ -301,7 +302,13 @@ class Generator:
         history, step_input = [], list(req.prompt_ids)  # history: tokens the stages have cached
         if generated:  # resuming: repeat what came before, then replay it onto the stages
             history, step_input = req.prompt_ids + generated[:-1], generated[-1:]
-            yield Chunk(list(generated), list(state.logprobs), text.push(generated)[0], session_id)
+            yield Chunk(
+                list(generated),
+                list(state.logprobs),
+                text.push(generated)[0],
+                session_id,
+                len(req.prompt_ids),
+            )
         cached_epoch = 0  # nothing cached yet
         first_token_at = t_start
         while True:
@@ -328,7 +335,9 @@ class Generator:
                 finish = "length"
             if finish and not stopped:
                 new_text += text.flush(generated)
-            chunk = Chunk([token], [result.logprob], new_text, session_id, finish)
+            chunk = Chunk(
+                [token], [result.logprob], new_text, session_id, len(req.prompt_ids), finish
+            )
             if finish:
                 chunk.timings = self._timings(steps, t_start, first_token_at, len(steps))
                 yield chunk

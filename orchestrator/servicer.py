@@ -147,13 +147,14 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     @grpc_errors
     def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateReply:
         req = self._request(request)
-        reply = pb.GenerateReply(prompt_tokens=len(req.prompt_ids))
+        reply = pb.GenerateReply()
         caller, cancelled = caller_of(context, self.keys), cancelled_with(context)
         for chunk in self.orch.generator.run(req, caller, cancelled):
             reply.text += chunk.text
             reply.token_ids.extend(chunk.token_ids)
             reply.logprobs.extend(chunk.logprobs)
             reply.session_id = chunk.session_id
+            reply.prompt_tokens = chunk.prompt_tokens
             if chunk.finish_reason:
                 reply.finish_reason = FINISH[chunk.finish_reason]
                 reply.timings.CopyFrom(timings_to_pb(chunk.timings, self.orch.router.addresses))

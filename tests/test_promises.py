@@ -88,13 +88,6 @@ def test_a_stage_serving_another_model_keeps_the_orchestrator_from_starting(mode
         assert stage.loaded is None and stage.epoch == 0  # it was given no layers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: the fingerprint hashes config.json and the safetensors headers only "
-    "(protos/model_files.py), which are the same for two checkpoints of one architecture, so a "
-    "stage serving other weights (a fine-tune, another seed) joins the plan and the mesh "
-    "silently mixes the two models",
-)
 def test_a_stage_serving_other_weights_of_the_same_architecture_is_refused(model_dir, tmp_path):
     other_weights = make_tiny_model(tmp_path, "gqa", seed=1)  # model_dir is "gqa", seed 0
     with orchestrator_over_a_stage_of(model_dir, other_weights) as started:

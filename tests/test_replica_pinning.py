@@ -248,11 +248,5 @@ def test_a_session_resumes_after_the_plan_is_reloaded_around_its_dead_stage(mode
     assert resumed.reply.session_id == "resume-me"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: a resumed Generate answers prompt_tokens 0 (orchestrator/servicer.py "
-    "builds the resume request with prompt_ids=[] and counts those), though its reply holds the "
-    "whole generation of a prompt of len(PROMPT) tokens",
-)
 def test_a_resumed_reply_counts_the_prompt_of_its_session(resumed):
     assert resumed.reply.prompt_tokens == len(PROMPT)
