@@ -24,6 +24,7 @@ from protos.errors import (
     Cancelled,
     InvalidArgument,
     LlamadistError,
+    NotFound,
     PermissionDenied,
     ResourceExhausted,
     Unavailable,
@@ -195,9 +196,14 @@ class Generator:
             owner = running.owner if running else suspended.owner if suspended else None
             if owner is not None and not caller.may_touch(owner):
                 raise PermissionDenied(f"session {session_id!r} belongs to another API key")
-            self._suspended.pop(session_id, None)
+            was_suspended = self._suspended.pop(session_id, None) is not None
         if running is None:
-            return self.router.end_session(session_id)
+            try:
+                return self.router.end_session(session_id)
+            except NotFound:
+                if was_suspended:
+                    return 0  # it was known, and its stages had lost it already
+                raise
         running.cancelled.set()
         running.done.wait(timeout_s)
         return running.freed_bytes

@@ -38,6 +38,10 @@ from stage_service.weights import load_range, weight_bytes
 
 log = logging.getLogger(__name__)
 
+# How far a new plan epoch may jump: orchestrators count plans one by one, so a far larger jump
+# is a stray message, which would leave no epoch for later plans to go above.
+MAX_EPOCH_JUMP = 2**32
+
 
 @dataclass
 class StepInput:
@@ -93,6 +97,11 @@ class Stage:
         in force already. Anything else (a stray or replayed message) is refused."""
         if epoch == self.epoch and same_as_in_force:
             return False
+        if epoch > self.epoch + MAX_EPOCH_JUMP:
+            raise InvalidArgument(
+                f"plan epoch {epoch} is implausibly far past the epoch in force ({self.epoch}); "
+                "an orchestrator's epochs grow by one per plan"
+            )
         if epoch <= self.epoch:
             raise FailedPrecondition(
                 f"plan epoch {epoch} is not newer than the epoch in force ({self.epoch}); "

@@ -135,9 +135,7 @@ def test_with_keys_a_session_belongs_to_the_key_that_started_it(model_dir, tmp_p
             b.generate(token_ids=[1], max_new_tokens=200, session_id="a-1")  # resume: not b's
         assert err.value.code == "PERMISSION_DENIED"
         assert mesh.orchestrator.generator.is_suspended("a-1")
-        with pytest.raises(ClientError) as err:
-            admin.end_session("a-1")  # an admin may end it; nothing is cached any more
-        assert err.value.code in ("NOT_FOUND", "UNAVAILABLE")
+        assert admin.end_session("a-1") == 0  # an admin may end it; nothing was cached any more
         assert not mesh.orchestrator.generator.is_suspended("a-1") and first.token_ids
         for c in (a, b, admin):
             c.close()

@@ -423,6 +423,11 @@ def test_only_a_newer_plan_epoch_changes_the_layers(two_stages):
         (pb.LoadLayersRequest(hold_nothing=True, plan_epoch=1), "FAILED_PRECONDITION"),
         (pb.LoadLayersRequest(hold_nothing=True, layer_end=2, plan_epoch=5), "INVALID_ARGUMENT"),
         (pb.LoadLayersRequest(), "INVALID_ARGUMENT"),  # what b"" parses to
+        # a stray epoch near 2**64 would leave no epoch for later plans to go above
+        (
+            pb.LoadLayersRequest(layer_start=2, layer_end=4, plan_epoch=2**64 - 1),
+            "INVALID_ARGUMENT",
+        ),
     ]
     for request, expected in refused:
         code, details = _status(stub.LoadLayers, request)
