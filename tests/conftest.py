@@ -3,7 +3,9 @@ in-process meshes (real gRPC servers on port 0); `require_or_skip`, the strict m
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,6 +85,46 @@ def make_tiny_model(root: Path, name: str, seed: int = 0) -> Path:
                 if n.endswith(".bias"):
                     p.normal_(0, 0.1)
     model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+def make_tokenizer_model(out: Path, default_model: Path) -> Path:
+    """A random LlamaForCausalLM of the tiny shape (TINY_BASE) with the default model's
+    tokenizer files, chat template, vocabulary size and special token ids: prompts, chats and
+    stop strings work on it as on the default model, at a tiny model's speed."""
+    from orchestrator.tokenizer import Tokenizer
+
+    if (out / "config.json").is_file():
+        return out
+    base = json.loads((default_model / "config.json").read_text())
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        **{
+            **TINY_BASE,
+            "vocab_size": base["vocab_size"],
+            "bos_token_id": base["bos_token_id"],
+            "eos_token_id": base["eos_token_id"],
+            "pad_token_id": base.get("pad_token_id"),
+            "tie_word_embeddings": base.get("tie_word_embeddings", False),
+        }
+    )
+    LlamaForCausalLM(config).eval().save_pretrained(out, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (default_model / name).is_file():
+            shutil.copy(default_model / name, out / name)
+    tokenizer = Tokenizer(out)
+    assert tokenizer.hf is not None and tokenizer.hf.chat_template, "no tokenizer or template"
+    assert len(tokenizer.hf) <= base["vocab_size"], (len(tokenizer.hf), base["vocab_size"])
+    assert tokenizer.eos_ids == {base["eos_token_id"]}, tokenizer.eos_ids
     return out
 
 

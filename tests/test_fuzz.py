@@ -34,11 +34,9 @@ import json
 import os
 import random
 import re
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -48,14 +46,13 @@ import torch
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from client.client import Client
 from client.launcher import LocalMesh
-from orchestrator.tokenizer import Tokenizer
 from protos import llamadist_pb2 as pb
 from protos.serving import GRPC_OPTIONS
-from tests.conftest import TINY_BASE, reference_greedy
+from tests.conftest import make_tokenizer_model, reference_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -94,13 +91,6 @@ ACCEPTED = {
 WEDGING_EPOCH = 2**64 - 2**32
 PROMPT = [7, 3, 99, 12, 45, 60, 2, 81, 33, 5, 18, 70]
 STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 SERVER_SESSION = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: a session id the orchestrator made
 
 # (service, method, request type, reply type, weight): how often each RPC is picked.
@@ -126,35 +116,6 @@ REQUEST_TYPES = {f"{s}.{m}": req for s, m, req, *_ in RPCS}
 def fuzz_seed() -> int:
     value = os.environ.get("LLAMADIST_FUZZ_SEED", "")
     return int(value) if value else random.SystemRandom().randrange(2**32)
-
-
-def make_tokenizer_model(out: Path, default_model: Path) -> Path:
-    """A random LlamaForCausalLM as small as the tests' tiny ones (4 layers, hidden size 64) with
-    the default model's tokenizer files, vocabulary size and special token ids."""
-    if (out / "config.json").is_file():
-        return out
-    base = json.loads((default_model / "config.json").read_text())
-    assert base["vocab_size"] == VOCAB, f"the default model's vocabulary is {base['vocab_size']}"
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        **{
-            **TINY_BASE,
-            "vocab_size": base["vocab_size"],
-            "bos_token_id": base["bos_token_id"],
-            "eos_token_id": base["eos_token_id"],
-            "pad_token_id": base.get("pad_token_id"),
-            "tie_word_embeddings": base.get("tie_word_embeddings", False),
-        }
-    )
-    LlamaForCausalLM(config).eval().save_pretrained(out, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (default_model / name).is_file():
-            shutil.copy(default_model / name, out / name)
-    tokenizer = Tokenizer(out)
-    assert tokenizer.hf is not None and tokenizer.hf.chat_template, "no tokenizer or template"
-    assert len(tokenizer.hf) <= VOCAB, (len(tokenizer.hf), VOCAB)
-    assert tokenizer.eos_ids == {base["eos_token_id"]}, tokenizer.eos_ids
-    return out
 
 
 # ---------------------------------------------------------------------- value strategies
@@ -937,7 +898,10 @@ def varint(value: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, default_model):
-    return make_tokenizer_model(tmp_path_factory.mktemp("fuzz") / "tokenizer", default_model)
+    model = make_tokenizer_model(tmp_path_factory.mktemp("fuzz") / "tokenizer", default_model)
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    assert vocab == VOCAB, f"the default model's vocabulary is {vocab}, the fuzz expects {VOCAB}"
+    return model
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,7 @@ from protos.limits import MAX_MESSAGE_BYTES
 from stage_service.config import StageConfig
 from stage_service.server import build_server as build_stage
 from stage_service.stage import Stage
-from tests.conftest import in_process_mesh, make_tiny_model
-from tests.test_stop_strings import make_tiny_model_with_tokenizer
+from tests.conftest import in_process_mesh, make_tiny_model, make_tokenizer_model
 
 PROMPT = [7, 3, 99, 12, 45, 60, 2, 81, 33, 5, 18, 70]
 SAME_MODEL = "give every service the same --model"
@@ -206,7 +205,7 @@ def test_idle_sessions_leave_a_running_stage_after_the_ttl(model_dir):
 
 
 def test_generate_json_timings_add_up(default_model, tmp_path, capsys):
-    model_dir = make_tiny_model_with_tokenizer(tmp_path, default_model)
+    model_dir = make_tokenizer_model(tmp_path / "tokenizer", default_model)
     prompt, tokens = "Once upon a time", 12
     with in_process_mesh(model_dir, 2) as mesh:
         argv = ["generate", "--server", mesh.address, "--json", "--ignore-eos"]

@@ -5,39 +5,20 @@ spans two tokens. Stop strings need a tokenizer: a tiny random model gets the de
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from client.client import ClientError
 from orchestrator.tokenizer import Tokenizer
-from tests.conftest import TINY_BASE, in_process_mesh
+from tests.conftest import in_process_mesh, make_tokenizer_model
 
 PROMPT = "Once upon a time"
 
 
-def make_tiny_model_with_tokenizer(root: Path, default_model: Path) -> Path:
-    """A random 2-layer Llama with the default model's vocabulary and tokenizer files."""
-    out = root / "tiny-with-tokenizer"
-    if (out / "config.json").is_file():
-        return out
-    vocab = LlamaConfig.from_pretrained(str(default_model)).vocab_size
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        **{**TINY_BASE, "vocab_size": vocab, "num_hidden_layers": 2, "tie_word_embeddings": True}
-    )
-    LlamaForCausalLM(config).eval().save_pretrained(out, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model / name, out / name)
-    return out
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, default_model) -> Path:
-    return make_tiny_model_with_tokenizer(tmp_path_factory.mktemp("stop"), default_model)
+    return make_tokenizer_model(tmp_path_factory.mktemp("stop") / "tokenizer", default_model)
 
 
 @pytest.fixture(scope="module")
