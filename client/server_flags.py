@@ -65,10 +65,10 @@ def client(a: argparse.Namespace) -> Client:
 def connect(a: argparse.Namespace) -> Client:
     """A client of `--server` that answered Health (serving or not): a server that is not
     there fails here within Health's 5 s deadline, not after a generation's."""
-    client = Client(a.server, api_key=a.api_key or None, **tls(a))
+    connected = client(a)
     try:
-        client.health()
+        connected.health()
     except BaseException:
-        client.close()
+        connected.close()
         raise
-    return client
+    return connected

@@ -115,10 +115,15 @@ class Stage:
             if not self._check_epoch(epoch, self.loaded is None):
                 return
             with self._compute:
-                if self.loaded is not None and self.loaded.decoder is not None:
-                    gc.unfreeze()
-                self.loaded = None
-                self.epoch = epoch
+                self._release(epoch)
+
+    def _release(self, epoch: int) -> None:
+        """Drops the range in force (and every cached session); `epoch` is in force from now,
+        even if a load that follows fails. Call holding the compute lock."""
+        if self.loaded is not None and self.loaded.decoder is not None:
+            gc.unfreeze()  # the old range's objects become collectable again (see _load)
+        self.loaded = None
+        self.epoch = epoch
 
     def load_layers(self, start: int, end: int, epoch: int) -> None:
         """Loads [start, end) under plan `epoch` and drops the old range with every cached
@@ -147,10 +152,7 @@ class Stage:
         if static:
             check_slot_budget(shape, self.config.kv_cache_mb * 2**20)  # before dropping anything
         with self._compute:
-            if self.loaded is not None and self.loaded.decoder is not None:
-                gc.unfreeze()  # the old range's objects become collectable again (see below)
-            self.loaded = None  # free the old range before reading the new one
-            self.epoch = epoch  # what was in force is gone, even if this load fails
+            self._release(epoch)  # free the old range before reading the new one
             weights = load_range(self.model_dir, self.args, start, end, self.dtype, self.device)
             cache = SessionCache(
                 shape,
@@ -345,12 +347,11 @@ class Stage:
             row += n
         return outputs
 
-    @staticmethod
-    def _non_finite(loaded: Loaded, what: str) -> OutOfRange:
+    def _non_finite(self, loaded: Loaded, what: str) -> OutOfRange:
         w = loaded.model.weights
         return OutOfRange(
             f"layers {w.start}-{w.end - 1} produced a {what} with NaN or Inf (an overflow in "
-            f"{str(w.layers[0].wqkv.dtype).removeprefix('torch.')}? try --dtype float32)"
+            f"{str(self.dtype).removeprefix('torch.')}? try --dtype float32)"
         )
 
     def _hidden(self, loaded: Loaded, steps: list[StepInput]) -> torch.Tensor | None:
