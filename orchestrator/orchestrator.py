@@ -14,6 +14,7 @@ from orchestrator.config import OrchestratorConfig
 from orchestrator.generation import Generator
 from orchestrator.plan import PartitionPlan
 from orchestrator.profile import ModelProfile, StageCapacity
+from orchestrator.replicas import split_group
 from orchestrator.router import Router
 from orchestrator.strategies import PlanSpec, estimate_ms_per_token, make_plan, spec_from_text
 from orchestrator.tokenizer import Tokenizer
@@ -98,7 +99,14 @@ class Orchestrator:
         """The plan a request would make, from the stages' live capacities; changes nothing."""
         spec = plan_spec(request)
         addresses = list(request.stages or self.default_request.stages)
-        if len(set(addresses)) != len(addresses):
+        for i, group in enumerate(addresses):
+            if not split_group(group):
+                raise InvalidArgument(
+                    f"stage position {i} names no address ({group!r}): give host:port, "
+                    "or host:port+host:port for replicas"
+                )
+        every = [a for group in addresses for a in split_group(group)]
+        if len(set(every)) != len(every):
             raise InvalidArgument(f"a stage is named twice in {addresses}")
         groups = [
             self.router.infos(group, i, wait_s, self.fingerprint)

@@ -85,6 +85,14 @@ def test_preview_and_infeasible_reloads_change_nothing(model_dir):
             with pytest.raises(ClientError) as err:
                 mesh.client.reload_plan(**spec)
             assert err.value.code == "INVALID_ARGUMENT" and needle in err.value.message, err.value
+        a, b = mesh.addresses
+        for stages, needle in [
+            ([a, " + "], "stage position 1 names no address"),
+            ([a, f"{b}+{a}"], "named twice"),
+        ]:
+            with pytest.raises(ClientError) as err:
+                mesh.client.preview_plan(strategy="uniform", stages=stages)
+            assert err.value.code == "INVALID_ARGUMENT" and needle in err.value.message, err.value
         with pytest.raises(ClientError) as err:
             mesh.client.reload_plan(strategy="uniform", stages=["127.0.0.1:1"])
         assert err.value.code == "UNAVAILABLE" and "127.0.0.1:1" in err.value.message
