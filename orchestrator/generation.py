@@ -55,7 +55,8 @@ class Timings:
     total_ms: float = 0.0
     stage_compute_ms: list[float] = field(default_factory=list)
     steps: int = 0
-    hop_overhead_ms: float = 0.0  # mean per stage call: wall time not spent computing
+    mesh_overhead_ms: float = 0.0  # mean per step: wall time not spent computing
+    hop_overhead_ms: float = 0.0  # mesh_overhead_ms over the number of stages
     replays: int = 0  # caches rebuilt from the token history (after a plan reload)
 
 
@@ -358,8 +359,7 @@ class Generator:
         n_stages = len(steps[-1].stage_ns)  # a reload may have changed it: count the last plan's
         same = [s for s in steps if len(s.stage_ns) == n_stages]
         compute_ns = [sum(s.stage_ns[i] for s in same) for i in range(n_stages)]
-        overhead_ns = sum(s.wall_ns - sum(s.stage_ns) for s in steps)
-        stage_calls = sum(len(s.stage_ns) for s in steps)
+        overhead_ms = sum(s.wall_ns - sum(s.stage_ns) for s in steps) / 1e6 / len(steps)
         decode_s = now - first_at
         return Timings(
             ttft_ms=(first_at - t_start) * 1e3,
@@ -367,6 +367,7 @@ class Generator:
             total_ms=(now - t_start) * 1e3,
             stage_compute_ms=[ns / 1e6 for ns in compute_ns],
             steps=len(steps),
-            hop_overhead_ms=overhead_ns / 1e6 / stage_calls,
+            mesh_overhead_ms=overhead_ms,
+            hop_overhead_ms=overhead_ms / n_stages,
             replays=sum(s.replayed for s in steps),
         )

@@ -1,9 +1,12 @@
-"""The router: stage links plus the plan in force; sends each step through the stages in order.
+"""The router: stage links plus the plan in force; sends each step down its route.
 
-Hidden states pass through as `Tensor` messages, never decoded here. Steps hold the read side of
-a gate and a plan reload the write side, so a reload waits for the steps in flight and the steps
-that arrive meanwhile wait for the reload. A session whose caches were built under an older plan
-epoch is replayed from its token history on its next step.
+A step is one message to the first stage of its route, which forwards its hidden state to the
+next stage and so on; the last stage's answer (or the failure of whichever stage failed it)
+comes back on the orchestrator's link to that stage (its outlet) and wakes the caller waiting in
+`_run_step`. The orchestrator never sees a hidden state. Steps hold the read side of a gate and
+a plan reload the write side, so a reload waits for the steps in flight and the steps that
+arrive meanwhile wait for the reload. A session whose caches were built under an older plan
+epoch, or whose stage failed, is replayed from its token history on its next attempt.
 """
 
 from __future__ import annotations
@@ -12,15 +15,18 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from orchestrator.admission import TokenBudget
+from orchestrator.inflight import InFlight, Pending
 from orchestrator.plan import PartitionPlan
 from orchestrator.replicas import Position, Replica, ReplicaPool, split_group
 from orchestrator.stage_client import StageClient
 from protos import llamadist_pb2 as pb
 from protos.errors import Cancelled, FailedPrecondition, LlamadistError, NotFound, Unavailable
+from protos.step_link import reply_error
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +93,8 @@ class Router:
         self.prefill_budget = TokenBudget(prefill_tokens_in_flight)
         self.channel_credentials = None  # TLS toward stages; set by orchestrator/server.py
         self.plan: PartitionPlan | None = None
+        self.origin = uuid.uuid4().hex  # names this orchestrator's outlets on the stages
+        self.inflight = InFlight()
         self.pool = ReplicaPool(self._make_client)
         self.pool.rejoin = self._rejoin
         self._gate = ReadWriteLock()
@@ -94,7 +102,13 @@ class Router:
 
     def _make_client(self, address: str) -> StageClient:
         return StageClient(
-            address, 0, self.step_timeout_s, channel_credentials=self.channel_credentials
+            address,
+            0,
+            self.step_timeout_s,
+            channel_credentials=self.channel_credentials,
+            origin=self.origin,
+            on_reply=self.inflight.complete,
+            on_broken=self.inflight.fail_through,
         )
 
     @property
@@ -234,30 +248,96 @@ class Router:
         the prefill budget; a one-token decode step goes at once."""
         chunk = self.prefill_chunk_tokens
         wall, stage_ns = 0, [0] * len(route)
+        addresses = [r.client.address for r in route]
         for offset in range(0, len(tokens), chunk):
             piece = tokens[offset : offset + chunk]
-            requests = [
-                pb.StepRequest(
-                    session_id=session_id,
-                    plan_epoch=plan.epoch,
-                    start_pos=start_pos + offset,
-                    token_ids=piece,
-                    sampling=sampling if i == len(route) - 1 else None,
-                )
-                for i in range(len(route))
-            ]
+            request = pb.StepRequest(
+                session_id=session_id,
+                plan_epoch=plan.epoch,
+                start_pos=start_pos + offset,
+                token_ids=piece,
+                sampling=sampling,
+                route=addresses,
+                origin=self.origin,
+            )
             admitted = (
                 self.prefill_budget.hold(len(piece), cancelled)
                 if len(piece) > 1
                 else contextlib.nullcontext()
             )
             with admitted:
-                reply, piece_wall, piece_ns = _Chain(route, requests).run(
-                    self.step_timeout_s, cancelled
-                )
-            wall += piece_wall
-            stage_ns = [a + b for a, b in zip(stage_ns, piece_ns, strict=True)]
+                t0 = time.perf_counter_ns()
+                reply = self._run_step(route, request, cancelled)
+                wall += time.perf_counter_ns() - t0
+            stage_ns = [a + b for a, b in zip(stage_ns, reply.route_compute_ns, strict=True)]
         return reply, wall, stage_ns
+
+    def _run_step(
+        self, route: list[Replica], request: pb.StepRequest, cancelled: threading.Event | None
+    ) -> pb.StepReply:
+        """One step down the route: sent to its first stage, answered by the last one (or by the
+        one that failed it). Raises _StageFailed naming the replica at fault."""
+        for replica in route:  # each is this orchestrator's outlet for the answers it gives
+            try:
+                replica.client.link()
+            except Unavailable as err:
+                raise _StageFailed(replica, err) from None
+        pending = self.inflight.add(tuple(request.route))
+        request.request_id = pending.request_id
+        try:
+            try:
+                route[0].client.link().send([request])
+            except Unavailable as err:
+                raise _StageFailed(route[0], err) from None
+            self._wait(pending, route, cancelled)
+        finally:
+            self.inflight.forget(pending.request_id)
+        if pending.error is not None:  # a link of the route broke
+            raise _StageFailed(route[pending.broken_hop], pending.error)
+        reply = pending.reply
+        hop = reply.failed_hop if 0 <= reply.failed_hop < len(route) else 0
+        error = reply_error(reply, route[hop].client.name)
+        if error is None:
+            if len(reply.route_compute_ns) != len(route):
+                raise Unavailable(f"{route[-1].client.name} answered a step without its timings")
+            return reply
+        if isinstance(error, Unavailable | FailedPrecondition | NotFound):
+            raise _StageFailed(route[hop], error)
+        raise error
+
+    def _wait(self, pending: Pending, route: list[Replica], cancelled) -> None:
+        """Waits for a step's answer. Silence for step_timeout_s is checked: if every stage of
+        the route answers Health SERVING they are busy (a long queue, a long prefill) and the
+        wait goes on; one that does not is down (_StageFailed). Ends early, with Cancelled, soon
+        after `cancelled` is set (the caller is gone)."""
+        timeout_s = self.step_timeout_s
+        quiet_since = time.monotonic()
+        while True:
+            wait_s = max(0.0, timeout_s - (time.monotonic() - quiet_since))
+            if pending.done.wait(min(wait_s, POLL_S) if cancelled is not None else wait_s):
+                return
+            if cancelled is not None and cancelled.is_set():
+                raise Cancelled("the request was cancelled")
+            if time.monotonic() - quiet_since >= timeout_s:
+                for replica in route:
+                    self._check_alive(replica, timeout_s)
+                quiet_since = time.monotonic()
+
+    @staticmethod
+    def _check_alive(replica: Replica, timeout_s: float) -> None:
+        try:
+            serving, detail = replica.client.health(timeout_s=HEALTH_TIMEOUT_S)
+        except LlamadistError as err:
+            serving, detail = False, str(err)
+        if not serving:
+            raise _StageFailed(
+                replica,
+                Unavailable(
+                    f"{replica.client.name}: a step got no answer within {timeout_s:.0f} s and "
+                    f"the stage is not serving ({detail})"
+                ),
+            )
+        log.info("%s is busy: no answer to a step for %.0f s", replica.client.name, timeout_s)
 
     def end_session(self, session_id: str) -> int:
         """Frees the session on the stages that served it."""
@@ -279,101 +359,6 @@ class Router:
 
     def close(self) -> None:
         self.pool.close()
-
-
-class _Chain:
-    """One step through every stage of a route. Each hop's reply sends the next hop from the
-    link's reply thread (held with the other sessions' next hops of the same reply batch, so the
-    next stage gets them as one batch); only the last reply wakes the waiting caller. Each hop
-    has step_timeout_s to answer."""
-
-    def __init__(self, route: list[Replica], requests: list[pb.StepRequest]):
-        self.route = route
-        self.requests = requests
-        self.stage_ns: list[int] = []
-        self.outcome: pb.StepReply | Exception | None = None
-        self.hop = 0
-        self.hop_started = 0.0
-        self.request_id = 0
-        self._done = threading.Event()
-        self._lock = threading.Lock()
-
-    def run(
-        self, timeout_s: float, cancelled: threading.Event | None = None
-    ) -> tuple[pb.StepReply, int, list[int]]:
-        """A hop silent for timeout_s is checked: a stage whose Health answers SERVING is busy
-        (a long queue, a long prefill) and waited for; one that does not answer is down. The
-        wait ends early when `cancelled` is set (the caller is gone)."""
-        t0 = time.perf_counter_ns()
-        self._send(0)
-        while True:
-            silent_s = time.monotonic() - self.hop_started
-            wait_s = max(0.0, timeout_s - silent_s)
-            if cancelled is not None:
-                wait_s = min(wait_s, POLL_S)
-            if self._done.wait(wait_s):
-                break
-            hop = self.hop
-            if cancelled is not None and cancelled.is_set():
-                self.route[hop].client.forget(self.request_id)
-                self._finish(Cancelled("the request was cancelled"))
-            elif time.monotonic() - self.hop_started >= timeout_s:
-                self._check_alive(hop, timeout_s)
-        if isinstance(self.outcome, Exception):
-            raise self.outcome
-        return self.outcome, time.perf_counter_ns() - t0, self.stage_ns
-
-    def _check_alive(self, hop: int, timeout_s: float) -> None:
-        replica = self.route[hop]
-        try:
-            serving, detail = replica.client.health(timeout_s=HEALTH_TIMEOUT_S)
-        except LlamadistError as err:
-            serving, detail = False, str(err)
-        if serving:
-            log.info("%s is busy: no answer to a step for %.0f s", replica.client.name, timeout_s)
-            self.hop_started = time.monotonic()  # unless the chain moved on meanwhile
-            return
-        if self.hop != hop:
-            return  # it answered while we asked: the chain moved on
-        replica.client.forget(self.request_id)
-        error = Unavailable(
-            f"{replica.client.name} did not answer a step within {timeout_s:.0f} s and is not "
-            f"serving ({detail})"
-        )
-        self._finish(_StageFailed(replica, error))
-
-    def _send(self, hop: int, hidden: pb.Tensor | None = None) -> None:
-        replica = self.route[hop]
-        request = self.requests[hop]
-        if hidden is not None:
-            request.hidden.CopyFrom(hidden)
-        self.hop, self.hop_started = hop, time.monotonic()
-        try:
-            self.request_id = replica.client.submit(request, lambda out: self._reply(hop, out))
-        except LlamadistError as err:
-            self._fail(hop, err)
-
-    def _reply(self, hop: int, out: pb.StepReply | LlamadistError) -> None:
-        if isinstance(out, LlamadistError):
-            self._fail(hop, out)
-            return
-        self.stage_ns.append(out.compute_ns)
-        if hop == len(self.route) - 1:
-            self._finish(out)
-        else:
-            self._send(hop + 1, out.hidden)
-
-    def _fail(self, hop: int, error: LlamadistError) -> None:
-        if isinstance(error, Unavailable | FailedPrecondition | NotFound):
-            self._finish(_StageFailed(self.route[hop], error))
-        else:
-            self._finish(error)
-
-    def _finish(self, outcome: pb.StepReply | Exception) -> None:
-        with self._lock:  # the first outcome stands (a late reply after a timeout is dropped)
-            if self.outcome is None:
-                self.outcome = outcome
-        self._done.set()
 
 
 class _StageFailed(Exception):

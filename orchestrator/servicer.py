@@ -27,6 +27,7 @@ def timings_to_pb(t: Timings, addresses: list[str]) -> pb.Timings:
         decode_tokens_per_s=t.decode_tokens_per_s,
         total_ms=t.total_ms,
         hop_overhead_ms=t.hop_overhead_ms,
+        mesh_overhead_ms=t.mesh_overhead_ms,
         replays=t.replays,
         stages=[
             pb.StageTiming(address=a, compute_ms=ms, steps=t.steps)

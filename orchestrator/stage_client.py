@@ -1,18 +1,22 @@
-"""The orchestrator's link to one stage: a channel, deadlines, and errors that name the stage."""
+"""The orchestrator's link to one stage: a channel, deadlines, errors that name the stage, and
+one long-lived step link (protos.step_link) that is also this orchestrator's outlet there."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 
-from orchestrator.step_stream import OnReply, StepStream
 from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
 from protos.errors import Unavailable
 from protos.serving import GRPC_OPTIONS
 from protos.status import from_rpc_error
+from protos.step_link import OnReply, StepLink
+
+LINK_OPEN_S = 10.0  # a stage must confirm a new step link within this
 
 
 class StageClient:
@@ -23,9 +27,13 @@ class StageClient:
         step_timeout_s: float = 60.0,
         *,
         channel_credentials: grpc.ChannelCredentials | None = None,
+        origin: str = "",
+        on_reply: OnReply | None = None,
+        on_broken: Callable[[str, Exception], None] | None = None,
     ):
         """`channel_credentials` (protos.security.channel_credentials): mutual TLS toward the
-        stage; None = plaintext."""
+        stage; None = plaintext. The step link declares `origin` and hands every answer that
+        arrives on it to `on_reply`; `on_broken(address, error)` when it ends."""
         self.address = address
         self.index = index
         self.step_timeout_s = step_timeout_s
@@ -34,8 +42,11 @@ class StageClient:
         else:
             self.channel = grpc.secure_channel(address, channel_credentials, options=GRPC_OPTIONS)
         self.stub = pb_grpc.StageStub(self.channel)
-        self._stream: StepStream | None = None
-        self._stream_lock = threading.Lock()
+        self.origin = origin
+        self.on_reply = on_reply or (lambda reply: None)
+        self.on_broken = on_broken
+        self._link: StepLink | None = None
+        self._link_lock = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -49,19 +60,24 @@ class StageClient:
         except ValueError as err:  # "Cannot invoke RPC on closed channel!" while shutting down
             raise Unavailable(f"{self.name}: {err}") from None
 
-    def submit(self, request: pb.StepRequest, on_reply: OnReply) -> int:
-        """A step over this link's ForwardStream (opened again when it broke); see
-        StepStream.submit. Returns the request id, for `forget`."""
-        with self._stream_lock:
-            if self._stream is None or self._stream.broken:
-                self._stream = StepStream(self.stub.ForwardStream, lambda: self.name)
-            stream = self._stream
-        return stream.submit(request, on_reply)
+    def link(self) -> StepLink:
+        """The step link, opened (again, after a break) and confirmed as this orchestrator's
+        outlet; Unavailable if the stage does not confirm it within LINK_OPEN_S."""
+        with self._link_lock:
+            if self._link is None or self._link.broken:
+                self._link = StepLink(
+                    self.stub.ForwardStream,
+                    self.name,
+                    self.on_reply,
+                    self._broken,
+                    origin=self.origin,
+                )
+                self._link.wait_registered(LINK_OPEN_S)
+            return self._link
 
-    def forget(self, request_id: int) -> None:
-        stream = self._stream
-        if stream is not None:
-            stream.forget(request_id)
+    def _broken(self, link: StepLink, error: Exception) -> None:
+        if self.on_broken is not None:
+            self.on_broken(self.address, error)
 
     def end_session(self, session_id: str) -> int:
         reply = self._call(self.stub.EndSession, pb.EndSessionRequest(session_id=session_id), 2)
@@ -98,6 +114,6 @@ class StageClient:
                 continue
 
     def close(self) -> None:
-        if self._stream is not None:
-            self._stream.close()
+        if self._link is not None:
+            self._link.close()
         self.channel.close()

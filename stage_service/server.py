@@ -7,9 +7,10 @@ import logging
 import grpc
 import torch
 
-from protos.security import server_credentials
+from protos.security import channel_credentials, server_credentials
 from protos.serving import listening_server, run_until_signal
 from stage_service.config import StageConfig
+from stage_service.forwarding import Forwarder
 from stage_service.servicer import StageServicer
 from stage_service.stage import Stage
 
@@ -20,11 +21,13 @@ def build_server(config: StageConfig) -> tuple[grpc.Server, int, Stage]:
     credentials = server_credentials(  # mutual TLS: callers need a certificate of tls_ca
         config.tls_cert, config.tls_key, config.tls_ca, require_client_cert=True
     )
+    # toward the next stage of a route: the stage's own certificate, trusting the same CA
+    forwarder = Forwarder(channel_credentials(config.tls_ca, config.tls_cert, config.tls_key))
     torch.set_num_threads(config.threads)
     stage = Stage(config)
     server, port = listening_server(
         "Stage",
-        StageServicer(stage),
+        StageServicer(stage, forwarder),
         config.host,
         config.port,
         config.max_workers,

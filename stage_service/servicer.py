@@ -13,18 +13,26 @@ from protos import codec
 from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
 from protos.errors import InvalidArgument, LlamadistError
-from protos.limits import MAX_BATCH_BYTES, split_by_size
 from protos.sampling import Sampling
-from protos.status import code_of, grpc_errors
+from protos.status import grpc_errors
 from stage_service.batcher import Job
+from stage_service.forwarding import (
+    Forwarder,
+    Send,
+    check_route,
+    error_reply,
+    pack,
+    routed_onward,
+)
 from stage_service.stage import Stage, StepInput, StepOutput
 
 log = logging.getLogger(__name__)
 
 
 class StageServicer(pb_grpc.StageServicer):
-    def __init__(self, stage: Stage):
+    def __init__(self, stage: Stage, forwarder: Forwarder):
         self.stage = stage
+        self.forwarder = forwarder
 
     @staticmethod
     def _step(request: pb.StepRequest) -> StepInput:
@@ -52,91 +60,118 @@ class StageServicer(pb_grpc.StageServicer):
             reply.logits.CopyFrom(codec.to_pb(out.logits))
         return reply
 
-    @staticmethod
-    def _error_reply(err: BaseException) -> pb.StepReply:
-        if not isinstance(err, LlamadistError):
-            log.error("internal error in a streamed step: %r", err)
-        return pb.StepReply(error_code=code_of(err).value[0], error_message=str(err))
-
     @grpc_errors
     def Forward(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepReply:
+        if request.route:
+            raise InvalidArgument(
+                "Forward runs this stage only; a step with a route goes over ForwardStream"
+            )
+        check_route(request, self.stage.holds_head)
         step = self._step(request)
         return self._reply(self.stage.forward(step, lambda: not context.is_active()))
 
     def _submit_batch(
-        self,
-        batch: pb.StepBatch,
-        send: Callable[[list[pb.StepBatchReply]], None],
-        cancelled: Callable[[], bool],
+        self, batch: pb.StepBatch, settle: Send, cancelled: Callable[[], bool]
     ) -> None:
-        """Queues a batch's steps together; `send` gets its reply messages when all are done (on
-        the compute thread, or here when none could be queued). Every step fails on its own."""
-        requests = batch.steps
-        replies: list[pb.StepReply | None] = [None] * len(requests)
-        steps, slots = [], []
+        """Queues a batch's steps together (one forward where they fit). When all are done (on
+        the compute thread, or here when none could be queued), each goes on to the next stage
+        of its route or is answered (forwarding.Forwarder). `settle` gets, once per batch, the
+        answers that go back on the batch's own stream (maybe none)."""
+        requests = list(batch.steps)
+        answers: list[pb.StepReply | None] = [None] * len(requests)  # None: forwarded
+        steps, queued = [], []
         for i, request in enumerate(requests):
             try:
+                check_route(request, self.stage.holds_head)
                 steps.append(self._step(request))
-                slots.append(i)
+                queued.append(i)
             except Exception as err:  # noqa: BLE001 - a step that does not decode
-                replies[i] = self._error_reply(err)
+                answers[i] = error_reply(request, err, request.hop)
 
         def done(jobs: list[Job]) -> None:
-            for i, job in zip(slots, jobs, strict=True):
-                try:
-                    if job.error is not None:
-                        raise job.error
-                    replies[i] = self._reply(job.out)
-                except Exception as err:  # noqa: BLE001 - a failed step is answered
-                    replies[i] = self._error_reply(err)
-            for reply, request in zip(replies, requests, strict=True):
-                reply.request_id = request.request_id
-            # replies carry hidden states, often larger than their requests (the first stage
-            # gets token ids): as many messages as keep each under the limit
-            groups = split_by_size(replies, MAX_BATCH_BYTES)
-            send([pb.StepBatchReply(replies=g) for g in groups] or [pb.StepBatchReply()])
+            onward = []
+            for i, job in zip(queued, jobs, strict=True):
+                request = requests[i]
+                if job.error is not None:
+                    answers[i] = error_reply(request, job.error, request.hop)
+                elif request.hop < len(request.route) - 1:
+                    onward.append(routed_onward(request, job.out.hidden, job.out.compute_ns))
+                else:
+                    answers[i] = self._answer(request, job.out)
+            given = [a for a in answers if a is not None] + self.forwarder.forward(onward)
+            # unrouted steps are answered here, in the batch's order; routed ones at their
+            # origin's outlet, or here when this stage holds none
+            here = [a for a in given if not a.origin]
+            here += self.forwarder.deliver([a for a in given if a.origin])
+            settle(pack(here))
 
         try:
             self.stage.forward_many(steps, done, cancelled)
         except Exception as err:  # noqa: BLE001 - no layers, shutting down: every step fails
-            for i in slots:
-                replies[i] = self._error_reply(err)
-            slots.clear()
+            for i in queued:
+                answers[i] = error_reply(requests[i], err, requests[i].hop)
+            queued.clear()
             done([])
+
+    def _answer(self, request: pb.StepRequest, out: StepOutput) -> pb.StepReply:
+        reply = self._reply(out)
+        reply.request_id = request.request_id
+        if request.route:
+            reply.origin = request.origin
+            reply.route_compute_ns.extend([*request.route_compute_ns, out.compute_ns])
+        return reply
 
     @grpc_errors
     def ForwardStream(self, batches, context) -> Iterator[pb.StepBatchReply]:
-        """Batches are read and queued for the compute thread as they arrive (a reader thread);
-        the compute thread hands each batch's reply to this one to send as soon as the batch is
-        done (no thread waits per step)."""
-        replies: queue.SimpleQueue = queue.SimpleQueue()
+        """A reader thread queues each batch for the compute thread as it arrives; this thread
+        writes what is put on `outbox`: each batch's answers given on this stream (one list per
+        batch, maybe empty), and, once the stream declared an origin, that origin's answers from
+        other links. It ends when the caller has stopped sending and every batch is settled."""
+        outbox: queue.SimpleQueue = queue.SimpleQueue()
+        origins: list[str] = []
 
-        def gone() -> bool:  # the orchestrator closed the stream: drop what it queued
+        def gone() -> bool:  # the caller closed the stream: drop what it queued
             return not context.is_active()
+
+        def settled(messages: list[pb.StepBatchReply]) -> None:
+            outbox.put(("settled", messages))
+
+        def extra(messages: list[pb.StepBatchReply]) -> None:
+            outbox.put(("extra", messages))
 
         def read() -> None:
             submitted = 0
             try:
                 for batch in batches:
-                    submitted += 1
-                    self._submit_batch(batch, replies.put, gone)
+                    if batch.origin and batch.origin not in origins:
+                        self.forwarder.open_outlet(batch.origin, extra)
+                        origins.append(batch.origin)
+                    if batch.steps:
+                        submitted += 1
+                        self._submit_batch(batch, settled, gone)
+                    else:  # a ping, or an origin's declaration: in force once answered
+                        extra([pb.StepBatchReply()])
             except Exception as err:  # noqa: BLE001 - a bad message or a broken stream
-                replies.put(err)
-            replies.put(submitted)  # the end marker: how many replies to wait for
+                outbox.put(("error", err))
+            outbox.put(("end", submitted))
 
         threading.Thread(target=read, name="stream-reader", daemon=True).start()
         sent, total = 0, None
-        while total is None or sent < total:
-            item = replies.get()
-            if isinstance(item, int):
-                total = item
-            elif isinstance(item, Exception):
-                if isinstance(item, LlamadistError):
-                    raise item
-                return  # the caller went away
-            else:
-                yield from item  # one batch's reply messages
-                sent += 1
+        try:
+            while total is None or sent < total:
+                kind, item = outbox.get()
+                if kind == "end":
+                    total = item
+                elif kind == "error":
+                    if isinstance(item, LlamadistError):
+                        raise item
+                    return  # the caller went away
+                else:
+                    yield from item
+                    sent += kind == "settled"
+        finally:
+            for origin in origins:
+                self.forwarder.close_outlet(origin, extra)
 
     @grpc_errors
     def EndSession(self, request: pb.EndSessionRequest, context) -> pb.EndSessionReply:

@@ -222,6 +222,12 @@ class Stage:
         context = self.args.max_position_embeddings
         return min(self.config.max_context or context, context)
 
+    @property
+    def holds_head(self) -> bool:
+        """Whether this stage samples tokens (it holds the final norm and lm_head)."""
+        loaded = self.loaded
+        return loaded is not None and loaded.model.weights.is_last
+
     def ready(self) -> tuple[bool, str]:
         if not self.batcher.alive:
             return False, f"the compute thread died ({self.batcher.died}); restart the stage"

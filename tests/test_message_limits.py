@@ -7,12 +7,12 @@ from __future__ import annotations
 import grpc
 import pytest
 
-import stage_service.servicer as stage_servicer
+import stage_service.forwarding as forwarding
 import stage_service.stage as stage_module
-from orchestrator.step_stream import StepStream
 from protos import llamadist_pb2 as pb
 from protos.errors import InvalidArgument
 from protos.limits import split_by_size
+from protos.step_link import StepLink
 from tests.test_stage_grpc import Stages, _forward_stream, fake_link
 
 
@@ -29,11 +29,11 @@ def test_split_by_size_keeps_order_and_every_group_under_the_limit():
 
 def test_the_link_splits_a_batch_and_refuses_one_step_over_the_limit():
     open_stream, opened, answers = fake_link()
-    stream = StepStream(open_stream, lambda: "stage 0", max_batch_bytes=1000)
+    stream = StepLink(open_stream, "stage 0", lambda _: None, max_batch_bytes=1000)
     with pytest.raises(InvalidArgument, match="over the 1,000-byte limit"):
-        stream.submit(step(0, 2000), lambda _: None)
+        stream.send([step(0, 2000)])
     for i in range(6):  # queued before the sender runs: one batch if there were no limit
-        stream.submit(step(i, 200), lambda _: None)
+        stream.send([step(i, 200)])
     sent = []
     while sum(len(b.steps) for b in sent) < 6:
         sent.append(next(opened[0]))
@@ -52,7 +52,7 @@ def first_stage(tiny_root):
 
 def test_a_stage_splits_its_replies_under_the_limit(first_stage, monkeypatch):
     # the first stage answers 256 bytes of hidden state per token to a few bytes of token ids
-    monkeypatch.setattr(stage_servicer, "MAX_BATCH_BYTES", 8000)
+    monkeypatch.setattr(forwarding, "MAX_BATCH_BYTES", 8000)
     steps = [step(i, 20) for i in range(4)]  # 4 x 5,120 bytes of hidden state
     replies = _forward_stream(first_stage.addresses[0], [pb.StepBatch(steps=steps)])
     assert len(replies) > 1 and all(r.ByteSize() <= 8000 + 16 for r in replies)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 
 import grpc
 import pytest
@@ -14,6 +13,7 @@ import torch
 from protos import codec
 from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
+from protos.step_link import StepLink, reply_error
 from stage_service.config import StageConfig
 from stage_service.server import build_server
 from tests.conftest import make_tiny_model, reference_model
@@ -208,36 +208,125 @@ def test_a_refused_load_layers_keeps_the_range_in_force(two_stages):
     assert two_stages.step("live", 3, [4]).token_id >= 0
 
 
-def step_on(stream, request: pb.StepRequest, timeout_s: float = 10) -> pb.StepReply:
-    """A step over a StepStream, waiting for its reply (raises the step's error)."""
-    from concurrent.futures import Future
+class Link:
+    """A StepLink to a stage (declaring `origin` when given) whose answers are kept by id."""
 
-    future: Future = Future()
-    stream.submit(request, future.set_result)
-    outcome = future.result(timeout_s)
-    if isinstance(outcome, Exception):
-        raise outcome
-    return outcome
+    def __init__(self, address: str, origin: str = ""):
+        self.replies: queue.SimpleQueue = queue.SimpleQueue()
+        stub = pb_grpc.StageStub(grpc.insecure_channel(address))
+        self.link = StepLink(stub.ForwardStream, address, self.replies.put, origin=origin)
+        self.link.wait_registered(10)
+
+    def answer(self, timeout_s: float = 10) -> pb.StepReply:
+        return self.replies.get(timeout=timeout_s)
+
+    def step(self, request: pb.StepRequest, timeout_s: float = 10) -> pb.StepReply:
+        """Sends a step and waits for its answer on this link (raises the step's error)."""
+        self.link.send([request])
+        reply = self.answer(timeout_s)
+        assert reply.request_id == request.request_id
+        error = reply_error(reply, "stage")
+        if error is not None:
+            raise error
+        return reply
+
+    def close(self) -> None:
+        self.link.close()
 
 
 def test_forward_stream_answers_each_step_and_survives_a_bad_one(two_stages):
-    from orchestrator.step_stream import StepStream
     from protos.errors import InvalidArgument
 
-    stream = StepStream(two_stages.stubs[0].ForwardStream, lambda: "stage 0")
+    link = Link(two_stages.addresses[0])
     try:
-        ok = step_on(stream, pb.StepRequest(session_id="st", plan_epoch=1, token_ids=[1, 2]))
+        ok = link.step(pb.StepRequest(session_id="st", plan_epoch=1, token_ids=[1, 2],
+                                      request_id=1))  # fmt: skip
         unary = two_stages.stubs[0].Forward(
             pb.StepRequest(session_id="un", plan_epoch=1, token_ids=[1, 2])
         )
         assert ok.hidden == unary.hidden and ok.request_id == 1
         with pytest.raises(InvalidArgument, match="outside the vocabulary"):
-            step_on(stream, pb.StepRequest(session_id="st", plan_epoch=1, token_ids=[999]))
-        again = step_on(stream, pb.StepRequest(session_id="st", plan_epoch=1, start_pos=2,
-                                               token_ids=[3]))  # fmt: skip
-        assert again.request_id == 3 and not again.error_code and not stream.broken
+            link.step(pb.StepRequest(session_id="st", plan_epoch=1, token_ids=[999],
+                                     request_id=2))  # fmt: skip
+        again = link.step(pb.StepRequest(session_id="st", plan_epoch=1, start_pos=2,
+                                         token_ids=[3], request_id=3))  # fmt: skip
+        assert again.request_id == 3 and not again.error_code and not link.link.broken
     finally:
-        stream.close()
+        link.close()
+
+
+def routed(session: str, route: list[str], request_id: int, origin: str = "o", **kw):
+    return pb.StepRequest(
+        session_id=session, plan_epoch=1, route=route, origin=origin, request_id=request_id, **kw
+    )
+
+
+def test_a_routed_step_goes_stage_to_stage_and_only_the_last_answers(two_stages):
+    """Stage 0 forwards its hidden state to stage 1, whose answer arrives on the origin's outlet
+    there: the same token as the step carried by hand, with both stages' compute times."""
+    ids = [5, 17, 33, 2]
+    by_hand = two_stages.step("hand", 0, ids)
+    first, last = (Link(a, origin="o") for a in two_stages.addresses)
+    try:
+        first.link.send([routed("r", two_stages.addresses, 7, token_ids=ids)])
+        reply = last.answer()
+        assert (reply.request_id, reply.origin, reply.error_code) == (7, "o", 0)
+        assert (reply.token_id, reply.logprob) == (by_hand.token_id, by_hand.logprob)
+        assert len(reply.route_compute_ns) == 2 and all(ns > 0 for ns in reply.route_compute_ns)
+        assert first.replies.empty()  # nothing comes back on the way in
+        # one compute batch of three steps goes on to the next stage as one batch
+        batch = [routed(f"b{i}", two_stages.addresses, 10 + i, token_ids=[i + 1, 4])
+                 for i in range(3)]  # fmt: skip
+        first.link.send(batch)
+        answers = [last.answer() for _ in range(3)]
+        assert sorted(r.request_id for r in answers) == [10, 11, 12]
+        assert all(r.batch_size == 3 and not r.error_code for r in answers)
+    finally:
+        first.close()
+        last.close()
+
+
+def test_an_answer_comes_back_the_way_in_where_the_last_stage_holds_no_outlet(two_stages):
+    first = Link(two_stages.addresses[0], origin="only-here")
+    try:
+        first.link.send([routed("w", two_stages.addresses, 3, origin="only-here", token_ids=[1])])
+        reply = first.answer()
+        assert (reply.request_id, reply.error_code) == (3, 0) and reply.token_id >= 0
+    finally:
+        first.close()
+
+
+def test_an_unreachable_successor_fails_the_step_naming_it(two_stages):
+    first = Link(two_stages.addresses[0], origin="o")
+    try:
+        first.link.send([routed("u", [two_stages.addresses[0], "127.0.0.1:1"], 4, token_ids=[1])])
+        reply = first.answer(30)
+        assert reply.error_code == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert reply.failed_hop == 1 and "127.0.0.1:1" in reply.error_message
+        assert two_stages.step("live", 0, [1, 2]).token_id >= 0  # the stages serve on
+    finally:
+        first.close()
+
+
+@pytest.mark.parametrize(
+    "route_of, origin, needle",
+    [
+        (lambda a: a, "", "needs an origin"),
+        (lambda a: [*a, a[0]], "o", "holds the model's head"),
+        (lambda a: [a[0], " "], "o", "empty address"),
+    ],
+)
+def test_a_route_that_cannot_be_followed_is_invalid_argument(two_stages, route_of, origin, needle):
+    route = route_of(two_stages.addresses)
+    first, last = (Link(a, origin="o") for a in two_stages.addresses)
+    try:
+        first.link.send([routed("bad", route, 5, origin=origin, token_ids=[1])])
+        reply = (first if needle != "holds the model's head" else last).answer()
+        assert reply.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0], reply
+        assert needle in reply.error_message
+    finally:
+        first.close()
+        last.close()
 
 
 def test_garbage_on_the_stream_ends_it_with_invalid_argument(two_stages):
@@ -340,74 +429,37 @@ def fake_link():
     return open_stream, opened, answers
 
 
-def test_step_stream_sends_the_steps_queued_meanwhile_as_one_batch():
-    """Three callers queue while the stream is busy: one StepBatch carries all three, and one
-    StepBatchReply answers each caller with its own reply."""
-    from orchestrator.step_stream import StepStream
-
+def test_a_link_sends_the_steps_queued_meanwhile_as_one_batch():
+    """Three callers queue while the stream is busy: one StepBatch carries all three, and each
+    reply of the answer reaches the link's owner."""
     open_stream, opened, answers = fake_link()
-    stream = StepStream(open_stream, lambda: "stage 0")
-    results = {}
-
-    def call(i: int) -> None:
-        request = pb.StepRequest(session_id=f"s{i}", token_ids=[i])
-        results[i] = step_on(stream, request).token_id
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+    got: queue.SimpleQueue = queue.SimpleQueue()
+    link = StepLink(open_stream, "stage 0", got.put)
+    threads = [
+        threading.Thread(target=link.send, args=([pb.StepRequest(session_id=f"s{i}",
+                                                                  token_ids=[i])],))
+        for i in range(3)
+    ]  # fmt: skip
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 10
-    while len(stream._pending) < 3:  # all three queued, none sent yet
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
-    batch = next(opened[0])
-    assert sorted(s.session_id for s in batch.steps) == ["s0", "s1", "s2"]
-    answers.put(
-        pb.StepBatchReply(
-            replies=[
-                pb.StepReply(request_id=s.request_id, token_id=100 + s.token_ids[0])
-                for s in reversed(batch.steps)
-            ]  # fmt: skip
-        )
-    )
     for t in threads:
         t.join(10)
-    assert results == {0: 100, 1: 101, 2: 102}
-    stream.close()
+    batch = next(opened[0])
+    assert sorted(s.session_id for s in batch.steps) == ["s0", "s1", "s2"]
+    answers.put(pb.StepBatchReply(replies=[pb.StepReply(token_id=100 + s.token_ids[0])
+                                           for s in batch.steps]))  # fmt: skip
+    assert sorted(got.get(timeout=10).token_id for _ in range(3)) == [100, 101, 102]
+    link.close()
 
 
-def test_next_hops_sent_from_one_reply_batch_go_out_as_one_batch():
-    """Replies of one batch from stage 0 whose callbacks submit each session's next hop to
-    stage 1: stage 1's link sends the three as one StepBatch (one forward there), not the first
-    alone. Fake calls stand in for the two links."""
-    from orchestrator.step_stream import StepStream
-
-    open0, opened0, answers0 = fake_link()
-    open1, opened1, answers1 = fake_link()
-    stage0 = StepStream(open0, lambda: "stage 0")
-    stage1 = StepStream(open1, lambda: "stage 1")
-    finals = queue.SimpleQueue()
-
-    def next_hop(i: int, reply: pb.StepReply) -> None:
-        if i == 2:
-            time.sleep(0.3)  # a slow last callback: the first two must not leave without it
-        stage1.submit(pb.StepRequest(session_id=f"s{i}", hidden=reply.hidden), finals.put)
-
-    for i in range(3):
-        stage0.submit(
-            pb.StepRequest(session_id=f"s{i}", token_ids=[i]), lambda r, i=i: next_hop(i, r)
-        )
-    first = next(opened0[0])
-    assert len(first.steps) == 3  # queued before the sender ran: already one batch
-    answers0.put(pb.StepBatchReply(replies=[pb.StepReply(request_id=s.request_id)
-                                            for s in first.steps]))  # fmt: skip
-    forwarded = next(opened1[0])
-    assert [s.session_id for s in forwarded.steps] == ["s0", "s1", "s2"]
-    answers1.put(pb.StepBatchReply(replies=[pb.StepReply(request_id=s.request_id, token_id=7)
-                                            for s in forwarded.steps]))  # fmt: skip
-    assert [finals.get(timeout=10).token_id for _ in range(3)] == [7, 7, 7]
-    stage0.close()
-    stage1.close()
+def test_a_link_with_an_origin_declares_it_first_and_waits_for_the_stage():
+    open_stream, opened, answers = fake_link()
+    link = StepLink(open_stream, "stage 0", lambda r: None, origin="me")
+    assert next(opened[0]) == pb.StepBatch(origin="me")
+    assert not link.registered.is_set()
+    answers.put(pb.StepBatchReply())
+    link.wait_registered(10)
+    link.close()
 
 
 def test_only_a_newer_plan_epoch_changes_the_layers(two_stages):

@@ -1,0 +1,241 @@
+"""Where a stage sends what a step made: the next stage of its route, or its origin.
+
+A routed step (StepRequest.route) that this stage computed goes on to the next stage of the
+route with this stage's hidden state, over one long-lived link per successor (mutual TLS with
+the stage's own certificate when TLS is on). The stage that ends the route answers the step, and
+so does any stage that fails it: the answer goes to the origin's outlet (the ForwardStream that
+declared the origin here), or back on the stream the step came in on when there is none (the
+previous stage then hands it to that origin's outlet it holds). A successor that cannot be
+reached fails the step with UNAVAILABLE naming the successor (failed_hop), and so, when a link
+breaks, do the steps sent on it in the last moments: the origin drops answers it no longer
+waits for.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from protos import codec
+from protos import llamadist_pb2 as pb
+from protos import llamadist_pb2_grpc as pb_grpc
+from protos.errors import InvalidArgument, LlamadistError, Unavailable
+from protos.limits import MAX_BATCH_BYTES, split_by_size
+from protos.serving import GRPC_OPTIONS
+from protos.status import code_of
+from protos.step_link import StepLink
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[list[pb.StepBatchReply]], None]  # puts answers on one stream
+RECENT_S = 30.0  # how long a forwarded step counts as in flight on its link (for a break)
+
+
+def error_reply(request: pb.StepRequest, err: BaseException, failed_hop: int) -> pb.StepReply:
+    if not isinstance(err, LlamadistError):
+        log.error("internal error in a step: %r", err)
+    return pb.StepReply(
+        request_id=request.request_id,
+        origin=request.origin if request.route else "",  # unrouted: answered on its stream
+        error_code=code_of(err).value[0],
+        error_message=str(err),
+        failed_hop=failed_hop,
+    )
+
+
+def pack(replies: list[pb.StepReply]) -> list[pb.StepBatchReply]:
+    """Replies as messages under the limit (hidden states make them large)."""
+    return [pb.StepBatchReply(replies=g) for g in split_by_size(replies, MAX_BATCH_BYTES)]
+
+
+@dataclass
+class _Sent:
+    at: float
+    request_id: int
+    origin: str
+    hop: int  # the successor's hop
+
+
+class Forwarder:
+    def __init__(self, channel_credentials: grpc.ChannelCredentials | None = None):
+        self.channel_credentials = channel_credentials
+        self._outlets: dict[str, Send] = {}
+        self._links: dict[str, StepLink] = {}
+        self._channels: dict[str, grpc.Channel] = {}
+        self._recent: dict[StepLink, collections.deque[_Sent]] = {}
+        self._lock = threading.Lock()  # the three dicts above, from reader and compute threads
+
+    # ---------------------------------------------------------------- outlets
+
+    def open_outlet(self, origin: str, send: Send) -> None:
+        """Answers to `origin`'s steps go to `send` from now (replacing an older stream)."""
+        with self._lock:
+            self._outlets[origin] = send
+
+    def close_outlet(self, origin: str, send: Send) -> None:
+        with self._lock:
+            if self._outlets.get(origin) is send:
+                del self._outlets[origin]
+
+    def deliver(self, replies: list[pb.StepReply]) -> list[pb.StepReply]:
+        """Sends each reply to its origin's outlet here; returns those that have none."""
+        by_outlet: dict[str, list[pb.StepReply]] = {}
+        left = []
+        with self._lock:
+            for reply in replies:
+                if reply.origin in self._outlets:
+                    by_outlet.setdefault(reply.origin, []).append(reply)
+                else:
+                    left.append(reply)
+            sends = [(self._outlets[o], group) for o, group in by_outlet.items()]
+        for send, group in sends:
+            send(pack(group))
+        return left
+
+    # ---------------------------------------------------------------- successors
+
+    def forward(self, steps: list[pb.StepRequest]) -> list[pb.StepReply]:
+        """Sends each step (hop already advanced) to route[hop], one link per successor; returns
+        the answers of those whose successor cannot be reached (UNAVAILABLE naming it)."""
+        by_address: dict[str, list[pb.StepRequest]] = {}
+        for step in steps:
+            by_address.setdefault(step.route[step.hop], []).append(step)
+        failed: list[pb.StepReply] = []
+        for address, group in by_address.items():
+            try:
+                link = self._link(address, group[0].hop)
+                self._remember(link, group)
+                link.send(group)
+            except LlamadistError as err:
+                failed += [error_reply(s, self._unreachable(s, err), s.hop) for s in group]
+        return failed
+
+    @staticmethod
+    def _unreachable(step: pb.StepRequest, err: LlamadistError) -> Unavailable:
+        return Unavailable(
+            f"stage {step.hop - 1} could not reach its successor, stage {step.hop} "
+            f"({step.route[step.hop]}): {err}"
+        )
+
+    def _link(self, address: str, hop: int) -> StepLink:
+        with self._lock:
+            link = self._links.get(address)
+            if link is not None and not link.broken:
+                return link
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = self._channel(address)
+                self._channels[address] = channel
+            link = StepLink(
+                pb_grpc.StageStub(channel).ForwardStream,
+                f"stage {hop} ({address})",
+                on_reply=self._from_successor,
+                on_broken=self._broken,
+            )
+            self._links[address] = link
+            return link
+
+    def _from_successor(self, reply: pb.StepReply) -> None:
+        """An answer the successor gave back on our link (it holds no outlet of the origin)."""
+        if self.deliver([reply]):
+            log.debug("dropped an answer for origin %r: no outlet here", reply.origin)
+
+    def _channel(self, address: str) -> grpc.Channel:
+        if self.channel_credentials is None:
+            return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        return grpc.secure_channel(address, self.channel_credentials, options=GRPC_OPTIONS)
+
+    def _remember(self, link: StepLink, steps: list[pb.StepRequest]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            recent = self._recent.setdefault(link, collections.deque())
+            while recent and now - recent[0].at > RECENT_S:
+                recent.popleft()
+            recent.extend(_Sent(now, s.request_id, s.origin, s.hop) for s in steps)
+
+    def _broken(self, link: StepLink, error: LlamadistError) -> None:
+        """A successor's link ended: the steps sent on it lately may be lost; their origins
+        hear so (an origin ignores answers to steps it has done with)."""
+        with self._lock:
+            for address, current in list(self._links.items()):
+                if current is link:
+                    del self._links[address]
+            lost = list(self._recent.pop(link, ()))
+        if lost:
+            log.warning(
+                "%s: link broken (%s); failing %d recent steps", link.name, error, len(lost)
+            )
+        self.deliver(
+            [
+                pb.StepReply(
+                    request_id=s.request_id,
+                    origin=s.origin,
+                    error_code=grpc.StatusCode.UNAVAILABLE.value[0],
+                    error_message=f"the link from stage {s.hop - 1} to {link.name} broke: {error}",
+                    failed_hop=s.hop,
+                )
+                for s in lost
+            ]
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            links, self._links = list(self._links.values()), {}
+            channels, self._channels = list(self._channels.values()), {}
+        for link in links:
+            link.close()
+        for channel in channels:
+            channel.close()
+
+
+MAX_ROUTE = 256  # stages in one route
+
+
+def check_route(request: pb.StepRequest, holds_head: bool) -> None:
+    """A step's route, hop and origin make sense for this stage (InvalidArgument otherwise)."""
+    route, hop = request.route, request.hop
+    if not route:
+        if hop:
+            raise InvalidArgument(f"hop {hop} without a route: give the route, or hop 0")
+        return
+    if len(route) > MAX_ROUTE:
+        raise InvalidArgument(f"a route of {len(route)} stages; at most {MAX_ROUTE}")
+    if not 0 <= hop < len(route):
+        raise InvalidArgument(f"hop {hop} is outside the route of {len(route)} stages")
+    if not all(address.strip() for address in route):
+        raise InvalidArgument("the route names an empty address")
+    if hop < len(route) - 1:
+        if not request.origin:
+            raise InvalidArgument(
+                "a step to forward needs an origin to answer to (StepBatch.origin of a stream "
+                "to each stage of the route)"
+            )
+        if holds_head:
+            raise InvalidArgument(
+                f"this stage holds the model's head, so the route ends here; it names "
+                f"{len(route) - hop - 1} more stage(s)"
+            )
+
+
+def routed_onward(request: pb.StepRequest, hidden, compute_ns: int) -> pb.StepRequest:
+    """The step as the next stage of its route gets it: this stage's hidden state and timing."""
+    return pb.StepRequest(
+        session_id=request.session_id,
+        plan_epoch=request.plan_epoch,
+        start_pos=request.start_pos,
+        token_ids=request.token_ids,
+        hidden=codec.to_pb(hidden),
+        sampling=request.sampling,
+        return_logits=request.return_logits,
+        request_id=request.request_id,
+        route=request.route,
+        hop=request.hop + 1,
+        origin=request.origin,
+        route_compute_ns=[*request.route_compute_ns, compute_ns],
+    )
