@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Issue 6's GPU benchmark, for a lent 2-GPU machine (device tool, kind nvidia-h100-x2):
-# it has torch, transformers, grpcio and protobuf but no network. Regenerates the protobuf code
-# there when grpc_tools is present (its protobuf runtime may differ from ours), then runs
-# bench/gpu_bench.py. Results: the table at the end of the output and $OUT/gpu_bench.json.
+# The GPU benchmark (issues 6 and 11), for a lent machine with one or two GPUs (device tool,
+# kind nvidia-h200 or nvidia-h200-x2; stage i runs on cuda:{i % GPUs}): it has torch,
+# transformers, grpcio and protobuf but no network. Regenerates the protobuf code there when
+# grpc_tools is present (its protobuf runtime may differ from ours), then runs
+# bench/gpu_bench.py with this script's arguments (e.g. --stage-counts 2,3,4, the default).
+# Results: the table at the end of the output and $OUT/gpu_bench.json (mesh_overhead: batch-1
+# mesh overhead per token at each stage count).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1

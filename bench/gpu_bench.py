@@ -1,14 +1,18 @@
-"""GPU benchmark (issue 6), run on a lent 2-GPU machine by bench/gpu.sh.
+"""GPU benchmark (issues 6 and 11), run on a lent machine with one or two GPUs by bench/gpu.sh.
 
 Makes a Llama-3-8B-shaped model with random bf16 weights as safetensors (throughput does not
-depend on weight values), serves it as two stages (one per GPU) behind an orchestrator on
-loopback, measures batch-1 decode and aggregate tok/s at several concurrencies, checks greedy
-parity against transformers on the same weights, then measures transformers' eager generate on
-one GPU as the baseline. Prints a table last and writes gpu_bench.json to $OUT.
+depend on weight values), serves it as two stages behind an orchestrator on loopback (stage i on
+cuda:{i % GPUs}: one per GPU on two, both on one), measures batch-1 decode and aggregate tok/s at
+several concurrencies; then batch 1 on meshes of 3 and 4 stages (--stage-counts) for the mesh
+overhead per token at each stage count (decode wall per token minus the stages' compute per
+token; `timings.mesh_overhead_ms` where the orchestrator reports it, see client/bench.py); checks
+logits and greedy parity against transformers on the same weights, then measures transformers'
+eager generate on one GPU as the baseline. Prints a table last and writes gpu_bench.json to $OUT.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -88,79 +92,106 @@ def make_model(path: Path) -> None:
     (path / "config.json").write_text(json.dumps(CONFIG))
 
 
-def mesh_numbers(model: Path, log_dir: Path, results: dict) -> list[int]:
-    from client.bench import aggregate
+def device_of(i: int) -> str:
+    """Stage i's GPU: one stage per GPU on two, all on one GPU when there is one."""
+    return f"cuda:{i % torch.cuda.device_count()}"
+
+
+def start_mesh(model: Path, log_dir: Path, stages: int, kv_cache_mb: int, procs: list) -> str:
+    """`stages` stage processes (stage i on device_of(i)) and an orchestrator; appends them to
+    `procs` (the caller stops them) and returns the orchestrator's address once it serves."""
     from client.client import Client
     from client.launcher import Process
 
-    procs = []
+    addresses = []
+    for i in range(stages):
+        args = [
+            "stage",
+            "--model",
+            str(model),
+            "--port",
+            "0",
+            "--device",
+            device_of(i),
+            "--dtype",
+            "bfloat16",
+            "--kv-cache-mb",
+            str(kv_cache_mb),
+            "--max-context",
+            "1024",
+            "--compile",
+            "--threads",
+            "4",
+        ]
+        procs.append(Process(f"stage{i}-of-{stages}", args, log_dir))
+        addresses.append(procs[-1].wait_address(600))
+    args = ["orchestrator", "--model", str(model), "--port", "0", "--stages", ",".join(addresses)]
+    procs.append(
+        Process(f"orchestrator-{stages}", [*args, "--max-sessions-per-client", "256"], log_dir)
+    )
+    address = procs[-1].wait_address(120)
+    with Client(address, timeout_s=600) as client:
+        client.wait_ready(600)
+    return address
+
+
+def stop(procs: list) -> None:
+    for p in reversed(procs):
+        p.stop()
+    procs.clear()
+
+
+def overhead_entry(b: dict) -> dict:
+    """The mesh-overhead numbers of a batch-1 measurement (client.bench.batch1), per token."""
+    keys = (
+        "decode_tokens_per_s",
+        "stage_compute_ms_per_token",
+        "overhead_ms_per_token",
+        "overhead_ms_per_token_computed",
+        "overhead_ms_per_step",
+        "overhead_from_timings",
+    )
+    return {k: b[k] for k in keys} | {"devices": [device_of(i) for i in range(b["stages"])]}
+
+
+def mesh_numbers(model: Path, log_dir: Path, results: dict, stage_counts: list[int]) -> list[int]:
+    """The 2-stage mesh: batch 1 (128 tokens, 3 runs), greedy tokens for the parity check, and
+    aggregate tok/s at 1-64 sessions; then batch 1 only on a mesh of each other stage count, for
+    the mesh overhead per token (decode wall per token minus the stages' compute per token)."""
+    from client.bench import aggregate, batch1
+    from client.client import Client
+
+    procs: list = []
+    overhead = {}
     try:
-        stages = []
-        for gpu in (0, 1):
-            args = [
-                "stage",
-                "--model",
-                str(model),
-                "--port",
-                "0",
-                "--device",
-                f"cuda:{gpu}",
-                "--dtype",
-                "bfloat16",
-                "--kv-cache-mb",
-                "16000",
-                "--max-context",
-                "1024",
-                "--compile",
-                "--threads",
-                "4",
-            ]
-            procs.append(Process(f"stage{gpu}", args, log_dir))
-            stages.append(procs[-1].wait_address(600))
-        procs.append(
-            Process(
-                "orchestrator",
-                [
-                    "orchestrator",
-                    "--model",
-                    str(model),
-                    "--port",
-                    "0",
-                    "--stages",
-                    ",".join(stages),
-                    "--max-sessions-per-client",
-                    "256",
-                ],
-                log_dir,
-            )
-        )
-        address = procs[-1].wait_address(120)
+        address = start_mesh(model, log_dir, 2, 16000, procs)
         with Client(address, timeout_s=600) as client:
-            client.wait_ready(600)
             client.generate(token_ids=PROMPT, max_new_tokens=16, ignore_eos=True)  # warm-up
-            runs = [
-                client.generate(token_ids=PROMPT, max_new_tokens=128, ignore_eos=True)
-                for _ in range(3)
-            ]
-            t = [r.timings for r in runs]
-            results["mesh_batch1_decode_tok_s"] = statistics.median(
-                x["decode_tokens_per_s"] for x in t
-            )
-            results["mesh_ttft_ms"] = statistics.median(x["ttft_ms"] for x in t)
-            results["mesh_hop_overhead_ms"] = statistics.median(x["hop_overhead_ms"] for x in t)
-            results["mesh_stage_ms_per_token"] = [
-                statistics.median(x["stages"][i]["compute_ms"] / x["stages"][i]["steps"] for x in t)
-                for i in (0, 1)
-            ]
-            greedy = runs[0].token_ids[:16]
+            greedy = client.generate(token_ids=PROMPT, max_new_tokens=16, ignore_eos=True).token_ids
+            b = batch1(client, 128, 3, token_ids=PROMPT)
+        results["mesh_batch1_decode_tok_s"] = b["decode_tokens_per_s"]
+        results["mesh_ttft_ms"] = b["ttft_ms"]
+        results["mesh_hop_overhead_ms"] = b["hop_overhead_ms"]
+        results["mesh_stage_ms_per_token"] = b["stage_compute_ms_per_token"]
+        overhead[2] = overhead_entry(b)
         results["mesh_aggregate_tok_s"] = {
             n: aggregate(lambda: Client(address, timeout_s=600), n, 128, token_ids=PROMPT)
             for n in (1, 4, 16, 64)
         }
+        stop(procs)
+        for n in stage_counts:
+            if n == 2:
+                continue
+            # batch 1 needs one slot: a small KV budget keeps 4 stages on one GPU cheap
+            address = start_mesh(model, log_dir, n, 2000, procs)
+            with Client(address, timeout_s=600) as client:
+                client.generate(token_ids=PROMPT, max_new_tokens=16, ignore_eos=True)  # warm-up
+                overhead[n] = overhead_entry(batch1(client, 128, 3, token_ids=PROMPT))
+            stop(procs)
+        results["mesh_overhead"] = {str(n): overhead[n] for n in sorted(overhead)}
         return greedy
     finally:
-        for p in procs:
-            p.stop()
+        stop(procs)
 
 
 def in_process_numbers(model: Path, results: dict) -> None:
@@ -212,10 +243,11 @@ def parity(model: Path, results: dict) -> None:
     from transformers import LlamaForCausalLM
 
     eager, decoded = results.pop("_ours_logits")
-    ids = torch.tensor([PROMPT], device="cuda:1")
+    dev = device_of(1)  # the GPU the in-process model did not use, where there are two
+    ids = torch.tensor([PROMPT], device=dev)
     logits = {}
     for dtype in (torch.float32, torch.bfloat16):
-        ref = LlamaForCausalLM.from_pretrained(str(model), dtype=dtype).to("cuda:1").eval()
+        ref = LlamaForCausalLM.from_pretrained(str(model), dtype=dtype).to(dev).eval()
         with torch.inference_mode():
             logits[dtype] = ref(ids).logits[0].float().cpu()
         del ref
@@ -261,7 +293,17 @@ def transformers_numbers(model: Path, results: dict, ours: list[int]) -> None:
             )
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    from client.bench import stage_counts
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--stage-counts",
+        type=stage_counts,
+        default="2,3,4",
+        help="batch-1 mesh overhead per token at each of these stage counts (2 always runs)",
+    )
+    counts = p.parse_args(argv).stage_counts
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
     model = Path("/tmp/llama3-8b-random")
@@ -269,14 +311,24 @@ def main() -> int:
     t0 = time.perf_counter()
     make_model(model)
     results["make_model_s"] = time.perf_counter() - t0
-    ours = mesh_numbers(model, out, results)
+    ours = mesh_numbers(model, out, results, counts)
     in_process_numbers(model, results)
     torch.cuda.empty_cache()
     parity(model, results)
     transformers_numbers(model, results, ours)
     (out / "gpu_bench.json").write_text(json.dumps(results, indent=2))
     for k, v in results.items():
-        print(f"{k:36s} {v}")
+        if k != "mesh_overhead":
+            print(f"{k:36s} {v}")
+    for n, o in results["mesh_overhead"].items():
+        compute = " + ".join(f"{ms:.2f}" for ms in o["stage_compute_ms_per_token"])
+        print(
+            f"mesh overhead, {n} stages on {','.join(o['devices'])}: "
+            f"{o['decode_tokens_per_s']:.1f} tok/s, compute {compute} ms, "
+            f"overhead {o['overhead_ms_per_token']:.2f} ms/token "
+            f"(wall - compute {o['overhead_ms_per_token_computed']:.2f}, "
+            f"per step {o['overhead_ms_per_step']:.2f}, from timings: {o['overhead_from_timings']})"
+        )
     return 0
 
 

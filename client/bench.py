@@ -3,8 +3,12 @@ same run. Prints a table, writes JSON and (with matplotlib) a PNG plot.
 
 Measured: time to first token; batch-1 decode tok/s; aggregate tok/s at several numbers of
 concurrent sessions; per-stage compute ms and per-hop overhead ms per token; the decode step with
-the KV cache against recomputing the prefix at several context lengths; transformers' generate.
-Medians of --repeats runs. Nothing else runs while a number is taken.
+the KV cache against recomputing the prefix at several context lengths; transformers' generate;
+and, on a mesh of each of --stage-counts stages, batch-1 decode with its mesh overhead per token:
+the decode wall time per token minus the stages' compute per token (what the mesh adds to the
+model's own arithmetic). Medians of --repeats runs. Nothing else runs while a number is taken.
+
+bench/compare.sh runs this file against two commits (their services, this driver).
 """
 
 from __future__ import annotations
@@ -27,6 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default="", help="measure this orchestrator (default: start a mesh)")
     p.add_argument("--model", default="", help="model directory (default: the default model)")
     p.add_argument("--stages", type=int, default=2, help="stages of the mesh it starts")
+    p.add_argument(
+        "--stage-counts",
+        type=stage_counts,
+        default="2,3,4",
+        help="batch-1 mesh overhead per token on a mesh of each of these stage counts "
+        "('' skips; with --server only the server's own count)",
+    )
     p.add_argument("--tokens", type=int, default=128, help="new tokens per batch-1 run")
     p.add_argument("--repeats", type=int, default=3, help="runs per number (medians)")
     p.add_argument("--concurrency", default="1,4,16,64", help="concurrent sessions to measure")
@@ -36,21 +47,72 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-results", help="folder for bench.json and bench.png")
 
 
-def batch1(client: Client, tokens: int, repeats: int) -> dict:
+def stage_counts(text: str) -> list[int]:
+    try:
+        counts = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of stage counts: {text!r}") from None
+    if any(c < 1 for c in counts):
+        raise argparse.ArgumentTypeError(f"stage counts must be >= 1: {text!r}")
+    return counts
+
+
+def per_token(t: dict) -> dict:
+    """One batch-1 generation's timings per decoded token.
+
+    Mesh overhead per token: `timings["mesh_overhead_ms"]` where the orchestrator reports it
+    (its mean over steps of step wall time minus every stage's compute); else (0 or absent: an
+    orchestrator from before the field) computed here as the decode wall time per token minus the
+    stages' compute per token (compute_ms / steps, summed over the stages). The computation is
+    always kept as `overhead_ms_per_token_computed`, so two commits compare by one formula; its
+    compute includes the prefill step's, which puts it ~0.3-0.5 ms low at 128 tokens on CPU.
+    `overhead_ms_per_step` is the orchestrator's per-step figure on either commit: the field, or
+    hop_overhead_ms (the same mean per stage call) times the stages."""
+    stage_ms = [s["compute_ms"] / max(s["steps"], 1) for s in t["stages"]]
+    wall_ms = 1e3 / t["decode_tokens_per_s"]
+    computed = wall_ms - sum(stage_ms)
+    reported = t.get("mesh_overhead_ms") or 0.0
+    return {
+        "ttft_ms": t["ttft_ms"],
+        "decode_tokens_per_s": t["decode_tokens_per_s"],
+        "decode_ms_per_token": wall_ms,
+        "hop_overhead_ms": t["hop_overhead_ms"],
+        "stage_compute_ms_per_token": stage_ms,
+        "overhead_ms_per_token": reported or computed,
+        "overhead_ms_per_token_computed": computed,
+        "overhead_ms_per_step": reported or t["hop_overhead_ms"] * len(stage_ms),
+        "overhead_from_timings": bool(reported),
+    }
+
+
+def batch1(client: Client, tokens: int, repeats: int, **request) -> dict:
+    """Medians of `repeats` batch-1 generations of `tokens` new tokens (`request`: the input,
+    PROMPT by default); each generation's own numbers under "runs"."""
+    request = request or {"prompt": PROMPT}
     runs = [
-        client.generate(PROMPT, max_new_tokens=tokens, ignore_eos=True).timings
+        per_token(client.generate(max_new_tokens=tokens, ignore_eos=True, **request).timings)
         for _ in range(repeats)
     ]
-    stages = len(runs[0]["stages"])
-    return {
-        "ttft_ms": statistics.median(r["ttft_ms"] for r in runs),
-        "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in runs),
-        "hop_overhead_ms": statistics.median(r["hop_overhead_ms"] for r in runs),
-        "stage_compute_ms_per_token": [
-            statistics.median(r["stages"][i]["compute_ms"] / r["stages"][i]["steps"] for r in runs)
-            for i in range(stages)
-        ],
+    stages = len(runs[0]["stage_compute_ms_per_token"])
+    result = {
+        key: statistics.median(r[key] for r in runs)
+        for key in (
+            "ttft_ms",
+            "decode_tokens_per_s",
+            "decode_ms_per_token",
+            "hop_overhead_ms",
+            "overhead_ms_per_token",
+            "overhead_ms_per_token_computed",
+            "overhead_ms_per_step",
+        )
     }
+    result["stage_compute_ms_per_token"] = [
+        statistics.median(r["stage_compute_ms_per_token"][i] for r in runs) for i in range(stages)
+    ]
+    result["stages"] = stages
+    result["overhead_from_timings"] = all(r["overhead_from_timings"] for r in runs)
+    result["runs"] = runs
+    return result
 
 
 def aggregate(client_factory, sessions: int, tokens: int, **request) -> float:
@@ -129,22 +191,32 @@ def plot(results: dict, path: Path) -> str:
         return "matplotlib is not installed: no plot (pip install matplotlib)"
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     conc = results["aggregate_tokens_per_s"]
-    a.plot([int(k) for k in conc], list(conc.values()), "o-", label="llamadist")
-    for i, (name, value) in enumerate(results.get("transformers_tokens_per_s", {}).items()):
-        a.axhline(value, linestyle="--", color=f"C{i + 1}", label=f"transformers generate ({name})")
-    a.set(xscale="log", xlabel="concurrent sessions", ylabel="aggregate tok/s", title="throughput")
-    a.legend()
     ctx = results["cache_vs_recompute"]
-    b.plot([c["context"] for c in ctx], [c["kv_cache_ms"] for c in ctx], "o-", label="KV cache")
-    b.plot([c["context"] for c in ctx], [c["recompute_ms"] for c in ctx], "o-", label="recompute")
-    b.set(
-        xscale="log",
-        yscale="log",
-        xlabel="context tokens",
-        ylabel="ms per decode step",
-        title="decode step",
-    )
-    b.legend()
+    if conc:  # --concurrency '' or --contexts '' (bench/compare.sh) leaves a panel empty
+        a.plot([int(k) for k in conc], list(conc.values()), "o-", label="llamadist")
+        for i, (name, value) in enumerate(results.get("transformers_tokens_per_s", {}).items()):
+            label = f"transformers generate ({name})"
+            a.axhline(value, linestyle="--", color=f"C{i + 1}", label=label)
+        a.set(xscale="log", xlabel="concurrent sessions", ylabel="aggregate tok/s")
+        a.set_title("throughput")
+        a.legend()
+    else:
+        a.set_axis_off()
+    if ctx:
+        b.plot([c["context"] for c in ctx], [c["kv_cache_ms"] for c in ctx], "o-", label="KV cache")
+        b.plot(
+            [c["context"] for c in ctx], [c["recompute_ms"] for c in ctx], "o-", label="recompute"
+        )
+        b.set(
+            xscale="log",
+            yscale="log",
+            xlabel="context tokens",
+            ylabel="ms per decode step",
+            title="decode step",
+        )
+        b.legend()
+    else:
+        b.set_axis_off()
     fig.tight_layout()
     fig.savefig(path)
     return f"plot: {path}"
@@ -158,16 +230,25 @@ def run(a: argparse.Namespace) -> int:
 
     model = Path(a.model) if a.model else fetch_default()
     check_value(StageConfig, "model", str(model))  # before a mesh starts on it
-    concurrency = [int(c) for c in a.concurrency.split(",") if c]
-    mesh = (
-        nullcontext(None)
-        if a.server
-        else LocalMesh(
-            str(model),
-            num_stages=a.stages,
-            extra_orchestrator_args=["--max-sessions-per-client", str(max(concurrency + [1]))],
+    if a.tokens < 2:
+        raise ValueError(
+            f"--tokens must be at least 2 (decode is timed after the first token), got {a.tokens}"
         )
-    )
+    concurrency = [int(c) for c in a.concurrency.split(",") if c]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def mesh_of(stages: int, sessions: int = 1) -> LocalMesh:
+        log_dir = out / "logs" / f"stages-{stages}"  # the services' logs, kept for a failed run
+        log_dir.mkdir(parents=True, exist_ok=True)
+        return LocalMesh(
+            str(model),
+            num_stages=stages,
+            log_dir=log_dir,
+            extra_orchestrator_args=["--max-sessions-per-client", str(max(sessions, 1))],
+        )
+
+    mesh = nullcontext(None) if a.server else mesh_of(a.stages, max(concurrency + [1]))
     results: dict = {"model": str(model), "stages": a.stages, "tokens": a.tokens}
     with mesh as m:
         address = a.server or m.address
@@ -182,6 +263,20 @@ def run(a: argparse.Namespace) -> int:
             str(n): aggregate(lambda: Client(address, timeout_s=600), n, a.concurrent_tokens)
             for n in concurrency
         }
+    results["stages"] = results["batch1"]["stages"]  # the server's, with --server
+    overhead: dict[int, dict] = {}
+    for n in a.stage_counts:
+        if n == results["stages"]:
+            overhead[n] = results["batch1"]  # the same runs: same mesh, same batch 1
+        elif a.server:
+            print(
+                f"--server: no {n}-stage mesh started (mesh overhead at {results['stages']} only)"
+            )
+        else:
+            with mesh_of(n) as m, Client(m.address, timeout_s=600) as client:
+                client.generate(PROMPT, max_new_tokens=8, ignore_eos=True)  # warm-up
+                overhead[n] = batch1(client, a.tokens, a.repeats)
+    results["mesh_overhead"] = {str(n): overhead[n] for n in sorted(overhead)}
     if not a.no_transformers:
         results["transformers_tokens_per_s"] = {
             f"{t} thread{'s' if t > 1 else ''}": transformers_generate(
@@ -189,8 +284,6 @@ def run(a: argparse.Namespace) -> int:
             )
             for t in (1, 2)
         }
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=2))
     report(results)
     print(f"json: {out / 'bench.json'}; {plot(results, out / 'bench.png')}")
@@ -211,6 +304,22 @@ def report(r: dict) -> None:
         print(
             f"  context {c['context']:>5}: KV cache {c['kv_cache_ms']:7.1f} ms/step, "
             f"recompute {c['recompute_ms']:8.1f} ms/step ({c['speedup']:.1f}x)"
+        )
+    if r["mesh_overhead"]:
+        print(
+            "  mesh overhead per token, batch 1 (decode wall per token - stage compute per token)"
+        )
+    for n, o in r["mesh_overhead"].items():
+        compute = o["stage_compute_ms_per_token"]
+        source = (
+            f"timings; wall - compute {o['overhead_ms_per_token_computed']:.2f}"
+            if o["overhead_from_timings"]
+            else f"wall - compute; per step {o['overhead_ms_per_step']:.2f}"
+        )
+        print(
+            f"  {n:>3} stages {o['decode_tokens_per_s']:8.1f} tok/s, compute "
+            f"{' + '.join(f'{ms:.2f}' for ms in compute)} = {sum(compute):.2f} ms, "
+            f"overhead {o['overhead_ms_per_token']:.2f} ms ({source})"
         )
     for name, tps in r.get("transformers_tokens_per_s", {}).items():
         ratio = b["decode_tokens_per_s"] / tps
