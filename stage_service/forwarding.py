@@ -34,6 +34,7 @@ from protos.step_link import StepLink
 log = logging.getLogger(__name__)
 
 Send = Callable[[list[pb.StepBatchReply]], None]  # puts answers on one stream
+MAX_SUCCESSORS = 64  # channels to next stages one stage keeps
 RECENT_S = 30.0  # how long a forwarded step counts as in flight on its link (for a break)
 
 
@@ -130,7 +131,11 @@ class Forwarder:
                 return link
             channel = self._channels.get(address)
             if channel is None:
-                channel = self._channel(address)
+                self._prune()
+                try:
+                    channel = self._channel(address)
+                except Exception as err:  # noqa: BLE001 - an address grpc cannot parse
+                    raise Unavailable(f"no channel to {address!r}: {err}") from None
                 self._channels[address] = channel
             link = StepLink(
                 pb_grpc.StageStub(channel).ForwardStream,
@@ -140,6 +145,19 @@ class Forwarder:
             )
             self._links[address] = link
             return link
+
+    def _prune(self) -> None:
+        """Keeps at most MAX_SUCCESSORS channels: those without a live link go first (a route
+        may name any address; a stage must not hold a channel for every one it was shown)."""
+        if len(self._channels) < MAX_SUCCESSORS:
+            return
+        for address in list(self._channels):
+            link = self._links.get(address)
+            if link is None or link.broken:
+                self._links.pop(address, None)
+                self._channels.pop(address).close()
+        if len(self._channels) >= MAX_SUCCESSORS:
+            raise Unavailable(f"this stage already links to {MAX_SUCCESSORS} successors")
 
     def _from_successor(self, reply: pb.StepReply) -> None:
         """An answer the successor gave back on our link (it holds no outlet of the origin)."""
