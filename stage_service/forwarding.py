@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 Send = Callable[[list[pb.StepBatchReply]], None]  # puts answers on one stream
 MAX_SUCCESSORS = 64  # channels to next stages one stage keeps
-RECENT_S = 30.0  # how long a forwarded step counts as in flight on its link (for a break)
+RECENT_S = 5.0  # how long a forwarded step counts as in flight on its link (for a break)
 
 
 def error_reply(request: pb.StepRequest, err: BaseException, failed_hop: int) -> pb.StepReply:
@@ -186,9 +186,7 @@ class Forwarder:
                     del self._links[address]
             lost = list(self._recent.pop(link, ()))
         if lost:
-            log.warning(
-                "%s: link broken (%s); failing %d recent steps", link.name, error, len(lost)
-            )
+            log.info("%s: link broken (%s); failing %d recent steps", link.name, error, len(lost))
         self.deliver(
             [
                 pb.StepReply(

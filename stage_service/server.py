@@ -17,7 +17,7 @@ from stage_service.stage import Stage
 log = logging.getLogger(__name__)
 
 
-def build_server(config: StageConfig) -> tuple[grpc.Server, int, Stage]:
+def build(config: StageConfig) -> tuple[grpc.Server, int, StageServicer]:
     credentials = server_credentials(  # mutual TLS: callers need a certificate of tls_ca
         config.tls_cert, config.tls_key, config.tls_ca, require_client_cert=True
     )
@@ -27,17 +27,28 @@ def build_server(config: StageConfig) -> tuple[grpc.Server, int, Stage]:
     stage = Stage(config)
     server, port = listening_server(
         "Stage",
-        StageServicer(stage, forwarder),
+        servicer := StageServicer(stage, forwarder),
         config.host,
         config.port,
         config.max_workers,
         credentials=credentials,
     )
-    return server, port, stage
+    return server, port, servicer
+
+
+def build_server(config: StageConfig) -> tuple[grpc.Server, int, Stage]:
+    server, port, servicer = build(config)
+    return server, port, servicer.stage
 
 
 def serve(config: StageConfig) -> None:
-    server, port, stage = build_server(config)
+    server, port, servicer = build(config)
+    stage = servicer.stage
     server.start()
     log.info("stage on %s, model %s (%s)", stage.device, config.model, stage.fingerprint)
-    run_until_signal(server, f"llamadist stage listening on {config.host}:{port}", config.grace_s)
+    run_until_signal(
+        server,
+        f"llamadist stage listening on {config.host}:{port}",
+        config.grace_s,
+        drain=servicer.drain,
+    )

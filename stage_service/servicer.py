@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -33,6 +34,25 @@ class StageServicer(pb_grpc.StageServicer):
     def __init__(self, stage: Stage, forwarder: Forwarder):
         self.stage = stage
         self.forwarder = forwarder
+        self._outboxes: set[queue.SimpleQueue] = set()  # of the ForwardStream calls open now
+        self._lock = threading.Lock()
+        self.closing = False
+
+    def drain(self, deadline: float) -> None:
+        """Shutting down: every open ForwardStream ends once the batches it took are settled
+        (its caller sees the stream end and fails over), and the links to next stages close,
+        so that no peer's stream holds the server up for its whole grace period."""
+        with self._lock:
+            self.closing = True
+            outboxes = list(self._outboxes)
+        for outbox in outboxes:
+            outbox.put(("close", None))
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._outboxes:
+                    break
+            time.sleep(0.05)
+        self.forwarder.close()
 
     @staticmethod
     def _step(request: pb.StepRequest) -> StepInput:
@@ -129,6 +149,7 @@ class StageServicer(pb_grpc.StageServicer):
         other links. It ends when the caller has stopped sending and every batch is settled."""
         outbox: queue.SimpleQueue = queue.SimpleQueue()
         origins: list[str] = []
+        submitted = [0]  # batches with steps taken from this stream so far
 
         def gone() -> bool:  # the caller closed the stream: drop what it queued
             return not context.is_active()
@@ -140,28 +161,30 @@ class StageServicer(pb_grpc.StageServicer):
             outbox.put(("extra", messages))
 
         def read() -> None:
-            submitted = 0
             try:
                 for batch in batches:
                     if batch.origin and batch.origin not in origins:
                         self.forwarder.open_outlet(batch.origin, extra)
                         origins.append(batch.origin)
                     if batch.steps:
-                        submitted += 1
+                        submitted[0] += 1
                         self._submit_batch(batch, settled, gone)
                     else:  # a ping, or an origin's declaration: in force once answered
                         extra([pb.StepBatchReply()])
             except Exception as err:  # noqa: BLE001 - a bad message or a broken stream
                 outbox.put(("error", err))
-            outbox.put(("end", submitted))
+            outbox.put(("end", None))
 
+        with self._lock:
+            self._outboxes.add(outbox)
+            ending = self.closing
         threading.Thread(target=read, name="stream-reader", daemon=True).start()
-        sent, total = 0, None
+        sent = 0
         try:
-            while total is None or sent < total:
+            while not (ending and sent >= submitted[0]):
                 kind, item = outbox.get()
-                if kind == "end":
-                    total = item
+                if kind in ("end", "close"):
+                    ending = True  # the caller stopped sending, or the stage is shutting down
                 elif kind == "error":
                     if isinstance(item, LlamadistError):
                         raise item
@@ -170,6 +193,8 @@ class StageServicer(pb_grpc.StageServicer):
                     yield from item
                     sent += kind == "settled"
         finally:
+            with self._lock:
+                self._outboxes.discard(outbox)
             for origin in origins:
                 self.forwarder.close_outlet(origin, extra)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import grpc
 import pytest
@@ -496,3 +497,20 @@ def test_only_a_newer_plan_epoch_changes_the_layers(two_stages):
     stub.LoadLayers(pb.LoadLayersRequest(hold_nothing=True, plan_epoch=2))
     info = stub.Info(pb.InfoRequest())
     assert (info.layer_start, info.layer_end, info.plan_epoch) == (0, 0, 2)
+
+
+def test_a_stopping_stage_ends_its_open_streams_instead_of_waiting_out_its_grace(tiny):
+    """A predecessor's link or an orchestrator's outlet never ends on its own: drain ends them
+    once their work is settled, so the server stops at once rather than after grace_s."""
+    from stage_service.server import build
+
+    server, port, servicer = build(StageConfig(model=str(tiny), kv_cache_mb=16))
+    server.start()
+    servicer.stage.load_layers(0, 4, epoch=1)
+    link = Link(f"127.0.0.1:{port}", origin="o")
+    reply = link.step(pb.StepRequest(session_id="d", plan_epoch=1, token_ids=[1], request_id=1))
+    assert not reply.error_code
+    t0 = time.monotonic()
+    servicer.drain(time.monotonic() + 30)
+    assert server.stop(30).wait(30)
+    assert time.monotonic() - t0 < 10 and link.link.broken
