@@ -1,14 +1,9 @@
-"""One batch at a time per stage: the steps waiting run as one batched forward.
+"""One compute thread per stage that runs the steps waiting for it as one batched forward.
 
-Whatever is queued when the stage becomes free goes into the next batch: decode steps of many
+Whatever is queued when the thread becomes free goes into the next batch: decode steps of many
 sessions (and prefills) share each matmul, one segment per session (model.Segment). Nothing
 waits for a batch to fill, so a lone session pays no extra latency; under load the batch grows
 with the queue. A step that asks for full logits runs alone (they are per row of its batch).
-
-Work submitted while no batch runs is run at once by the submitting thread (`inline`): a step
-arriving at an idle stage then costs no hand-off to another thread (a thread wake-up is ~0.1 ms
-on a small VM, a fair share of a hop). Work that finds a batch running queues for the compute
-thread, which runs the next batch as soon as the stage is free.
 
 Queued work whose caller is gone (`Job.cancelled`) or whose session was ended (`drop`) is
 answered Cancelled instead of computed. If the compute thread ever dies, every waiting and later
@@ -45,7 +40,6 @@ class Batcher:
         self.max_batch = max_batch
         self.max_batch_tokens = max_batch_tokens
         self._queue: deque[Job] = deque()
-        self._busy = False  # a batch runs (on the compute thread or inline)
         self.taken = 0  # jobs taken into batches so far
         self.dropped = 0  # jobs answered Cancelled without running
         self.died: str = ""  # why the compute thread ended, if it did other than by close()
@@ -67,13 +61,10 @@ class Batcher:
             raise job.error
         return job.out
 
-    def submit_many(
-        self, jobs: list[Job], on_done: Callable[[], None], inline: bool = False
-    ) -> None:
+    def submit_many(self, jobs: list[Job], on_done: Callable[[], None]) -> None:
         """Queues `jobs` together, so that those that fit (distinct sessions, within max_batch
-        and max_batch_tokens) run in one forward; `on_done()` runs once, on the thread that ran
-        the last of them, when it is done. With `inline`, when no batch runs now, the next batch
-        runs here before this returns."""
+        and max_batch_tokens) run in one forward; `on_done()` runs once, on the compute thread,
+        when the last of them is done."""
         left = [len(jobs)]
         lock = threading.Lock()  # the compute thread and close() may finish jobs of one group
 
@@ -92,11 +83,7 @@ class Batcher:
             if self._closed:
                 raise Unavailable("the stage is shutting down")
             self._queue.extend(jobs)
-            taken = self._take() if inline and not self._busy else None
-            if taken is None:
-                self._cond.notify()
-        if taken is not None:
-            self._run(*taken)
+            self._cond.notify()
 
     def drop(self, session_id: str) -> int:
         """Answers the session's queued (not yet running) jobs Cancelled; returns how many."""
@@ -111,43 +98,38 @@ class Batcher:
         """The next batch (maybe empty), and the queued jobs nobody waits for any more; None
         once closed."""
         with self._cond:
-            self._cond.wait_for(lambda: (self._queue and not self._busy) or self._closed)
+            self._cond.wait_for(lambda: self._queue or self._closed)
             if self._closed:
                 return None
-            return self._take()
-
-    def _take(self) -> tuple[list[Job], list[Job]]:
-        """Takes the next batch from the queue and marks the stage busy. Call holding _cond."""
-        self._busy = True
-        batch: list[Job] = []
-        gone: list[Job] = []
-        sessions: set[str] = set()
-        tokens = 0
-        kept: deque[Job] = deque()
-        while self._queue and len(batch) < self.max_batch:
-            job = self._queue.popleft()
-            if job.cancelled is not None and job.cancelled():
-                gone.append(job)
-                continue
-            n = len(job.step.token_ids)
-            alone = job.step.return_logits
-            if batch and (
-                alone
-                or batch[0].step.return_logits
-                or job.step.session_id in sessions
-                or tokens + n > self.max_batch_tokens
-            ):
-                kept.append(job)  # next time, in order
-                continue
-            batch.append(job)
-            sessions.add(job.step.session_id)
-            tokens += n
-            if alone:
-                break
-        self._queue.extendleft(reversed(kept))
-        self.taken += len(batch)
-        self.dropped += len(gone)
-        return batch, gone
+            batch: list[Job] = []
+            gone: list[Job] = []
+            sessions: set[str] = set()
+            tokens = 0
+            kept: deque[Job] = deque()
+            while self._queue and len(batch) < self.max_batch:
+                job = self._queue.popleft()
+                if job.cancelled is not None and job.cancelled():
+                    gone.append(job)
+                    continue
+                n = len(job.step.token_ids)
+                alone = job.step.return_logits
+                if batch and (
+                    alone
+                    or batch[0].step.return_logits
+                    or job.step.session_id in sessions
+                    or tokens + n > self.max_batch_tokens
+                ):
+                    kept.append(job)  # next time, in order
+                    continue
+                batch.append(job)
+                sessions.add(job.step.session_id)
+                tokens += n
+                if alone:
+                    break
+            self._queue.extendleft(reversed(kept))
+            self.taken += len(batch)
+            self.dropped += len(gone)
+            return batch, gone
 
     def _finish(self, jobs: list[Job], error: BaseException | None = None) -> None:
         for job in jobs:
@@ -159,28 +141,20 @@ class Batcher:
                 except Exception:  # a caller's bug must not end the compute thread
                     log.exception("a step's completion callback failed")
 
-    def _run(self, batch: list[Job], gone: list[Job]) -> None:
-        """Runs a taken batch and answers its jobs; the stage is free again after."""
+    def _work(self) -> None:
+        batch: list[Job] = []
         try:
-            self._finish(gone, Cancelled("the step's caller is gone"))
-            if batch:
+            while (taken := self._next_batch()) is not None:
+                batch, gone = taken
+                self._finish(gone, Cancelled("the step's caller is gone"))
+                if not batch:
+                    continue
                 try:
                     self.run_batch(batch)
                     self._finish(batch)
                 except Exception as err:  # noqa: BLE001 - handed to every waiting caller
                     log.exception("a batch failed")
                     self._finish(batch, err)
-        finally:
-            with self._cond:
-                self._busy = False
-                self._cond.notify()
-
-    def _work(self) -> None:
-        batch: list[Job] = []
-        try:
-            while (taken := self._next_batch()) is not None:
-                batch = taken[0]
-                self._run(*taken)
                 batch = []
         except BaseException as err:
             # SystemExit, KeyboardInterrupt, MemoryError...: this thread ends. Fail what waits

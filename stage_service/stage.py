@@ -275,7 +275,7 @@ class Stage:
             except Exception as err:  # noqa: BLE001 - that step's own failure
                 job.error = err
         if queued:
-            self.batcher.submit_many(queued, lambda: on_done(jobs), inline=True)
+            self.batcher.submit_many(queued, lambda: on_done(jobs))
         else:
             on_done(jobs)
 

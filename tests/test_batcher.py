@@ -143,29 +143,3 @@ def test_queued_work_of_an_ended_session_or_a_gone_caller_is_dropped():
     assert outcomes["first"] == "first" and outcomes["kept"] == "kept"
     assert run.ran == [["first"], ["kept"]]  # neither dropped job was computed
     batcher.close()
-
-
-def test_inline_work_runs_on_the_submitting_thread_when_idle_and_queues_when_busy():
-    threads: list[str] = []
-    run = Recorder()
-
-    def recording(jobs):
-        threads.append(threading.current_thread().name)
-        run(jobs)
-
-    batcher = Batcher(recording, max_batch=8, max_batch_tokens=64)
-    done = threading.Event()
-    batcher.submit_many([Job(Step("idle"))], done.set, inline=True)
-    assert done.is_set() and threads == [threading.current_thread().name]  # ran here
-    run.hold.clear()
-    outcomes: dict = {}
-    busy = submit_in_thread(batcher, Step("busy"), outcomes)  # held on the compute thread
-    wait_queued(batcher, 0)
-    late = threading.Event()
-    batcher.submit_many([Job(Step("late"))], late.set, inline=True)  # queues behind it
-    assert not late.is_set() and len(batcher._queue) == 1
-    run.hold.set()
-    busy.join(5)
-    assert late.wait(5) and threads[1:] == ["compute", "compute"]
-    assert run.ran == [["idle"], ["busy"], ["late"]]
-    batcher.close()
