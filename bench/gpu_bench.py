@@ -303,7 +303,14 @@ def main(argv: list[str] | None = None) -> int:
         default="2,3,4",
         help="batch-1 mesh overhead per token at each of these stage counts (2 always runs)",
     )
-    counts = p.parse_args(argv).stage_counts
+    p.add_argument(
+        "--mesh-only",
+        action="store_true",
+        help="the mesh numbers alone (no in-process step, parity or transformers): for a "
+        "second commit measured in the same call",
+    )
+    args = p.parse_args(argv)
+    counts = args.stage_counts
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
     model = Path("/tmp/llama3-8b-random")
@@ -312,10 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     make_model(model)
     results["make_model_s"] = time.perf_counter() - t0
     ours = mesh_numbers(model, out, results, counts)
-    in_process_numbers(model, results)
-    torch.cuda.empty_cache()
-    parity(model, results)
-    transformers_numbers(model, results, ours)
+    (out / "gpu_bench.json").write_text(json.dumps(results, indent=2))  # kept if cut short
+    if not args.mesh_only:
+        in_process_numbers(model, results)
+        torch.cuda.empty_cache()
+        parity(model, results)
+        transformers_numbers(model, results, ours)
     (out / "gpu_bench.json").write_text(json.dumps(results, indent=2))
     for k, v in results.items():
         if k != "mesh_overhead":
