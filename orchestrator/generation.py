@@ -54,6 +54,7 @@ class Timings:
     decode_tokens_per_s: float = 0.0
     total_ms: float = 0.0
     stage_compute_ms: list[float] = field(default_factory=list)
+    stage_mean_batch: list[float] = field(default_factory=list)
     steps: int = 0
     mesh_overhead_ms: float = 0.0  # mean per step: wall time not spent computing
     hop_overhead_ms: float = 0.0  # mesh_overhead_ms over the number of stages
@@ -359,6 +360,11 @@ class Generator:
         n_stages = len(steps[-1].stage_ns)  # a reload may have changed it: count the last plan's
         same = [s for s in steps if len(s.stage_ns) == n_stages]
         compute_ns = [sum(s.stage_ns[i] for s in same) for i in range(n_stages)]
+        batched = [s for s in same if len(s.stage_batch) == n_stages]
+        mean_batch = [
+            sum(s.stage_batch[i] for s in batched) / len(batched) if batched else 0.0
+            for i in range(n_stages)
+        ]
         overhead_ms = sum(s.wall_ns - sum(s.stage_ns) for s in steps) / 1e6 / len(steps)
         decode_s = now - first_at
         return Timings(
@@ -366,6 +372,7 @@ class Generator:
             decode_tokens_per_s=(n_tokens - 1) / decode_s if n_tokens > 1 and decode_s > 0 else 0.0,
             total_ms=(now - t_start) * 1e3,
             stage_compute_ms=[ns / 1e6 for ns in compute_ns],
+            stage_mean_batch=mean_batch,
             steps=len(steps),
             mesh_overhead_ms=overhead_ms,
             hop_overhead_ms=overhead_ms / n_stages,

@@ -79,6 +79,7 @@ class StepResult:
     epoch: int  # the plan epoch the session's caches now belong to
     replayed: bool = False
     stage_ns: list[int] = field(default_factory=list)
+    stage_batch: list[int] = field(default_factory=list)  # each stage's batch, last chunk
 
 
 class Router:
@@ -238,7 +239,13 @@ class Router:
                     replay = True
                     continue
                 return StepResult(
-                    reply.token_id, reply.logprob, wall, plan.epoch, replayed, stage_ns
+                    reply.token_id,
+                    reply.logprob,
+                    wall,
+                    plan.epoch,
+                    replayed,
+                    stage_ns,
+                    list(reply.route_batch_sizes),
                 )
             raise Unavailable(f"session {session_id!r}: too many stage failures in one step")
 

@@ -30,8 +30,8 @@ def timings_to_pb(t: Timings, addresses: list[str]) -> pb.Timings:
         mesh_overhead_ms=t.mesh_overhead_ms,
         replays=t.replays,
         stages=[
-            pb.StageTiming(address=a, compute_ms=ms, steps=t.steps)
-            for a, ms in zip(addresses, t.stage_compute_ms, strict=True)
+            pb.StageTiming(address=a, compute_ms=ms, steps=t.steps, mean_batch_size=b)
+            for a, ms, b in zip(addresses, t.stage_compute_ms, t.stage_mean_batch, strict=True)
         ],
     )
 

@@ -45,12 +45,18 @@ class Batcher:
         self.died: str = ""  # why the compute thread ended, if it did other than by close()
         self._cond = threading.Condition()
         self._closed = False
+        # called on the compute thread once a batch's callbacks have all run (the forwarder
+        # sends then what they forwarded: one message per next stage for the whole batch)
+        self.after_batch: Callable[[], None] | None = None
         self._thread = threading.Thread(target=self._work, name="compute", daemon=True)
         self._thread.start()
 
     @property
     def alive(self) -> bool:
         return not self.died
+
+    def on_compute_thread(self) -> bool:
+        return threading.get_ident() == self._thread.ident
 
     def submit(self, step, cancelled: Callable[[], bool] | None = None) -> object:
         """Runs a step in the next batch and returns its output."""
@@ -147,14 +153,14 @@ class Batcher:
             while (taken := self._next_batch()) is not None:
                 batch, gone = taken
                 self._finish(gone, Cancelled("the step's caller is gone"))
-                if not batch:
-                    continue
-                try:
-                    self.run_batch(batch)
-                    self._finish(batch)
-                except Exception as err:  # noqa: BLE001 - handed to every waiting caller
-                    log.exception("a batch failed")
-                    self._finish(batch, err)
+                if batch:
+                    try:
+                        self.run_batch(batch)
+                        self._finish(batch)
+                    except Exception as err:  # noqa: BLE001 - handed to every waiting caller
+                        log.exception("a batch failed")
+                        self._finish(batch, err)
+                self._after_batch()
                 batch = []
         except BaseException as err:
             # SystemExit, KeyboardInterrupt, MemoryError...: this thread ends. Fail what waits
@@ -166,6 +172,13 @@ class Batcher:
             log.critical("the compute thread died: %s", self.died)
             self._finish(batch + pending, Unavailable(f"the stage's compute thread died ({err!r})"))
             raise
+
+    def _after_batch(self) -> None:
+        if self.after_batch is not None:
+            try:
+                self.after_batch()
+            except Exception:  # a caller's bug must not end the compute thread
+                log.exception("the after-batch callback failed")
 
     def close(self) -> None:
         with self._cond:

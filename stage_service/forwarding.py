@@ -64,8 +64,19 @@ class _Sent:
 
 
 class Forwarder:
-    def __init__(self, channel_credentials: grpc.ChannelCredentials | None = None):
+    def __init__(
+        self,
+        channel_credentials: grpc.ChannelCredentials | None = None,
+        in_batch: Callable[[], bool] = lambda: False,
+    ):
+        """`in_batch()`: whether the calling thread is handing out a compute batch's results.
+        What it forwards or answers is then held until `flush()` (called once the batch is
+        handed out), so that the steps of one batch go to each next stage, and their answers
+        to each origin, as one message; from any other thread it goes at once."""
         self.channel_credentials = channel_credentials
+        self.in_batch = in_batch
+        self._held_steps: dict[StepLink, list[pb.StepRequest]] = {}
+        self._held_answers: dict[str, list[pb.StepReply]] = {}
         self._outlets: dict[str, Send] = {}
         self._links: dict[str, StepLink] = {}
         self._channels: dict[str, grpc.Channel] = {}
@@ -88,16 +99,41 @@ class Forwarder:
         """Sends each reply to its origin's outlet here; returns those that have none."""
         by_outlet: dict[str, list[pb.StepReply]] = {}
         left = []
+        hold = self.in_batch()
         with self._lock:
             for reply in replies:
                 if reply.origin in self._outlets:
                     by_outlet.setdefault(reply.origin, []).append(reply)
                 else:
                     left.append(reply)
+            if hold:
+                for origin, group in by_outlet.items():
+                    self._held_answers.setdefault(origin, []).extend(group)
+                return left
             sends = [(self._outlets[o], group) for o, group in by_outlet.items()]
         for send, group in sends:
             send(pack(group))
         return left
+
+    def flush(self) -> None:
+        """Sends what a batch's results held: steps per next stage, then answers per origin."""
+        with self._lock:
+            steps, self._held_steps = self._held_steps, {}
+        failed = []
+        for link, group in steps.items():
+            try:
+                self._remember(link, group)
+                link.send(group)
+            except LlamadistError as err:
+                failed += [error_reply(s, self._unreachable(s, err), s.hop) for s in group]
+        with self._lock:
+            for reply in failed:
+                self._held_answers.setdefault(reply.origin, []).append(reply)
+            answers, self._held_answers = self._held_answers, {}
+            sends = [(self._outlets.get(o), group) for o, group in answers.items()]
+        for send, group in sends:
+            if send is not None:  # else the origin went away meanwhile
+                send(pack(group))
 
     # ---------------------------------------------------------------- successors
 
@@ -108,9 +144,14 @@ class Forwarder:
         for step in steps:
             by_address.setdefault(step.route[step.hop], []).append(step)
         failed: list[pb.StepReply] = []
+        hold = self.in_batch()
         for address, group in by_address.items():
             try:
                 link = self._link(address, group[0].hop)
+                if hold:
+                    with self._lock:
+                        self._held_steps.setdefault(link, []).extend(group)
+                    continue
                 self._remember(link, group)
                 link.send(group)
             except LlamadistError as err:
@@ -239,7 +280,9 @@ def check_route(request: pb.StepRequest, holds_head: bool) -> None:
             )
 
 
-def routed_onward(request: pb.StepRequest, hidden, compute_ns: int) -> pb.StepRequest:
+def routed_onward(
+    request: pb.StepRequest, hidden, compute_ns: int, batch_size: int
+) -> pb.StepRequest:
     """The step as the next stage of its route gets it: this stage's hidden state and timing."""
     return pb.StepRequest(
         session_id=request.session_id,
@@ -254,4 +297,5 @@ def routed_onward(request: pb.StepRequest, hidden, compute_ns: int) -> pb.StepRe
         hop=request.hop + 1,
         origin=request.origin,
         route_compute_ns=[*request.route_compute_ns, compute_ns],
+        route_batch_sizes=[*request.route_batch_sizes, batch_size],
     )

@@ -21,10 +21,14 @@ def build(config: StageConfig) -> tuple[grpc.Server, int, StageServicer]:
     credentials = server_credentials(  # mutual TLS: callers need a certificate of tls_ca
         config.tls_cert, config.tls_key, config.tls_ca, require_client_cert=True
     )
-    # toward the next stage of a route: the stage's own certificate, trusting the same CA
-    forwarder = Forwarder(channel_credentials(config.tls_ca, config.tls_cert, config.tls_key))
     torch.set_num_threads(config.threads)
     stage = Stage(config)
+    # toward the next stage of a route: the stage's own certificate, trusting the same CA
+    forwarder = Forwarder(
+        channel_credentials(config.tls_ca, config.tls_cert, config.tls_key),
+        in_batch=stage.batcher.on_compute_thread,
+    )
+    stage.batcher.after_batch = forwarder.flush
     server, port = listening_server(
         "Stage",
         servicer := StageServicer(stage, forwarder),

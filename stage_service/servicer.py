@@ -115,7 +115,10 @@ class StageServicer(pb_grpc.StageServicer):
                 if job.error is not None:
                     answers[i] = error_reply(request, job.error, request.hop)
                 elif request.hop < len(request.route) - 1:
-                    onward.append(routed_onward(request, job.out.hidden, job.out.compute_ns))
+                    out = job.out
+                    onward.append(
+                        routed_onward(request, out.hidden, out.compute_ns, out.batch_size)
+                    )
                 else:
                     answers[i] = self._answer(request, job.out)
             given = [a for a in answers if a is not None] + self.forwarder.forward(onward)
@@ -139,6 +142,7 @@ class StageServicer(pb_grpc.StageServicer):
         if request.route:
             reply.origin = request.origin
             reply.route_compute_ns.extend([*request.route_compute_ns, out.compute_ns])
+            reply.route_batch_sizes.extend([*request.route_batch_sizes, out.batch_size])
         return reply
 
     @grpc_errors

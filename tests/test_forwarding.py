@@ -38,6 +38,44 @@ def test_the_orchestrator_sends_one_message_per_step_and_never_sees_a_hidden_sta
         assert all(list(s.route) == mesh.addresses and not s.HasField("hidden") for s in sent)
         assert all(not a.HasField("hidden") and not a.error_code for a in answers)
         assert all(len(a.route_compute_ns) == 3 and min(a.route_compute_ns) > 0 for a in answers)
+        assert all(list(a.route_batch_sizes) == [1, 1, 1] for a in answers)  # one session
+        assert [s["mean_batch_size"] for s in result.timings["stages"]] == [1.0, 1.0, 1.0]
         t = result.timings
         assert t["mesh_overhead_ms"] > 0
         assert t["hop_overhead_ms"] == pytest.approx(t["mesh_overhead_ms"] / 3)
+
+
+def test_steps_batched_at_one_stage_travel_to_the_next_as_one_batch(model_dir, monkeypatch):
+    """Prompts queued behind a busy stage 0 run there as one batch, go on to stage 1 as one
+    message and run there as one batch too; every answer says so, and the tokens stay exact."""
+    import threading
+    import time
+
+    with in_process_mesh(model_dir, 2) as mesh:
+        stage0 = mesh.stages[0]
+        last = mesh.orchestrator.router.client(mesh.addresses[-1]).link()
+        answers = []
+        on_reply = last.on_reply
+        monkeypatch.setattr(last, "on_reply", lambda r: (answers.append(r), on_reply(r)))
+        results = {}
+
+        def run(i: int) -> None:
+            results[i] = mesh.client.generate(token_ids=[*PROMPT, i + 1], max_new_tokens=4)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        with stage0._compute:  # stage 0 is busy: the first prompt waits taken, the rest queue
+            taken = stage0.batcher.taken
+            threads[0].start()
+            while stage0.batcher.taken == taken:
+                time.sleep(0.01)
+            for t in threads[1:]:
+                t.start()
+            while len(stage0.batcher._queue) < 3:
+                time.sleep(0.01)
+        for t in threads:
+            t.join(60)
+        prefills = [list(a.route_batch_sizes) for a in answers if a.route_compute_ns][:4]
+        assert sorted(b[0] for b in prefills) == [1, 3, 3, 3]
+        assert sum(b[1] >= 3 for b in prefills) >= 3  # the three went on as one batch
+        for i, result in results.items():
+            assert result.token_ids == reference_greedy(model_dir, [*PROMPT, i + 1], 4)
