@@ -81,7 +81,7 @@ class Forwarder:
         self._links: dict[str, StepLink] = {}
         self._channels: dict[str, grpc.Channel] = {}
         self._recent: dict[StepLink, collections.deque[_Sent]] = {}
-        self._lock = threading.Lock()  # the three dicts above, from reader and compute threads
+        self._lock = threading.Lock()  # the dicts above: reader, compute and link threads
 
     # ---------------------------------------------------------------- outlets
 
