@@ -158,7 +158,7 @@ def mesh_numbers(model: Path, log_dir: Path, results: dict, stage_counts: list[i
     """The 2-stage mesh: batch 1 (128 tokens, 3 runs), greedy tokens for the parity check, and
     aggregate tok/s at 1-64 sessions; then batch 1 only on a mesh of each other stage count, for
     the mesh overhead per token (decode wall per token minus the stages' compute per token)."""
-    from client.bench import aggregate, batch1
+    from client.bench import aggregate, batch1, median_per_stage
     from client.client import Client
 
     procs: list = []
@@ -174,9 +174,16 @@ def mesh_numbers(model: Path, log_dir: Path, results: dict, stage_counts: list[i
         results["mesh_hop_overhead_ms"] = b["hop_overhead_ms"]
         results["mesh_stage_ms_per_token"] = b["stage_compute_ms_per_token"]
         overhead[2] = overhead_entry(b)
+        batches: dict[int, list] = {n: [] for n in (1, 4, 16, 64)}
         results["mesh_aggregate_tok_s"] = {
-            n: aggregate(lambda: Client(address, timeout_s=600), n, 128, token_ids=PROMPT)
-            for n in (1, 4, 16, 64)
+            n: aggregate(
+                lambda: Client(address, timeout_s=600), n, 128, batches[n], token_ids=PROMPT
+            )
+            for n in batches
+        }
+        # each stage's batch, to tell a slow forward from fragmented batches
+        results["mesh_aggregate_mean_batch_per_stage"] = {
+            n: median_per_stage(runs) for n, runs in batches.items()
         }
         stop(procs)
         for n in stage_counts:

@@ -115,9 +115,12 @@ def batch1(client: Client, tokens: int, repeats: int, **request) -> dict:
     return result
 
 
-def aggregate(client_factory, sessions: int, tokens: int, **request) -> float:
+def aggregate(
+    client_factory, sessions: int, tokens: int, batches: list | None = None, **request
+) -> float:
     """Aggregate generated tok/s with `sessions` generations running at once (`request`: the
-    input, PROMPT by default)."""
+    input, PROMPT by default). `batches`, when given, gets each generation's mean batch size
+    per stage (where the orchestrator reports it)."""
     request = request or {"prompt": PROMPT}
     counts: list[int] = []
     errors: list[Exception] = []
@@ -127,6 +130,8 @@ def aggregate(client_factory, sessions: int, tokens: int, **request) -> float:
             with client_factory() as c:
                 reply = c.generate(max_new_tokens=tokens, ignore_eos=True, **request)
                 counts.append(len(reply.token_ids))
+                if batches is not None:
+                    batches.append([s.get("mean_batch_size", 0.0) for s in reply.timings["stages"]])
         except Exception as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
@@ -139,6 +144,13 @@ def aggregate(client_factory, sessions: int, tokens: int, **request) -> float:
     if errors:
         raise RuntimeError(f"{len(errors)} of {sessions} sessions failed: {errors[0]}")
     return sum(counts) / (time.perf_counter() - t0)
+
+
+def median_per_stage(runs: list[list[float]]) -> list[float]:
+    """The median over generations of each stage's mean batch size ([] without any)."""
+    if not runs or not runs[0]:
+        return []
+    return [statistics.median(r[i] for r in runs) for i in range(len(runs[0]))]
 
 
 def cache_vs_recompute(client: Client, context: int, vocab: int) -> dict:
@@ -259,9 +271,15 @@ def run(a: argparse.Namespace) -> int:
             results["cache_vs_recompute"] = [
                 cache_vs_recompute(client, int(c), vocab) for c in a.contexts.split(",") if c
             ]
+        batches: dict[str, list] = {str(n): [] for n in concurrency}
         results["aggregate_tokens_per_s"] = {
-            str(n): aggregate(lambda: Client(address, timeout_s=600), n, a.concurrent_tokens)
+            str(n): aggregate(
+                lambda: Client(address, timeout_s=600), n, a.concurrent_tokens, batches[str(n)]
+            )
             for n in concurrency
+        }
+        results["aggregate_mean_batch_per_stage"] = {
+            n: median_per_stage(runs) for n, runs in batches.items()
         }
     results["stages"] = results["batch1"]["stages"]  # the server's, with --server
     overhead: dict[int, dict] = {}
@@ -299,7 +317,9 @@ def report(r: dict) -> None:
     print(f"  stage compute per token    {stage_ms} ms")
     print(f"  per-hop overhead           {b['hop_overhead_ms']:8.3f} ms")
     for n, tps in r["aggregate_tokens_per_s"].items():
-        print(f"  {n:>3} concurrent sessions    {tps:8.1f} tok/s aggregate")
+        batch = r.get("aggregate_mean_batch_per_stage", {}).get(n, [])
+        rows = f"  (mean batch per stage {', '.join(f'{b:.1f}' for b in batch)})" if batch else ""
+        print(f"  {n:>3} concurrent sessions    {tps:8.1f} tok/s aggregate{rows}")
     for c in r["cache_vs_recompute"]:
         print(
             f"  context {c['context']:>5}: KV cache {c['kv_cache_ms']:7.1f} ms/step, "
