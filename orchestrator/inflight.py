@@ -58,6 +58,3 @@ class InFlight:
         for pending in hit:
             pending.broken_hop, pending.error = pending.route.index(address), error
             pending.done.set()
-
-    def __len__(self) -> int:
-        return len(self._pending)

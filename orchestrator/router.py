@@ -284,16 +284,17 @@ class Router:
     ) -> pb.StepReply:
         """One step down the route: sent to its first stage, answered by the last one (or by the
         one that failed it). Raises _StageFailed naming the replica at fault."""
+        links = []
         for replica in route:  # each is this orchestrator's outlet for the answers it gives
             try:
-                replica.client.link()
+                links.append(replica.client.link())
             except Unavailable as err:
                 raise _StageFailed(replica, err) from None
         pending = self.inflight.add(tuple(request.route))
         request.request_id = pending.request_id
         try:
             try:
-                route[0].client.link().send([request])
+                links[0].send([request])
             except Unavailable as err:
                 raise _StageFailed(route[0], err) from None
             self._wait(pending, route, cancelled)

@@ -7,7 +7,7 @@ through, and a stage's link to each successor. Used the same way on both sides.
 - Receiving: one reader thread hands every StepReply that arrives to `on_reply`, and when the
   stream ends, says why to `on_broken` once. Whom a reply belongs to is the owner's business.
 - With an `origin`, the first message declares the stream that origin's outlet on the stage
-  (answers to its steps come back here); `open_link` waits for the stage to confirm it.
+  (answers to its steps come back here); `wait_registered` waits for the stage to confirm it.
 
 A broken link stays broken: its owner opens a new one.
 """

@@ -39,11 +39,17 @@ RECENT_S = 5.0  # how long a forwarded step counts as in flight on its link (for
 
 
 def error_reply(request: pb.StepRequest, err: BaseException, failed_hop: int) -> pb.StepReply:
+    origin = request.origin if request.route else ""  # unrouted: answered on its stream
+    return failure(request.request_id, origin, err, failed_hop)
+
+
+def failure(request_id: int, origin: str, err: BaseException, failed_hop: int) -> pb.StepReply:
+    """The answer of a step that failed at `failed_hop`."""
     if not isinstance(err, LlamadistError):
         log.error("internal error in a step: %r", err)
     return pb.StepReply(
-        request_id=request.request_id,
-        origin=request.origin if request.route else "",  # unrouted: answered on its stream
+        request_id=request_id,
+        origin=origin,
         error_code=code_of(err).value[0],
         error_message=str(err),
         failed_hop=failed_hop,
@@ -230,12 +236,11 @@ class Forwarder:
             log.info("%s: link broken (%s); failing %d recent steps", link.name, error, len(lost))
         self.deliver(
             [
-                pb.StepReply(
-                    request_id=s.request_id,
-                    origin=s.origin,
-                    error_code=grpc.StatusCode.UNAVAILABLE.value[0],
-                    error_message=f"the link from stage {s.hop - 1} to {link.name} broke: {error}",
-                    failed_hop=s.hop,
+                failure(
+                    s.request_id,
+                    s.origin,
+                    Unavailable(f"the link from stage {s.hop - 1} to {link.name} broke: {error}"),
+                    s.hop,
                 )
                 for s in lost
             ]
