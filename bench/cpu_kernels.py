@@ -6,9 +6,11 @@ reads every weight once, from memory: timing one matrix over and over measures t
 instead). Kernels: fp32 and bf16 `linear`; weight-only int8 (`torch._weight_int8pack_mm`, with
 fp32 and bf16 activations), which computes exactly x @ dequant(W).T; fbgemm's dynamic int8
 linear, which also rounds the activations to int8 (fast, but not the dequantized model's math);
-and dequantize-then-fp32 as the naive reference. Prints ms per matrix and GB/s of weight bytes.
+dequantize-then-fp32 as the naive reference; and our own int8 and int4 (group 32) kernels
+(stage_service/kernels/qlinear.c), float32 activations, weights dequantized in registers.
+Prints ms per matrix and GB/s of weight bytes.
 
-Usage: python bench/cpu_kernels.py [--rows 1,64] [--threads 1] [--budget-mb 256]
+Usage: PYTHONPATH=. python bench/cpu_kernels.py [--rows 1,64] [--threads 1] [--only NAMES]
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from stage_service.quant import Int4Weight, Int8Weight
 
 # SmolLM2-135M (the default model): q and o, k and v (3 kv heads of 64), gate and up, down, head
 SHAPES = {
@@ -57,6 +61,7 @@ def kernels(w: torch.Tensor) -> dict[str, tuple[Callable, int]]:
     wb, sb = w.bfloat16(), scale.bfloat16()
     lin = fbgemm_dynamic(w, scale)
     n, k = w.shape
+    ours8, ours4 = Int8Weight.quantize(w), Int4Weight.quantize(w, 32)
     return {
         "fp32": (lambda x, xb: F.linear(x, w), n * k * 4),
         "bf16": (lambda x, xb: F.linear(xb, wb), n * k * 2),
@@ -64,10 +69,12 @@ def kernels(w: torch.Tensor) -> dict[str, tuple[Callable, int]]:
         "int8 weight-only, bf16 x": (lambda x, xb: torch._weight_int8pack_mm(xb, wq, sb), n * k),
         "fbgemm dynamic int8": (lambda x, xb: lin(x), n * k),
         "dequantize + fp32": (lambda x, xb: F.linear(x, wq.float() * scale[:, None]), n * k),
+        "ours int8": (lambda x, xb: ours8.linear(x, None), ours8.nbytes),
+        "ours int4 g32": (lambda x, xb: ours4.linear(x, None), ours4.nbytes),
     }
 
 
-def measure(shape: tuple[int, int], rows: int, budget_bytes: int, repeats: int) -> dict:
+def measure(shape: tuple[int, int], rows: int, budget_bytes: int, repeats: int, only: str) -> dict:
     n, k = shape
     count = max(2, budget_bytes // (n * k * 4))
     gen = torch.Generator().manual_seed(0)
@@ -76,6 +83,8 @@ def measure(shape: tuple[int, int], rows: int, budget_bytes: int, repeats: int) 
     xb = x.bfloat16()
     out = {}
     for name in sets[0]:
+        if only and name not in only.split(","):
+            continue
         fns = [s[name][0] for s in sets]
         for fn in fns[:2]:
             fn(x, xb)  # warm-up (packing, first-call work)
@@ -96,13 +105,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--budget-mb", type=int, default=256, help="fp32 weight bytes per shape")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--only", default="", help="comma-separated kernel names to run")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     for rows in (int(r) for r in a.rows.split(",")):
         print(f"--- {rows} row(s), {a.threads} thread(s): ms per matrix (GB/s of its weights)")
         for label, shape in SHAPES.items():
             budget = a.budget_mb << 20 if shape[0] < 10000 else 4 * shape[0] * shape[1] * 3
-            res = measure(shape, rows, budget, a.repeats)
+            res = measure(shape, rows, budget, a.repeats, a.only)
             cells = "  ".join(f"{name} {ms:.3f} ({gbs:.0f})" for name, (ms, gbs) in res.items())
             print(f"{label:18s} {cells}")
 

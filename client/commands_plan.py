@@ -56,6 +56,7 @@ def _print_plan(plan: dict, stages: dict[str, dict], as_json: bool) -> int:
                 "stage": s["index"],
                 "address": s["address"],
                 "device": s["device"],
+                "weights": s.get("quantize") or "none",
                 "layers": f"{s['layer_start']}-{s['layer_end'] - 1}",
                 "weight_mb": round(int(s["weight_bytes"]) / 2**20, 1),
                 "kv_tokens": int(s["kv_capacity_tokens"]),

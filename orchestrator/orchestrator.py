@@ -43,6 +43,7 @@ class StageEstimate:
     weight_bytes: int
     kv_capacity_tokens: int
     ms_per_token: float
+    quantize: str = "none"  # the stage's weight format
 
 
 @dataclass(frozen=True)
@@ -85,15 +86,19 @@ class Orchestrator:
         )
         self.view: PlanView | None = None
         self.startup_error = ""
-        self._profiles: dict[int, ModelProfile] = {}
+        self._profiles: dict[tuple[int, str], ModelProfile] = {}
         self._reload_lock = threading.Lock()
 
     # ------------------------------------------------------------------ planning
 
-    def profile(self, dtype_bytes: int) -> ModelProfile:
-        if dtype_bytes not in self._profiles:
-            self._profiles[dtype_bytes] = ModelProfile.from_model_dir(self.model_dir, dtype_bytes)
-        return self._profiles[dtype_bytes]
+    def profile(self, dtype_bytes: int, weight_format: str = "none") -> ModelProfile:
+        """The model at a stage's dtype and weight format (--quantize), built once each."""
+        key = (dtype_bytes, weight_format or "none")
+        if key not in self._profiles:
+            self._profiles[key] = ModelProfile.from_model_dir(
+                self.model_dir, dtype_bytes, weight_format=key[1]
+            )
+        return self._profiles[key]
 
     def preview(self, request: PlanRequest, wait_s: float = 5.0, epoch: int = 0) -> PlanView:
         """The plan a request would make, from the stages' live capacities; changes nothing."""
@@ -125,14 +130,16 @@ class Orchestrator:
             )
             for group, infos in zip(addresses, groups, strict=True)
         ]
+        # Each position at its own format: its first replica's (replicas serve the same range).
         infos = [g[0] for g in groups]
-        profile = self.profile(DTYPE_BYTES.get(infos[0].dtype, 4))
+        profiles = [self.profile(DTYPE_BYTES.get(i.dtype, 4), i.quantize) for i in infos]
         current = self.router.plan
-        plan = make_plan(profile, capacities, spec, epoch or (current.epoch + 1 if current else 1))
+        plan = make_plan(profiles, capacities, spec, epoch or (current.epoch + 1 if current else 1))
         by_address = {c.address: c for c in capacities}
         estimates = []
         for i, (address, layers) in enumerate(zip(plan.addresses, plan.ranges, strict=True)):
             cap = by_address[address]
+            profile = profiles[i]
             first, last = i == 0, i == plan.num_stages - 1
             per_token = profile.kv_bytes_per_token_per_layer * len(layers)
             estimates.append(
@@ -141,6 +148,7 @@ class Orchestrator:
                     weight_bytes=profile.stage_weight_bytes(layers, first, last),
                     kv_capacity_tokens=cap.kv_budget_bytes // per_token,
                     ms_per_token=estimate_ms_per_token(profile, cap, layers, first, last),
+                    quantize=infos[i].quantize or "none",
                 )
             )
         contexts = [i.max_context for g in groups for i in g if i.max_context > 0]

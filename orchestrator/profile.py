@@ -65,10 +65,16 @@ class ModelProfile:
 
     @classmethod
     def from_model_dir(
-        cls, model_dir: str | Path, dtype_bytes: int = 4, context: int = 1024
+        cls,
+        model_dir: str | Path,
+        dtype_bytes: int = 4,
+        context: int = 1024,
+        weight_format: str = "none",
     ) -> ModelProfile:
         """From config.json + the safetensors headers (never loads a weight). Layer bytes are
-        the element counts of the layer's tensors times `dtype_bytes`; attention FLOPs assume
+        the element counts of the layer's tensors times `dtype_bytes`, the matrices (and the
+        embedding and head) at their packed size under a quantized `weight_format` (a stage's
+        --quantize as its Info reports it: none, int8, int4-g<group>); attention FLOPs assume
         `context` cached tokens per generated token."""
         if dtype_bytes < 1:
             raise InvalidArgument(f"dtype_bytes must be >= 1, got {dtype_bytes}")
@@ -79,17 +85,20 @@ class ModelProfile:
         shapes = TensorIndex(model_dir).shapes
         numel = {name: math.prod(shape) for name, shape in shapes.items()}
 
-        layer_elems = [0] * args.num_layers
+        packed = packed_bytes(weight_format)
+        layer_bytes = [0] * args.num_layers
         matmul_params = [0] * args.num_layers
         for name, count in numel.items():
             m = _LAYER_TENSOR.match(name)
             if m is None or int(m.group(1)) >= args.num_layers:
                 continue
             i = int(m.group(1))
-            layer_elems[i] += count
             if len(shapes[name]) == 2:  # the projection matrices (norms and biases are 1-D)
                 matmul_params[i] += count
-        missing = [i for i, n in enumerate(layer_elems) if n == 0]
+                layer_bytes[i] += packed(shapes[name], False) or count * dtype_bytes
+            else:
+                layer_bytes[i] += count * dtype_bytes
+        missing = [i for i, n in enumerate(layer_bytes) if n == 0]
         if missing:
             raise FailedPrecondition(
                 f"{model_dir}: config.json says {args.num_layers} layers but the safetensors "
@@ -101,14 +110,16 @@ class ModelProfile:
 
         # Same rule as stage_service.weights.load_range: no lm_head tensor means tied.
         tied = bool(args.tie_word_embeddings) or HEAD not in numel
-        embed_bytes = numel[EMBED] * dtype_bytes
+        embed_bytes = packed(shapes[EMBED], True) or numel[EMBED] * dtype_bytes
         attention = 4.0 * args.num_heads * args.head_dim
         return cls(
             num_layers=args.num_layers,
-            layer_bytes=tuple(n * dtype_bytes for n in layer_elems),
+            layer_bytes=tuple(layer_bytes),
             embed_bytes=embed_bytes,
             norm_bytes=numel[NORM] * dtype_bytes,
-            head_bytes=embed_bytes if tied else numel[HEAD] * dtype_bytes,
+            head_bytes=embed_bytes
+            if tied
+            else packed(shapes[HEAD], True) or numel[HEAD] * dtype_bytes,
             tied=tied,
             layer_flops_decode=tuple(2.0 * p + attention * context for p in matmul_params),
             layer_flops_prefill=tuple(2.0 * p + attention * context / 2 for p in matmul_params),
@@ -139,6 +150,28 @@ class ModelProfile:
     def total_weight_bytes(self) -> int:
         """The whole model held once (a tied head counted once)."""
         return self.stage_weight_bytes(LayerRange(0, self.num_layers), True, True)
+
+
+def packed_bytes(weight_format: str):
+    """fn(shape, is_embedding_or_head) -> bytes of that matrix under a stage's weight format
+    (as stage_service/quant.py stores it), or 0 where the format leaves it at the dtype.
+    int8: a byte a weight and a float32 scale a row; int4-g<G>: half a byte a weight and two
+    float32 (scale, minimum) per G inputs of a row; the embedding and head are int8 under both."""
+    if weight_format in ("", "none"):
+        return lambda shape, rows: 0
+    group = 0
+    if weight_format.startswith("int4-g") and weight_format[6:].isdigit():
+        group = int(weight_format[6:])
+    elif weight_format != "int8":
+        raise InvalidArgument(f"unknown weight format {weight_format!r} (none, int8, int4-g<G>)")
+
+    def size(shape: tuple[int, ...], rows: bool) -> int:
+        n, k = shape
+        if rows or not group:
+            return n * k + 4 * n
+        return n * k // 2 + 8 * n * -(-k // group)
+
+    return size
 
 
 @dataclass(frozen=True)

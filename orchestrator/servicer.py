@@ -87,6 +87,7 @@ def plan_to_pb(view: PlanView) -> pb.Plan:
                 weight_bytes=est.weight_bytes,
                 kv_capacity_tokens=est.kv_capacity_tokens,
                 est_ms_per_token=est.ms_per_token,
+                quantize=est.quantize,
             )
             for i, (address, layers, est) in enumerate(
                 zip(plan.addresses, plan.ranges, view.stages, strict=True)

@@ -206,8 +206,13 @@ def estimate_ms_per_token(
 
 
 def make_plan(
-    profile: ModelProfile, capacities: list[StageCapacity], spec: PlanSpec, epoch: int = 1
+    profile: ModelProfile | Sequence[ModelProfile],
+    capacities: list[StageCapacity],
+    spec: PlanSpec,
+    epoch: int = 1,
 ) -> PartitionPlan:
+    """`profile`: the model at the stages' weight format, or one per stage where their formats
+    differ (dtype, --quantize): each stage's bytes are counted at its own format."""
     problem = _Problem.build(profile, capacities, spec)
     strategy = spec.strategy
     if spec.custom_boundaries and strategy is not Strategy.CUSTOM:
@@ -238,16 +243,26 @@ def make_plan(
 
 @dataclass(frozen=True)
 class _Problem:
-    profile: ModelProfile
+    profiles: tuple[ModelProfile, ...]  # per stage, at its weight format
     stages: tuple[StageCapacity, ...]
     limits: tuple[int, ...]
 
     @classmethod
     def build(
-        cls, profile: ModelProfile, capacities: Sequence[StageCapacity], spec: PlanSpec
+        cls,
+        profile: ModelProfile | Sequence[ModelProfile],
+        capacities: Sequence[StageCapacity],
+        spec: PlanSpec,
     ) -> _Problem:
         if not capacities:
             raise InvalidArgument("no stages to plan for")
+        if isinstance(profile, ModelProfile):
+            profiles = (profile,) * len(capacities)
+        else:
+            profiles = tuple(profile)
+            if len(profiles) != len(capacities):
+                raise InvalidArgument(f"{len(profiles)} profiles for {len(capacities)} stages")
+            profile = profiles[0]
         total = len(capacities)
         n = total if spec.num_partitions is None else spec.num_partitions
         if not 1 <= n <= total:
@@ -274,7 +289,12 @@ class _Problem:
             )
         if any(limit < 0 for limit in limits):
             raise InvalidArgument(f"memory limits must be >= 0 bytes, got {limits}")
-        return cls(profile, stages, tuple(int(x) for x in limits))
+        return cls(profiles[:n], stages, tuple(int(x) for x in limits))
+
+    @property
+    def profile(self) -> ModelProfile:
+        """Layers and FLOPs, the same at every format."""
+        return self.profiles[0]
 
     @property
     def n(self) -> int:
@@ -288,20 +308,23 @@ class _Problem:
         return i == 0, i == self.n - 1
 
     @cached_property
-    def _prefix_bytes(self) -> tuple[int, ...]:
-        return (0, *accumulate(self.profile.layer_bytes))
+    def _prefix_bytes(self) -> dict[int, tuple[int, ...]]:
+        """Per distinct profile (by identity), the running sum of its layer bytes."""
+        return {id(p): (0, *accumulate(p.layer_bytes)) for p in self.profiles}
 
-    def _layer_bytes(self, r: LayerRange) -> int:
-        return self._prefix_bytes[r.end] - self._prefix_bytes[r.start]
+    def _layer_bytes(self, i: int, r: LayerRange) -> int:
+        prefix = self._prefix_bytes[id(self.profiles[i])]
+        return prefix[r.end] - prefix[r.start]
 
     def need(self, i: int, r: LayerRange) -> tuple[int, int]:
         """(weight bytes, KV budget) of stage i serving r."""
         first, last = self._ends(i)
-        return self.profile.stage_weight_bytes(r, first, last), self.stages[i].kv_budget_bytes
+        weights = self.profiles[i].stage_weight_bytes(r, first, last)
+        return weights, self.stages[i].kv_budget_bytes
 
     def fits(self, i: int, r: LayerRange) -> bool:
         first, last = self._ends(i)
-        weights = self._layer_bytes(r) + self.profile.fixed_bytes(first, last)
+        weights = self._layer_bytes(i, r) + self.profiles[i].fixed_bytes(first, last)
         return weights + self.stages[i].kv_budget_bytes <= self.limits[i]
 
     def time(self, i: int, r: LayerRange) -> float:
@@ -314,9 +337,9 @@ class _Problem:
         it can at worst turn a near-tie into a tie (then settled by stage times, boundaries);
         Fractions were 5x slower on 126 layers over 32 stages."""
         first, last = self._ends(i)
-        layers = self._layer_bytes(r)
+        layers = self._layer_bytes(i, r)
         room = self.limits[i] - self.stages[i].kv_budget_bytes
-        room -= self.profile.fixed_bytes(first, last)
+        room -= self.profiles[i].fixed_bytes(first, last)
         # Only asked of segments that fit (layers <= room), so room <= 0 means no layer bytes.
         return layers / room if room > 0 else 0.0
 

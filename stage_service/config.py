@@ -15,6 +15,13 @@ if TYPE_CHECKING:
 
 ENV_PREFIX = "LLAMADIST_STAGE"
 DTYPES = ("float32", "bfloat16", "float16")  # protos.codec.DTYPE_NAMES, checked by a test
+QUANTIZE = ("none", "int8", "int4")  # see stage_service/quant.py
+
+
+def _group(size: int) -> str | None:
+    if size <= 0 or size % 16:
+        return f"must be a positive multiple of 16, got {size}"
+    return None
 
 
 def _device(name: str) -> str | None:
@@ -32,6 +39,13 @@ class StageConfig(ServiceConfig):
         "weights and activations ('' = float32 on CPU, bfloat16 on GPU)",
         choices=("", *DTYPES),
     )
+    quantize: str = knob(
+        "none",
+        "weight-only quantization of the range's matrices: int8 (per output channel) or int4 "
+        "(per group of --quant-group inputs); embedding and head are int8 under either",
+        choices=QUANTIZE,
+    )
+    quant_group: int = knob(32, "int4: inputs per scale and minimum", check=_group)
     kv_cache_mb: int = knob(1024, "KV cache budget in MiB", check=positive)
     static_kv: str = knob(
         "auto",
@@ -65,6 +79,13 @@ class StageConfig(ServiceConfig):
         if self.dtype:
             return DTYPE_NAMES[self.dtype]
         return DTYPE_NAMES["float32" if self.device == "cpu" else "bfloat16"]
+
+    @property
+    def weight_format(self) -> str:
+        """What Info reports: none, int8, or int4-g<group>."""
+        if self.quantize == "int4":
+            return f"int4-g{self.quant_group}"
+        return self.quantize
 
     @property
     def use_static_kv(self) -> bool:

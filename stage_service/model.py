@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from protos.errors import InvalidArgument
 from protos.model_files import LlamaArgs
+from stage_service.quant import QuantWeight, embedding, linear
 
 
 def rope_inv_freq(args: LlamaArgs) -> torch.Tensor:
@@ -75,17 +76,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 @dataclass
 class LayerWeights:
-    """One decoder layer; q/k/v and gate/up are fused into one matrix each at load time."""
+    """One decoder layer; q/k/v and gate/up are fused into one matrix each at load time. The
+    matrices are float tensors or quantized (stage_service/quant.py)."""
 
     input_norm: torch.Tensor
-    wqkv: torch.Tensor  # [(H + 2*Hkv) * D, hidden]
+    wqkv: torch.Tensor | QuantWeight  # [(H + 2*Hkv) * D, hidden]
     bqkv: torch.Tensor | None
-    wo: torch.Tensor
+    wo: torch.Tensor | QuantWeight
     bo: torch.Tensor | None
     post_norm: torch.Tensor
-    w_gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    w_gate_up: torch.Tensor | QuantWeight  # [2 * intermediate, hidden]
     b_gate_up: torch.Tensor | None
-    w_down: torch.Tensor
+    w_down: torch.Tensor | QuantWeight
     b_down: torch.Tensor | None
 
 
@@ -136,7 +138,7 @@ def qkv_rope(
     rows = x.shape[0]
     heads, kv_heads, dim = args.num_heads, args.num_kv_heads, args.head_dim
     h = rms_norm(x, w.input_norm, args.rms_norm_eps)
-    qkv = F.linear(h, w.wqkv, w.bqkv)
+    qkv = linear(h, w.wqkv, w.bqkv)
     qk, v = qkv.split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
     qk = apply_rope(qk.view(rows, heads + kv_heads, dim), cos, sin)  # q and k heads at once
     q, k = qk.split([heads, kv_heads], dim=1)
@@ -147,10 +149,10 @@ def out_proj_mlp(
     args: LlamaArgs, w: LayerWeights, x: torch.Tensor, attn: torch.Tensor
 ) -> torch.Tensor:
     """A layer's end: the output projection onto the residual, then the SwiGLU MLP."""
-    x = x + F.linear(attn, w.wo, w.bo)
+    x = x + linear(attn, w.wo, w.bo)
     h = rms_norm(x, w.post_norm, args.rms_norm_eps)
-    gate, up = F.linear(h, w.w_gate_up, w.b_gate_up).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, w.w_down, w.b_down)
+    gate, up = linear(h, w.w_gate_up, w.b_gate_up).chunk(2, dim=-1)
+    return x + linear(F.silu(gate) * up, w.w_down, w.b_down)
 
 
 def decoder_layer(
@@ -238,9 +240,9 @@ class RangeWeights:
     start: int
     end: int
     layers: list[LayerWeights]
-    embed: torch.Tensor | None = None  # [vocab, hidden]
+    embed: torch.Tensor | QuantWeight | None = None  # [vocab, hidden]
     final_norm: torch.Tensor | None = None
-    head: torch.Tensor | None = None  # [vocab, hidden]; the embedding matrix when tied
+    head: torch.Tensor | QuantWeight | None = None  # [vocab, hidden]; the embedding when tied
 
     @property
     def is_first(self) -> bool:
@@ -258,6 +260,8 @@ class RangeModel:
         self.args = args
         self.weights = weights
         self.device = device
+        # Activations: the norms' dtype (a quantized embedding is dequantized to it).
+        self.dtype = weights.layers[0].input_norm.dtype
         self.inv_freq = rope_inv_freq(args).to(device)
 
     @torch.inference_mode()
@@ -272,7 +276,7 @@ class RangeModel:
         hidden: [N, hidden] (None on the first stage). Returns the hidden state [N, hidden], or on
         the last stage float32 logits: of every row, or of each segment's last row."""
         w = self.weights
-        x = F.embedding(token_ids, w.embed) if w.is_first else hidden
+        x = embedding(token_ids, w.embed, self.dtype) if w.is_first else hidden
         positions = torch.cat(
             [torch.arange(s.start_pos, s.start_pos + s.rows.stop - s.rows.start) for s in segments]
         ).to(self.device)
@@ -300,7 +304,7 @@ class RangeModel:
         decode_layer). inputs: token ids [B] on the first stage, else hidden states [B, hidden];
         attention reads the first `context` positions of each slot. Returns as forward."""
         w = self.weights
-        x = F.embedding(inputs, w.embed) if w.is_first else inputs
+        x = embedding(inputs, w.embed, self.dtype) if w.is_first else inputs
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         key_pos = torch.arange(context, device=self.device)
         key_mask = (key_pos[None, :] > positions[:, None])[:, None, None, :]
@@ -313,4 +317,4 @@ class RangeModel:
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         x = rms_norm(x, self.weights.final_norm, self.args.rms_norm_eps)
-        return F.linear(x, self.weights.head).float()
+        return linear(x, self.weights.head).float()

@@ -27,6 +27,7 @@ from protos.errors import (
 from protos.limits import MAX_BATCH_BYTES, check_session_id
 from protos.model_files import model_fingerprint, read_config
 from protos.sampling import Sampling
+from stage_service import cpu_kernels
 from stage_service.batcher import Batcher, Job
 from stage_service.config import StageConfig
 from stage_service.decode import StaticDecoder
@@ -34,7 +35,7 @@ from stage_service.kv_cache import CacheShape, Session, SessionCache, check_slot
 from stage_service.model import LlamaArgs, RangeModel, Segment
 from stage_service.sampling import NonFiniteLogits, draw_generator, sample_rows
 from stage_service.speed import measure_gflops
-from stage_service.weights import load_range, weight_bytes
+from stage_service.weights import Quantization, load_range, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,10 @@ class Stage:
             check_slot_budget(shape, self.config.kv_cache_mb * 2**20)  # before dropping anything
         with self._compute:
             self._release(epoch)  # free the old range before reading the new one
-            weights = load_range(self.model_dir, self.args, start, end, self.dtype, self.device)
+            quant = Quantization(self.config.quantize, self.config.quant_group)
+            weights = load_range(
+                self.model_dir, self.args, start, end, self.dtype, self.device, quant
+            )
             cache = SessionCache(
                 shape,
                 self.config.kv_cache_mb * 2**20,
@@ -191,6 +195,8 @@ class Stage:
         out = {
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "quantize": self.config.weight_format,
+            "quant_kernel": self.quant_kernel,
             "num_layers": self.args.num_layers,
             "kv_budget_bytes": self.config.kv_cache_mb * 2**20,
             "memory_total_bytes": total,
@@ -215,6 +221,15 @@ class Stage:
                 "active_sessions": len(loaded.cache),
             }
         return out
+
+    @property
+    def quant_kernel(self) -> str:
+        if self.config.quantize == "none":
+            return ""
+        if self.device.type != "cpu":
+            return "torch (dequantized per call on this device)"
+        kernels, why = cpu_kernels.load()
+        return why if kernels is not None else f"torch ({why})"
 
     @property
     def max_context(self) -> int:

@@ -4,6 +4,7 @@ fingerprint) is read without torch by protos/model_files.py; here the tensors ar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from safetensors import safe_open
 from protos.errors import InvalidArgument
 from protos.model_files import LlamaArgs, TensorIndex
 from stage_service.model import LayerWeights, RangeWeights
+from stage_service.quant import key, quantize_matrix, quantize_rows, tensor_bytes
 
 
 def load_tensors(
@@ -26,11 +28,33 @@ def load_tensors(
     return [loaded[n] for n in names]
 
 
+@dataclass(frozen=True)
+class Quantization:
+    mode: str = "none"  # none, int8, int4 (stage_service/quant.py)
+    group: int = 32  # int4: inputs per scale
+
+    def matrix(self, name: str, w: torch.Tensor):
+        return quantize_matrix(name, w, self.mode, self.group)
+
+    def rows(self, name: str, w: torch.Tensor):
+        return quantize_rows(name, w, self.mode)
+
+
+NONE = Quantization()
+
+
 def _load_layer(
-    index: TensorIndex, i: int, args: LlamaArgs, dtype: torch.dtype, device: torch.device
+    index: TensorIndex,
+    i: int,
+    args: LlamaArgs,
+    dtype: torch.dtype,
+    device: torch.device,
+    quant: Quantization,
 ) -> LayerWeights:
     p = f"model.layers.{i}."
-    q, k, v, o, gate, up, down, n1, n2 = load_tensors(
+    # Matrices to be quantized are read as float32: quantized from the checkpoint's own values.
+    matrix_dtype = dtype if quant.mode == "none" else torch.float32
+    q, k, v, o, gate, up, down = load_tensors(
         index,
         [
             p + "self_attn.q_proj.weight",
@@ -40,11 +64,12 @@ def _load_layer(
             p + "mlp.gate_proj.weight",
             p + "mlp.up_proj.weight",
             p + "mlp.down_proj.weight",
-            p + "input_layernorm.weight",
-            p + "post_attention_layernorm.weight",
         ],
-        dtype,
+        matrix_dtype,
         device,
+    )
+    n1, n2 = load_tensors(
+        index, [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"], dtype, device
     )
     bqkv = bo = b_gate_up = b_down = None
     if args.attention_bias:
@@ -59,22 +84,29 @@ def _load_layer(
         b_gate_up = torch.cat([bg, bu])
     return LayerWeights(
         input_norm=n1,
-        wqkv=torch.cat([q, k, v]),
+        wqkv=quant.matrix(p + "self_attn.q/k/v_proj", torch.cat([q, k, v])),
         bqkv=bqkv,
-        wo=o,
+        wo=quant.matrix(p + "self_attn.o_proj", o),
         bo=bo,
         post_norm=n2,
-        w_gate_up=torch.cat([gate, up]),
+        w_gate_up=quant.matrix(p + "mlp.gate/up_proj", torch.cat([gate, up])),
         b_gate_up=b_gate_up,
-        w_down=down,
+        w_down=quant.matrix(p + "mlp.down_proj", down),
         b_down=b_down,
     )
 
 
 def load_range(
-    model_dir: Path, args: LlamaArgs, start: int, end: int, dtype: torch.dtype, device: torch.device
+    model_dir: Path,
+    args: LlamaArgs,
+    start: int,
+    end: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    quant: Quantization = NONE,
 ) -> RangeWeights:
-    """Layers [start, end), plus embeddings when start == 0 and norm + head when end == L."""
+    """Layers [start, end), plus embeddings when start == 0 and norm + head when end == L; the
+    matrices quantized as `quant` says, one layer at a time (never the whole range in float)."""
     if not 0 <= start < end <= args.num_layers:
         raise InvalidArgument(
             f"layer range [{start}, {end}) is not inside the model's {args.num_layers} layers"
@@ -83,30 +115,63 @@ def load_range(
     weights = RangeWeights(
         start=start,
         end=end,
-        layers=[_load_layer(index, i, args, dtype, device) for i in range(start, end)],
+        layers=[_load_layer(index, i, args, dtype, device, quant) for i in range(start, end)],
     )
+    rows_dtype = dtype if quant.mode == "none" else torch.float32
+
+    def rows(name: str):
+        (w,) = load_tensors(index, [name], rows_dtype, device)
+        return quant.rows(name, w)
+
     if start == 0:
-        (weights.embed,) = load_tensors(index, ["model.embed_tokens.weight"], dtype, device)
+        weights.embed = rows("model.embed_tokens.weight")
     if end == args.num_layers:
         (weights.final_norm,) = load_tensors(index, ["model.norm.weight"], dtype, device)
         if args.tie_word_embeddings or not index.has("lm_head.weight"):
             # Tied head: the embedding matrix, shared with `embed` when this stage has both.
             weights.head = (
-                weights.embed
-                if weights.embed is not None
-                else load_tensors(index, ["model.embed_tokens.weight"], dtype, device)[0]
+                weights.embed if weights.embed is not None else rows("model.embed_tokens.weight")
             )
         else:
-            (weights.head,) = load_tensors(index, ["lm_head.weight"], dtype, device)
+            weights.head = rows("lm_head.weight")
     return weights
 
 
 def weight_bytes(weights: RangeWeights) -> int:
+    """Bytes held, quantized matrices at their packed size, shared storage counted once."""
     seen: dict[int, int] = {}
     tensors = [weights.embed, weights.final_norm, weights.head]
     for layer in weights.layers:
         tensors.extend(vars(layer).values())
     for t in tensors:
         if t is not None:
-            seen[t.data_ptr()] = t.numel() * t.element_size()
+            seen[key(t)] = tensor_bytes(t)
     return sum(seen.values())
+
+
+def write_dequantized(model_dir: Path, out: Path, quant: Quantization) -> None:
+    """A copy of the model whose matrices are what `quant` makes of them, dequantized to
+    float32: the model that quantized stages compute, for transformers to run (tests, quality).
+    config.json and the tokenizer files are copied as they are."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    index = TensorIndex(model_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name in index.shapes:
+        (w,) = load_tensors(index, [name], torch.float32, torch.device("cpu"))
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            w = quant.rows(name, w)
+        elif name.startswith("model.layers.") and w.dim() == 2:
+            w = quant.matrix(name, w)
+        tensors[name] = w if isinstance(w, torch.Tensor) else w.dequantize()
+    save_file(tensors, str(out / "model.safetensors"))
+    for f in model_dir.iterdir():
+        if (
+            f.is_file()
+            and not f.name.endswith(".safetensors")
+            and f.name != "model.safetensors.index.json"
+        ):
+            shutil.copy(f, out / f.name)

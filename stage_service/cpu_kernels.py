@@ -1,0 +1,138 @@
+"""The quantized linear kernels of kernels/qlinear.c, compiled for this CPU at first use and
+called through ctypes.
+
+Measured on the 2-core AVX2 development machine (bench/CPU_NOTES.md), no kernel in torch reads
+int8 or int4 weights faster than float32 while keeping float32 activations: torch's weight-only
+int8 matmul is 3-4x slower than float32 there, and fbgemm's dynamic int8 rounds the activations
+to int8 as well. So the weights are dequantized in registers by our own small C file.
+
+The shared object is built once per source version into a cache directory (LLAMADIST_KERNEL_DIR,
+else ~/.cache/llamadist/kernels) with the system C compiler (`cc`, or CC). Where that cannot be
+done (no compiler, no AVX2/FMA, not x86-64 Linux), `load()` returns None with the reason and the
+callers fall back to torch on dequantized weights: the same results, at float32 speed or slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "kernels" / "qlinear.c"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+class Kernels:
+    """Typed entry points of the shared object; tensors must be contiguous, on the CPU."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path):
+        self.path = path
+        self._q8 = _fn(lib.q8_linear, _P, _I, _I, _P, _P, _P, _P, _I, ctypes.c_int)
+        self._q8_dequant = _fn(lib.q8_dequant, _P, _P, _I, _I, _I, _I, _P)
+        self._q4 = _fn(lib.q4_linear, _P, _I, _I, _P, _I, _P, _P, _P, _P, _I, ctypes.c_int)
+        self._q4_dequant = _fn(lib.q4_dequant, _P, _I, _P, _P, _I, _I, _I, _I, _P)
+
+    def q8_linear(self, x, data, scale, bias, y) -> None:
+        """y[M, N] = x[M, K] @ W.T + bias for int8 weights `data` (layout: qlinear.c)."""
+        rows, k = x.shape
+        self._q8(
+            x.data_ptr(), rows, k, data.data_ptr(), scale.data_ptr(), _ptr(bias), y.data_ptr(),
+            y.shape[1], torch.get_num_threads(),
+        )  # fmt: skip
+
+    def q8_dequant(self, data, scale, k: int, n: int, n0: int, out) -> None:
+        """Channels [n0, n0 + len(out)) as float32 rows into out."""
+        self._q8_dequant(
+            data.data_ptr(), scale.data_ptr(), k, n, n0, n0 + out.shape[0], out.data_ptr()
+        )
+
+    def q4_linear(self, x, data, group: int, scale, mins, bias, y) -> None:
+        rows, k = x.shape
+        self._q4(
+            x.data_ptr(), rows, k, data.data_ptr(), group, scale.data_ptr(), mins.data_ptr(),
+            _ptr(bias), y.data_ptr(), y.shape[1], torch.get_num_threads(),
+        )  # fmt: skip
+
+    def q4_dequant(self, data, group: int, scale, mins, k: int, n: int, n0: int, out) -> None:
+        self._q4_dequant(
+            data.data_ptr(), group, scale.data_ptr(), mins.data_ptr(), k, n, n0,
+            n0 + out.shape[0], out.data_ptr(),
+        )  # fmt: skip
+
+
+def _fn(f, *argtypes):
+    f.argtypes = list(argtypes)
+    f.restype = None
+    return f
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LLAMADIST_KERNEL_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "llamadist" / "kernels"
+
+
+def _build(out: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH; set CC to one")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        target = Path(tmp) / out.name
+        errors = ""
+        for extra in (("-fopenmp",), ()):  # OpenMP where the compiler has it, else one thread
+            cmd = [compiler, *FLAGS, *extra, str(SOURCE), "-o", str(target)]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if done.returncode == 0:
+                os.replace(target, out)  # atomic: a concurrent start sees all of it or none
+                return
+            errors = done.stderr.strip()[-500:]
+        raise RuntimeError(f"{compiler} failed: {errors}")
+
+
+@cache
+def load() -> tuple[Kernels | None, str]:
+    """The kernels and a word on them, or None and why they are not there."""
+    if platform.machine() not in ("x86_64", "AMD64") or platform.system() != "Linux":
+        return None, f"no quantized kernels for {platform.system()}/{platform.machine()}"
+    missing = {"avx2", "fma"} - _cpu_flags()
+    if missing:
+        return None, f"this CPU lacks {', '.join(sorted(missing))}"
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    path = cache_dir() / f"qlinear-{digest}.so"
+    try:
+        if not path.exists():
+            _build(path)
+        kernels = Kernels(ctypes.CDLL(str(path)), path)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        log.warning("quantized CPU kernels unavailable (%s): falling back to torch", err)
+        return None, f"could not build {SOURCE.name}: {err}"
+    return kernels, "avx2"

@@ -1,0 +1,243 @@
+"""Weight-only quantization of a stage's linear layers, done at load from the float weights.
+
+- int8: symmetric, one scale per output channel: w = q * scale, q in [-127, 127].
+- int4: asymmetric, one scale and one minimum per group of `group` inputs of an output channel:
+  w = q * scale + minimum, q in [0, 15] (llama.cpp's Q4_1 rule; the minimum keeps groups whose
+  weights are not centred on zero from wasting half of the 16 levels).
+- The embedding and the head are int8 per row under both settings: the head is the largest
+  single matrix a decode step reads (a fifth of SmolLM2-135M's bytes), and 4 bits there cost
+  the most quality; a tied head stays one matrix with the embedding.
+- Norms and biases stay in the stage's dtype.
+
+A quantized matrix is its packed data plus what `dequantize()` makes of it: the float weights
+that transformers runs when we check exactness (tests write them to a safetensors directory).
+`linear()` computes x @ dequantize().T + bias: on x86-64 CPUs with AVX2 by the kernels of
+cpu_kernels.py without ever making the float matrix, elsewhere by torch on the dequantized
+matrix (correct, not fast).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from protos.errors import InvalidArgument
+from stage_service import cpu_kernels
+
+ALIGN = 16  # the kernels read 16 inputs at a time
+BLOCK_BYTES = 512 << 10  # float32 weights dequantized at a time for many rows (L2-sized)
+
+
+class _Quantized:
+    """What int8 and int4 matrices share: the CPU kernel path, the torch fallback."""
+
+    shape: tuple[int, int]  # (N outputs, K inputs)
+    # From this many rows on (prefill, large batches), blocks of channels are dequantized into
+    # a cache-sized float32 buffer for torch's matmul, which reuses each weight for every row;
+    # below it the kernel dequantizes in registers, per row (measured: bench/CPU_NOTES.md).
+    many_rows: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        kernels, _ = cpu_kernels.load()
+        if kernels is None or x.device.type != "cpu":
+            return F.linear(x, self.dequantize(x.dtype), bias)
+        flat = x.reshape(-1, x.shape[-1]).float().contiguous()
+        b = None if bias is None else bias.float().contiguous()
+        if flat.shape[0] < self.many_rows:
+            y = torch.empty(flat.shape[0], self.shape[0])
+            self._kernel(kernels, flat, b, y)
+        else:
+            y = self._blocked(kernels, flat, b)
+        return y.view(*x.shape[:-1], -1).to(x.dtype)
+
+    def _blocked(self, kernels, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        n, k = self.shape
+        block = max(4, BLOCK_BYTES // (4 * k) // 4 * 4)
+        buf = torch.empty(min(block, n), k)
+        out = torch.empty(n, x.shape[0])  # y transposed: each block is a run of whole rows
+        for n0 in range(0, n, block):
+            part = buf[: min(block, n - n0)]
+            self._dequant(kernels, n0, part)
+            torch.mm(part, x.T, out=out[n0 : n0 + part.shape[0]])
+        y = out.T
+        return (y + bias if bias is not None else y).contiguous()
+
+    def _kernel(self, kernels, x, bias, y) -> None:
+        raise NotImplementedError
+
+    def _dequant(self, kernels, n0: int, out: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class Int8Weight(_Quantized):
+    many_rows = 32
+
+    def __init__(self, data: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int]):
+        self.data = data  # int8, layout in kernels/qlinear.c
+        self.scale = scale  # float32 [N]
+        self.shape = shape
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor) -> Int8Weight:
+        w = w.float()
+        scale = w.abs().amax(dim=1) / 127
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+        return cls(_interleave(q), scale.contiguous(), tuple(w.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.scale.nbytes
+
+    def rows(self) -> torch.Tensor:
+        """The int8 values as [N, K]."""
+        return _deinterleave(self.data, *self.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.rows().float() * self.scale[:, None]).to(dtype)
+
+    def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` of the dequantized matrix (an embedding lookup)."""
+        n, k = self.shape
+        full = n // 4 * 4
+        blocks = self.data[: full * k].view(full // 4, k // 8, 4, 8)
+        inner = ids.clamp(max=max(full - 1, 0))
+        q = blocks[inner // 4, :, inner % 4].reshape(len(ids), k) if full else None
+        if full < n:  # ids among the last n % 4 rows, stored plain
+            tail = self.data[full * k :].view(n - full, k)[(ids - full).clamp(min=0)]
+            q = tail if q is None else torch.where((ids < full)[:, None], q, tail)
+        return (q.float() * self.scale[ids][:, None]).to(dtype)
+
+    def to(self, device: torch.device) -> Int8Weight:
+        return Int8Weight(self.data.to(device), self.scale.to(device), self.shape)
+
+    def _kernel(self, kernels, x, bias, y) -> None:
+        kernels.q8_linear(x, self.data, self.scale, bias, y)
+
+    def _dequant(self, kernels, n0: int, out: torch.Tensor) -> None:
+        kernels.q8_dequant(self.data, self.scale, self.shape[1], self.shape[0], n0, out)
+
+
+class Int4Weight(_Quantized):
+    many_rows = 4
+
+    def __init__(
+        self,
+        data: torch.Tensor,
+        scale: torch.Tensor,
+        minimum: torch.Tensor,
+        group: int,
+        shape: tuple[int, int],
+    ):
+        self.data = data  # uint8, two weights a byte, layout in kernels/qlinear.c
+        self.scale = scale  # float32 [N, groups]
+        self.minimum = minimum  # float32 [N, groups]
+        self.group = group
+        self.shape = shape
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, group: int) -> Int4Weight:
+        w = w.float()
+        n, k = w.shape
+        lo = torch.stack([g.amin(dim=1) for g in w.split(group, dim=1)], dim=1)
+        hi = torch.stack([g.amax(dim=1) for g in w.split(group, dim=1)], dim=1)
+        scale = (hi - lo) / 15
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        expand = _per_input(k, group)
+        q = torch.round((w - lo[:, expand]) / safe[:, expand]).clamp_(0, 15).to(torch.uint8)
+        units = q.view(n, k // 16, 2, 8)  # byte j of a unit: weight j low, weight j + 8 high
+        packed = (units[:, :, 0] | (units[:, :, 1] << 4)).reshape(n, k // 2)
+        return cls(_interleave(packed), scale.contiguous(), lo.contiguous(), group, (n, k))
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.scale.nbytes + self.minimum.nbytes
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n, k = self.shape
+        units = _deinterleave(self.data, n, k // 2).view(n, k // 16, 1, 8)
+        q = torch.cat([units & 0x0F, units >> 4], dim=2).reshape(n, k).float()
+        expand = _per_input(k, self.group)
+        return (q * self.scale[:, expand] + self.minimum[:, expand]).to(dtype)
+
+    def to(self, device: torch.device) -> Int4Weight:
+        return Int4Weight(
+            self.data.to(device), self.scale.to(device), self.minimum.to(device), self.group,
+            self.shape,
+        )  # fmt: skip
+
+    def _kernel(self, kernels, x, bias, y) -> None:
+        kernels.q4_linear(x, self.data, self.group, self.scale, self.minimum, bias, y)
+
+    def _dequant(self, kernels, n0: int, out: torch.Tensor) -> None:
+        n, k = self.shape
+        kernels.q4_dequant(self.data, self.group, self.scale, self.minimum, k, n, n0, out)
+
+
+QuantWeight = Int8Weight | Int4Weight
+
+
+def _interleave(rows: torch.Tensor) -> torch.Tensor:
+    """[N, B] bytes -> the kernels' layout: blocks of 4 rows, 8 bytes of each row in turn, then
+    the last N % 4 rows as they are. 1-D."""
+    n, b = rows.shape
+    full = n // 4 * 4
+    blocks = rows[:full].reshape(full // 4, 4, b // 8, 8).permute(0, 2, 1, 3)
+    return torch.cat([blocks.reshape(-1), rows[full:].reshape(-1)]).contiguous()
+
+
+def _deinterleave(data: torch.Tensor, n: int, b: int) -> torch.Tensor:
+    full = n // 4 * 4
+    blocks = data[: full * b].view(full // 4, b // 8, 4, 8).permute(0, 2, 1, 3)
+    return torch.cat([blocks.reshape(full, b), data[full * b :].view(n - full, b)])
+
+
+def _per_input(k: int, group: int) -> torch.Tensor:
+    """For each input index, its group."""
+    return torch.arange(k) // group
+
+
+def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None):
+    """F.linear for a float or a quantized weight matrix."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    return w.linear(x, bias)
+
+
+def embedding(ids: torch.Tensor, w: torch.Tensor | QuantWeight, dtype: torch.dtype):
+    if isinstance(w, torch.Tensor):
+        return F.embedding(ids, w)
+    return w.embedding(ids, dtype)
+
+
+def quantize_matrix(
+    name: str, w: torch.Tensor, mode: str, group: int
+) -> torch.Tensor | QuantWeight:
+    """A layer's linear weight under `mode` (none, int8, int4)."""
+    if mode == "none":
+        return w
+    if w.shape[1] % ALIGN:
+        raise InvalidArgument(
+            f"{name} has {w.shape[1]} inputs; --quantize needs a multiple of {ALIGN} "
+            "(serve this model with --quantize none)"
+        )
+    if mode == "int8":
+        return Int8Weight.quantize(w)
+    return Int4Weight.quantize(w, group)
+
+
+def quantize_rows(name: str, w: torch.Tensor, mode: str) -> torch.Tensor | QuantWeight:
+    """The embedding or head under `mode`: int8 per row for either quantized setting."""
+    return w if mode == "none" else quantize_matrix(name, w, "int8", 0)
+
+
+def tensor_bytes(t: torch.Tensor | QuantWeight) -> int:
+    return t.nbytes if not isinstance(t, torch.Tensor) else t.numel() * t.element_size()
+
+
+def key(t: torch.Tensor | QuantWeight) -> int:
+    """An identity for counting shared storage once."""
+    return t.data_ptr() if isinstance(t, torch.Tensor) else id(t)
