@@ -61,7 +61,7 @@ def kernels(w: torch.Tensor) -> dict[str, tuple[Callable, int]]:
     wb, sb = w.bfloat16(), scale.bfloat16()
     lin = fbgemm_dynamic(w, scale)
     n, k = w.shape
-    ours8, ours4 = Int8Weight.quantize(w), Int4Weight.quantize(w, 32)
+    ours8, ours4 = Int8Weight.quantize(w, 64 if n < 10000 else 0), Int4Weight.quantize(w, 32)
     return {
         "fp32": (lambda x, xb: F.linear(x, w), n * k * 4),
         "bf16": (lambda x, xb: F.linear(xb, wb), n * k * 2),
@@ -69,7 +69,7 @@ def kernels(w: torch.Tensor) -> dict[str, tuple[Callable, int]]:
         "int8 weight-only, bf16 x": (lambda x, xb: torch._weight_int8pack_mm(xb, wq, sb), n * k),
         "fbgemm dynamic int8": (lambda x, xb: lin(x), n * k),
         "dequantize + fp32": (lambda x, xb: F.linear(x, wq.float() * scale[:, None]), n * k),
-        "ours int8": (lambda x, xb: ours8.linear(x, None), ours8.nbytes),
+        "ours int8 g64": (lambda x, xb: ours8.linear(x, None), ours8.nbytes),
         "ours int4 g32": (lambda x, xb: ours4.linear(x, None), ours4.nbytes),
     }
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from client.client import Client
 
 PROMPT = "What is the capital of France?"
+QUALITY_TEXT = "declaration.txt"  # in tests/data: public-domain, ~2,900 tokens
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,6 +46,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contexts", default="64,256,1024", help="context lengths: cache vs recompute")
     p.add_argument("--no-transformers", action="store_true", help="skip the in-process baseline")
     p.add_argument("--out", default="bench-results", help="folder for bench.json and bench.png")
+    p.add_argument(
+        "--quantize",
+        type=weight_formats,
+        default="none",
+        help="stage weight formats to measure (comma list of none, int8, int4): batch 1 and "
+        "the concurrency runs on a mesh of each; the rest on the first",
+    )
+    p.add_argument(
+        "--quality",
+        action="store_true",
+        help="only the perplexity of each --quantize format (and float32) on "
+        "tests/data/declaration.txt, computed in this process by the stages' own code",
+    )
+
+
+def weight_formats(text: str) -> list[str]:
+    from stage_service.config import QUANTIZE
+
+    formats = [f.strip() for f in text.split(",") if f.strip()]
+    bad = [f for f in formats if f not in QUANTIZE]
+    if bad or not formats:
+        raise argparse.ArgumentTypeError(f"weight formats are {', '.join(QUANTIZE)}; got {text!r}")
+    return formats
 
 
 def stage_counts(text: str) -> list[int]:
@@ -250,17 +274,24 @@ def run(a: argparse.Namespace) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    def mesh_of(stages: int, sessions: int = 1) -> LocalMesh:
-        log_dir = out / "logs" / f"stages-{stages}"  # the services' logs, kept for a failed run
+    if a.quality:
+        return quality(model, a.quantize, out)
+    formats = a.quantize
+
+    def mesh_of(stages: int, sessions: int = 1, fmt: str = formats[0]) -> LocalMesh:
+        log_dir = out / "logs" / f"stages-{stages}-{fmt}"  # the services' logs, kept on failure
         log_dir.mkdir(parents=True, exist_ok=True)
         return LocalMesh(
             str(model),
             num_stages=stages,
             log_dir=log_dir,
+            # Only when quantizing: bench/compare.sh drives older stages that lack the flag.
+            extra_stage_args=["--quantize", fmt] if fmt != "none" else [],
             extra_orchestrator_args=["--max-sessions-per-client", str(max(sessions, 1))],
         )
 
-    mesh = nullcontext(None) if a.server else mesh_of(a.stages, max(concurrency + [1]))
+    sessions = max(concurrency + [1])
+    mesh = nullcontext(None) if a.server else mesh_of(a.stages, sessions)
     results: dict = {"model": str(model), "stages": a.stages, "tokens": a.tokens}
     with mesh as m:
         address = a.server or m.address
@@ -282,6 +313,24 @@ def run(a: argparse.Namespace) -> int:
             n: median_per_stage(runs) for n, runs in batches.items()
         }
     results["stages"] = results["batch1"]["stages"]  # the server's, with --server
+    results["weight_formats"] = {
+        formats[0]: {
+            "batch1": results["batch1"],
+            "aggregate_tokens_per_s": results["aggregate_tokens_per_s"],
+        }
+    }
+    for fmt in formats[1:] if not a.server else []:
+        with mesh_of(a.stages, sessions, fmt) as m, Client(m.address, timeout_s=600) as client:
+            client.generate(PROMPT, max_new_tokens=8, ignore_eos=True)  # warm-up
+            results["weight_formats"][fmt] = {
+                "batch1": batch1(client, a.tokens, a.repeats),
+                "aggregate_tokens_per_s": {
+                    str(n): aggregate(
+                        lambda m=m: Client(m.address, timeout_s=600), n, a.concurrent_tokens
+                    )
+                    for n in concurrency
+                },
+            }
     overhead: dict[int, dict] = {}
     for n in a.stage_counts:
         if n == results["stages"]:
@@ -344,6 +393,46 @@ def report(r: dict) -> None:
     for name, tps in r.get("transformers_tokens_per_s", {}).items():
         ratio = b["decode_tokens_per_s"] / tps
         print(f"  transformers generate, {name}: {tps:.1f} tok/s (llamadist batch-1 {ratio:.2f}x)")
+    formats = r.get("weight_formats", {})
+    if len(formats) > 1:
+        base = r.get("transformers_tokens_per_s", {}).get("1 thread")
+        print(f"  weight formats, {r['stages']} stages (batch 1; aggregate at each concurrency)")
+        for fmt, f in formats.items():
+            tps = f["batch1"]["decode_tokens_per_s"]
+            vs = f" = {tps / base:.2f}x transformers 1 thread" if base else ""
+            agg = ", ".join(f"{n}: {v:.0f}" for n, v in f["aggregate_tokens_per_s"].items())
+            compute = " + ".join(f"{ms:.2f}" for ms in f["batch1"]["stage_compute_ms_per_token"])
+            print(f"    {fmt:5s} {tps:7.1f} tok/s{vs}; compute {compute} ms; aggregate {agg}")
+
+
+def quality(model: Path, formats: list[str], out: Path) -> int:
+    """Perplexity of float32 and each weight format on the fixed text (tests/data)."""
+    from transformers import AutoTokenizer
+
+    from stage_service.config import DEFAULT_GROUP
+    from stage_service.perplexity import perplexity
+    from stage_service.weights import Quantization
+
+    path = Path(__file__).resolve().parent.parent / "tests" / "data" / QUALITY_TEXT
+    if not path.exists():
+        raise ValueError(f"--quality reads {path}: run it from a source checkout of llamadist")
+    text = path.read_text()
+    ids = AutoTokenizer.from_pretrained(str(model))(text)["input_ids"]
+    results = {"model": str(model), "text": QUALITY_TEXT, "tokens": len(ids), "perplexity": {}}
+    base = None
+    print(f"perplexity on tests/data/{QUALITY_TEXT} ({len(ids)} tokens), {model}")
+    for fmt in ["none", *[f for f in formats if f != "none"]]:
+        t0 = time.perf_counter()
+        value = perplexity(model, ids, Quantization(fmt, DEFAULT_GROUP.get(fmt, 0)))
+        base = base or value
+        results["perplexity"][fmt] = value
+        print(
+            f"  {fmt:5s} {value:9.4f}  {100 * (value / base - 1):+6.2f}% against float32 "
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
+    (out / "quality.json").write_text(json.dumps(results, indent=2))
+    print(f"json: {out / 'quality.json'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

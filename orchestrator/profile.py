@@ -155,20 +155,24 @@ class ModelProfile:
 def packed_bytes(weight_format: str):
     """fn(shape, is_embedding_or_head) -> bytes of that matrix under a stage's weight format
     (as stage_service/quant.py stores it), or 0 where the format leaves it at the dtype.
-    int8: a byte a weight and a float32 scale a row; int4-g<G>: half a byte a weight and two
-    float32 (scale, minimum) per G inputs of a row; the embedding and head are int8 under both."""
+    int8-g<G>: a byte a weight and a float32 scale per G inputs of a row; int4-g<G>: half a
+    byte a weight and two float32 (scale, minimum) per G inputs; the embedding and head are int8
+    with one scale a row under both."""
     if weight_format in ("", "none"):
         return lambda shape, rows: 0
-    group = 0
-    if weight_format.startswith("int4-g") and weight_format[6:].isdigit():
-        group = int(weight_format[6:])
-    elif weight_format != "int8":
-        raise InvalidArgument(f"unknown weight format {weight_format!r} (none, int8, int4-g<G>)")
+    kind, _, group_text = weight_format.partition("-g")
+    if kind not in ("int8", "int4") or not group_text.isdigit() or int(group_text) < 1:
+        raise InvalidArgument(
+            f"unknown weight format {weight_format!r} (none, int8-g<G>, int4-g<G>)"
+        )
+    group = int(group_text)
 
     def size(shape: tuple[int, ...], rows: bool) -> int:
         n, k = shape
-        if rows or not group:
+        if rows:
             return n * k + 4 * n
+        if kind == "int8":
+            return n * k + 4 * n * -(-k // group)
         return n * k // 2 + 8 * n * -(-k // group)
 
     return size

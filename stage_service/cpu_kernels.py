@@ -30,7 +30,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "kernels" / "qlinear.c"
-FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-std=c11")
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -41,30 +41,31 @@ class Kernels:
 
     def __init__(self, lib: ctypes.CDLL, path: Path):
         self.path = path
-        self._q8 = _fn(lib.q8_linear, _P, _I, _I, _P, _P, _P, _P, _I, ctypes.c_int)
-        self._q8_dequant = _fn(lib.q8_dequant, _P, _P, _I, _I, _I, _I, _P)
-        self._q4 = _fn(lib.q4_linear, _P, _I, _I, _P, _I, _P, _P, _P, _P, _I, ctypes.c_int)
+        self._q8 = _fn(lib.q8_linear, _P, _I, _I, _P, _I, _P, _P, _P, _I, ctypes.c_int)
+        self._q8_dequant = _fn(lib.q8_dequant, _P, _I, _P, _I, _I, _I, _I, _P)
+        self._q4 = _fn(lib.q4_linear, _P, _I, _I, _P, _I, _P, _P, _P, _P, _I, _P, ctypes.c_int)
         self._q4_dequant = _fn(lib.q4_dequant, _P, _I, _P, _P, _I, _I, _I, _I, _P)
 
-    def q8_linear(self, x, data, scale, bias, y) -> None:
+    def q8_linear(self, x, data, group: int, scale, bias, y) -> None:
         """y[M, N] = x[M, K] @ W.T + bias for int8 weights `data` (layout: qlinear.c)."""
         rows, k = x.shape
         self._q8(
-            x.data_ptr(), rows, k, data.data_ptr(), scale.data_ptr(), _ptr(bias), y.data_ptr(),
-            y.shape[1], torch.get_num_threads(),
+            x.data_ptr(), rows, k, data.data_ptr(), group, scale.data_ptr(), _ptr(bias),
+            y.data_ptr(), y.shape[1], torch.get_num_threads(),
         )  # fmt: skip
 
-    def q8_dequant(self, data, scale, k: int, n: int, n0: int, out) -> None:
+    def q8_dequant(self, data, group: int, scale, k: int, n: int, n0: int, out) -> None:
         """Channels [n0, n0 + len(out)) as float32 rows into out."""
         self._q8_dequant(
-            data.data_ptr(), scale.data_ptr(), k, n, n0, n0 + out.shape[0], out.data_ptr()
+            data.data_ptr(), group, scale.data_ptr(), k, n, n0, n0 + out.shape[0], out.data_ptr()
         )
 
     def q4_linear(self, x, data, group: int, scale, mins, bias, y) -> None:
         rows, k = x.shape
+        sums = torch.empty(rows, scale.shape[1])  # each row's sum of x over each group
         self._q4(
             x.data_ptr(), rows, k, data.data_ptr(), group, scale.data_ptr(), mins.data_ptr(),
-            _ptr(bias), y.data_ptr(), y.shape[1], torch.get_num_threads(),
+            _ptr(bias), y.data_ptr(), y.shape[1], sums.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
 
     def q4_dequant(self, data, group: int, scale, mins, k: int, n: int, n0: int, out) -> None:

@@ -73,20 +73,24 @@ class _Quantized:
 
 
 class Int8Weight(_Quantized):
-    many_rows = 32
+    many_rows = 8
 
-    def __init__(self, data: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int]):
+    def __init__(self, data: torch.Tensor, scale: torch.Tensor, group: int, shape):
         self.data = data  # int8, layout in kernels/qlinear.c
-        self.scale = scale  # float32 [N]
-        self.shape = shape
+        self.scale = scale  # float32 [N, groups]
+        self.group = group  # inputs per scale; K: one scale per row
+        self.shape = tuple(shape)
 
     @classmethod
-    def quantize(cls, w: torch.Tensor) -> Int8Weight:
+    def quantize(cls, w: torch.Tensor, group: int = 0) -> Int8Weight:
+        """Symmetric: scale = max |w| / 127 over each group of `group` inputs (0: the row)."""
         w = w.float()
-        scale = w.abs().amax(dim=1) / 127
+        n, k = w.shape
+        group = group or k
+        scale = torch.stack([g.abs().amax(dim=1) for g in w.split(group, dim=1)], dim=1) / 127
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8)
-        return cls(_interleave(q), scale.contiguous(), tuple(w.shape))
+        q = torch.round(w / safe[:, _per_input(k, group)]).clamp_(-127, 127).to(torch.int8)
+        return cls(_interleave(q), scale.contiguous(), group, (n, k))
 
     @property
     def nbytes(self) -> int:
@@ -97,7 +101,8 @@ class Int8Weight(_Quantized):
         return _deinterleave(self.data, *self.shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.rows().float() * self.scale[:, None]).to(dtype)
+        expand = _per_input(self.shape[1], self.group)
+        return (self.rows().float() * self.scale[:, expand]).to(dtype)
 
     def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` of the dequantized matrix (an embedding lookup)."""
@@ -109,37 +114,33 @@ class Int8Weight(_Quantized):
         if full < n:  # ids among the last n % 4 rows, stored plain
             tail = self.data[full * k :].view(n - full, k)[(ids - full).clamp(min=0)]
             q = tail if q is None else torch.where((ids < full)[:, None], q, tail)
-        return (q.float() * self.scale[ids][:, None]).to(dtype)
+        scale = self.scale[ids][:, _per_input(k, self.group)]
+        return (q.float() * scale).to(dtype)
 
     def to(self, device: torch.device) -> Int8Weight:
-        return Int8Weight(self.data.to(device), self.scale.to(device), self.shape)
+        return Int8Weight(self.data.to(device), self.scale.to(device), self.group, self.shape)
 
     def _kernel(self, kernels, x, bias, y) -> None:
-        kernels.q8_linear(x, self.data, self.scale, bias, y)
+        kernels.q8_linear(x, self.data, self.group, self.scale, bias, y)
 
     def _dequant(self, kernels, n0: int, out: torch.Tensor) -> None:
-        kernels.q8_dequant(self.data, self.scale, self.shape[1], self.shape[0], n0, out)
+        n, k = self.shape
+        kernels.q8_dequant(self.data, self.group, self.scale, k, n, n0, out)
 
 
 class Int4Weight(_Quantized):
     many_rows = 4
 
-    def __init__(
-        self,
-        data: torch.Tensor,
-        scale: torch.Tensor,
-        minimum: torch.Tensor,
-        group: int,
-        shape: tuple[int, int],
-    ):
+    def __init__(self, data: torch.Tensor, scale, minimum, group: int, shape):
         self.data = data  # uint8, two weights a byte, layout in kernels/qlinear.c
         self.scale = scale  # float32 [N, groups]
         self.minimum = minimum  # float32 [N, groups]
         self.group = group
-        self.shape = shape
+        self.shape = tuple(shape)
 
     @classmethod
     def quantize(cls, w: torch.Tensor, group: int) -> Int4Weight:
+        """Asymmetric: over each group, scale = (max - min) / 15 and the minimum."""
         w = w.float()
         n, k = w.shape
         lo = torch.stack([g.amin(dim=1) for g in w.split(group, dim=1)], dim=1)
@@ -225,12 +226,12 @@ def quantize_matrix(
             "(serve this model with --quantize none)"
         )
     if mode == "int8":
-        return Int8Weight.quantize(w)
+        return Int8Weight.quantize(w, group)
     return Int4Weight.quantize(w, group)
 
 
 def quantize_rows(name: str, w: torch.Tensor, mode: str) -> torch.Tensor | QuantWeight:
-    """The embedding or head under `mode`: int8 per row for either quantized setting."""
+    """The embedding or head under `mode`: int8 with one scale per row for either setting."""
     return w if mode == "none" else quantize_matrix(name, w, "int8", 0)
 
 

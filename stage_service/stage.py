@@ -154,7 +154,7 @@ class Stage:
             check_slot_budget(shape, self.config.kv_cache_mb * 2**20)  # before dropping anything
         with self._compute:
             self._release(epoch)  # free the old range before reading the new one
-            quant = Quantization(self.config.quantize, self.config.quant_group)
+            quant = Quantization(self.config.quantize, self.config.group)
             weights = load_range(
                 self.model_dir, self.args, start, end, self.dtype, self.device, quant
             )

@@ -31,7 +31,7 @@ def load_tensors(
 @dataclass(frozen=True)
 class Quantization:
     mode: str = "none"  # none, int8, int4 (stage_service/quant.py)
-    group: int = 32  # int4: inputs per scale
+    group: int = 32  # inputs per scale
 
     def matrix(self, name: str, w: torch.Tensor):
         return quantize_matrix(name, w, self.mode, self.group)
