@@ -12,7 +12,7 @@ from orchestrator.config import ENV_PREFIX as ORCHESTRATOR_ENV
 from orchestrator.config import OrchestratorConfig
 from protos.knobs import add_flags, check_value, checked, default, from_args, positive
 from stage_service.config import ENV_PREFIX as STAGE_ENV
-from stage_service.config import StageConfig
+from stage_service.config import QUANTIZE, StageConfig
 
 
 def add_stage_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,6 +51,10 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="torch threads per stage (default: the cores shared out)",
     )
+    p.add_argument(
+        "--quantize", choices=QUANTIZE, default="none", help="as for stage: every stage's weights"
+    )
+    p.add_argument("--quant-group", type=int, default=0, help="as for stage")
     for name in ("tls_cert", "tls_key", "tls_ca"):
         p.add_argument(
             f"--{name.replace('_', '-')}", default="", metavar="PEM", help="as for stage"
@@ -71,6 +75,7 @@ def run_up(a: argparse.Namespace) -> int:
     # The values `up` passes on, checked by their declarations before any process starts.
     check_value(StageConfig, "model", model)
     check_value(OrchestratorConfig, "port", a.port)
+    check_value(StageConfig, "quant_group", a.quant_group)
     for name in ("tls_cert", "tls_key", "tls_ca", "api_keys_file"):
         check_value(OrchestratorConfig, name, getattr(a, name))
     stop = threading.Event()
@@ -81,6 +86,7 @@ def run_up(a: argparse.Namespace) -> int:
         num_stages=a.stages,
         port=a.port,
         threads=a.threads,
+        extra_stage_args=["--quantize", a.quantize, "--quant-group", str(a.quant_group)],
         secure=a.secure,
         tls_cert=a.tls_cert,
         tls_key=a.tls_key,

@@ -17,6 +17,8 @@ src=$(mktemp -d)
 trap 'rm -rf "$src"' EXIT
 cp -r pyproject.toml README.md protos stage_service orchestrator client "$src"/
 find "$src" -name __pycache__ -prune -exec rm -rf {} +
+# The quantized CPU kernels, compiled here: the image has no C compiler.
+"$py" -m stage_service.cpu_kernels "$src/stage_service/kernels"
 rm -f "$dist"/llamadist-*.whl "$out"/llamadist-*.whl
 "$py" -m pip wheel -q --no-deps -w "$dist" "$src"
 wheel=$(ls "$dist"/llamadist-*.whl)
@@ -24,6 +26,8 @@ wheel=$(ls "$dist"/llamadist-*.whl)
 import sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
 missing = {"protos/llamadist_pb2.py", "protos/llamadist_pb2_grpc.py"} - names
+if not any(n.startswith("stage_service/kernels/qlinear-") and n.endswith(".so") for n in names):
+    missing.add("stage_service/kernels/qlinear-*.so")
 sys.exit(f"{sys.argv[1]} lacks {sorted(missing)}" if missing else 0)
 PY
 

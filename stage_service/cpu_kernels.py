@@ -6,10 +6,12 @@ int8 or int4 weights faster than float32 while keeping float32 activations: torc
 int8 matmul is 3-4x slower than float32 there, and fbgemm's dynamic int8 rounds the activations
 to int8 as well. So the weights are dequantized in registers by our own small C file.
 
-The shared object is built once per source version into a cache directory (LLAMADIST_KERNEL_DIR,
-else ~/.cache/llamadist/kernels) with the system C compiler (`cc`, or CC). Where that cannot be
-done (no compiler, no AVX2/FMA, not x86-64 Linux), `load()` returns None with the reason and the
-callers fall back to torch on dequantized weights: the same results, at float32 speed or slower.
+The shared object is named by a hash of the source and flags. It is taken from the package's own
+kernels/ folder where a wheel was built with it (docker/wheelhouse.sh builds it there, since the
+image has no compiler), else built once into a cache directory (LLAMADIST_KERNEL_DIR, else
+~/.cache/llamadist/kernels) with the system C compiler (`cc`, or CC). Where neither can be had
+(no compiler, no AVX2/FMA, not x86-64 Linux), `load()` returns None with the reason and the
+callers fall back to torch on dequantized weights: the same results, far slower.
 """
 
 from __future__ import annotations
@@ -101,7 +103,13 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "llamadist" / "kernels"
 
 
-def _build(out: Path) -> None:
+def library_name() -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    return f"qlinear-{digest}.so"
+
+
+def build(out: Path) -> None:
+    """Compiles the kernels into `out` (a file path)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH; set CC to one")
@@ -127,13 +135,19 @@ def load() -> tuple[Kernels | None, str]:
     missing = {"avx2", "fma"} - _cpu_flags()
     if missing:
         return None, f"this CPU lacks {', '.join(sorted(missing))}"
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    path = cache_dir() / f"qlinear-{digest}.so"
+    shipped = SOURCE.parent / library_name()
+    path = shipped if shipped.exists() else cache_dir() / library_name()
     try:
         if not path.exists():
-            _build(path)
+            build(path)
         kernels = Kernels(ctypes.CDLL(str(path)), path)
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         log.warning("quantized CPU kernels unavailable (%s): falling back to torch", err)
         return None, f"could not build {SOURCE.name}: {err}"
     return kernels, "avx2"
+
+
+if __name__ == "__main__":  # python -m stage_service.cpu_kernels DIR: build into DIR
+    import sys
+
+    build(Path(sys.argv[1]) / library_name())
