@@ -31,7 +31,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "kernels" / "qlinear.c"
+KERNELS = Path(__file__).parent / "kernels"
+SOURCES = (KERNELS / "qlinear.c", KERNELS / "layer.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-std=c11")
 
 _P = ctypes.c_void_p
@@ -47,6 +48,10 @@ class Kernels:
         self._q8_dequant = _fn(lib.q8_dequant, _P, _I, _P, _I, _I, _I, _I, _P)
         self._q4 = _fn(lib.q4_linear, _P, _I, _I, _P, _I, _P, _P, _P, _P, _I, _P, ctypes.c_int)
         self._q4_dequant = _fn(lib.q4_dequant, _P, _I, _P, _P, _I, _I, _I, _I, _P)
+        self.decode_layer = _fn(
+            lib.decode_layer,
+            ctypes.POINTER(LayerArgs), _P, _P, _P, _P, _P, _I, _I, _P, ctypes.c_int,
+        )  # fmt: skip
 
     def q8_linear(self, x, data, group: int, scale, bias, y) -> None:
         """y[M, N] = x[M, K] @ W.T + bias for int8 weights `data` (layout: qlinear.c)."""
@@ -77,6 +82,23 @@ class Kernels:
         )  # fmt: skip
 
 
+class QMat(ctypes.Structure):
+    """A quantized matrix for layer.c (pointers into tensors its owner keeps alive)."""
+
+    _fields_ = [
+        ("bits", _I), ("n", _I), ("k", _I), ("group", _I),
+        ("data", _P), ("scale", _P), ("mins", _P), ("bias", _P),
+    ]  # fmt: skip
+
+
+class LayerArgs(ctypes.Structure):
+    _fields_ = [
+        ("hidden", _I), ("heads", _I), ("kv_heads", _I), ("head_dim", _I), ("inter", _I),
+        ("eps", ctypes.c_float), ("norm1", _P), ("norm2", _P),
+        ("qkv", QMat), ("o", QMat), ("gate_up", QMat), ("down", QMat),
+    ]  # fmt: skip
+
+
 def _fn(f, *argtypes):
     f.argtypes = list(argtypes)
     f.restype = None
@@ -104,8 +126,8 @@ def cache_dir() -> Path:
 
 
 def library_name() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    return f"qlinear-{digest}.so"
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(FLAGS).encode())
+    return f"qlinear-{digest.hexdigest()[:16]}.so"
 
 
 def build(out: Path) -> None:
@@ -118,7 +140,7 @@ def build(out: Path) -> None:
         target = Path(tmp) / out.name
         errors = ""
         for extra in (("-fopenmp",), ()):  # OpenMP where the compiler has it, else one thread
-            cmd = [compiler, *FLAGS, *extra, str(SOURCE), "-o", str(target)]
+            cmd = [compiler, *FLAGS, *extra, *map(str, SOURCES), "-o", str(target), "-lm"]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if done.returncode == 0:
                 os.replace(target, out)  # atomic: a concurrent start sees all of it or none
@@ -135,7 +157,7 @@ def load() -> tuple[Kernels | None, str]:
     missing = {"avx2", "fma"} - _cpu_flags()
     if missing:
         return None, f"this CPU lacks {', '.join(sorted(missing))}"
-    shipped = SOURCE.parent / library_name()
+    shipped = KERNELS / library_name()
     path = shipped if shipped.exists() else cache_dir() / library_name()
     try:
         if not path.exists():
@@ -143,7 +165,7 @@ def load() -> tuple[Kernels | None, str]:
         kernels = Kernels(ctypes.CDLL(str(path)), path)
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         log.warning("quantized CPU kernels unavailable (%s): falling back to torch", err)
-        return None, f"could not build {SOURCE.name}: {err}"
+        return None, f"could not build the kernels in {KERNELS}: {err}"
     return kernels, "avx2"
 
 

@@ -262,6 +262,9 @@ class RangeModel:
         self.device = device
         # Activations: the norms' dtype (a quantized embedding is dequantized to it).
         self.dtype = weights.layers[0].input_norm.dtype
+        from stage_service.fused_decode import FusedDecode  # it builds on this module
+
+        self.fused = FusedDecode.build(args, weights, device)
         self.inv_freq = rope_inv_freq(args).to(device)
 
     @torch.inference_mode()
@@ -281,8 +284,11 @@ class RangeModel:
             [torch.arange(s.start_pos, s.start_pos + s.rows.stop - s.rows.start) for s in segments]
         ).to(self.device)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        for i, layer in enumerate(w.layers):
-            x = decoder_layer(self.args, layer, i, x, cos, sin, segments)
+        if self.fused is not None and x.shape[0] == 1:  # one token: one C call per layer
+            x = self.fused.run(x, cos, sin, segments[0])
+        else:
+            for i, layer in enumerate(w.layers):
+                x = decoder_layer(self.args, layer, i, x, cos, sin, segments)
         if not w.is_last:
             return x
         if not all_logits:

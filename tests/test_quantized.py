@@ -124,3 +124,33 @@ def test_default_model_perplexity_costs_of_quantization(default_model):
     assert base < 100  # a real model on English text, not noise
     assert int8 <= base * 1.01, (base, int8)
     assert int4 <= base * 1.05, (base, int4)
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_fused_one_token_layer_equals_the_torch_path(tiny_root, name, setting):
+    """A quantized CPU range decodes one token with one C call per layer (fused_decode.py); its
+    hidden state and cache equal the torch path's on the same weights, cache and position."""
+    from protos.model_files import LlamaArgs, read_config
+    from stage_service.model import RangeModel, Segment
+    from stage_service.weights import load_range
+
+    model_dir = make_tiny_model(tiny_root, name)
+    args = LlamaArgs.from_config(read_config(model_dir))
+    mode, group = FORMATS[setting].split("-g")
+    cpu = torch.device("cpu")
+    weights = load_range(model_dir, args, 0, 2, torch.float32, cpu, Quantization(mode, int(group)))
+    model = RangeModel(args, weights, cpu)
+    assert model.fused is not None
+    shape = (args.num_kv_heads, 32, args.head_dim)
+    kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(2)]
+    prompt = torch.tensor([5, 17, 3, 99, 42, 7, 8])
+    model.forward([Segment(slice(0, 7), 0, kv)], prompt, None)  # rows > 1: the torch path
+    twin = [(k.clone(), v.clone()) for k, v in kv]
+    fused = model.forward([Segment(slice(0, 1), 7, kv)], torch.tensor([11]), None)
+    model.fused = None
+    eager = model.forward([Segment(slice(0, 1), 7, twin)], torch.tensor([11]), None)
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+    for (k, v), (k2, v2) in zip(kv, twin, strict=True):
+        torch.testing.assert_close(k, k2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, v2, rtol=1e-5, atol=1e-5)
