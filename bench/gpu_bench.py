@@ -97,7 +97,9 @@ def device_of(i: int) -> str:
     return f"cuda:{i % torch.cuda.device_count()}"
 
 
-def start_mesh(model: Path, log_dir: Path, stages: int, kv_cache_mb: int, procs: list) -> str:
+def start_mesh(
+    model: Path, log_dir: Path, stages: int, kv_cache_mb: int, procs: list, quantize: str = "none"
+) -> str:
     """`stages` stage processes (stage i on device_of(i)) and an orchestrator; appends them to
     `procs` (the caller stops them) and returns the orchestrator's address once it serves."""
     from client.client import Client
@@ -122,6 +124,7 @@ def start_mesh(model: Path, log_dir: Path, stages: int, kv_cache_mb: int, procs:
             "--compile",
             "--threads",
             "4",
+            *(["--quantize", quantize] if quantize != "none" else []),
         ]
         procs.append(Process(f"stage{i}-of-{stages}", args, log_dir))
         addresses.append(procs[-1].wait_address(600))
@@ -197,6 +200,32 @@ def mesh_numbers(model: Path, log_dir: Path, results: dict, stage_counts: list[i
             stop(procs)
         results["mesh_overhead"] = {str(n): overhead[n] for n in sorted(overhead)}
         return greedy
+    finally:
+        stop(procs)
+
+
+def format_numbers(model: Path, log_dir: Path, results: dict, fmt: str) -> None:
+    """A 2-stage mesh whose stages hold `fmt` weights (--quantize): batch 1 and aggregate tok/s
+    at 1, 16 and 64 sessions, into results["weight_formats"][fmt]."""
+    from client.bench import aggregate, batch1
+    from client.client import Client
+
+    procs: list = []
+    try:
+        address = start_mesh(model, log_dir, 2, 16000, procs, fmt)
+        with Client(address, timeout_s=600) as client:
+            client.generate(token_ids=PROMPT, max_new_tokens=16, ignore_eos=True)  # warm-up
+            b = batch1(client, 128, 3, token_ids=PROMPT)
+            info = client.stages()
+        entry = overhead_entry(b) | {
+            "stage_weight_bytes": [s.get("info", {}).get("weight_bytes") for s in info],
+            "quant_kernel": [s.get("info", {}).get("quant_kernel") for s in info],
+            "aggregate_tok_s": {
+                n: aggregate(lambda: Client(address, timeout_s=600), n, 128, token_ids=PROMPT)
+                for n in (1, 16, 64)
+            },
+        }
+        results.setdefault("weight_formats", {})[fmt] = entry
     finally:
         stop(procs)
 
@@ -311,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
         help="batch-1 mesh overhead per token at each of these stage counts (2 always runs)",
     )
     p.add_argument(
+        "--quantize",
+        default="",
+        help="comma list of stage weight formats (int8, int4) measured after the bf16 mesh",
+    )
+    p.add_argument(
         "--mesh-only",
         action="store_true",
         help="the mesh numbers alone (no in-process step, parity or transformers): for a "
@@ -327,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     results["make_model_s"] = time.perf_counter() - t0
     ours = mesh_numbers(model, out, results, counts)
     (out / "gpu_bench.json").write_text(json.dumps(results, indent=2))  # kept if cut short
+    for fmt in [f for f in args.quantize.split(",") if f]:
+        format_numbers(model, out, results, fmt)
+        (out / "gpu_bench.json").write_text(json.dumps(results, indent=2))
     if not args.mesh_only:
         in_process_numbers(model, results)
         torch.cuda.empty_cache()

@@ -157,20 +157,23 @@ def packed_bytes(weight_format: str):
     (as stage_service/quant.py stores it), or 0 where the format leaves it at the dtype.
     int8-g<G>: a byte a weight and a float32 scale per G inputs of a row; int4-g<G>: half a
     byte a weight and two float32 (scale, minimum) per G inputs; the embedding and head are int8
-    with one scale a row under both."""
+    with one scale a row under both, unless the format ends in -float-head (a GPU stage): then
+    they stay at the dtype."""
     if weight_format in ("", "none"):
         return lambda shape, rows: 0
-    kind, _, group_text = weight_format.partition("-g")
+    float_head = weight_format.endswith("-float-head")
+    kind, _, group_text = weight_format.removesuffix("-float-head").partition("-g")
     if kind not in ("int8", "int4") or not group_text.isdigit() or int(group_text) < 1:
         raise InvalidArgument(
-            f"unknown weight format {weight_format!r} (none, int8-g<G>, int4-g<G>)"
+            f"unknown weight format {weight_format!r} (none, or int8-g<G> or int4-g<G>, "
+            "optionally ending in -float-head)"
         )
     group = int(group_text)
 
     def size(shape: tuple[int, ...], rows: bool) -> int:
         n, k = shape
         if rows:
-            return n * k + 4 * n
+            return 0 if float_head else n * k + 4 * n
         if kind == "int8":
             return n * k + 4 * n * -(-k // group)
         return n * k // 2 + 8 * n * -(-k // group)

@@ -41,8 +41,8 @@ class _Quantized:
         raise NotImplementedError
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        kernels, _ = cpu_kernels.load()
-        if kernels is None or x.device.type != "cpu":
+        kernels = cpu_kernels.load()[0] if x.device.type == "cpu" else None
+        if kernels is None:  # another device, or no kernels here: correct, not fast
             return F.linear(x, self.dequantize(x.dtype), bias)
         flat = x.reshape(-1, x.shape[-1]).float().contiguous()
         b = None if bias is None else bias.float().contiguous()
@@ -89,7 +89,8 @@ class Int8Weight(_Quantized):
         group = group or k
         scale = torch.stack([g.abs().amax(dim=1) for g in w.split(group, dim=1)], dim=1) / 127
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round(w / safe[:, _per_input(k, group)]).clamp_(-127, 127).to(torch.int8)
+        q = torch.round(w / safe[:, _per_input(k, group, w.device)]).clamp_(-127, 127)
+        q = q.to(torch.int8)
         return cls(_interleave(q), scale.contiguous(), group, (n, k))
 
     @property
@@ -101,7 +102,7 @@ class Int8Weight(_Quantized):
         return _deinterleave(self.data, *self.shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        expand = _per_input(self.shape[1], self.group)
+        expand = _per_input(self.shape[1], self.group, self.scale.device)
         return (self.rows().float() * self.scale[:, expand]).to(dtype)
 
     def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -114,7 +115,7 @@ class Int8Weight(_Quantized):
         if full < n:  # ids among the last n % 4 rows, stored plain
             tail = self.data[full * k :].view(n - full, k)[(ids - full).clamp(min=0)]
             q = tail if q is None else torch.where((ids < full)[:, None], q, tail)
-        scale = self.scale[ids][:, _per_input(k, self.group)]
+        scale = self.scale[ids][:, _per_input(k, self.group, ids.device)]
         return (q.float() * scale).to(dtype)
 
     def to(self, device: torch.device) -> Int8Weight:
@@ -140,15 +141,8 @@ class Int4Weight(_Quantized):
 
     @classmethod
     def quantize(cls, w: torch.Tensor, group: int) -> Int4Weight:
-        """Asymmetric: over each group, scale = (max - min) / 15 and the minimum."""
-        w = w.float()
-        n, k = w.shape
-        lo = torch.stack([g.amin(dim=1) for g in w.split(group, dim=1)], dim=1)
-        hi = torch.stack([g.amax(dim=1) for g in w.split(group, dim=1)], dim=1)
-        scale = (hi - lo) / 15
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        expand = _per_input(k, group)
-        q = torch.round((w - lo[:, expand]) / safe[:, expand]).clamp_(0, 15).to(torch.uint8)
+        q, scale, lo = int4_levels(w, group)
+        n, k = q.shape
         units = q.view(n, k // 16, 2, 8)  # byte j of a unit: weight j low, weight j + 8 high
         packed = (units[:, :, 0] | (units[:, :, 1] << 4)).reshape(n, k // 2)
         return cls(_interleave(packed), scale.contiguous(), lo.contiguous(), group, (n, k))
@@ -161,7 +155,7 @@ class Int4Weight(_Quantized):
         n, k = self.shape
         units = _deinterleave(self.data, n, k // 2).view(n, k // 16, 1, 8)
         q = torch.cat([units & 0x0F, units >> 4], dim=2).reshape(n, k).float()
-        expand = _per_input(k, self.group)
+        expand = _per_input(k, self.group, self.scale.device)
         return (q * self.scale[:, expand] + self.minimum[:, expand]).to(dtype)
 
     def to(self, device: torch.device) -> Int4Weight:
@@ -178,7 +172,68 @@ class Int4Weight(_Quantized):
         kernels.q4_dequant(self.data, self.group, self.scale, self.minimum, k, n, n0, out)
 
 
-QuantWeight = Int8Weight | Int4Weight
+def int4_levels(w: torch.Tensor, group: int):
+    """Asymmetric int4: over each group of inputs, scale = (max - min) / 15 and the minimum;
+    returns the levels q in 0..15 (uint8 [N, K]), scales and minimums (float32 [N, groups])."""
+    w = w.float()
+    lo = torch.stack([g.amin(dim=1) for g in w.split(group, dim=1)], dim=1)
+    hi = torch.stack([g.amax(dim=1) for g in w.split(group, dim=1)], dim=1)
+    scale = (hi - lo) / 15
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    expand = _per_input(w.shape[1], group, w.device)
+    q = torch.round((w - lo[:, expand]) / safe[:, expand]).clamp_(0, 15).to(torch.uint8)
+    return q, scale.contiguous(), lo.contiguous()
+
+
+class TinygemmInt4:
+    """int4 on CUDA through torch's tinygemm kernel (`_weight_int4pack_mm`, bf16 activations):
+    on an H200 at 8B shapes, 1.5-2x bf16 `F.linear` at one row, slower from 16 rows on
+    (bench/gpu_quant_probe.py). The same levels as Int4Weight; tinygemm keeps the scale and
+    the zero (minimum + 8 * scale, for its q - 8) in bf16, so what this matrix means is its own
+    `dequantize()`, read back through the kernel."""
+
+    INNER_K_TILES = 8
+    GROUPS = (32, 64, 128, 256)
+
+    def __init__(self, packed: torch.Tensor, scale_zero: torch.Tensor, group: int, shape):
+        self.packed = packed
+        self.scale_zero = scale_zero  # bf16 [groups, N, 2]
+        self.group = group
+        self.shape = tuple(shape)
+
+    @classmethod
+    def fits(cls, w: torch.Tensor, group: int) -> bool:
+        n, k = w.shape
+        return (
+            w.is_cuda and group in cls.GROUPS and k % (cls.INNER_K_TILES * 16) == 0 and n % 8 == 0
+        )
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, group: int) -> TinygemmInt4:
+        q, scale, lo = int4_levels(w, group)
+        pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()
+        packed = torch._convert_weight_to_int4pack(pairs, cls.INNER_K_TILES)
+        zero = lo + 8 * scale
+        scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+        return cls(packed, scale_zero.to(torch.bfloat16), group, w.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scale_zero.nbytes
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        flat = x.reshape(-1, self.shape[1]).to(torch.bfloat16)
+        y = torch._weight_int4pack_mm(flat, self.packed, self.group, self.scale_zero)
+        y = y.view(*x.shape[:-1], -1).to(x.dtype)
+        return y + bias if bias is not None else y
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        k = self.shape[1]
+        eye = torch.eye(k, dtype=torch.bfloat16, device=self.packed.device)
+        return torch._weight_int4pack_mm(eye, self.packed, self.group, self.scale_zero).T.to(dtype)
+
+
+QuantWeight = Int8Weight | Int4Weight | TinygemmInt4
 
 
 def _interleave(rows: torch.Tensor) -> torch.Tensor:
@@ -196,9 +251,9 @@ def _deinterleave(data: torch.Tensor, n: int, b: int) -> torch.Tensor:
     return torch.cat([blocks.reshape(full, b), data[full * b :].view(n - full, b)])
 
 
-def _per_input(k: int, group: int) -> torch.Tensor:
+def _per_input(k: int, group: int, device: torch.device) -> torch.Tensor:
     """For each input index, its group."""
-    return torch.arange(k) // group
+    return torch.arange(k, device=device) // group
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None):
@@ -227,6 +282,8 @@ def quantize_matrix(
         )
     if mode == "int8":
         return Int8Weight.quantize(w, group)
+    if TinygemmInt4.fits(w, group):
+        return TinygemmInt4.quantize(w, group)
     return Int4Weight.quantize(w, group)
 
 

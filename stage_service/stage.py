@@ -154,7 +154,7 @@ class Stage:
             check_slot_budget(shape, self.config.kv_cache_mb * 2**20)  # before dropping anything
         with self._compute:
             self._release(epoch)  # free the old range before reading the new one
-            quant = Quantization(self.config.quantize, self.config.group)
+            quant = Quantization(self.config.quantize, self.config.group, self.rows_quantized)
             weights = load_range(
                 self.model_dir, self.args, start, end, self.dtype, self.device, quant
             )
@@ -195,7 +195,7 @@ class Stage:
         out = {
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
-            "quantize": self.config.weight_format,
+            "quantize": self.weight_format,
             "quant_kernel": self.quant_kernel,
             "num_layers": self.args.num_layers,
             "kv_budget_bytes": self.config.kv_cache_mb * 2**20,
@@ -223,11 +223,25 @@ class Stage:
         return out
 
     @property
+    def rows_quantized(self) -> bool:
+        """Whether the embedding and head are quantized too (CPU; see weights.Quantization)."""
+        return self.device.type == "cpu"
+
+    @property
+    def weight_format(self) -> str:
+        """none, or <int8|int4>-g<group>, with -float-head where the embedding and head stay in
+        the stage's dtype (orchestrator/profile.py counts the bytes from it)."""
+        fmt = self.config.weight_format
+        return fmt if fmt == "none" or self.rows_quantized else f"{fmt}-float-head"
+
+    @property
     def quant_kernel(self) -> str:
         if self.config.quantize == "none":
             return ""
         if self.device.type != "cpu":
-            return "torch (dequantized per call on this device)"
+            if self.config.quantize == "int4":
+                return "tinygemm (torch._weight_int4pack_mm) where shapes allow, else torch"
+            return "torch, dequantized per call (slower than bf16: no int8 kernel here)"
         kernels, why = cpu_kernels.load()
         return why if kernels is not None else f"torch ({why})"
 

@@ -32,12 +32,15 @@ def load_tensors(
 class Quantization:
     mode: str = "none"  # none, int8, int4 (stage_service/quant.py)
     group: int = 32  # inputs per scale
+    # The embedding and head as int8 rows (CPU). On CUDA they stay in the stage's dtype: no
+    # kernel there reads int8 faster than bf16 (bench/gpu_quant_probe.py).
+    rows_too: bool = True
 
     def matrix(self, name: str, w: torch.Tensor):
         return quantize_matrix(name, w, self.mode, self.group)
 
     def rows(self, name: str, w: torch.Tensor):
-        return quantize_rows(name, w, self.mode)
+        return quantize_rows(name, w, self.mode if self.rows_too else "none")
 
 
 NONE = Quantization()
@@ -117,7 +120,7 @@ def load_range(
         end=end,
         layers=[_load_layer(index, i, args, dtype, device, quant) for i in range(start, end)],
     )
-    rows_dtype = dtype if quant.mode == "none" else torch.float32
+    rows_dtype = dtype if quant.mode == "none" or not quant.rows_too else torch.float32
 
     def rows(name: str):
         (w,) = load_tensors(index, [name], rows_dtype, device)
