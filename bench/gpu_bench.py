@@ -98,7 +98,13 @@ def device_of(i: int) -> str:
 
 
 def start_mesh(
-    model: Path, log_dir: Path, stages: int, kv_cache_mb: int, procs: list, quantize: str = "none"
+    model: Path,
+    log_dir: Path,
+    stages: int,
+    kv_cache_mb: int,
+    procs: list,
+    quantize: str = "none",
+    ready_s: float = 600,
 ) -> str:
     """`stages` stage processes (stage i on device_of(i)) and an orchestrator; appends them to
     `procs` (the caller stops them) and returns the orchestrator's address once it serves."""
@@ -134,7 +140,7 @@ def start_mesh(
     )
     address = procs[-1].wait_address(120)
     with Client(address, timeout_s=600) as client:
-        client.wait_ready(600)
+        client.wait_ready(ready_s)
     return address
 
 
@@ -212,7 +218,7 @@ def format_numbers(model: Path, log_dir: Path, results: dict, fmt: str) -> None:
 
     procs: list = []
     try:
-        address = start_mesh(model, log_dir, 2, 16000, procs, fmt)
+        address = start_mesh(model, log_dir, 2, 16000, procs, fmt, ready_s=240)
         with Client(address, timeout_s=600) as client:
             client.generate(token_ids=PROMPT, max_new_tokens=16, ignore_eos=True)  # warm-up
             b = batch1(client, 128, 3, token_ids=PROMPT)
@@ -342,7 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--quantize",
         default="",
-        help="comma list of stage weight formats (int8, int4) measured after the bf16 mesh",
+        help="comma list of stage weight formats (none, int8, int4), each a 2-stage mesh "
+        "measured first",
+    )
+    p.add_argument(
+        "--formats-only",
+        action="store_true",
+        help="only the --quantize formats' meshes (none = bf16 measured the same way)",
     )
     p.add_argument(
         "--mesh-only",
@@ -359,11 +371,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     make_model(model)
     results["make_model_s"] = time.perf_counter() - t0
+    for fmt in [f for f in args.quantize.split(",") if f]:
+        try:
+            format_numbers(model, out, results, fmt)
+        except Exception as err:  # noqa: BLE001 - recorded; the other formats still run
+            results.setdefault("weight_formats", {})[fmt] = {"error": repr(err)}
+        (out / "gpu_bench.json").write_text(json.dumps(results, indent=2))
+        print(fmt, json.dumps(results["weight_formats"][fmt]), flush=True)
+    if args.formats_only:
+        return 0
     ours = mesh_numbers(model, out, results, counts)
     (out / "gpu_bench.json").write_text(json.dumps(results, indent=2))  # kept if cut short
-    for fmt in [f for f in args.quantize.split(",") if f]:
-        format_numbers(model, out, results, fmt)
-        (out / "gpu_bench.json").write_text(json.dumps(results, indent=2))
     if not args.mesh_only:
         in_process_numbers(model, results)
         torch.cuda.empty_cache()

@@ -62,7 +62,7 @@ class StaticDecoder:
         self._meta = torch.zeros(3, self.max_rows, dtype=torch.long, device=self.device)
         self._hidden = None
         if not model.weights.is_first:
-            dtype = model.weights.layers[0].wqkv.dtype
+            dtype = model.dtype
             shape = (self.max_rows, model.args.hidden_size)
             self._hidden = torch.zeros(shape, dtype=dtype, device=self.device)
         self._captured: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}

@@ -154,3 +154,16 @@ def test_fused_one_token_layer_equals_the_torch_path(tiny_root, name, setting):
     for (k, v), (k2, v2) in zip(kv, twin, strict=True):
         torch.testing.assert_close(k, k2, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(v, v2, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_static_kv_decode_path_with_quantized_weights(tiny_root, tmp_path, setting):
+    """The GPU layout (static slots, fixed-shape decode step, eager on CPU) over quantized
+    matrices: a later stage's input buffer takes the activations' dtype, not a matrix's."""
+    model_dir = make_tiny_model(tiny_root, "gqa")
+    prompt = torch.randint(0, 101, (9,), generator=torch.Generator().manual_seed(5)).tolist()
+    expected = reference_greedy(dequantized(model_dir, tmp_path, setting), prompt, NEW_TOKENS)
+    options = dict(SETTINGS[setting], static_kv="on", max_context=64)
+    with in_process_mesh(model_dir, 2, stage_options=options) as mesh:
+        result = mesh.client.generate(token_ids=prompt, max_new_tokens=NEW_TOKENS)
+    assert result.token_ids == expected
