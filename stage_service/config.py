@@ -42,6 +42,11 @@ class StageConfig(ServiceConfig):
         "weights and activations ('' = float32 on CPU, bfloat16 on GPU)",
         choices=("", *DTYPES),
     )
+    allow_slow_dtype: bool = knob(
+        False,
+        "run --dtype bfloat16/float16 on a CPU without instructions for it, where it is slower "
+        "than float32 (7x at 64 rows on an AVX2 CPU: bench/CPU_NOTES.md)",
+    )
     quantize: str = knob(
         "none",
         "weight-only quantization of the range's matrices, a scale per --quant-group inputs: "

@@ -109,7 +109,8 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -154,7 +155,7 @@ def load() -> tuple[Kernels | None, str]:
     """The kernels and a word on them, or None and why they are not there."""
     if platform.machine() not in ("x86_64", "AMD64") or platform.system() != "Linux":
         return None, f"no quantized kernels for {platform.system()}/{platform.machine()}"
-    missing = {"avx2", "fma"} - _cpu_flags()
+    missing = {"avx2", "fma"} - cpu_flags()
     if missing:
         return None, f"this CPU lacks {', '.join(sorted(missing))}"
     shipped = KERNELS / library_name()

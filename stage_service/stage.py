@@ -74,6 +74,29 @@ class Loaded:
     decoder: StaticDecoder | None = None  # static KV: decode steps of one token per session
 
 
+# CPU instructions that make a 16-bit dtype pay (any one of them).
+HALF_INSTRUCTIONS = {
+    torch.bfloat16: ("avx512_bf16", "amx_bf16"),
+    torch.float16: ("avx512_fp16", "amx_fp16"),
+}
+
+
+def check_cpu_dtype(config: StageConfig, device: torch.device, dtype: torch.dtype) -> None:
+    """A 16-bit dtype on a CPU without instructions for it is refused: torch converts every
+    weight to float32 and back there, 7x slower than float32 at 64 rows (bench/CPU_NOTES.md)."""
+    if device.type != "cpu" or dtype not in HALF_INSTRUCTIONS or config.allow_slow_dtype:
+        return
+    needs = HALF_INSTRUCTIONS[dtype]
+    if set(needs) & cpu_kernels.cpu_flags():
+        return
+    name = str(dtype).removeprefix("torch.")
+    raise FailedPrecondition(
+        f"--dtype {name} on this CPU is slower than float32 (it lacks {' and '.join(needs)}; "
+        f"measured 7x slower at 64 rows on such a CPU): leave --dtype out for float32, use "
+        f"--quantize int8 for fewer bytes, or pass --allow-slow-dtype to run it anyway"
+    )
+
+
 class Stage:
     def __init__(self, config: StageConfig):
         self.config = config
@@ -82,6 +105,7 @@ class Stage:
         self.fingerprint = model_fingerprint(self.model_dir)
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
+        check_cpu_dtype(config, self.device, self.dtype)
         self.loaded: Loaded | None = None
         self.gflops = measure_gflops(self.device, self.dtype)
         # One forward at a time: torch already uses the stage's threads inside each op.

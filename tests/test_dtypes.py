@@ -65,7 +65,7 @@ def test_a_mesh_in_a_16_bit_dtype_generates_what_transformers_does(gqa, dtype, s
     prompts = [torch.randint(0, 101, (n,), generator=g).tolist() for n in (12, 5)]
     model = hf_model(gqa, dtype)
     expected = [hf_greedy(model, p, NEW_TOKENS) for p in prompts]
-    options = dict(dtype=dtype, static_kv=static_kv, max_context=64)
+    options = dict(dtype=dtype, static_kv=static_kv, max_context=64, allow_slow_dtype=True)
     results: dict[int, object] = {}
     with in_process_mesh(gqa, 2, stage_options=options) as mesh:
 
@@ -108,7 +108,9 @@ def test_last_stage_logits_in_a_16_bit_dtype_are_within_the_tolerance(tiny_root,
     sequence = prompt + hf_greedy(model, prompt, NEW_TOKENS)
     with torch.inference_mode():
         want = model(torch.tensor([sequence])).logits[0].float()
-    stage = Stage(StageConfig(model=str(model_dir), kv_cache_mb=16, dtype=dtype))
+    stage = Stage(
+        StageConfig(model=str(model_dir), kv_cache_mb=16, dtype=dtype, allow_slow_dtype=True)
+    )
     try:
         stage.load_layers(0, stage.args.num_layers, 1)
         step = StepInput("s", 1, 0, sequence, None, Sampling(), return_logits=True)
@@ -117,3 +119,15 @@ def test_last_stage_logits_in_a_16_bit_dtype_are_within_the_tolerance(tiny_root,
         stage.batcher.close()
     assert got.dtype == torch.float32 and got.shape == want.shape
     torch.testing.assert_close(got, want, atol=ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_cpu_without_half_instructions_refuses_the_slow_dtype(gqa, dtype):
+    from protos.errors import FailedPrecondition
+    from stage_service import cpu_kernels
+    from stage_service.stage import HALF_INSTRUCTIONS
+
+    if set(HALF_INSTRUCTIONS[getattr(torch, dtype)]) & cpu_kernels.cpu_flags():
+        pytest.skip(f"this CPU has instructions for {dtype}: it is not refused here")
+    with pytest.raises(FailedPrecondition, match="slower than float32.*--allow-slow-dtype"):
+        Stage(StageConfig(model=str(gqa), kv_cache_mb=16, dtype=dtype))
