@@ -167,3 +167,26 @@ def test_static_kv_decode_path_with_quantized_weights(tiny_root, tmp_path, setti
     with in_process_mesh(model_dir, 2, stage_options=options) as mesh:
         result = mesh.client.generate(token_ids=prompt, max_new_tokens=NEW_TOKENS)
     assert result.token_ids == expected
+
+
+@pytest.mark.parametrize(
+    "fmt", ["int8-g64", "int4-g32", "int8-g16-float-head", "int4-g64-float-head"]
+)
+def test_the_planner_counts_the_bytes_a_stage_holds(tiny_root, fmt):
+    """orchestrator/profile.py's packed sizes, per format (the GPU's -float-head included),
+    equal what weights.load_range holds, for a first, a middle and a last range."""
+    from orchestrator.plan import LayerRange
+    from orchestrator.profile import ModelProfile
+    from protos.model_files import LlamaArgs, read_config
+    from stage_service.weights import load_range, weight_bytes
+
+    model_dir = make_tiny_model(tiny_root, "untied_mha")
+    args = LlamaArgs.from_config(read_config(model_dir))
+    profile = ModelProfile.from_model_dir(model_dir, 4, weight_format=fmt)
+    mode, _, rest = fmt.partition("-g")
+    quant = Quantization(mode, int(rest.split("-")[0]), rows_too=not fmt.endswith("-float-head"))
+    for start, end in [(0, 2), (2, 4), (4, 6)]:
+        held = load_range(model_dir, args, start, end, torch.float32, torch.device("cpu"), quant)
+        first, last = start == 0, end == args.num_layers
+        planned = profile.stage_weight_bytes(LayerRange(start, end), first, last)
+        assert planned == weight_bytes(held), (start, end)
