@@ -56,9 +56,9 @@ def _print_plan(plan: dict, stages: dict[str, dict], as_json: bool) -> int:
                 "stage": s["index"],
                 "address": s["address"],
                 "device": s["device"],
-                "weights": s.get("quantize") or "none",
                 "layers": f"{s['layer_start']}-{s['layer_end'] - 1}",
                 "weight_mb": round(int(s["weight_bytes"]) / 2**20, 1),
+                "weights": s.get("quantize") or "none",  # the stage's format (--quantize)
                 "kv_tokens": int(s["kv_capacity_tokens"]),
                 "est_ms_per_token": round(s["est_ms_per_token"], 2),
                 "reachable": status.get("reachable", True),
