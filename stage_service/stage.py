@@ -6,6 +6,7 @@ the plan epoch that every step must then carry.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import threading
@@ -72,6 +73,16 @@ class Loaded:
     weight_bytes: int
     epoch: int
     decoder: StaticDecoder | None = None  # static KV: decode steps of one token per session
+
+
+def release_freed_memory() -> None:
+    """Hands memory freed inside the heap back to the system (glibc's malloc_trim): loading a
+    quantized range frees a float copy of every matrix, which the allocator would otherwise
+    keep in the process's RSS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 # CPU instructions that make a 16-bit dtype pay (any one of them).
@@ -203,6 +214,7 @@ class Stage:
                         time.perf_counter() - t0,
                     )
             self.loaded = Loaded(model, cache, weight_bytes(weights), epoch, decoder)
+            release_freed_memory()  # the float copies quantization read, and the old range
             if decoder is not None and decoder.graphs:
                 # What loading made (graphs, compiled code: a great many objects) is kept out of
                 # the collector's full scans, whose pauses would land on ~3 ms decode steps.
