@@ -6,6 +6,7 @@ the plan epoch that every step must then carry.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import logging
@@ -79,10 +80,8 @@ def release_freed_memory() -> None:
     """Hands memory freed inside the heap back to the system (glibc's malloc_trim): loading a
     quantized range frees a float copy of every matrix, which the allocator would otherwise
     keep in the process's RSS."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 # CPU instructions that make a 16-bit dtype pay (any one of them).
