@@ -18,6 +18,7 @@ from protos.knobs import (
     ConfigError,
     ServiceConfig,
     host_port,
+    in_range,
     knob,
     positive,
     readable_file,
@@ -114,6 +115,13 @@ class OrchestratorConfig(ServiceConfig):
         "'authorization: Bearer <key>' (missing or wrong: UNAUTHENTICATED; client key on an "
         "admin call: PERMISSION_DENIED); Health needs no key ('' = no keys needed)",
         check=readable_file,
+    )
+
+    http_port: int = knob(
+        0,
+        "serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+        "/v1/models) on this port, with the same API keys and TLS certificate (0 = off)",
+        check=in_range(0, 65535),
     )
 
     def __post_init__(self) -> None:

@@ -5,6 +5,7 @@ No gRPC in here."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from orchestrator.strategies import PlanSpec, estimate_ms_per_token, make_plan, 
 from orchestrator.tokenizer import Tokenizer
 from protos.errors import FailedPrecondition, InvalidArgument, LlamadistError, Unavailable
 from protos.model_files import LlamaArgs, model_fingerprint, read_config
+from protos.standard_services import ReadinessHealth
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,27 @@ class PlanView:
     stage_epoch: int = 0  # the newest plan epoch any of its stages holds (a new plan goes above)
 
 
+def generation_defaults(model_dir: Path) -> dict[str, float]:
+    """The model's own sampling defaults (generation_config.json), which the HTTP API uses where
+    a request leaves them out: greedy (temperature 0) when the file says do_sample false, and
+    OpenAI's defaults (temperature 1, top_p 1) when there is no file."""
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    if cfg.get("do_sample") is False:
+        return {"temperature": 0.0}
+    out = {}
+    for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        value = cfg.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
 def plan_spec(request: PlanRequest) -> PlanSpec:
     return spec_from_text(
         request.strategy, request.num_partitions, request.max_memory, request.boundaries
@@ -84,10 +107,12 @@ class Orchestrator:
             boundaries=config.boundaries,
             stages=tuple(config.stages),
         )
+        self.generation_defaults = generation_defaults(self.model_dir)
         self.view: PlanView | None = None
         self.startup_error = ""
         self._profiles: dict[tuple[int, str], ModelProfile] = {}
         self._reload_lock = threading.Lock()
+        self.health: ReadinessHealth | None = None  # the standard Health service, once served
 
     # ------------------------------------------------------------------ planning
 
@@ -212,6 +237,8 @@ class Orchestrator:
 
     def shut_down(self, deadline: float) -> None:
         """SIGTERM: generations finish or are suspended before `deadline` (time.monotonic())."""
+        if self.health is not None:
+            self.health.shutdown()  # grpc.health.v1: NOT_SERVING from now on
         suspended = self.generator.shut_down(deadline)
         if suspended:
             log.info("suspended %d sessions still running at shutdown", suspended)

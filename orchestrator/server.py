@@ -25,12 +25,13 @@ def build_server(config: OrchestratorConfig) -> tuple[grpc.Server, int, Orchestr
     keys_check = security.ApiKeyInterceptor(keys) if keys else None
     orch = Orchestrator(config)
     orch.router.channel_credentials = stage_credentials  # read by Router.client for StageClient
-    server, port = listening_server(
+    server, port, health = listening_server(
         "Orchestrator",
         OrchestratorServicer(orch, keys_check),
         config.host,
         config.port,
         config.max_workers,
+        orch.ready,
         credentials=security.server_credentials(
             config.tls_cert, config.tls_key, config.tls_ca, require_client_cert=False
         ),
@@ -38,12 +39,33 @@ def build_server(config: OrchestratorConfig) -> tuple[grpc.Server, int, Orchestr
     )
     if keys and stage_credentials is None:
         log.warning("API keys without TLS: keys cross the network in plaintext")
+    orch.health = health
     return server, port, orch
+
+
+def start_http(config: OrchestratorConfig, orch: Orchestrator, port: int | None = None):
+    """The OpenAI-compatible HTTP API on `port` (default --http-port; 0 picks a free one), with
+    the gRPC side's API keys and TLS certificate. Returns the running HttpServer."""
+    from orchestrator.http_server import HttpServer
+    from orchestrator.openai_api import OpenAIApi
+
+    keys = security.load_api_keys(config.api_keys_file) if config.api_keys_file else None
+    api = OpenAIApi(orch, security.ApiKeyInterceptor(keys) if keys else None)
+    http = HttpServer(
+        api.app(), config.host, config.http_port if port is None else port,
+        config.tls_cert, config.tls_key,
+    )  # fmt: skip
+    http.start()
+    return http
 
 
 def serve(config: OrchestratorConfig) -> None:
     server, port, orch = build_server(config)
     server.start()
+    http = start_http(config, orch) if config.http_port else None
+    if http is not None:
+        scheme = "https" if http.tls else "http"
+        print(f"OpenAI-compatible API at {scheme}://{config.host}:{http.port}/v1", flush=True)
     threading.Thread(target=orch.start, name="startup", daemon=True).start()
     try:
         run_until_signal(
@@ -53,4 +75,6 @@ def serve(config: OrchestratorConfig) -> None:
             drain=orch.shut_down,
         )
     finally:
+        if http is not None:
+            http.stop()
         orch.close()

@@ -28,10 +28,17 @@ log = logging.getLogger(__name__)
 ROLES = ("client", "admin")
 ORCHESTRATOR = "/llamadist.Orchestrator/"
 # RPCs anyone may call, key or not.
-OPEN_METHODS = frozenset({ORCHESTRATOR + "Health"})
+# Health probes (ours and grpc.health.v1) need no key: probes rarely can send one.
+OPEN_METHODS = frozenset(
+    {ORCHESTRATOR + "Health", "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"}
+)
 # RPCs a `client` key may call; every other RPC needs an `admin` key.
 CLIENT_METHODS = frozenset(
-    ORCHESTRATOR + m for m in ("Generate", "GenerateStream", "EndSession", "GetPlan", "ListStages")
+    [
+        ORCHESTRATOR + m
+        for m in ("Generate", "GenerateStream", "EndSession", "GetPlan", "ListStages")
+    ]
+    + ["/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"]  # grpcurl list/describe
 )
 
 

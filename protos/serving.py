@@ -12,6 +12,7 @@ import grpc
 
 from protos.handlers import add_service
 from protos.limits import MAX_MESSAGE_BYTES
+from protos.standard_services import ReadinessHealth, add_standard_services
 
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -53,22 +54,24 @@ def listening_server(
     host: str,
     port: int,
     max_workers: int,
+    ready: Callable[[], tuple[bool, str]],
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
-) -> tuple[grpc.Server, int]:
-    """A server (not started) with `servicer` serving `llamadist.<service_name>` on host:port;
-    port 0 picks a free one.
-    With `credentials` the port speaks TLS only (see protos/security.py), else plaintext."""
+) -> tuple[grpc.Server, int, ReadinessHealth]:
+    """A server (not started) with `servicer` serving `llamadist.<service_name>` on host:port,
+    and the standard Health (following `ready()`) and reflection services; port 0 picks a free
+    one. With `credentials` the port speaks TLS only (see protos/security.py), else plaintext."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         options=GRPC_OPTIONS,
         interceptors=list(interceptors),
     )
     add_service(server, service_name, servicer)
+    health = add_standard_services(server, service_name, ready)
     if credentials is None:
         bound = server.add_insecure_port(f"{host}:{port}")
     else:
         bound = server.add_secure_port(f"{host}:{port}", credentials)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
-    return server, bound
+    return server, bound, health

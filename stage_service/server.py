@@ -29,12 +29,14 @@ def build(config: StageConfig) -> tuple[grpc.Server, int, StageServicer]:
         in_batch=stage.batcher.on_compute_thread,
     )
     stage.batcher.after_batch = forwarder.flush
-    server, port = listening_server(
+    servicer = StageServicer(stage, forwarder)
+    server, port, servicer.health = listening_server(
         "Stage",
-        servicer := StageServicer(stage, forwarder),
+        servicer,
         config.host,
         config.port,
         config.max_workers,
+        stage.ready,
         credentials=credentials,
     )
     return server, port, servicer

@@ -15,6 +15,7 @@ from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
 from protos.errors import InvalidArgument, LlamadistError
 from protos.sampling import Sampling
+from protos.standard_services import ReadinessHealth
 from protos.status import grpc_errors
 from stage_service.batcher import Job
 from stage_service.forwarding import (
@@ -37,11 +38,14 @@ class StageServicer(pb_grpc.StageServicer):
         self._outboxes: set[queue.SimpleQueue] = set()  # of the ForwardStream calls open now
         self._lock = threading.Lock()
         self.closing = False
+        self.health: ReadinessHealth | None = None  # the standard Health service, once served
 
     def drain(self, deadline: float) -> None:
         """Shutting down: every open ForwardStream ends once the batches it took are settled
         (its caller sees the stream end and fails over), and the links to next stages close,
         so that no peer's stream holds the server up for its whole grace period."""
+        if self.health is not None:
+            self.health.shutdown()  # grpc.health.v1: NOT_SERVING from now on
         with self._lock:
             self.closing = True
             outboxes = list(self._outboxes)

@@ -194,6 +194,7 @@ class InProcessMesh:
             stage_wait_s=10,
             **orchestrator_options,
         )
+        self.config = config
         self.server, port, self.orchestrator = build_orchestrator(config)
         self.server.start()
         self.orchestrator.start()

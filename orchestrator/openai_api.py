@@ -1,0 +1,361 @@
+"""The OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/completions`, `/v1/models`),
+served by the orchestrator process itself on `--http-port`, so no hop is added: a request runs
+through the same Generator as the gRPC Generate call.
+
+Starlette on uvicorn: the ASGI toolkit FastAPI is built on, without FastAPI's request models,
+whose validation errors (422, their own body shape) are not OpenAI's; requests are checked here
+and refused with OpenAI-shaped error bodies and the HTTP status matching our gRPC status.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+from starlette.applications import Starlette
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from orchestrator.generation import Caller, Chunk, GenerationRequest
+from orchestrator.orchestrator import Orchestrator
+from protos import errors
+from protos import llamadist_pb2 as pb
+from protos.security import ApiKeyInterceptor
+
+DEFAULT_MAX_TOKENS = 256
+FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+# HTTP status and OpenAI error type per domain error (the gRPC mapping's counterpart).
+STATUS = {
+    errors.InvalidArgument: (400, "invalid_request_error"),
+    errors.OutOfRange: (400, "invalid_request_error"),
+    errors.NotFound: (404, "not_found_error"),
+    errors.PermissionDenied: (403, "permission_error"),
+    errors.ResourceExhausted: (429, "rate_limit_error"),
+    errors.FailedPrecondition: (400, "invalid_request_error"),
+    errors.Unavailable: (503, "service_unavailable"),
+    errors.Cancelled: (499, "cancelled"),
+}
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, kind: str, message: str, code: str | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.code = status, kind, code
+
+
+def error_response(err: Exception) -> JSONResponse:
+    if isinstance(err, HttpError):
+        status, kind, code = err.status, err.kind, err.code
+    elif isinstance(err, errors.LlamadistError):
+        status, kind = next(
+            (v for cls, v in STATUS.items() if isinstance(err, cls)), (500, "server_error")
+        )
+        code = type(err).__name__
+    else:
+        status, kind, code = 500, "server_error", None
+        err = Exception(f"internal error: {err!r}")
+    body = {"error": {"message": str(err), "type": kind, "param": None, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+class OpenAIApi:
+    def __init__(self, orch: Orchestrator, keys: ApiKeyInterceptor | None = None):
+        self.orch = orch
+        self.keys = keys
+        self.model_id = orch.model_dir.name
+        self.created = int(time.time())
+
+    # ---------------------------------------------------------------- plumbing
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/v1/models", self._wrap(self.models), methods=["GET"]),
+            Route("/v1/chat/completions", self._wrap(self.chat), methods=["POST"]),
+            Route("/v1/completions", self._wrap(self.completions), methods=["POST"]),
+        ]
+        return Starlette(routes=routes)
+
+    def _wrap(self, handler):
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as err:  # noqa: BLE001 - every error gets an OpenAI-shaped body
+                return error_response(err)
+
+        return endpoint
+
+    def _caller(self, request: Request) -> Caller:
+        """As the gRPC side: the API key (hashed) with keys, else the client's host."""
+        header = request.headers.get("authorization", "")
+        if self.keys is None:
+            host = request.client.host if request.client else ""
+            return Caller("host:" + host, owns_all=True)
+        role = self.keys.role((("authorization", header),))
+        if role is None:
+            raise HttpError(401, "authentication_error", "missing or unknown API key", "401")
+        key_id = "key:" + hashlib.sha256(header.encode()).hexdigest()[:16]
+        return Caller(key_id, owns_all=role == "admin")
+
+    async def _body(self, request: Request) -> dict:
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError as err:
+            raise errors.InvalidArgument(f"the request body is not JSON: {err}") from None
+        if not isinstance(body, dict):
+            raise errors.InvalidArgument("the request body must be a JSON object")
+        model = body.get("model")
+        if model not in (None, self.model_id):
+            raise HttpError(
+                404,
+                "invalid_request_error",
+                f"the model {model!r} does not exist; this server serves {self.model_id!r}",
+                "model_not_found",
+            )
+        return body
+
+    # ---------------------------------------------------------------- requests
+
+    def _generation(self, body: dict, prompt_ids: list[int]) -> GenerationRequest:
+        n = body.get("n", 1)
+        if n != 1:
+            raise errors.InvalidArgument(f"n must be 1 (one choice per request), got {n!r}")
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise errors.InvalidArgument(f"max_tokens must be a positive integer: {max_tokens!r}")
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise errors.InvalidArgument("stop must be a string or a list of strings")
+        defaults = self.orch.generation_defaults
+        sampling = pb.SamplingParams(
+            temperature=_number(body, "temperature", defaults.get("temperature", 1.0)),
+            top_p=_number(body, "top_p", defaults.get("top_p", 1.0)),
+            top_k=int(_number(body, "top_k", defaults.get("top_k", 0))),
+            repetition_penalty=_number(
+                body, "repetition_penalty", defaults.get("repetition_penalty", 1.0)
+            ),
+        )
+        seed = body.get("seed")
+        if seed is not None:
+            if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+                raise errors.InvalidArgument(f"seed must be a non-negative integer: {seed!r}")
+            sampling.seed = seed
+        return GenerationRequest(
+            prompt_ids=prompt_ids, max_new_tokens=max_tokens, sampling=sampling, stop=tuple(stop)
+        )
+
+    def _chat_ids(self, body: dict) -> list[int]:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise errors.InvalidArgument("messages must be a non-empty list")
+        chat = []
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise errors.InvalidArgument("each message needs a role and content")
+            content = m.get("content")
+            if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+                parts = [p.get("text") for p in content if isinstance(p, dict)]
+                if not all(isinstance(t, str) for t in parts) or len(parts) != len(content):
+                    raise errors.InvalidArgument("message content parts must be text parts")
+                content = "".join(parts)
+            if not isinstance(content, str):
+                raise errors.InvalidArgument("message content must be a string or text parts")
+            role = "system" if m["role"] == "developer" else m["role"]
+            chat.append({"role": role, "content": content})
+        return self.orch.tokenizer.encode_chat(chat)
+
+    def _prompt_ids(self, body: dict) -> list[int]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]  # one prompt in a list
+        if isinstance(prompt, str):
+            return self.orch.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        raise errors.InvalidArgument("prompt must be a string, or a list of token ids")
+
+    def _run(self, req: GenerationRequest, caller: Caller, cancelled: threading.Event):
+        self.orch.require_ready()
+        return self.orch.generator.run(req, caller, cancelled)
+
+    # ---------------------------------------------------------------- endpoints
+
+    async def models(self, request: Request) -> Response:
+        self._caller(request)
+        view = self.orch.view
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.model_id,
+                        "object": "model",
+                        "created": self.created,
+                        "owned_by": "llamadist",
+                        "context_length": view.max_context if view else None,
+                        "plan_epoch": view.plan.epoch if view else None,
+                    }
+                ],
+            }
+        )
+
+    async def chat(self, request: Request) -> Response:
+        return await self._complete(request, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._complete(request, chat=False)
+
+    async def _complete(self, request: Request, chat: bool) -> Response:
+        caller = self._caller(request)
+        body = await self._body(request)
+        ids = await run_in_threadpool(self._chat_ids if chat else self._prompt_ids, body)
+        req = self._generation(body, ids)
+        want_logprobs = bool(body.get("logprobs")) if chat else body.get("logprobs") is not None
+        meta = Meta(chat, self.model_id, want_logprobs)
+        cancelled = threading.Event()
+        if body.get("stream"):
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            chunks = self._run(req, caller, cancelled)
+            # The first chunk before the response starts: a refused request (its length, the
+            # client's session cap, no stages) gets its own status, not an event in a 200.
+            try:
+                first = await run_in_threadpool(next, chunks, None)
+            except BaseException:
+                cancelled.set()
+                raise
+            return StreamingResponse(
+                self._sse(first, chunks, meta, usage, cancelled), media_type="text/event-stream"
+            )
+        chunks = await run_in_threadpool(lambda: list(self._run(req, caller, cancelled)))
+        return JSONResponse(meta.whole(chunks))
+
+    async def _sse(self, first, chunks: Iterator[Chunk], meta: Meta, usage: bool, cancelled):
+        """Server-sent events. A client that goes away ends this generator: the generation is
+        cancelled and closed, which ends its session on the stages at once."""
+        try:
+            yield meta.sse(meta.opening())
+            last = first
+            if first is not None:
+                yield meta.sse(meta.piece(first))
+            async for chunk in iterate_in_threadpool(chunks):
+                last = chunk
+                yield meta.sse(meta.piece(chunk))
+            if usage and last is not None:
+                yield meta.sse(meta.usage_chunk(last))
+            yield "data: [DONE]\n\n"
+        except Exception as err:  # noqa: BLE001 - mid-stream: an error event, then the end
+            body = json.loads(error_response(err).body)
+            yield f"data: {json.dumps(body)}\n\n"
+        finally:
+            cancelled.set()
+            await run_in_threadpool(_close, chunks)
+
+
+def _close(chunks, timeout_s: float = 60.0) -> None:
+    """Closes a generation's iterator, which runs its cleanup (the session ends on the stages).
+    A step still running in another thread is waited for (it returns at the next token)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            chunks.close()
+            return
+        except ValueError:  # "generator already executing": its step is still in flight
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+
+
+class Meta:
+    """Builds the response objects of one completion."""
+
+    def __init__(self, chat: bool, model: str, logprobs: bool):
+        self.chat, self.model, self.logprobs = chat, model, logprobs
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.generated = 0
+
+    def _object(self, stream: bool) -> str:
+        if self.chat:
+            return "chat.completion.chunk" if stream else "chat.completion"
+        return "text_completion"
+
+    def _base(self, stream: bool) -> dict:
+        return {
+            "id": self.id, "object": self._object(stream), "created": self.created,
+            "model": self.model,
+        }  # fmt: skip
+
+    def _logprobs(self, chunk: Chunk) -> dict | None:
+        if not self.logprobs:
+            return None
+        if self.chat:
+            return {
+                "content": [
+                    {"token": str(t), "logprob": lp, "bytes": None, "top_logprobs": []}
+                    for t, lp in zip(chunk.token_ids, chunk.logprobs, strict=False)
+                ]
+            }
+        return {"tokens": [str(t) for t in chunk.token_ids], "token_logprobs": chunk.logprobs}
+
+    def _choice(self, text: str, finish: str | None, logprobs, stream: bool, role: bool = False):
+        choice = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
+        if not self.chat:
+            return choice | {"text": text}
+        if stream:
+            delta = {"role": "assistant"} if role else {}
+            return choice | {"delta": delta | ({"content": text} if text or not role else {})}
+        return choice | {"message": {"role": "assistant", "content": text}}
+
+    def usage(self, prompt: int, completion: int) -> dict:
+        return {
+            "prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }  # fmt: skip
+
+    def whole(self, chunks: list[Chunk]) -> dict:
+        text = "".join(c.text for c in chunks)
+        ids = [t for c in chunks for t in c.token_ids]
+        lps = [lp for c in chunks for lp in c.logprobs]
+        merged = Chunk(ids, lps, text, chunks[-1].session_id if chunks else "")
+        finish = FINISH.get(chunks[-1].finish_reason if chunks else "", "stop")
+        prompt = chunks[-1].prompt_tokens if chunks else 0
+        return self._base(False) | {
+            "choices": [self._choice(text, finish, self._logprobs(merged), stream=False)],
+            "usage": self.usage(prompt, len(ids)),
+        }
+
+    def opening(self) -> dict:
+        if not self.chat:
+            return self._base(True) | {"choices": [self._choice("", None, None, True)]}
+        return self._base(True) | {"choices": [self._choice("", None, None, True, role=True)]}
+
+    def piece(self, chunk: Chunk) -> dict:
+        self.generated += len(chunk.token_ids)
+        finish = FINISH.get(chunk.finish_reason) if chunk.finish_reason else None
+        choice = self._choice(chunk.text, finish, self._logprobs(chunk), stream=True)
+        return self._base(True) | {"choices": [choice]}
+
+    def usage_chunk(self, last: Chunk) -> dict:
+        return self._base(True) | {
+            "choices": [], "usage": self.usage(last.prompt_tokens, self.generated),
+        }  # fmt: skip
+
+    @staticmethod
+    def sse(obj: dict) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+
+def _number(body: dict, name: str, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return float(default)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise errors.InvalidArgument(f"{name} must be a number, got {value!r}")
+    return float(value)

@@ -1,0 +1,151 @@
+"""The OpenAI-compatible HTTP API, reached by the official `openai` package and by httpx (for
+error bodies and a disconnect), on a real mesh: greedy text through HTTP equals the gRPC
+Generate's for the same input."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+from openai import APIStatusError, OpenAI
+
+from orchestrator.server import start_http
+from tests.conftest import in_process_mesh, make_tokenizer_model
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, default_model):
+    return make_tokenizer_model(tmp_path_factory.mktemp("openai") / "tiny-chat", default_model)
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    with in_process_mesh(model_dir, 2, max_sessions_per_client=2) as mesh:
+        http = start_http(mesh.config, mesh.orchestrator, port=0)
+        try:
+            yield mesh, f"http://127.0.0.1:{http.port}/v1"
+        finally:
+            http.stop()
+
+
+def sdk(url: str) -> OpenAI:
+    return OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+
+
+def test_chat_completion_equals_grpc_generate(served, model_dir):
+    mesh, url = served
+    reply = sdk(url).chat.completions.create(
+        model=model_dir.name, messages=CHAT, max_tokens=12, temperature=0
+    )
+    expected = mesh.client.generate(messages=CHAT, max_new_tokens=12)
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 12
+    assert reply.usage.prompt_tokens == expected.prompt_tokens
+
+
+def test_streamed_chat_completion_with_usage(served, model_dir):
+    mesh, url = served
+    stream = sdk(url).chat.completions.create(
+        model=model_dir.name, messages=CHAT, max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    expected = mesh.client.generate(messages=CHAT, max_new_tokens=10)
+    assert text == expected.text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and all(f is None for f in finishes[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+
+
+def test_completion_with_stop_and_models(served, model_dir):
+    mesh, url = served
+    client = sdk(url)
+    full = client.completions.create(
+        model=model_dir.name, prompt="The capital of France is", max_tokens=16, temperature=0
+    )
+    text = full.choices[0].text
+    assert len(text) > 4
+    stop = text[2:4]  # a string the greedy text reaches
+    cut = client.completions.create(
+        model=model_dir.name, prompt="The capital of France is", max_tokens=16,
+        temperature=0, stop=[stop],
+    )  # fmt: skip
+    assert cut.choices[0].finish_reason == "stop"
+    assert stop not in cut.choices[0].text and text.startswith(cut.choices[0].text)
+    models = client.models.list().data
+    assert [m.id for m in models] == [model_dir.name]
+    extra = models[0].model_extra
+    assert extra["context_length"] == int(mesh.client.plan()["max_context"])
+    assert extra["plan_epoch"] == int(mesh.client.plan()["epoch"])
+
+
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        ({"messages": CHAT, "n": 2}, 400, "n must be 1"),
+        ({"messages": CHAT, "model": "gpt-4"}, 404, "does not exist"),
+        ({"messages": []}, 400, "messages"),
+        ({"messages": CHAT, "max_tokens": 0}, 400, "max_tokens"),
+        ({"messages": CHAT, "temperature": "hot"}, 400, "temperature"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+        ({"messages": CHAT, "max_tokens": 10**7}, 400, ""),
+    ],
+)
+def test_bad_requests_get_openai_error_bodies(served, body, status, words):
+    _, url = served
+    reply = httpx.post(f"{url}/chat/completions", json=body, timeout=30)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert words in error["message"] and error["type"] and "Traceback" not in reply.text
+
+
+def test_not_json_and_the_sdk_sees_the_status(served, model_dir):
+    _, url = served
+    reply = httpx.post(f"{url}/completions", content=b"{not json", timeout=30)
+    assert reply.status_code == 400 and "not JSON" in reply.json()["error"]["message"]
+    with pytest.raises(APIStatusError) as err:
+        sdk(url).chat.completions.create(model=model_dir.name, messages=CHAT, n=3)
+    assert err.value.status_code == 400
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_session(served, model_dir):
+    mesh, url = served
+    body = {"model": model_dir.name, "messages": CHAT, "max_tokens": 200, "stream": True}
+    with httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=60) as reply:
+        assert reply.status_code == 200
+        lines = reply.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[6:])["object"] == "chat.completion.chunk"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        active = mesh.orchestrator.generator._active
+        cached = sum(stage.info().get("active_sessions", 0) for stage in mesh.stages)
+        if not active and cached == 0:
+            break
+        time.sleep(0.05)
+    assert not mesh.orchestrator.generator._active
+    assert sum(stage.info().get("active_sessions", 0) for stage in mesh.stages) == 0
+
+
+def test_api_keys_apply_to_http(model_dir, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("sekret client\n")
+    with in_process_mesh(model_dir, 1, api_keys_file=str(keys)) as mesh:
+        http = start_http(mesh.config, mesh.orchestrator, port=0)
+        try:
+            url = f"http://127.0.0.1:{http.port}/v1"
+            assert httpx.get(f"{url}/models", timeout=10).status_code == 401
+            wrong = {"authorization": "Bearer nope"}
+            assert httpx.get(f"{url}/models", headers=wrong, timeout=10).status_code == 401
+            client = OpenAI(base_url=url, api_key="sekret", max_retries=0)
+            assert client.models.list().data[0].id == model_dir.name
+        finally:
+            http.stop()

@@ -1,0 +1,62 @@
+"""The standard gRPC services on every llamadist server: grpc.health.v1.Health follows the real
+readiness our own Health RPC reports, and server reflection lists and describes the services
+(what `grpcurl -plaintext host:port list` asks), through the official grpcio packages' clients."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from stage_service.config import StageConfig
+from stage_service.server import build_server as build_stage
+from tests.conftest import in_process_mesh, make_tiny_model
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def check(address: str, service: str = "") -> int:
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def test_health_follows_readiness_of_a_stage_and_the_orchestrator(tiny_root):
+    model_dir = make_tiny_model(tiny_root, "gqa")
+    server, port, stage = build_stage(StageConfig(model=str(model_dir), port=0, kv_cache_mb=16))
+    server.start()
+    try:  # no layers yet: our Health says NOT_SERVING, so does the standard one
+        assert check(f"127.0.0.1:{port}") == NOT_SERVING
+        assert check(f"127.0.0.1:{port}", "llamadist.Stage") == NOT_SERVING
+        stage.load_layers(0, 4, epoch=1)
+        assert check(f"127.0.0.1:{port}") == SERVING
+        assert check(f"127.0.0.1:{port}", "llamadist.Stage") == SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            check(f"127.0.0.1:{port}", "no.such.Service")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        server.stop(None)
+    with in_process_mesh(model_dir, 2) as mesh:
+        assert check(mesh.address) == SERVING
+        assert check(mesh.address, "llamadist.Orchestrator") == SERVING
+        assert all(check(a, "llamadist.Stage") == SERVING for a in mesh.addresses)
+
+
+def test_reflection_lists_and_describes_the_services(tiny_root):
+    model_dir = make_tiny_model(tiny_root, "gqa")
+    with in_process_mesh(model_dir, 2) as mesh:
+        for address, ours in [(mesh.address, "llamadist.Orchestrator")] + [
+            (a, "llamadist.Stage") for a in mesh.addresses
+        ]:
+            with grpc.insecure_channel(address) as channel:
+                db = ProtoReflectionDescriptorDatabase(channel)
+                services = set(db.get_services())
+                assert {ours, "grpc.health.v1.Health"} <= services
+                described = db.FindFileContainingSymbol(ours)
+                assert described.package == "llamadist"
+                methods = {m.name for s in described.service for m in s.method}
+                assert ("Generate" if "Orchestrator" in ours else "ForwardStream") in methods
