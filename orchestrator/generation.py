@@ -153,6 +153,7 @@ class Generator:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_positions = max_positions
+        self.metrics = None  # orchestrator/metrics.py's, set by the Orchestrator
         self._active: dict[str, Running] = {}
         self._suspended: dict[str, SessionState] = {}  # failed for want of a stage; resumable
         self._lock = threading.Lock()
@@ -231,7 +232,16 @@ class Generator:
         """Generates; a request naming a suspended session resumes it (its first chunk repeats
         what was generated before the failure, so a resumed call returns the whole answer).
         A client (`caller.id`) runs at most max_sessions_per_client. The generation stops at
-        its next step once `cancelled` is set (its caller is gone)."""
+        its next step once `cancelled` is set (its caller is gone). Counted by `metrics`
+        (orchestrator/metrics.py) where there are any, refusals included."""
+        chunks = self._run(req, caller, cancelled)
+        if self.metrics is not None:
+            chunks = self.metrics.observe(chunks, len(req.prompt_ids))
+        yield from chunks
+
+    def _run(
+        self, req: GenerationRequest, caller: Caller | None, cancelled: threading.Event | None
+    ) -> Iterator[Chunk]:
         caller = caller or Caller()
         running = Running(owner=caller.id, cancelled=cancelled or threading.Event())
         with self._lock:

@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from orchestrator.generation import Caller, Chunk, GenerationRequest
+from orchestrator.metrics import CONTENT_TYPE
 from orchestrator.orchestrator import Orchestrator
 from protos import errors
 from protos import llamadist_pb2 as pb
@@ -78,6 +79,7 @@ class OpenAIApi:
             Route("/v1/models", self._wrap(self.models), methods=["GET"]),
             Route("/v1/chat/completions", self._wrap(self.chat), methods=["POST"]),
             Route("/v1/completions", self._wrap(self.completions), methods=["POST"]),
+            Route("/metrics", self._wrap(self.metrics), methods=["GET"]),
         ]
         return Starlette(routes=routes)
 
@@ -205,6 +207,11 @@ class OpenAIApi:
                 ],
             }
         )
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus exposition (orchestrator/metrics.py); no key, as scrapers have none."""
+        body = await run_in_threadpool(self.orch.metrics.exposition)
+        return Response(body, media_type=CONTENT_TYPE)
 
     async def chat(self, request: Request) -> Response:
         return await self._complete(request, chat=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from orchestrator.config import OrchestratorConfig
 from orchestrator.generation import Generator
+from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.plan import PartitionPlan
 from orchestrator.profile import ModelProfile, StageCapacity
 from orchestrator.replicas import split_group
@@ -108,6 +109,8 @@ class Orchestrator:
             stages=tuple(config.stages),
         )
         self.generation_defaults = generation_defaults(self.model_dir)
+        self.metrics = OrchestratorMetrics(self)
+        self.generator.metrics = self.metrics
         self.view: PlanView | None = None
         self.startup_error = ""
         self._profiles: dict[tuple[int, str], ModelProfile] = {}
@@ -184,6 +187,15 @@ class Orchestrator:
     def reload(self, request: PlanRequest) -> PlanView:
         """Applies a new plan while serving: steps in flight finish first, new ones wait, and
         sessions replay their history onto the new layout. A failed apply restores the old plan."""
+        try:
+            view = self._reload(request)
+        except Exception as err:
+            self.metrics.reloads.labels(type(err).__name__).inc()
+            raise
+        self.metrics.reloads.labels("ok").inc()
+        return view
+
+    def _reload(self, request: PlanRequest) -> PlanView:
         with self._reload_lock:
             view = self.preview(request)  # infeasible specs fail here; nothing has changed
             with self.router.exclusive():

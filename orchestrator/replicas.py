@@ -59,6 +59,7 @@ class ReplicaPool:
     """Positions of the plan in force, session pinning, and the down-stage prober."""
 
     def __init__(self, make_client: Callable[[str], StageClient]):
+        self.marked_down = 0  # replicas found down so far (each one a failover)
         self.make_client = make_client
         self.positions: list[Position] = []
         self._replicas: dict[str, Replica] = {}  # by stage address, kept across plans
@@ -121,6 +122,7 @@ class ReplicaPool:
     def mark_down(self, replica: Replica, why: str) -> None:
         with self._lock:
             if replica.down_since is None:
+                self.marked_down += 1  # the failovers that /metrics counts
                 log.warning("%s is down: %s", replica.client.name, why)
                 replica.down_since = time.monotonic()
                 replica.backoff_s = FIRST_BACKOFF_S

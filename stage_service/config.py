@@ -47,6 +47,9 @@ class StageConfig(ServiceConfig):
         "run --dtype bfloat16/float16 on a CPU without instructions for it, where it is slower "
         "than float32 (7x at 64 rows on an AVX2 CPU: bench/CPU_NOTES.md)",
     )
+    metrics_port: int = knob(
+        0, "serve Prometheus metrics at /metrics on this port (0 = off)", check=in_range(0, 65535)
+    )
     quantize: str = knob(
         "none",
         "weight-only quantization of the range's matrices, a scale per --quant-group inputs: "

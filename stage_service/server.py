@@ -52,6 +52,9 @@ def serve(config: StageConfig) -> None:
     stage = servicer.stage
     server.start()
     log.info("stage on %s, model %s (%s)", stage.device, config.model, stage.fingerprint)
+    if config.metrics_port:
+        stage.metrics.serve(config.host, config.metrics_port)
+        log.info("metrics at http://%s:%d/metrics", config.host, config.metrics_port)
     run_until_signal(
         server,
         f"llamadist stage listening on {config.host}:{port}",

@@ -34,6 +34,7 @@ from stage_service.batcher import Batcher, Job
 from stage_service.config import StageConfig
 from stage_service.decode import StaticDecoder
 from stage_service.kv_cache import CacheShape, Session, SessionCache, check_slot_budget
+from stage_service.metrics import StageMetrics
 from stage_service.model import LlamaArgs, RangeModel, Segment
 from stage_service.sampling import NonFiniteLogits, draw_generator, sample_rows
 from stage_service.speed import measure_gflops
@@ -123,6 +124,7 @@ class Stage:
         self._admin = threading.Lock()  # one layer assignment at a time
         self.epoch = 0  # the plan epoch of the assignment in force (0: none yet)
         self.batcher = Batcher(self._run_batch, config.max_batch, config.max_batch_tokens)
+        self.metrics = StageMetrics(self)
 
     # ------------------------------------------------------------------ admin
 
@@ -391,6 +393,7 @@ class Stage:
             else:
                 outputs = self._hidden_outputs(loaded, ready, result)
             compute_ns = time.perf_counter_ns() - t0
+            self.metrics.observe(len(ready), compute_ns / 1e9)
             for (job, _), out in zip(ready, outputs, strict=True):
                 if isinstance(out, Exception):  # one session's failure is its own
                     job.error = out

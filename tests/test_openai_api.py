@@ -149,3 +149,42 @@ def test_api_keys_apply_to_http(model_dir, tmp_path):
             assert client.models.list().data[0].id == model_dir.name
         finally:
             http.stop()
+
+
+def scrape(url: str) -> dict[str, float]:
+    """/metrics parsed by prometheus_client's own parser: sample name + labels -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=30).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}"] = sample.value
+    return out
+
+
+def test_metrics_count_what_was_served(served, model_dir):
+    mesh, url = served
+    before = scrape(url)
+    client = sdk(url)
+    n = 3
+    for _ in range(n):
+        client.completions.create(model=model_dir.name, prompt="Hello", max_tokens=4, temperature=0)
+    mesh.client.generate("Hello", max_new_tokens=4)  # gRPC is counted too
+    with pytest.raises(APIStatusError):
+        client.completions.create(model=model_dir.name, prompt="Hello", max_tokens=10**7)
+    after = scrape(url)
+
+    def moved(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert moved("llamadist_requests_total{outcome=length}") == n + 1
+    assert moved("llamadist_requests_total{outcome=InvalidArgument}") == 1
+    assert moved("llamadist_generation_tokens_total{}") == 4 * (n + 1)
+    assert moved("llamadist_time_to_first_token_seconds_count{}") == n + 1
+    assert moved("llamadist_time_per_output_token_seconds_count{}") == n + 1
+    assert after["llamadist_active_sessions{}"] == 0
+    assert after["llamadist_plan_epoch{}"] == int(mesh.client.plan()["epoch"])
+    budgets = [v for k, v in after.items() if k.startswith("llamadist_stage_kv_budget_bytes")]
+    assert len(budgets) == 2 and all(b == 64 * 2**20 for b in budgets)

@@ -60,3 +60,36 @@ def test_reflection_lists_and_describes_the_services(tiny_root):
                 assert described.package == "llamadist"
                 methods = {m.name for s in described.service for m in s.method}
                 assert ("Generate" if "Orchestrator" in ours else "ForwardStream") in methods
+
+
+def test_stage_metrics_on_their_own_port(tiny_root):
+    """--metrics-port: Prometheus text that prometheus_client parses, whose batch counts move
+    with the forwards the stage ran and whose KV gauges follow Info."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    model_dir = make_tiny_model(tiny_root, "gqa")
+    with in_process_mesh(model_dir, 1) as mesh:
+        stage = mesh.stages[0]
+        server = stage.metrics.serve("127.0.0.1", 0)
+        try:
+            url = f"http://127.0.0.1:{server.server_port}/metrics"
+
+            def scrape() -> dict[str, float]:
+                families = text_string_to_metric_families(httpx.get(url, timeout=10).text)
+                return {s.name: s.value for f in families for s in f.samples if not s.labels}
+
+            before = scrape()
+            mesh.client.generate(token_ids=[1, 2, 3], max_new_tokens=5)
+            after = scrape()
+        finally:
+            server.shutdown()
+    assert (
+        after["llamadist_stage_batch_size_count"] - before["llamadist_stage_batch_size_count"] == 5
+    )
+    assert (
+        after["llamadist_stage_step_compute_seconds_sum"]
+        > before["llamadist_stage_step_compute_seconds_sum"]
+    )
+    assert after["llamadist_stage_kv_budget_bytes"] == 64 * 2**20
+    assert after["llamadist_stage_weight_bytes"] == stage.info()["weight_bytes"]
