@@ -52,6 +52,13 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
         help="torch threads per stage (default: the cores shared out)",
     )
     p.add_argument(
+        "--http-port",
+        type=int,
+        default=8080,
+        help="the orchestrator's OpenAI-compatible HTTP API and /metrics (0 = any free port, "
+        "-1 = off)",
+    )
+    p.add_argument(
         "--quantize", choices=QUANTIZE, default="none", help="as for stage: every stage's weights"
     )
     p.add_argument("--quant-group", type=int, default=0, help="as for stage")
@@ -76,6 +83,7 @@ def run_up(a: argparse.Namespace) -> int:
     check_value(StageConfig, "model", model)
     check_value(OrchestratorConfig, "port", a.port)
     check_value(StageConfig, "quant_group", a.quant_group)
+    check_value(OrchestratorConfig, "http_port", a.http_port)
     for name in ("tls_cert", "tls_key", "tls_ca", "api_keys_file"):
         check_value(OrchestratorConfig, name, getattr(a, name))
     stop = threading.Event()
@@ -87,6 +95,7 @@ def run_up(a: argparse.Namespace) -> int:
         port=a.port,
         threads=a.threads,
         extra_stage_args=["--quantize", a.quantize, "--quant-group", str(a.quant_group)],
+        extra_orchestrator_args=["--http-port", str(a.http_port)],
         secure=a.secure,
         tls_cert=a.tls_cert,
         tls_key=a.tls_key,
@@ -100,6 +109,8 @@ def run_up(a: argparse.Namespace) -> int:
         if mesh.api_keys_file:
             made = " (one key alone in .client, .admin)" if mesh.api_keys else ""
             print(f"API keys file: {mesh.api_keys_file}{made}; clients give --api-key", flush=True)
+        if mesh.http_url:
+            print(f"OpenAI-compatible API: {mesh.http_url} (metrics: /metrics)", flush=True)
         print(f"llamadist mesh ready: orchestrator listening on {mesh.address}", flush=True)
         stop.wait()
         print("stopping", flush=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 from client.client import Client
 
 LISTENING = re.compile(r"listening on (\S+:\d+)")
+HTTP_API = re.compile(r"OpenAI-compatible API at (\S+)")
 
 
 class Process:
@@ -44,12 +45,17 @@ class Process:
             env={**os.environ, **(env or {})},
         )
         self.address: str | None = None
+        self.http_url = ""  # the orchestrator's HTTP API, when it serves one
         self._found = threading.Event()
         threading.Thread(target=self._scan, daemon=True).start()
 
     def _scan(self) -> None:
         for line in self.proc.stdout:
-            match = LISTENING.search(line.decode(errors="replace"))
+            text = line.decode(errors="replace")
+            api = HTTP_API.search(text)
+            if api:  # printed before the gRPC banner
+                self.http_url = api.group(1)
+            match = LISTENING.search(text)
             if match and self.address is None:
                 self.address = match.group(1)
                 self._found.set()
@@ -113,6 +119,7 @@ class LocalMesh:
         self.ready_timeout_s = ready_timeout_s
         self.processes: list[Process] = []
         self.address = ""
+        self.http_url = ""  # with --http-port among the orchestrator's args
         self.secure = secure
         self.tls_cert, self.tls_key, self.tls_ca = tls_cert, tls_key, tls_ca
         self.api_keys_file = api_keys_file
@@ -177,6 +184,7 @@ class LocalMesh:
                 ],
             )
             self.address = orch.wait_address(self.ready_timeout_s)
+            self.http_url = orch.http_url
             with Client(self.address, tls_ca=self.tls_ca or None) as client:  # Health needs no key
                 client.wait_ready(self.ready_timeout_s)
         except BaseException:

@@ -118,10 +118,11 @@ class OrchestratorConfig(ServiceConfig):
     )
 
     http_port: int = knob(
-        0,
+        -1,
         "serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
-        "/v1/models) on this port, with the same API keys and TLS certificate (0 = off)",
-        check=in_range(0, 65535),
+        "/v1/models, /metrics) on this port, with the same API keys and TLS certificate "
+        "(-1 = off, 0 = any free port)",
+        check=in_range(-1, 65535),
     )
 
     def __post_init__(self) -> None:

@@ -62,7 +62,7 @@ def start_http(config: OrchestratorConfig, orch: Orchestrator, port: int | None 
 def serve(config: OrchestratorConfig) -> None:
     server, port, orch = build_server(config)
     server.start()
-    http = start_http(config, orch) if config.http_port else None
+    http = start_http(config, orch) if config.http_port >= 0 else None
     if http is not None:
         scheme = "https" if http.tls else "http"
         print(f"OpenAI-compatible API at {scheme}://{config.host}:{http.port}/v1", flush=True)

@@ -41,17 +41,30 @@ def test_bad_stage_address_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_up_generate_plan_and_shutdown(default_model):
     up = subprocess.Popen(
-        [LLAMADIST, "up", "--stages", "2", "--port", "0", "--model", str(default_model)],
+        [
+            LLAMADIST,
+            "up",
+            "--stages",
+            "2",
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            "--model",
+            str(default_model),
+        ],  # fmt: skip
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
     )
     try:
-        address = None
+        address = http_url = None
         deadline = time.monotonic() + 180
         while address is None and time.monotonic() < deadline:
             line = up.stdout.readline()
             assert line, "llamadist up exited before it was ready"
+            if "OpenAI-compatible API:" in line:
+                http_url = line.split()[2]
             if "mesh ready" in line:
                 address = line.rsplit(" ", 1)[1].strip()
         children = psutil.Process(up.pid).children(recursive=True)
@@ -73,6 +86,15 @@ def test_up_generate_plan_and_shutdown(default_model):
 
         streamed = run_cli("generate", "--server", address, "--chat", prompt)
         assert streamed.returncode == 0 and "Paris" in streamed.stdout
+
+        from openai import OpenAI  # up prints the HTTP API's URL; it answers the same
+
+        http = OpenAI(base_url=http_url, api_key="unused", max_retries=0)
+        chat = http.chat.completions.create(
+            model=default_model.name, messages=[{"role": "user", "content": prompt}],
+            temperature=0, max_tokens=24,
+        )  # fmt: skip
+        assert "Paris" in chat.choices[0].message.content
 
         table = run_cli("plan", "show", "--server", address)
         assert table.returncode == 0, table.stderr

@@ -92,9 +92,10 @@ def reference(default_model) -> list[int]:
         return client.generate(PROMPT, max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids
 
 
-def deployment_env(model: Path, port: int) -> dict:
+def deployment_env(model: Path, port: int, http_port: int = 0) -> dict:
     return {
         **os.environ,
+        "LLAMADIST_HTTP_PORT": str(http_port or free_port()),
         "LLAMADIST_MODEL_DIR": str(model),
         "LLAMADIST_IMAGE": IMAGE,
         "LLAMADIST_PORT": str(port),
@@ -115,6 +116,23 @@ def generate_and_plan(address: str, reference: list[int], label: str) -> None:
     print(plan.stdout.rstrip())
 
 
+def chat_through_http(url: str, grpc_port: int) -> None:
+    """One chat completion through the published HTTP API (the openai SDK), greedy: the same
+    text as the gRPC Generate of the same chat."""
+    from openai import OpenAI
+
+    chat = [{"role": "user", "content": PROMPT}]
+    reply = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+    served = reply.models.list().data[0].id  # the model directory's name in the container
+    answer = reply.chat.completions.create(
+        model=served, messages=chat, temperature=0, max_tokens=NEW_TOKENS
+    )
+    with Client(f"127.0.0.1:{grpc_port}", timeout_s=120) as client:
+        expected = client.generate(messages=chat, max_new_tokens=NEW_TOKENS)
+    assert answer.choices[0].message.content == expected.text
+    print(f"compose: chat completion through {url}: {expected.text!r}")
+
+
 def test_compose_deployment(default_model, reference, tmp_path):
     reason = docker_reason()
     if reason:
@@ -126,7 +144,8 @@ def test_compose_deployment(default_model, reference, tmp_path):
         'version: "3.8"\nnetworks:\n  default:\n    ipam:\n'
         f"      config:\n        - subnet: {COMPOSE_SUBNET}\n"
     )
-    env = deployment_env(default_model, port)
+    http_port = free_port()
+    env = deployment_env(default_model, port, http_port)
     compose = ["docker-compose", "-p", project, "-f", str(COMPOSE_FILE), "-f", str(network)]
     began = time.monotonic()
     try:
@@ -140,6 +159,7 @@ def test_compose_deployment(default_model, reference, tmp_path):
             assert ps.returncode == 0 and ids[service], ps.stderr
 
         generate_and_plan(f"127.0.0.1:{port}", reference, "compose")
+        chat_through_http(f"http://127.0.0.1:{http_port}/v1", port)
 
         for service, container in ids.items():
             c = inspect(container)
@@ -150,8 +170,11 @@ def test_compose_deployment(default_model, reference, tmp_path):
             mounts = [(m["Destination"], m["RW"]) for m in c["Mounts"]]
             assert mounts == [("/model", False)]
             published = {k: v for k, v in (c["HostConfig"]["PortBindings"] or {}).items() if v}
-            assert published == ({"50051/tcp": [{"HostIp": "", "HostPort": str(port)}]}
-                                 if service == "orchestrator" else {})  # fmt: skip
+            expected = {
+                "50051/tcp": [{"HostIp": "", "HostPort": str(port)}],
+                "8080/tcp": [{"HostIp": "", "HostPort": str(http_port)}],
+            }
+            assert published == (expected if service == "orchestrator" else {})
             ip = next(iter(c["NetworkSettings"]["Networks"].values()))["IPAddress"]
             assert ipaddress.ip_address(ip) in ipaddress.ip_network(COMPOSE_SUBNET)
 
@@ -159,7 +182,7 @@ def test_compose_deployment(default_model, reference, tmp_path):
             return all(inspect(c)["State"]["Health"]["Status"] == "healthy" for c in ids.values())
 
         wait_for("every container healthy (HEALTHCHECK)", all_healthy, 120)
-        print("compose: containers healthy, non-root, model read-only, one port published")
+        print("compose: containers healthy, non-root, model read-only, gRPC and HTTP published")
 
         stop = sh(*compose, "stop", "-t", "15", "stage1", env=env)
         assert stop.returncode == 0, stop.stderr
