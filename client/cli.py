@@ -21,6 +21,7 @@ from client import commands_plan as plan
 from client import commands_services as services
 from client.client import ClientError
 from protos.errors import InvalidArgument, LlamadistError
+from protos.logs import TEXT_FORMAT
 
 
 class Parser(argparse.ArgumentParser):
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as done:  # --help, or a usage error already printed as one line
         return done.code if isinstance(done.code, int) else 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format=TEXT_FORMAT)
     try:
         return args.run(args)
     except ClientError as err:  # the server's status and message

@@ -10,6 +10,7 @@ import threading
 
 from orchestrator.config import ENV_PREFIX as ORCHESTRATOR_ENV
 from orchestrator.config import OrchestratorConfig
+from protos import logs
 from protos.knobs import add_flags, check_value, checked, default, from_args, positive
 from stage_service.config import ENV_PREFIX as STAGE_ENV
 from stage_service.config import QUANTIZE, StageConfig
@@ -21,6 +22,7 @@ def add_stage_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_stage(a: argparse.Namespace) -> int:
     config = from_args(StageConfig, a, STAGE_ENV)  # checked before torch is imported
+    logs.configure(config.log_format, "stage")
     from stage_service.server import serve
 
     serve(config)
@@ -33,6 +35,7 @@ def add_orchestrator_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_orchestrator(a: argparse.Namespace) -> int:
     config = from_args(OrchestratorConfig, a, ORCHESTRATOR_ENV)
+    logs.configure(config.log_format, "orchestrator")
     from orchestrator.server import serve
 
     serve(config)

@@ -8,6 +8,7 @@ KV cache (bytes used and budget, from its Info).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 
@@ -15,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from protos.errors import LlamadistError
+
+log = logging.getLogger(__name__)
 
 # Seconds: 5 ms (a GPU decode step) to 60 s (a long prompt on a CPU mesh).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -55,9 +58,10 @@ class OrchestratorMetrics:
     def observe(self, chunks: Iterator, prompt_tokens: int) -> Iterator:
         """Passes a generation's chunks through, counting them."""
         t0 = time.perf_counter()
-        first_at, count, outcome = None, 0, "cancelled"
+        first_at, count, outcome, session_id = None, 0, "cancelled", ""
         try:
             for chunk in chunks:
+                session_id = chunk.session_id
                 if first_at is None:
                     first_at = time.perf_counter()
                     self.ttft.observe(first_at - t0)
@@ -78,6 +82,11 @@ class OrchestratorMetrics:
             raise
         finally:
             self.requests.labels(outcome).inc()
+            log.info(
+                "generation %s: %s, %d prompt + %d generated tokens in %.3f s",
+                session_id or "(refused)", outcome, prompt_tokens, count,
+                time.perf_counter() - t0, extra={"session_id": session_id},
+            )  # fmt: skip
             self.prompt_tokens.inc(prompt_tokens)
             self.generation_tokens.inc(count)
             if first_at is not None and count > 1:

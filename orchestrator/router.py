@@ -360,7 +360,9 @@ class Router:
             except NotFound:
                 continue
             except LlamadistError as err:
-                log.warning("ending session %s: %s", session_id, err)
+                log.warning(
+                    "ending session %s: %s", session_id, err, extra={"session_id": session_id}
+                )
         if not found:
             raise NotFound(f"session {session_id!r} is not cached on any stage")
         return freed

@@ -163,6 +163,9 @@ class ServiceConfig:
         check=non_negative,
     )
     max_workers: int = knob(128, "gRPC worker threads (calls served at once)", check=positive)
+    log_format: str = knob(
+        "text", "logs as text lines, or json: one JSON object per line", choices=("text", "json")
+    )
     tls_cert: str = knob(
         "", "this service's certificate (PEM): TLS on", check=readable_file, metavar="PEM"
     )

@@ -23,22 +23,22 @@ from pathlib import Path
 
 import grpc
 
+from protos.standard_services import HEALTH_METHODS, REFLECTION_METHOD
+
 log = logging.getLogger(__name__)
 
 ROLES = ("client", "admin")
 ORCHESTRATOR = "/llamadist.Orchestrator/"
-# RPCs anyone may call, key or not.
-# Health probes (ours and grpc.health.v1) need no key: probes rarely can send one.
-OPEN_METHODS = frozenset(
-    {ORCHESTRATOR + "Health", "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"}
-)
+# RPCs anyone may call, key or not: health probes (ours and grpc.health.v1), which rarely can
+# send a key.
+OPEN_METHODS = frozenset({ORCHESTRATOR + "Health"}) | HEALTH_METHODS
 # RPCs a `client` key may call; every other RPC needs an `admin` key.
 CLIENT_METHODS = frozenset(
     [
         ORCHESTRATOR + m
         for m in ("Generate", "GenerateStream", "EndSession", "GetPlan", "ListStages")
     ]
-    + ["/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"]  # grpcurl list/describe
+    + [REFLECTION_METHOD]  # grpcurl list / describe
 )
 
 

@@ -251,10 +251,16 @@ def test_admin_key_may_do_everything(mesh, pki, model_dir):
 
 
 def test_every_orchestrator_rpc_has_a_role():
-    methods = {
-        security.ORCHESTRATOR + m.name
-        for m in pb.DESCRIPTOR.services_by_name["Orchestrator"].methods
-    }
+    from protos.standard_services import HEALTH_METHODS, REFLECTION_METHOD
+
+    methods = (
+        {
+            security.ORCHESTRATOR + m.name
+            for m in pb.DESCRIPTOR.services_by_name["Orchestrator"].methods
+        }
+        | HEALTH_METHODS
+        | {REFLECTION_METHOD}
+    )  # the standard services: probes open, grpcurl a client
     admin_only = methods - security.OPEN_METHODS - security.CLIENT_METHODS
     assert methods >= security.OPEN_METHODS | security.CLIENT_METHODS
     assert {m.rsplit("/", 1)[1] for m in admin_only} == {"PreviewPlan", "ReloadPlan"}

@@ -93,3 +93,37 @@ def test_stage_metrics_on_their_own_port(tiny_root):
     )
     assert after["llamadist_stage_kv_budget_bytes"] == 64 * 2**20
     assert after["llamadist_stage_weight_bytes"] == stage.info()["weight_bytes"]
+
+
+def test_json_logs_are_one_object_per_line(capsys):
+    import json
+    import logging
+
+    from protos import logs
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logs.configure("json", "orchestrator")
+        logging.getLogger("orchestrator.x").info("hello %s", "there", extra={"session_id": "s1"})
+        logging.getLogger("orchestrator.y").warning("no session")
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    lines = capsys.readouterr().err.strip().splitlines()
+    first, second = (json.loads(line) for line in lines[-2:])
+    assert first["event"] == "hello there" and first["session_id"] == "s1"
+    assert first["service"] == "orchestrator" and first["level"] == "info" and first["time"]
+    assert "session_id" not in second and second["level"] == "warning"
+
+
+def test_with_api_keys_health_is_open_and_reflection_needs_a_key(tiny_root, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("sekret client\n")
+    model_dir = make_tiny_model(tiny_root, "gqa")
+    with in_process_mesh(model_dir, 1, api_keys_file=str(keys)) as mesh:
+        assert check(mesh.address, "llamadist.Orchestrator") == SERVING  # probes send no key
+        with grpc.insecure_channel(mesh.address) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                ProtoReflectionDescriptorDatabase(channel).get_services()
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
