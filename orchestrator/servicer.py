@@ -121,7 +121,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         return GenerationRequest(
             prompt_ids=ids,
             max_new_tokens=msg.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-            sampling=msg.sampling,
+            sampling=self.orch.with_defaults(msg.sampling),
             stop=tuple(msg.stop),
             ignore_eos=msg.ignore_eos,
             session_id=msg.session_id,

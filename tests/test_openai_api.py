@@ -12,6 +12,7 @@ import pytest
 from openai import APIStatusError, OpenAI
 
 from orchestrator.server import start_http
+from protos import llamadist_pb2 as pb
 from tests.conftest import in_process_mesh, make_tokenizer_model
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -188,3 +189,25 @@ def test_metrics_count_what_was_served(served, model_dir):
     assert after["llamadist_plan_epoch{}"] == int(mesh.client.plan()["epoch"])
     budgets = [v for k, v in after.items() if k.startswith("llamadist_stage_kv_budget_bytes")]
     assert len(budgets) == 2 and all(b == 64 * 2**20 for b in budgets)
+
+
+def test_sampling_defaults_come_from_generation_config(served, model_dir):
+    """The default model's generation_config.json (written by fetch-default: SmolLM2's
+    recommended temperature 0.2, top_p 0.9) fills what a request leaves out, over HTTP and over
+    gRPC alike; a value given wins."""
+    mesh, url = served
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    assert (config["temperature"], config["top_p"]) == (0.2, 0.9)
+    filled = mesh.orchestrator.with_defaults(pb.SamplingParams())
+    assert filled.temperature == pytest.approx(0.2) and filled.top_p == pytest.approx(0.9)
+    client = sdk(url)
+    left_out = client.chat.completions.create(
+        model=model_dir.name, messages=CHAT, max_tokens=12, seed=7
+    )
+    given = client.chat.completions.create(
+        model=model_dir.name, messages=CHAT, max_tokens=12, seed=7, temperature=0.2, top_p=0.9
+    )
+    assert left_out.choices[0].message.content == given.choices[0].message.content
+    unset = dict(temperature=None, top_k=None, top_p=None, repetition_penalty=None)
+    grpc_side = mesh.client.generate(messages=CHAT, max_new_tokens=12, seed=7, **unset)
+    assert grpc_side.text == given.choices[0].message.content
