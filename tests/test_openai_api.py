@@ -211,3 +211,30 @@ def test_sampling_defaults_come_from_generation_config(served, model_dir):
     unset = dict(temperature=None, top_k=None, top_p=None, repetition_penalty=None)
     grpc_side = mesh.client.generate(messages=CHAT, max_new_tokens=12, seed=7, **unset)
     assert grpc_side.text == given.choices[0].message.content
+
+
+def test_tls_with_the_services_certificate(served, model_dir, tmp_path):
+    """With --tls-cert, the HTTP API speaks TLS only, with the same certificate as gRPC."""
+    import dataclasses
+    import ssl
+
+    from client.certs import make_certs
+
+    mesh, _ = served
+    paths = make_certs(tmp_path / "tls", hosts=["127.0.0.1"])
+    config = dataclasses.replace(
+        mesh.config,
+        tls_cert=str(paths["server.pem"]),
+        tls_key=str(paths["server-key.pem"]),
+        tls_ca=str(paths["ca.pem"]),
+    )
+    http = start_http(config, mesh.orchestrator, port=0)
+    try:
+        url = f"https://127.0.0.1:{http.port}/v1/models"
+        trust = ssl.create_default_context(cafile=str(paths["ca.pem"]))
+        reply = httpx.get(url, verify=trust, timeout=10)
+        assert reply.status_code == 200 and reply.json()["data"][0]["id"] == model_dir.name
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url.replace("https", "http"), timeout=10)
+    finally:
+        http.stop()
