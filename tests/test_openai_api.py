@@ -238,3 +238,37 @@ def test_tls_with_the_services_certificate(served, model_dir, tmp_path):
             httpx.get(url.replace("https", "http"), timeout=10)
     finally:
         http.stop()
+
+
+def test_client_session_cap_is_429(served, model_dir):
+    """max_sessions_per_client (2 here): a third concurrent generation of one client is 429."""
+    mesh, url = served
+    body = {"model": model_dir.name, "messages": CHAT, "max_tokens": 200, "stream": True}
+    with (
+        httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=60) as one,
+        httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=60) as two,
+    ):
+        assert one.status_code == two.status_code == 200
+        third = httpx.post(f"{url}/chat/completions", json=body, timeout=60)
+        assert third.status_code == 429, third.text
+        assert "limit per client" in third.json()["error"]["message"]
+
+
+def test_no_stages_is_503(model_dir):
+    """An orchestrator whose stages are not there yet: 503 with the reason, not a hang."""
+    from orchestrator.config import OrchestratorConfig
+    from orchestrator.server import build_server
+
+    config = OrchestratorConfig(model=str(model_dir), port=0, stages=("127.0.0.1:9",))
+    server, _, orch = build_server(config)  # not started: no plan
+    http = start_http(config, orch, port=0)
+    try:
+        reply = httpx.post(
+            f"http://127.0.0.1:{http.port}/v1/completions",
+            json={"prompt": "Hello", "max_tokens": 4},
+            timeout=30,
+        )
+        assert reply.status_code == 503 and "not ready" in reply.json()["error"]["message"]
+    finally:
+        http.stop()
+        orch.close()
