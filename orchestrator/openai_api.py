@@ -225,7 +225,7 @@ class OpenAIApi:
         ids = await run_in_threadpool(self._chat_ids if chat else self._prompt_ids, body)
         req = self._generation(body, ids)
         want_logprobs = bool(body.get("logprobs")) if chat else body.get("logprobs") is not None
-        meta = Meta(chat, self.model_id, want_logprobs)
+        meta = Meta(chat, self.model_id, want_logprobs, self.orch.tokenizer.decode)
         cancelled = threading.Event()
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -282,8 +282,9 @@ def _close(chunks, timeout_s: float = 60.0) -> None:
 class Meta:
     """Builds the response objects of one completion."""
 
-    def __init__(self, chat: bool, model: str, logprobs: bool):
+    def __init__(self, chat: bool, model: str, logprobs: bool, decode=None):
         self.chat, self.model, self.logprobs = chat, model, logprobs
+        self.decode = decode or (lambda ids: "")  # token ids -> text, for logprobs' tokens
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.generated = 0
@@ -305,11 +306,12 @@ class Meta:
         if self.chat:
             return {
                 "content": [
-                    {"token": str(t), "logprob": lp, "bytes": None, "top_logprobs": []}
+                    {"token": self.decode([t]), "logprob": lp, "bytes": None, "top_logprobs": []}
                     for t, lp in zip(chunk.token_ids, chunk.logprobs, strict=False)
                 ]
             }
-        return {"tokens": [str(t) for t in chunk.token_ids], "token_logprobs": chunk.logprobs}
+        tokens = [self.decode([t]) for t in chunk.token_ids]
+        return {"tokens": tokens, "token_logprobs": chunk.logprobs}
 
     def _choice(self, text: str, finish: str | None, logprobs, stream: bool, role: bool = False):
         choice = {"index": 0, "finish_reason": finish, "logprobs": logprobs}

@@ -272,3 +272,14 @@ def test_no_stages_is_503(model_dir):
     finally:
         http.stop()
         orch.close()
+
+
+def test_logprobs_are_the_generated_tokens(served, model_dir):
+    mesh, url = served
+    reply = sdk(url).chat.completions.create(
+        model=model_dir.name, messages=CHAT, max_tokens=6, temperature=0, logprobs=True
+    )
+    expected = mesh.client.generate(messages=CHAT, max_new_tokens=6)
+    content = reply.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx(expected.logprobs, abs=1e-5)
+    assert "".join(c.token for c in content) == expected.text
