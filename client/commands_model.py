@@ -25,14 +25,62 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="model_command", required=True)
     fetch = sub.add_parser("fetch-default", help="install and convert SmolLM2-135M-Instruct")
     fetch.add_argument("--dir", default=None, help="target directory (default: the cache)")
+    split = sub.add_parser(
+        "split", help="one submodel directory per stage, each with only its layers' tensors"
+    )
+    split.add_argument("--model", required=True, metavar="DIR", help="the full model")
+    split.add_argument("--out", required=True, metavar="OUT", help="writes OUT/stage-<i>")
+    split.add_argument("--stages", type=checked(int, positive), default=0, help="how many")
+    split.add_argument("--strategy", default="uniform", help="uniform, memory, compute, mixed")
+    split.add_argument("--max-memory", default="", help="as for plan preview (memory, mixed)")
+    split.add_argument("--boundaries", default="", help="explicit ranges, e.g. 0-9,10-29")
 
 
 def run_model(a: argparse.Namespace) -> int:
+    if a.model_command == "split":
+        return run_split(a)
     from client.default_model import fetch_default
 
     if a.dir:
         _writable_target(a.dir)
     print(fetch_default(a.dir))
+    return 0
+
+
+def split_ranges(model: Path, stages: int, strategy: str, max_memory: str, boundaries: str):
+    """The layer ranges of a split: --boundaries as given, or the planner's strategy over
+    `stages` stages of equal speed (and each --max-memory, for memory and mixed)."""
+    from orchestrator.profile import ModelProfile, StageCapacity
+    from orchestrator.strategies import make_plan, spec_from_text
+
+    if boundaries:
+        spec = spec_from_text("custom", 0, "", boundaries)
+        stages = len(spec.custom_boundaries)
+    else:
+        if not stages:
+            raise ValueError("give --stages N (with --strategy) or --boundaries")
+        spec = spec_from_text(strategy, 0, max_memory, "")
+    capacities = [
+        StageCapacity(f"stage-{i}", "cpu", memory_bytes=2**62, kv_budget_bytes=0, gflops=1.0)
+        for i in range(stages)
+    ]
+    plan = make_plan(ModelProfile.from_model_dir(model), capacities, spec)
+    return [(r.start, r.end) for r in plan.ranges]
+
+
+def run_split(a: argparse.Namespace) -> int:
+    from protos.submodel import split
+
+    model = Path(a.model)
+    _writable_target(a.out)
+    ranges = split_ranges(model, a.stages, a.strategy, a.max_memory, a.boundaries)
+    for d, (start, end) in zip(split(model, Path(a.out), ranges), ranges, strict=True):
+        print(f"{d}: layers {start}-{end - 1}")
+    flags = ",".join(f"{start}-{end - 1}" for start, end in ranges)
+    print(
+        f"start each stage with --model OUT/stage-<i>; the orchestrator (on the full model) "
+        f"with --strategy custom --boundaries {flags}"
+    )
     return 0
 
 

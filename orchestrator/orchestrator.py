@@ -24,6 +24,7 @@ from protos import llamadist_pb2 as pb
 from protos.errors import FailedPrecondition, InvalidArgument, LlamadistError, Unavailable
 from protos.model_files import LlamaArgs, model_fingerprint, read_config
 from protos.standard_services import ReadinessHealth
+from protos.submodel import describe
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,29 @@ def generation_defaults(model_dir: Path) -> dict[str, float]:
         if isinstance(value, int | float) and not isinstance(value, bool):
             out[name] = float(value)
     return out
+
+
+def check_held_layers(plan: PartitionPlan, groups: list[list[pb.StageInfo]]) -> None:
+    """A plan must give each stage layers its model directory holds (a submodel holds a range
+    only): else FAILED_PRECONDITION naming the stage and the layers it would need."""
+    for i, (address, layers, infos) in enumerate(
+        zip(plan.addresses, plan.ranges, groups, strict=True)
+    ):
+        for info in infos:
+            if info.held_layer_end == 0:
+                continue  # a stage from before submodels: it holds the whole model
+            lacking = [
+                n for n in range(layers.start, layers.end)
+                if not info.held_layer_start <= n < info.held_layer_end
+            ]  # fmt: skip
+            if lacking:
+                raise FailedPrecondition(
+                    f"stage {i} ({address}) holds layers {info.held_layer_start}-"
+                    f"{info.held_layer_end - 1} only (a submodel); the plan gives it layers "
+                    f"{layers.start}-{layers.end - 1}, so it would need layers "
+                    f"{describe(lacking)}: plan with --strategy custom --boundaries matching "
+                    "the submodels, or start that stage on a directory holding those layers"
+                )
 
 
 def plan_spec(request: PlanRequest) -> PlanSpec:
@@ -164,6 +188,7 @@ class Orchestrator:
         profiles = [self.profile(DTYPE_BYTES.get(i.dtype, 4), i.quantize) for i in infos]
         current = self.router.plan
         plan = make_plan(profiles, capacities, spec, epoch or (current.epoch + 1 if current else 1))
+        check_held_layers(plan, groups)
         by_address = {c.address: c for c in capacities}
         estimates = []
         for i, (address, layers) in enumerate(zip(plan.addresses, plan.ranges, strict=True)):

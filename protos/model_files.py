@@ -87,13 +87,15 @@ FINGERPRINT_WINDOWS = 32  # windows of weight bytes sampled per file
 FINGERPRINT_WINDOW_BYTES = 4096
 
 
-def model_fingerprint(model_dir: Path) -> str:
+def model_fingerprint(model_dir: Path, config: dict | None = None) -> str:
     """sha256 over config.json, every safetensors header and a sample of each file's weight
     bytes (FINGERPRINT_WINDOWS windows spread evenly over its data, the first and last
     included): cheap (128 KiB read per file), and it changes with the architecture, the tensor
     layout, and weights that differ throughout (another seed, a fine-tune). It is not a hash of
-    every byte: two checkpoints that differ only between the windows look alike."""
-    digest = hashlib.sha256(json.dumps(read_config(model_dir), sort_keys=True).encode())
+    every byte: two checkpoints that differ only between the windows look alike. `config`
+    replaces config.json's contents (a submodel's digest leaves its own record out)."""
+    config = read_config(model_dir) if config is None else config
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for path in safetensors_files(model_dir):
         header = safetensors_header(path)
         digest.update(path.name.encode())

@@ -27,8 +27,9 @@ from protos.errors import (
     OutOfRange,
 )
 from protos.limits import MAX_BATCH_BYTES, check_session_id
-from protos.model_files import model_fingerprint, read_config
+from protos.model_files import read_config
 from protos.sampling import Sampling
+from protos.submodel import describe, held
 from stage_service import cpu_kernels
 from stage_service.batcher import Batcher, Job
 from stage_service.config import StageConfig
@@ -113,7 +114,8 @@ class Stage:
         self.config = config
         self.model_dir = Path(config.model)
         self.args = LlamaArgs.from_config(read_config(self.model_dir))
-        self.fingerprint = model_fingerprint(self.model_dir)
+        self.held = held(self.model_dir)  # all layers, or a submodel's range (checked)
+        self.fingerprint = self.held.fingerprint
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
         check_cpu_dtype(config, self.device, self.dtype)
@@ -169,6 +171,13 @@ class Stage:
             raise InvalidArgument(
                 f"layer range [{start}, {end}) is not inside the model's "
                 f"{self.args.num_layers} layers (to hold nothing, ask for that explicitly)"
+            )
+        missing = self.held.missing(start, end)
+        if missing:
+            raise FailedPrecondition(
+                f"this stage's model directory holds layers {self.held.start}-"
+                f"{self.held.end - 1} only (a submodel); the plan gives it {start}-{end - 1}: "
+                f"it lacks layers {describe(missing)}"
             )
         with self._admin:
             loaded = self.loaded
@@ -234,6 +243,8 @@ class Stage:
             "dtype": str(self.dtype).removeprefix("torch."),
             "quantize": self.weight_format,
             "quant_kernel": self.quant_kernel,
+            "held_layer_start": self.held.start,
+            "held_layer_end": self.held.end,
             "num_layers": self.args.num_layers,
             "kv_budget_bytes": self.config.kv_cache_mb * 2**20,
             "memory_total_bytes": total,
