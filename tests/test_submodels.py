@@ -95,3 +95,20 @@ def test_another_models_submodel_is_refused_by_the_orchestrator(tiny_root, tmp_p
     ):
         mesh.client.generate(token_ids=[1, 2, 3], max_new_tokens=2)
     assert err.value.code == "UNAVAILABLE" and "same --model" in err.value.message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("boundaries", ["0-14,15-29", "0-9,10-19,20-29"])
+def test_default_model_on_submodels_generates_as_transformers(default_model, tmp_path, boundaries):
+    from transformers import AutoTokenizer
+
+    ranges = split_ranges(default_model, 0, "", "", boundaries)
+    dirs = split(default_model, tmp_path / "split", ranges)
+    ids = AutoTokenizer.from_pretrained(str(default_model))("The history of the Roman Empire")
+    ids = ids["input_ids"]
+    expected = reference_greedy(default_model, ids, NEW_TOKENS)
+    with in_process_mesh(
+        default_model, len(dirs), stage_models=dirs, strategy="custom", boundaries=boundaries
+    ) as mesh:
+        result = mesh.client.generate(token_ids=ids, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    assert result.token_ids == expected
