@@ -83,8 +83,9 @@ def generation_defaults(model_dir: Path) -> dict[str, float]:
 def check_held_layers(plan: PartitionPlan, groups: list[list[pb.StageInfo]]) -> None:
     """A plan must give each stage layers its model directory holds (a submodel holds a range
     only): else FAILED_PRECONDITION naming the stage and the layers it would need."""
+    used = groups[: len(plan.ranges)]  # num_partitions may use the first N positions only
     for i, (address, layers, infos) in enumerate(
-        zip(plan.addresses, plan.ranges, groups, strict=True)
+        zip(plan.addresses, plan.ranges, used, strict=True)
     ):
         for info in infos:
             if info.held_layer_end == 0:

@@ -112,3 +112,19 @@ def test_default_model_on_submodels_generates_as_transformers(default_model, tmp
     ) as mesh:
         result = mesh.client.generate(token_ids=ids, max_new_tokens=NEW_TOKENS, ignore_eos=True)
     assert result.token_ids == expected
+
+
+def test_a_plan_on_fewer_positions_than_stages_is_checked_on_those(tiny_root, tmp_path):
+    """num_partitions below the stages given: the held-layers check covers the positions the
+    plan uses (found by the fuzz test: it compared the plan with every position)."""
+    model_dir = make_tiny_model(tiny_root, "gqa")
+    dirs = split(model_dir, tmp_path / "split", [(0, 2), (2, 4)])
+    with in_process_mesh(
+        model_dir, 3, stage_models=[*dirs, model_dir], strategy="custom", boundaries="0-1,2-3",
+        plan_stages=2,
+    ) as mesh:  # fmt: skip
+        third = mesh.addresses[2]
+        plan = mesh.client.preview_plan(strategy="uniform", num_partitions=1, stages=[third])
+        assert [s["address"] for s in plan["stages"]] == [third]
+        with pytest.raises(ClientError, match="stage 0 .* would need layers 2-3"):
+            mesh.client.preview_plan(strategy="uniform", num_partitions=1)
