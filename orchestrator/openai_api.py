@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
+import grpc
 from starlette.applications import Starlette
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import Request
@@ -28,20 +29,21 @@ from orchestrator.orchestrator import Orchestrator
 from protos import errors
 from protos import llamadist_pb2 as pb
 from protos.security import ApiKeyInterceptor
+from protos.status import code_of
 
 DEFAULT_MAX_TOKENS = 256
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 OPENAI_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
-# HTTP status and OpenAI error type per domain error (the gRPC mapping's counterpart).
-STATUS = {
-    errors.InvalidArgument: (400, "invalid_request_error"),
-    errors.OutOfRange: (400, "invalid_request_error"),
-    errors.NotFound: (404, "not_found_error"),
-    errors.PermissionDenied: (403, "permission_error"),
-    errors.ResourceExhausted: (429, "rate_limit_error"),
-    errors.FailedPrecondition: (400, "invalid_request_error"),
-    errors.Unavailable: (503, "service_unavailable"),
-    errors.Cancelled: (499, "cancelled"),
+# HTTP status and OpenAI error type per gRPC status (protos/status.py maps our errors to those).
+HTTP_OF = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.CANCELLED: (499, "cancelled"),
 }
 
 
@@ -55,9 +57,7 @@ def error_response(err: Exception) -> JSONResponse:
     if isinstance(err, HttpError):
         status, kind, code = err.status, err.kind, err.code
     elif isinstance(err, errors.LlamadistError):
-        status, kind = next(
-            (v for cls, v in STATUS.items() if isinstance(err, cls)), (500, "server_error")
-        )
+        status, kind = HTTP_OF.get(code_of(err), (500, "server_error"))
         code = type(err).__name__
     else:
         status, kind, code = 500, "server_error", None

@@ -118,9 +118,6 @@ class Int8Weight(_Quantized):
         scale = self.scale[ids][:, _per_input(k, self.group, ids.device)]
         return (q.float() * scale).to(dtype)
 
-    def to(self, device: torch.device) -> Int8Weight:
-        return Int8Weight(self.data.to(device), self.scale.to(device), self.group, self.shape)
-
     def _kernel(self, kernels, x, bias, y) -> None:
         kernels.q8_linear(x, self.data, self.group, self.scale, bias, y)
 
@@ -157,12 +154,6 @@ class Int4Weight(_Quantized):
         q = torch.cat([units & 0x0F, units >> 4], dim=2).reshape(n, k).float()
         expand = _per_input(k, self.group, self.scale.device)
         return (q * self.scale[:, expand] + self.minimum[:, expand]).to(dtype)
-
-    def to(self, device: torch.device) -> Int4Weight:
-        return Int4Weight(
-            self.data.to(device), self.scale.to(device), self.minimum.to(device), self.group,
-            self.shape,
-        )  # fmt: skip
 
     def _kernel(self, kernels, x, bias, y) -> None:
         kernels.q4_linear(x, self.data, self.group, self.scale, self.minimum, bias, y)
