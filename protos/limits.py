@@ -14,6 +14,7 @@ MAX_MESSAGE_BYTES = 256 * 2**20  # gRPC's send/receive limit on every llamadist 
 # What the steps of one StepBatch (or the replies of one StepBatchReply message) may add up to:
 # the rest is room for the message's own framing.
 MAX_BATCH_BYTES = MAX_MESSAGE_BYTES - 2**20
+MAX_DRAFT_TOKENS = 16  # drafted tokens one speculative step may verify (StepRequest.draft_tokens)
 
 
 def check_session_id(session_id: str) -> None:

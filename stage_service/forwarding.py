@@ -297,6 +297,7 @@ def routed_onward(
         hidden=codec.to_pb(hidden),
         sampling=request.sampling,
         return_logits=request.return_logits,
+        draft_tokens=request.draft_tokens,
         request_id=request.request_id,
         route=request.route,
         hop=request.hop + 1,

@@ -274,10 +274,12 @@ class RangeModel:
         token_ids: torch.Tensor,
         hidden: torch.Tensor | None,
         all_logits: bool = False,
+        tail_rows: list[int] | None = None,
     ) -> torch.Tensor:
         """One step of one or more sessions. token_ids: [N], the rows of all segments in order;
         hidden: [N, hidden] (None on the first stage). Returns the hidden state [N, hidden], or on
-        the last stage float32 logits: of every row, or of each segment's last row."""
+        the last stage float32 logits: of every row, or of each segment's last tail_rows[i] rows
+        (default one; a speculative step verifies several)."""
         w = self.weights
         x = embedding(token_ids, w.embed, self.dtype) if w.is_first else hidden
         positions = torch.cat(
@@ -292,7 +294,14 @@ class RangeModel:
         if not w.is_last:
             return x
         if not all_logits:
-            x = x[[s.rows.stop - 1 for s in segments]]
+            tails = tail_rows or [1] * len(segments)
+            x = x[
+                [
+                    r
+                    for s, t in zip(segments, tails, strict=True)
+                    for r in range(s.rows.stop - t, s.rows.stop)
+                ]
+            ]
         return self._head(x)
 
     @torch.inference_mode()

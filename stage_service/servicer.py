@@ -68,6 +68,7 @@ class StageServicer(pb_grpc.StageServicer):
             hidden=codec.from_pb(request.hidden) if request.HasField("hidden") else None,
             sampling=Sampling.from_pb(request.sampling),
             return_logits=request.return_logits,
+            draft_tokens=request.draft_tokens,
         )
 
     @staticmethod
@@ -77,6 +78,8 @@ class StageServicer(pb_grpc.StageServicer):
             logprob=out.logprob,
             compute_ns=out.compute_ns,
             batch_size=out.batch_size,
+            accepted_drafts=out.accepted_drafts,
+            draft_logprobs=out.draft_logprobs,
         )
         if out.hidden is not None:
             reply.hidden.CopyFrom(codec.to_pb(out.hidden))

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -26,7 +26,7 @@ from protos.errors import (
     NotFound,
     OutOfRange,
 )
-from protos.limits import MAX_BATCH_BYTES, check_session_id
+from protos.limits import MAX_BATCH_BYTES, MAX_DRAFT_TOKENS, check_session_id
 from protos.model_files import read_config
 from protos.sampling import Sampling
 from protos.submodel import describe, held
@@ -37,8 +37,9 @@ from stage_service.decode import StaticDecoder
 from stage_service.kv_cache import CacheShape, Session, SessionCache, check_slot_budget
 from stage_service.metrics import StageMetrics
 from stage_service.model import LlamaArgs, RangeModel, Segment
-from stage_service.sampling import NonFiniteLogits, draw_generator, sample_rows
+from stage_service.sampling import NonFiniteLogits, sample_rows
 from stage_service.speed import measure_gflops
+from stage_service.verify import RowInputs, Verdict, accept, add_rows
 from stage_service.weights import Quantization, load_range, weight_bytes
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class StepInput:
     hidden: torch.Tensor | None  # [S, hidden]; None on the first stage
     sampling: Sampling
     return_logits: bool = False
+    draft_tokens: int = 0  # the last ones of token_ids are drafted: verify them (verify.py)
 
 
 @dataclass
@@ -67,6 +69,8 @@ class StepOutput:
     logits: torch.Tensor | None = None
     compute_ns: int = 0
     batch_size: int = 1  # sessions in the forward this step ran in
+    accepted_drafts: int = 0  # a verify step: drafted tokens kept before token_id
+    draft_logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -458,40 +462,55 @@ class Stage:
         hidden = self._hidden(loaded, steps)
         if hidden is not None:
             hidden = hidden.to(self.device)
-        return loaded.model.forward(segments, ids, hidden, all_logits)
+        tails = [s.draft_tokens + 1 for s in steps]
+        return loaded.model.forward(segments, ids, hidden, all_logits, tails)
 
     def _sample(
         self, ready: list[tuple[Job, Session]], logits: torch.Tensor
     ) -> list[StepOutput | Exception]:
-        """The last stage: each session's next token from its logits row(s)."""
+        """The last stage: each session's next token from its logits rows: its last row, or
+        with drafted tokens its last draft_tokens + 1 rows, whose picks verify the drafts."""
         steps = [job.step for job, _ in ready]
+        full = steps[0].return_logits  # then it is the batch's only step, every row its own
+        rows = RowInputs()
         for step, (_, session) in zip(steps, ready, strict=True):
             session.seen_tokens.extend(step.token_ids)
-        full = steps[0].return_logits  # then it is the batch's only step, every row its own
-        last_rows = logits[-1:] if full else logits
-        picked = sample_rows(
-            last_rows,
-            [s.sampling for s in steps],
-            [session.seen_tokens for _, session in ready],
-            # the token sampled here takes the position after the step's last input token
-            [
-                draw_generator(s.sampling.seed, s.start_pos + len(s.token_ids), self.device)
-                for s in steps
-            ],
-        )
-        outputs: list[StepOutput | Exception] = []
-        for pick in picked:
-            if isinstance(pick, NonFiniteLogits):
-                outputs.append(self._non_finite(self._require_loaded(), "logits row"))
-                continue
-            if isinstance(pick, Exception):
-                outputs.append(pick)
-                continue
-            token, logprob = pick
-            outputs.append(
-                StepOutput(token_id=token, logprob=logprob, logits=logits.cpu() if full else None)
+            add_rows(
+                rows,
+                session.seen_tokens,
+                step.start_pos,
+                len(step.token_ids),
+                step.draft_tokens,
+                step.sampling,
+                self.device,
             )
+        decided = logits[-(steps[0].draft_tokens + 1) :] if full else logits
+        picked = sample_rows(decided, rows.params, rows.seen, rows.generators)
+        outputs: list[StepOutput | Exception] = []
+        row = 0
+        for step in steps:
+            n = step.draft_tokens + 1
+            verdict = accept(
+                step.token_ids[len(step.token_ids) - step.draft_tokens :], picked[row : row + n]
+            )
+            row += n
+            if isinstance(verdict, NonFiniteLogits):
+                outputs.append(self._non_finite(self._require_loaded(), "logits row"))
+            elif isinstance(verdict, Exception):
+                outputs.append(verdict)
+            else:
+                outputs.append(self._output(verdict, logits.cpu() if full else None))
         return outputs
+
+    @staticmethod
+    def _output(verdict: Verdict, logits: torch.Tensor | None) -> StepOutput:
+        return StepOutput(
+            token_id=verdict.token_id,
+            logprob=verdict.logprob,
+            logits=logits,
+            accepted_drafts=verdict.accepted,
+            draft_logprobs=verdict.draft_logprobs,
+        )
 
     def _check_reply_size(self, step: StepInput, is_last: bool) -> None:
         """A step whose answer (hidden rows, or float32 logits when asked) could not fit in one
@@ -530,6 +549,12 @@ class Stage:
         bad = [t for t in step.token_ids if not 0 <= t < vocab]
         if bad:
             raise InvalidArgument(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if not 0 <= step.draft_tokens <= min(MAX_DRAFT_TOKENS, len(step.token_ids) - 1):
+            raise InvalidArgument(
+                f"draft_tokens must be in [0, {MAX_DRAFT_TOKENS}] and below the step's "
+                f"{len(step.token_ids)} token ids (a drafted token follows an input token), "
+                f"got {step.draft_tokens}"
+            )
         weights = loaded.model.weights
         self._check_reply_size(step, weights.is_last)
         if weights.is_first:
