@@ -136,8 +136,10 @@ class Client:
         stop: list[str] | tuple[str, ...] = (),
         ignore_eos: bool = False,
         session_id: str = "",
+        speculate: str = "",
     ) -> pb.GenerateRequest:
-        """Exactly one of prompt, token_ids, messages (a chat)."""
+        """Exactly one of prompt, token_ids, messages (a chat). speculate: off, lookup or draft
+        ('' = the orchestrator's default)."""
         if sum(x is not None for x in (prompt, token_ids, messages)) != 1:
             raise ValueError("give exactly one of prompt, token_ids, messages")
         given = dict(
@@ -151,6 +153,7 @@ class Client:
             stop=list(stop),
             ignore_eos=ignore_eos,
             session_id=session_id,
+            speculate=speculate,
         )
         if prompt is not None:
             req.prompt = prompt

@@ -10,6 +10,7 @@ import threading
 
 from orchestrator.config import ENV_PREFIX as ORCHESTRATOR_ENV
 from orchestrator.config import OrchestratorConfig
+from orchestrator.drafting import SPECULATE_MODES
 from protos import logs
 from protos.knobs import add_flags, check_value, checked, default, from_args, positive
 from stage_service.config import ENV_PREFIX as STAGE_ENV
@@ -42,6 +43,9 @@ def run_orchestrator(a: argparse.Namespace) -> int:
     return 0
 
 
+SPECULATION_FLAGS = ("speculate", "speculate_k", "draft_model")  # `up` passes them on
+
+
 def add_up_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="DIR", help="as for stage and orchestrator")
     p.add_argument(
@@ -70,6 +74,9 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
             f"--{name.replace('_', '-')}", default="", metavar="PEM", help="as for stage"
         )
     p.add_argument("--api-keys-file", default="", help="as for orchestrator")
+    p.add_argument("--speculate", choices=SPECULATE_MODES, default=None, help="as for orchestrator")
+    p.add_argument("--speculate-k", type=int, default=None, help="as for orchestrator")
+    p.add_argument("--draft-model", default=None, metavar="DIR", help="as for orchestrator")
     p.add_argument(
         "--secure",
         action="store_true",
@@ -89,6 +96,12 @@ def run_up(a: argparse.Namespace) -> int:
     check_value(OrchestratorConfig, "http_port", a.http_port)
     for name in ("tls_cert", "tls_key", "tls_ca", "api_keys_file"):
         check_value(OrchestratorConfig, name, getattr(a, name))
+    speculation = []  # passed on as given; the orchestrator's defaults otherwise
+    for name in SPECULATION_FLAGS:
+        value = getattr(a, name)
+        if value is not None:
+            check_value(OrchestratorConfig, name, value)
+            speculation += [f"--{name.replace('_', '-')}", str(value)]
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -98,7 +111,7 @@ def run_up(a: argparse.Namespace) -> int:
         port=a.port,
         threads=a.threads,
         extra_stage_args=["--quantize", a.quantize, "--quant-group", str(a.quant_group)],
-        extra_orchestrator_args=["--http-port", str(a.http_port)],
+        extra_orchestrator_args=["--http-port", str(a.http_port), *speculation],
         secure=a.secure,
         tls_cert=a.tls_cert,
         tls_key=a.tls_key,

@@ -5,7 +5,9 @@ the LLAMADIST_ORCHESTRATOR_<FIELD> environment defaults from them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+from orchestrator.drafting import SPECULATE_MODES
 from orchestrator.strategies import (
     STRATEGIES,
     Strategy,
@@ -24,6 +26,7 @@ from protos.knobs import (
     readable_file,
     split_list,
 )
+from protos.limits import MAX_DRAFT_TOKENS
 
 ENV_PREFIX = "LLAMADIST_ORCHESTRATOR"
 
@@ -50,6 +53,12 @@ def _memory(text: str) -> None:
 def _boundaries(text: str) -> None:
     if text:
         parse_boundaries(text)
+
+
+def _draft_dir(path: str) -> str | None:
+    if path and not (Path(path) / "config.json").is_file():
+        return f"{path}: no config.json there (give a model directory)"
+    return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,6 +126,32 @@ class OrchestratorConfig(ServiceConfig):
         check=readable_file,
     )
 
+    speculate: str = knob(
+        "off",
+        "speculative decoding (the output stays exactly the model's): lookup drafts from "
+        "n-gram matches in the prompt and the text so far, draft runs --draft-model; a "
+        "request may choose otherwise (generate --speculate)",
+        choices=SPECULATE_MODES,
+    )
+    speculate_k: int = knob(
+        4,
+        f"most tokens drafted per step (1..{MAX_DRAFT_TOKENS}); each session adapts it to how "
+        "many of its drafts are kept",
+        check=in_range(1, MAX_DRAFT_TOKENS),
+    )
+    speculate_max_sessions: int = knob(
+        4,
+        "with more sessions decoding at once, steps draft nothing (batching them pays more)",
+        check=positive,
+    )
+    draft_model: str = knob(
+        "",
+        "a small Llama-family model directory with the same tokenizer, run in the "
+        "orchestrator's process, for --speculate draft ('' = none)",
+        check=_draft_dir,
+        metavar="DIR",
+    )
+
     http_port: int = knob(
         -1,
         "serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
@@ -131,3 +166,5 @@ class OrchestratorConfig(ServiceConfig):
             spec_from_text(self.strategy, 0, self.max_memory, self.boundaries)
         except InvalidArgument as err:
             raise ConfigError(f"--strategy {self.strategy}: {err}") from None
+        if self.speculate == "draft" and not self.draft_model:
+            raise ConfigError("--speculate draft needs --draft-model DIR", "speculate")

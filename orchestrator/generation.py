@@ -16,8 +16,10 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from orchestrator.drafting import DraftSession
 from orchestrator.router import Router, StepResult
 from orchestrator.sessions_file import SessionsFile
+from orchestrator.speculation import AdaptiveK, SpeculationPolicy
 from orchestrator.tokenizer import Tokenizer
 from protos import llamadist_pb2 as pb
 from protos.errors import (
@@ -46,6 +48,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     session_id: str = ""
+    speculate: str = ""  # off, lookup, draft; '' = the orchestrator's default
 
 
 @dataclass
@@ -59,6 +62,8 @@ class Timings:
     mesh_overhead_ms: float = 0.0  # mean per step: wall time not spent computing
     hop_overhead_ms: float = 0.0  # mesh_overhead_ms over the number of stages
     replays: int = 0  # caches rebuilt from the token history (after a plan reload)
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted and verified
+    accepted_tokens: int = 0  # of those, kept
 
 
 @dataclass
@@ -146,8 +151,10 @@ class Generator:
         max_positions: int,
         max_sessions_per_client: int,
         sessions_file: str = "",
+        speculation: SpeculationPolicy | None = None,
     ):
         self.router = router
+        self.speculation = speculation or SpeculationPolicy()
         self.sessions = SessionsFile(sessions_file) if sessions_file else None
         self.max_sessions_per_client = max_sessions_per_client
         self.tokenizer = tokenizer
@@ -189,6 +196,7 @@ class Generator:
                 f"give at most {MAX_STOP_STRINGS} stop strings of 1 to {MAX_STOP_LEN} characters"
             )
         Sampling.from_pb(req.sampling)  # raises InvalidArgument on bad parameters
+        self.speculation.mode(req.speculate)  # unknown or unavailable: refused here
 
     def end(self, session_id: str, caller: Caller, timeout_s: float = 30.0) -> int:
         """Ends a session: a running generation is cancelled and frees its caches itself (so no
@@ -312,11 +320,26 @@ class Generator:
         return len(running)
 
     def _loop(self, state: SessionState, cancelled: threading.Event) -> Iterator[Chunk]:
+        req = state.req
+        drafts = self.speculation.session(self.speculation.mode(req.speculate), req.prompt_ids)
+        try:
+            yield from self._steps(state, cancelled, drafts)
+        finally:
+            if drafts is not None:
+                drafts.close()
+
+    def _steps(
+        self, state: SessionState, cancelled: threading.Event, drafts: DraftSession | None
+    ) -> Iterator[Chunk]:
+        """Steps until the generation finishes. With a drafter, a step also carries the
+        tokens it guesses (AdaptiveK says how many); the stages keep the guesses the model
+        agrees with, and those join the history (a replay sends kept tokens only)."""
         req, session_id = state.req, state.req.session_id
         t_start = time.perf_counter()
         text = TextStream(self.tokenizer, req.stop)
         generated = state.generated
         steps: list[StepResult] = []
+        adaptive = AdaptiveK(self.speculation.k)
         history, step_input = [], list(req.prompt_ids)  # history: tokens the stages have cached
         if generated:  # resuming: repeat what came before, then replay it onto the stages
             history, step_input = req.prompt_ids + generated[:-1], generated[-1:]
@@ -329,43 +352,89 @@ class Generator:
             )
         cached_epoch = 0  # nothing cached yet
         first_token_at = t_start
+        produced, first_step_tokens = 0, 0
         while True:
             if cancelled.is_set():
                 raise Cancelled(f"session {session_id!r} was ended")
+            draft = self._draft(drafts, adaptive, history + step_input, req, len(generated))
             result = self.router.step(
-                session_id, history, step_input, req.sampling, cached_epoch, cancelled
+                session_id, history, step_input, req.sampling, cached_epoch, cancelled, draft
             )
             steps.append(result)
-            history += step_input
+            kept = draft[: result.accepted_drafts]
+            adaptive.record(len(draft), len(kept))
+            history += step_input + kept
             cached_epoch = result.epoch
-            token = result.token_id
-            generated.append(token)
-            state.logprobs.append(result.logprob)
+            new_ids, new_logprobs = (
+                [*kept, result.token_id],
+                [
+                    *result.draft_logprobs[: len(kept)],
+                    result.logprob,
+                ],
+            )
+            chunk = Chunk([], [], "", session_id, len(req.prompt_ids))
+            for token, logprob in zip(new_ids, new_logprobs, strict=True):
+                generated.append(token)
+                state.logprobs.append(logprob)
+                chunk.token_ids.append(token)
+                chunk.logprobs.append(logprob)
+                chunk.finish_reason, new_text = self._finish(text, generated, req)
+                chunk.text += new_text
+                if chunk.finish_reason:
+                    break
+            produced += len(chunk.token_ids)
             if len(steps) == 1:
                 first_token_at = time.perf_counter()
-            finish = ""
-            new_text, stopped = text.push(generated)
-            if stopped:
-                finish = "stop"
-            elif token in self.tokenizer.eos_ids and not req.ignore_eos:
-                finish = "eos"
-            elif len(generated) >= req.max_new_tokens:
-                finish = "length"
-            if finish and not stopped:
-                new_text += text.flush(generated)
-            chunk = Chunk(
-                [token], [result.logprob], new_text, session_id, len(req.prompt_ids), finish
-            )
-            if finish:
-                chunk.timings = self._timings(steps, t_start, first_token_at, len(steps))
+                first_step_tokens = produced
+            if chunk.finish_reason:
+                chunk.timings = self._timings(
+                    steps, t_start, first_token_at, produced - first_step_tokens, adaptive
+                )
                 yield chunk
                 return
             yield chunk
-            step_input = [token]
+            step_input = [result.token_id]
+
+    def _draft(
+        self,
+        drafts: DraftSession | None,
+        adaptive: AdaptiveK,
+        tokens: list[int],
+        req: GenerationRequest,
+        generated: int,
+    ) -> list[int]:
+        """The tokens the next step carries as guesses (none when the session does not
+        speculate, or when more sessions decode together than speculation pays for)."""
+        if drafts is None or len(self._active) > self.speculation.max_sessions:
+            return []
+        k = adaptive.next_k(req.max_new_tokens - generated)
+        return drafts.propose(tokens, k)[:k] if k > 0 else []
+
+    def _finish(
+        self, text: TextStream, generated: list[int], req: GenerationRequest
+    ) -> tuple[str, str]:
+        """After a token: (finish reason or '', the text that became final)."""
+        finish = ""
+        new_text, stopped = text.push(generated)
+        if stopped:
+            finish = "stop"
+        elif generated[-1] in self.tokenizer.eos_ids and not req.ignore_eos:
+            finish = "eos"
+        elif len(generated) >= req.max_new_tokens:
+            finish = "length"
+        if finish and not stopped:
+            new_text += text.flush(generated)
+        return finish, new_text
 
     def _timings(
-        self, steps: list[StepResult], t_start: float, first_at: float, n_tokens: int
+        self,
+        steps: list[StepResult],
+        t_start: float,
+        first_at: float,
+        later_tokens: int,
+        adaptive: AdaptiveK,
     ) -> Timings:
+        """later_tokens: the tokens produced after the first step."""
         now = time.perf_counter()
         n_stages = len(steps[-1].stage_ns)  # a reload may have changed it: count the last plan's
         same = [s for s in steps if len(s.stage_ns) == n_stages]
@@ -379,7 +448,7 @@ class Generator:
         decode_s = now - first_at
         return Timings(
             ttft_ms=(first_at - t_start) * 1e3,
-            decode_tokens_per_s=(n_tokens - 1) / decode_s if n_tokens > 1 and decode_s > 0 else 0.0,
+            decode_tokens_per_s=later_tokens / decode_s if later_tokens and decode_s > 0 else 0.0,
             total_ms=(now - t_start) * 1e3,
             stage_compute_ms=[ns / 1e6 for ns in compute_ns],
             stage_mean_batch=mean_batch,
@@ -387,4 +456,6 @@ class Generator:
             mesh_overhead_ms=overhead_ms,
             hop_overhead_ms=overhead_ms / n_stages,
             replays=sum(s.replayed for s in steps),
+            drafted_tokens=adaptive.drafted,
+            accepted_tokens=adaptive.accepted,
         )

@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.config import OrchestratorConfig
+from orchestrator.drafting import Drafter, PromptLookup, Speculate
 from orchestrator.generation import Generator
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.plan import PartitionPlan
 from orchestrator.profile import ModelProfile, StageCapacity
 from orchestrator.replicas import split_group
 from orchestrator.router import Router
+from orchestrator.speculation import SpeculationPolicy
 from orchestrator.strategies import PlanSpec, estimate_ms_per_token, make_plan, spec_from_text
 from orchestrator.tokenizer import Tokenizer
 from protos import llamadist_pb2 as pb
@@ -110,6 +112,17 @@ def plan_spec(request: PlanRequest) -> PlanSpec:
     )
 
 
+def speculation_policy(config: OrchestratorConfig, vocab_size: int) -> SpeculationPolicy:
+    """--speculate and its drafters: prompt lookup always, a draft model when given."""
+    drafters: dict[Speculate, Drafter] = {Speculate.LOOKUP: PromptLookup()}
+    return SpeculationPolicy(
+        Speculate(config.speculate),
+        config.speculate_k,
+        config.speculate_max_sessions,
+        drafters,
+    )
+
+
 class Orchestrator:
     def __init__(self, config: OrchestratorConfig):
         self.config = config
@@ -127,6 +140,7 @@ class Orchestrator:
             self.args.max_position_embeddings,
             config.max_sessions_per_client,
             config.sessions_file,
+            speculation_policy(config, self.args.vocab_size),
         )
         self.default_request = PlanRequest(
             strategy=config.strategy,

@@ -80,6 +80,8 @@ class StepResult:
     replayed: bool = False
     stage_ns: list[int] = field(default_factory=list)
     stage_batch: list[int] = field(default_factory=list)  # each stage's batch, last chunk
+    accepted_drafts: int = 0  # a step with drafts: the leading ones kept (token_id follows)
+    draft_logprobs: list[float] = field(default_factory=list)
 
 
 class Router:
@@ -212,11 +214,14 @@ class Router:
         sampling: pb.SamplingParams,
         cached_epoch: int,
         cancelled: threading.Event | None = None,
+        draft: list[int] | None = None,
     ) -> StepResult:
         """Runs `new_tokens` after `history` (whose K/V the stages cached under `cached_epoch`;
         0 = nothing cached). Under another epoch, or after a failover to another replica, the
         whole history is replayed first (a step is idempotent: stages cut back to start_pos).
-        Raises Cancelled soon after `cancelled` is set."""
+        `draft`: tokens guessed to follow new_tokens, verified by the last stage (the caller's
+        history grows by new_tokens and the kept ones only). Raises Cancelled soon after
+        `cancelled` is set."""
         with self._gate.read():
             plan = self.require_plan()
             replay = cached_epoch != plan.epoch
@@ -224,12 +229,13 @@ class Router:
             for _ in range(MAX_FAILOVERS):
                 route = self.pool.route(session_id)
                 start_pos = 0 if replay else len(history)
-                tokens = history + new_tokens if replay else new_tokens
+                tokens = (history + new_tokens if replay else new_tokens) + (draft or [])
                 replayed = replayed or (replay and bool(history))
                 try:
                     reply, wall, stage_ns = self._run_chunks(
-                        route, plan, session_id, start_pos, tokens, sampling, cancelled
-                    )
+                        route, plan, session_id, start_pos, tokens, len(draft or []), sampling,
+                        cancelled,
+                    )  # fmt: skip
                 except _StageFailed as failed:
                     if isinstance(failed.error, Unavailable | FailedPrecondition):
                         # unreachable, or restarted without its layers: fail over to a replica
@@ -246,18 +252,23 @@ class Router:
                     replayed,
                     stage_ns,
                     list(reply.route_batch_sizes),
+                    reply.accepted_drafts,
+                    list(reply.draft_logprobs),
                 )
             raise Unavailable(f"session {session_id!r}: too many stage failures in one step")
 
-    def _run_chunks(self, route, plan, session_id, start_pos, tokens, sampling, cancelled):
+    def _run_chunks(self, route, plan, session_id, start_pos, tokens, drafts, sampling, cancelled):
         """Sends `tokens` in steps of at most prefill_chunk_tokens, so that no step holds a
-        stage long (the last chunk's reply is the step's). Chunks of prompt or replay wait for
-        the prefill budget; a one-token decode step goes at once."""
+        stage long (the last chunk's reply is the step's); the last `drafts` tokens are drafted
+        and all go in the last chunk, with the token before them. Chunks of prompt or replay
+        wait for the prefill budget; a decode step (one token, maybe drafts) goes at once."""
         chunk = self.prefill_chunk_tokens
         wall, stage_ns = 0, [0] * len(route)
         addresses = [r.client.address for r in route]
-        for offset in range(0, len(tokens), chunk):
-            piece = tokens[offset : offset + chunk]
+        plain = len(tokens) - drafts
+        for offset in range(0, plain, chunk):
+            last = offset + chunk >= plain
+            piece = tokens[offset:] if last else tokens[offset : offset + chunk]
             request = pb.StepRequest(
                 session_id=session_id,
                 plan_epoch=plan.epoch,
@@ -266,10 +277,11 @@ class Router:
                 sampling=sampling,
                 route=addresses,
                 origin=self.origin,
+                draft_tokens=drafts if last else 0,
             )
             admitted = (
                 self.prefill_budget.hold(len(piece), cancelled)
-                if len(piece) > 1
+                if len(piece) - request.draft_tokens > 1
                 else contextlib.nullcontext()
             )
             with admitted:

@@ -1,0 +1,120 @@
+"""Speculative decoding through a real gRPC mesh: greedy output with prompt lookup equals
+transformers' generate and our own non-speculative path, across 1-3 stages, a reload mid-stream
+and bad input; seeded sampling is the same with and without speculation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from client.client import ClientError
+from tests.conftest import TINY_CONFIGS, in_process_mesh, make_tiny_model, reference_greedy
+
+NEW_TOKENS = 40
+# Repeats, so that prompt lookup finds n-grams to draft from at once.
+PROMPT = [7, 3, 99, 12, 45, 7, 3, 99, 12, 45, 7, 3, 99]
+
+
+def tokens(pieces) -> list[int]:
+    return [t for p in pieces for t in p.token_ids]
+
+
+@pytest.mark.parametrize("num_stages", [1, 2, 3])
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_lookup_greedy_equals_transformers_and_plain(tiny_root, name, num_stages):
+    model_dir = make_tiny_model(tiny_root, name)
+    expected = reference_greedy(model_dir, PROMPT, NEW_TOKENS)
+    with in_process_mesh(model_dir, num_stages, speculate="lookup") as mesh:
+        spec = mesh.client.generate(token_ids=PROMPT, max_new_tokens=NEW_TOKENS)
+        plain = mesh.client.generate(token_ids=PROMPT, max_new_tokens=NEW_TOKENS, speculate="off")
+    assert spec.token_ids == expected
+    assert plain.token_ids == expected
+    assert spec.finish_reason == "length"
+    t = spec.timings
+    assert int(t["drafted_tokens"]) > 0  # the verify path ran
+    assert 0 <= int(t["accepted_tokens"]) <= int(t["drafted_tokens"])
+    # every trip gives one token plus the drafts it kept
+    assert int(t["trips"]) + int(t["accepted_tokens"]) == NEW_TOKENS
+    assert int(plain.timings["trips"]) == NEW_TOKENS and int(plain.timings["drafted_tokens"]) == 0
+
+
+def test_streamed_pieces_and_logprobs_match_the_plain_path(tiny_root):
+    model_dir = make_tiny_model(tiny_root, "gqa")
+    with in_process_mesh(model_dir, 2, speculate="lookup", speculate_k=6) as mesh:
+        plain = mesh.client.generate(token_ids=PROMPT, max_new_tokens=30, speculate="off")
+        pieces = list(mesh.client.stream(token_ids=PROMPT, max_new_tokens=30))
+    assert tokens(pieces) == plain.token_ids
+    logprobs = [lp for p in pieces for lp in p.logprobs]
+    torch.testing.assert_close(logprobs, plain.logprobs, rtol=1e-4, atol=1e-4)
+    assert int(pieces[-1].timings["accepted_tokens"]) > 0  # some piece carried several tokens
+    assert len(pieces) < 30
+
+
+def test_max_new_tokens_is_never_exceeded(tiny_root):
+    model_dir = make_tiny_model(tiny_root, "gqa")
+    expected = reference_greedy(model_dir, PROMPT, 9)
+    with in_process_mesh(model_dir, 1, speculate="lookup", speculate_k=8) as mesh:
+        for n in (1, 2, 5, 9):
+            result = mesh.client.generate(token_ids=PROMPT, max_new_tokens=n)
+            assert result.token_ids == expected[:n] and result.finish_reason == "length"
+
+
+def test_seeded_sampling_is_the_same_with_and_without_speculation(tiny_root):
+    """The last stage draws each position's token from (seed, position), drafts or not."""
+    model_dir = make_tiny_model(tiny_root, "odd_layers_tied")
+    with in_process_mesh(model_dir, 2, speculate="lookup") as mesh:
+        for seed in (1, 2, 3):
+            sampling = dict(temperature=0.7, top_k=20, seed=seed, repetition_penalty=1.1)
+            args = dict(token_ids=PROMPT, max_new_tokens=40, **sampling)
+            plain = mesh.client.generate(speculate="off", **args)
+            spec = mesh.client.generate(**args)
+            again = mesh.client.generate(**args)
+            assert spec.token_ids == plain.token_ids == again.token_ids
+
+
+def test_reload_mid_stream_keeps_speculative_greedy_output(tmp_path):
+    model_dir = make_tiny_model(tmp_path, "untied_mha")  # 6 layers
+    expected = reference_greedy(model_dir, PROMPT, 120)
+    with in_process_mesh(model_dir, 3, plan_stages=2, speculate="lookup") as mesh:
+        stream = mesh.client.stream(token_ids=PROMPT, max_new_tokens=120)
+        pieces = [next(stream), next(stream)]
+        mesh.client.reload_plan(strategy="custom", boundaries="0-1,2-3,4-5", stages=mesh.addresses)
+        pieces += list(stream)
+    assert tokens(pieces) == expected
+    assert pieces[-1].timings["replays"] >= 1
+    assert int(pieces[-1].timings["drafted_tokens"]) > 0
+
+
+def test_bad_speculation_requests_are_refused(tiny_root):
+    model_dir = make_tiny_model(tiny_root, "gqa")
+    with in_process_mesh(model_dir, 1) as mesh:
+        with pytest.raises(ClientError) as err:
+            mesh.client.generate(token_ids=PROMPT, max_new_tokens=4, speculate="magic")
+        assert err.value.code == "INVALID_ARGUMENT" and "off, lookup, draft" in str(err.value)
+        with pytest.raises(ClientError) as err:
+            mesh.client.generate(token_ids=PROMPT, max_new_tokens=4, speculate="draft")
+        assert err.value.code == "FAILED_PRECONDITION" and "--draft-model" in str(err.value)
+        # the service goes on serving
+        assert len(mesh.client.generate(token_ids=PROMPT, max_new_tokens=4).token_ids) == 4
+
+
+@pytest.mark.slow
+def test_killing_a_replica_mid_stream_keeps_speculative_greedy_output(tmp_path):
+    from tests.test_failover import Mesh, kill, the_one_serving
+
+    model_dir = make_tiny_model(tmp_path, "untied_mha")
+    expected = reference_greedy(model_dir, PROMPT, 150)
+    mesh = Mesh(model_dir, tmp_path)
+    try:
+        a, b, c = mesh.stage("a"), mesh.stage("b"), mesh.stage("c")
+        client = mesh.orchestrator(f"{a.address}+{b.address},{c.address}", "--speculate", "lookup")
+        stream = client.stream(token_ids=PROMPT, max_new_tokens=150)
+        pieces = [next(stream) for _ in range(3)]
+        victim, _ = the_one_serving(client, a, b)
+        kill(victim)
+        pieces += list(stream)
+    finally:
+        mesh.stop()
+    assert tokens(pieces) == expected
+    assert pieces[-1].timings["replays"] >= 1
+    assert int(pieces[-1].timings["drafted_tokens"]) > 0
