@@ -143,3 +143,43 @@ def test_accept_keeps_the_agreeing_prefix():
     assert accept([0, 5, 9], picks) == Verdict(0, 4, -0.1, [])
     failed = ValueError("row")
     assert accept([4], [(4, 0.0), failed]) is failed
+
+
+def test_point_mass_acceptance_is_the_standard_rule():
+    """Over many seeds, the first token after a verify step is distributed as the model's p
+    (what speculative sampling promises), the draft is kept with probability p(d) and a
+    rejection draws from p without d, renormalized (the standard rule for a point-mass draft).
+    Chi-square bounds are loose (p-value ~1e-6): the seeds are fixed, so this is deterministic."""
+    from stage_service.sampling import sample_rows
+    from stage_service.verify import RowInputs, add_rows
+
+    logits = torch.tensor([[2.0, 1.5, 0.3, -0.5, 1.0, 0.0], [0.0] * 6])  # row 0 decides d
+    p = torch.softmax(logits[0], -1)
+    draft = 1
+    sampling_runs = 6000
+    first = torch.zeros(6)
+    kept = 0
+    rejected = torch.zeros(6)
+    for seed in range(sampling_runs):
+        rows = RowInputs()
+        sampling = Sampling(temperature=1.0, seed=seed)
+        add_rows(rows, [3, draft], 5, 2, 1, sampling, torch.device("cpu"))
+        verdict = accept([draft], sample_rows(logits, rows.params, rows.seen, rows.generators))
+        token = draft if verdict.accepted else verdict.token_id
+        first[token] += 1
+        kept += verdict.accepted
+        if not verdict.accepted:
+            rejected[verdict.token_id] += 1
+
+    def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+        expected = probs * counts.sum()
+        nonzero = expected > 0
+        return float(((counts[nonzero] - expected[nonzero]) ** 2 / expected[nonzero]).sum())
+
+    assert chi_square(first, p) < 35.9  # df 5
+    q = p.clone()
+    q[draft] = 0
+    assert rejected[draft] == 0
+    assert chi_square(rejected, q / q.sum()) < 33.4  # df 4
+    sd = (p[draft] * (1 - p[draft]) / sampling_runs) ** 0.5
+    assert abs(kept / sampling_runs - p[draft]) < 5 * sd

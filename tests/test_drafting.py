@@ -1,0 +1,55 @@
+"""Prompt lookup, adaptive k and the speculation policy, without a server."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.drafting import PromptLookup, Speculate
+from orchestrator.speculation import AdaptiveK, SpeculationPolicy
+from protos.errors import FailedPrecondition, InvalidArgument
+
+
+def test_lookup_continues_the_latest_match_of_the_longest_ngram():
+    session = PromptLookup().start([])
+    text = [1, 2, 3, 9, 9, 1, 2, 3, 4, 5, 6, 0, 2, 3]
+    # "2 3" ended at 3 and at 8 (latest), "0 2 3" nowhere: the 2-gram's latest continuation
+    assert session.propose(text, 3) == [4, 5, 6]
+    assert session.propose(text, 1) == [4]
+    assert session.propose([*text, 4], 2) == [5, 6]  # grows incrementally
+    assert session.propose([7, 8], 4) == []  # a new text: re-indexed, nothing to match
+    assert session.propose([5, 5, 5], 4) == [5]  # the only continuation of "5 5" is one token
+
+
+def test_lookup_of_nothing():
+    session = PromptLookup().start([1])
+    assert session.propose([1], 4) == []
+    assert session.propose([1, 2, 3], 0) == []
+
+
+def test_adaptive_k_grows_shrinks_pauses_and_probes():
+    k = AdaptiveK(4)
+    assert k.next_k(remaining=100) == 4
+    assert k.next_k(remaining=3) == 2  # the step's own token comes after the drafts
+    k.record(4, 4)
+    assert k.k == 4  # capped at k_max
+    k.record(4, 1)
+    assert k.k == 4  # some kept: unchanged
+    for expected in (2, 1, 0):
+        k.record(k.k, 0)
+        assert k.k == expected
+    pauses = [k.next_k(100) for _ in range(4)]
+    assert pauses == [0, 0, 0, 0] and k.next_k(100) == 1  # a probe after the pause
+    k.record(1, 0)  # the probe fails: a pause twice as long
+    assert [k.next_k(100) for _ in range(8)] == [0] * 8 and k.next_k(100) == 1
+    assert (k.drafted, k.accepted, k.trips) == (4 + 4 + 4 + 2 + 1 + 1, 4 + 1, 6)
+
+
+def test_policy_refuses_unknown_and_unavailable_modes():
+    policy = SpeculationPolicy(Speculate.LOOKUP, drafters={Speculate.LOOKUP: PromptLookup()})
+    assert policy.mode("") is Speculate.LOOKUP
+    assert policy.mode("off") is Speculate.OFF
+    assert policy.session(Speculate.OFF, [1]) is None
+    with pytest.raises(InvalidArgument, match="one of off, lookup, draft"):
+        policy.mode("fast")
+    with pytest.raises(FailedPrecondition, match="--draft-model DIR"):
+        policy.mode("draft")
