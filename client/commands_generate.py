@@ -8,6 +8,7 @@ import json
 import sys
 
 from client import server_flags
+from orchestrator.drafting import SPECULATE_MODES
 from protos.knobs import checked, non_negative, positive
 from protos.limits import DEFAULT_MAX_NEW_TOKENS
 from protos.sampling import Sampling
@@ -48,6 +49,14 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="generate past end-of-sequence")
     p.add_argument("--chat", action="store_true", help="apply the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    p.add_argument(
+        "--speculate",
+        choices=SPECULATE_MODES,
+        default="",
+        help="speculative decoding for this request (exact either way): off, lookup (n-gram "
+        "drafts from the prompt and text), draft (the orchestrator's --draft-model); default: "
+        "the orchestrator's --speculate",
+    )
 
 
 def run_generate(a: argparse.Namespace) -> int:
@@ -61,6 +70,7 @@ def run_generate(a: argparse.Namespace) -> int:
         seed=s.seed,
         stop=a.stop,
         ignore_eos=a.ignore_eos,
+        speculate=a.speculate,
     )
     if a.chat:
         kwargs["messages"] = [{"role": "user", "content": a.prompt}]

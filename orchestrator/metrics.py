@@ -1,7 +1,8 @@
 """The orchestrator's Prometheus metrics, served at GET /metrics on the HTTP port.
 
 Counted where every generation passes, gRPC or HTTP alike (Generator.run): requests by outcome,
-time to first token, time per output token, prompt and generated tokens, cache replays. Read at
+time to first token, time per output token, prompt and generated tokens, cache replays, drafted
+and kept tokens (speculative decoding) and their ratio. Read at
 scrape time: active and suspended sessions, the plan epoch, reloads, failovers, and each stage's
 KV cache (bytes used and budget, from its Info).
 """
@@ -50,6 +51,15 @@ class OrchestratorMetrics:
         self.replays = Counter(
             "llamadist_replays", "Session caches rebuilt from their history", registry=r
         )
+        self.drafted = Counter(
+            "llamadist_draft_tokens", "Speculative decoding: tokens drafted and verified",
+            registry=r,
+        )  # fmt: skip
+        self.accepted = Counter(
+            "llamadist_accepted_draft_tokens", "Speculative decoding: drafted tokens kept",
+            registry=r,
+        )  # fmt: skip
+        r.register(_Acceptance(self))
         self.reloads = Counter(
             "llamadist_plan_reloads", "Plan reloads, by outcome", ["outcome"], registry=r
         )
@@ -70,6 +80,8 @@ class OrchestratorMetrics:
                     outcome = chunk.finish_reason
                     if chunk.timings is not None:
                         self.replays.inc(chunk.timings.replays)
+                        self.drafted.inc(chunk.timings.drafted_tokens)
+                        self.accepted.inc(chunk.timings.accepted_tokens)
                 yield chunk
         except LlamadistError as err:
             outcome = type(err).__name__
@@ -94,6 +106,24 @@ class OrchestratorMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Acceptance:
+    """The share of drafted tokens kept so far (0 before any draft), for dashboards without
+    PromQL rate arithmetic."""
+
+    def __init__(self, metrics: OrchestratorMetrics):
+        self.metrics = metrics
+
+    def collect(self):
+        registry = self.metrics.registry
+        drafted = registry.get_sample_value("llamadist_draft_tokens_total") or 0.0
+        accepted = registry.get_sample_value("llamadist_accepted_draft_tokens_total") or 0.0
+        yield _gauge(
+            "llamadist_draft_acceptance_ratio",
+            "Speculative decoding: drafted tokens kept over tokens drafted, since start",
+            accepted / drafted if drafted else 0.0,
+        )
 
 
 class _Live:

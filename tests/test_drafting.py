@@ -53,3 +53,25 @@ def test_policy_refuses_unknown_and_unavailable_modes():
         policy.mode("fast")
     with pytest.raises(FailedPrecondition, match="--draft-model DIR"):
         policy.mode("draft")
+
+
+def test_speculation_flags_are_checked(tmp_path, capsys):
+    from client.cli import main
+    from orchestrator.config import OrchestratorConfig
+    from protos.knobs import ConfigError
+
+    (tmp_path / "config.json").write_text("{}")
+    model = str(tmp_path)
+    for k in (0, 17, 100):
+        with pytest.raises(ConfigError, match=rf"^--speculate-k must be 1\.\.16, got {k}$"):
+            OrchestratorConfig(model=model, stages=("a:1",), speculate_k=k)
+    with pytest.raises(ConfigError, match="^--speculate must be one of off, lookup, draft"):
+        OrchestratorConfig(model=model, stages=("a:1",), speculate="fast")
+    with pytest.raises(ConfigError, match="--speculate draft needs --draft-model DIR"):
+        OrchestratorConfig(model=model, stages=("a:1",), speculate="draft")
+    with pytest.raises(ConfigError, match="^--draft-model /nonexistent: no config.json there"):
+        OrchestratorConfig(model=model, stages=("a:1",), draft_model="/nonexistent")
+    assert main(["up", "--model", model, "--speculate-k", "0"]) == 2
+    assert "--speculate-k must be 1..16, got 0" in capsys.readouterr().err
+    assert main(["generate", "hi", "--speculate", "fast"]) == 2
+    assert "invalid choice: 'fast'" in capsys.readouterr().err

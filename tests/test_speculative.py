@@ -118,3 +118,21 @@ def test_killing_a_replica_mid_stream_keeps_speculative_greedy_output(tmp_path):
     assert tokens(pieces) == expected
     assert pieces[-1].timings["replays"] >= 1
     assert int(pieces[-1].timings["drafted_tokens"]) > 0
+
+
+def test_metrics_export_drafted_kept_and_their_ratio(tiny_root):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    model_dir = make_tiny_model(tiny_root, "gqa")
+    with in_process_mesh(model_dir, 2, speculate="lookup") as mesh:
+        timings = [
+            mesh.client.generate(token_ids=PROMPT, max_new_tokens=30).timings for _ in range(2)
+        ]
+        text = mesh.orchestrator.metrics.exposition().decode()
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    drafted = sum(int(t["drafted_tokens"]) for t in timings)
+    accepted = sum(int(t["accepted_tokens"]) for t in timings)
+    assert drafted > 0
+    assert samples["llamadist_draft_tokens_total"] == drafted
+    assert samples["llamadist_accepted_draft_tokens_total"] == accepted
+    assert samples["llamadist_draft_acceptance_ratio"] == pytest.approx(accepted / drafted)
