@@ -1,7 +1,8 @@
 """Drafters for speculative decoding: guesses of the next tokens, which the last stage verifies
-(stage_service/verify.py). Two methods make a drafter: `start` a session's drafting state from
-its prompt, and `propose` up to k tokens to follow the text so far. A drafter proposes one token
-per position (a point mass), which is what keeps the output exactly the model's.
+(stage_service/verify.py). A drafter `start`s a session's drafting state from its prompt (and
+`close`s when the orchestrator does); the session `propose`s up to k tokens to follow the text so
+far. A drafter proposes one token per position (a point mass), which is what keeps the output
+exactly the model's.
 
 - PromptLookup: the latest earlier occurrence of the text's last n-gram (n = 3, then 2, then 1)
   in the prompt and the text so far; what followed it is the guess. No model.
@@ -33,7 +34,11 @@ class DraftSession(Protocol):
 
 
 class Drafter(Protocol):
-    def start(self, prompt_ids: list[int]) -> DraftSession: ...
+    def start(self, prompt_ids: list[int]) -> DraftSession:
+        """A session's drafting state."""
+
+    def close(self) -> None:
+        """Frees what the drafter holds (the orchestrator is closing)."""
 
 
 MAX_NGRAM = 3
@@ -75,3 +80,6 @@ class LookupSession:
 class PromptLookup:
     def start(self, prompt_ids: list[int]) -> LookupSession:
         return LookupSession()
+
+    def close(self) -> None:
+        pass  # nothing held beyond the sessions

@@ -115,6 +115,12 @@ def plan_spec(request: PlanRequest) -> PlanSpec:
 def speculation_policy(config: OrchestratorConfig, vocab_size: int) -> SpeculationPolicy:
     """--speculate and its drafters: prompt lookup always, a draft model when given."""
     drafters: dict[Speculate, Drafter] = {Speculate.LOOKUP: PromptLookup()}
+    if config.draft_model:
+        from orchestrator.draft_model import DraftModel
+
+        drafters[Speculate.DRAFT] = DraftModel(
+            Path(config.draft_model), Path(config.model), vocab_size
+        )
     return SpeculationPolicy(
         Speculate(config.speculate),
         config.speculate_k,
@@ -307,3 +313,4 @@ class Orchestrator:
 
     def close(self) -> None:
         self.router.close()
+        self.generator.speculation.close()

@@ -84,6 +84,10 @@ class SpeculationPolicy:
             )
         return mode
 
+    def close(self) -> None:
+        for drafter in self.drafters.values():
+            drafter.close()
+
     def session(self, mode: Speculate, prompt_ids: list[int]) -> DraftSession | None:
         drafter = self.drafters.get(mode)
         return drafter.start(prompt_ids) if drafter is not None else None
