@@ -22,6 +22,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+from client import bench_speculative
 from client.client import Client
 
 PROMPT = "What is the capital of France?"
@@ -59,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="only the perplexity of each --quantize format (and float32) on "
         "tests/data/declaration.txt, computed in this process by the stages' own code",
     )
+
+    bench_speculative.add_arguments(p)
 
 
 def weight_formats(text: str) -> list[str]:
@@ -276,6 +279,8 @@ def run(a: argparse.Namespace) -> int:
 
     if a.quality:
         return quality(model, a.quantize, out)
+    if a.speculative:
+        return bench_speculative.run(a, model, out)
     formats = a.quantize
 
     def mesh_of(stages: int, sessions: int = 1, fmt: str = formats[0]) -> LocalMesh:
