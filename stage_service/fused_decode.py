@@ -1,8 +1,9 @@
 """Batch-1 decode of a CPU range with quantized matrices: one C call per layer (kernels/layer.c)
 instead of ~40 eager torch ops. At one token, dispatching those ops took longer than the int8
-matmuls themselves (bench/CPU_NOTES.md). Used by RangeModel.forward for a step of one row; every
-other step (prefill, batches of sessions) runs the torch path, whose matmuls are the same
-kernels."""
+matmuls themselves (bench/CPU_NOTES.md). Used by RangeModel.forward for a step of one session
+and at most MAX_ROWS rows (a decode token, or a token and the drafts a speculative step
+verifies: the weights are read once for all of them); every other step (prefill, batches of
+sessions) runs the torch path, whose matmuls are the same kernels."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def _qmat(w, bias: torch.Tensor | None, keep: list) -> cpu_kernels.QMat:
 
 
 class FusedDecode:
+    MAX_ROWS = 8  # rows of one session per call; from here on the torch path is as fast
+
     def __init__(self, args: LlamaArgs, weights: RangeWeights, kernels: cpu_kernels.Kernels):
         self.kernels = kernels
         self._keep: list[torch.Tensor] = []  # tensors the structs point into
@@ -51,11 +54,11 @@ class FusedDecode:
             )
         a = args
         qkv = (a.num_heads + 2 * a.num_kv_heads) * a.head_dim
-        self.fixed_scratch = (
+        self.row_scratch = (
             a.hidden_size + qkv + a.num_heads * a.head_dim + 2 * a.intermediate_size
-            + max(a.hidden_size, a.intermediate_size) // 16 + 16
+            + max(a.hidden_size, a.intermediate_size) // 16
         )  # fmt: skip
-        self.scratch = torch.empty(self.fixed_scratch + 1024)
+        self.scratch = torch.empty(self.row_scratch + 1024)
 
     @classmethod
     def build(cls, args: LlamaArgs, weights: RangeWeights, device: torch.device):
@@ -73,16 +76,18 @@ class FusedDecode:
     def run(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segment: Segment
     ) -> torch.Tensor:
-        """x: [1, hidden] float32, the token at segment.start_pos; returns the range's output."""
+        """x: [M, hidden] float32, M consecutive tokens from segment.start_pos (M = 1, or a
+        token and its drafts); returns the range's output."""
         x = x.float().contiguous().clone()  # updated in place
         cos, sin = cos.contiguous(), sin.contiguous()
-        pos = segment.start_pos
-        if self.scratch.numel() < self.fixed_scratch + pos + 1:
-            self.scratch = torch.empty(2 * (self.fixed_scratch + pos + 1))
+        pos, rows = segment.start_pos, x.shape[0]
+        need = rows * self.row_scratch + pos + rows + 16
+        if self.scratch.numel() < need:
+            self.scratch = torch.empty(2 * need)
         for layer, (k, v) in zip(self.layers, segment.kv, strict=False):
-            assert k.is_contiguous() and v.is_contiguous() and k.shape[1] > pos
+            assert k.is_contiguous() and v.is_contiguous() and k.shape[1] >= pos + rows
             self.kernels.decode_layer(
-                layer, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(),
-                k.shape[1], pos, self.scratch.data_ptr(), torch.get_num_threads(),
+                layer, x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(), k.data_ptr(),
+                v.data_ptr(), k.shape[1], pos, self.scratch.data_ptr(), torch.get_num_threads(),
             )  # fmt: skip
         return x

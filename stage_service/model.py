@@ -286,8 +286,8 @@ class RangeModel:
             [torch.arange(s.start_pos, s.start_pos + s.rows.stop - s.rows.start) for s in segments]
         ).to(self.device)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        if self.fused is not None and x.shape[0] == 1:  # one token: one C call per layer
-            x = self.fused.run(x, cos, sin, segments[0])
+        if self.fused is not None and len(segments) == 1 and x.shape[0] <= self.fused.MAX_ROWS:
+            x = self.fused.run(x, cos, sin, segments[0])  # one C call per layer
         else:
             for i, layer in enumerate(w.layers):
                 x = decoder_layer(self.args, layer, i, x, cos, sin, segments)

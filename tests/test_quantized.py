@@ -128,9 +128,11 @@ def test_default_model_perplexity_costs_of_quantization(default_model):
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
-def test_fused_one_token_layer_equals_the_torch_path(tiny_root, name, setting):
-    """A quantized CPU range decodes one token with one C call per layer (fused_decode.py); its
-    hidden state and cache equal the torch path's on the same weights, cache and position."""
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_fused_layer_equals_the_torch_path(tiny_root, name, setting, rows):
+    """A quantized CPU range runs a step of one session and few rows (a decode token, or a
+    token and the drafts of a verify step) with one C call per layer (fused_decode.py); its
+    hidden states and cache equal the torch path's on the same weights, cache and positions."""
     from protos.model_files import LlamaArgs, read_config
     from stage_service.model import RangeModel, Segment
     from stage_service.weights import load_range
@@ -141,15 +143,18 @@ def test_fused_one_token_layer_equals_the_torch_path(tiny_root, name, setting):
     cpu = torch.device("cpu")
     weights = load_range(model_dir, args, 0, 2, torch.float32, cpu, Quantization(mode, int(group)))
     model = RangeModel(args, weights, cpu)
-    assert model.fused is not None
+    fused_path = model.fused
+    assert fused_path is not None and rows <= fused_path.MAX_ROWS
     shape = (args.num_kv_heads, 32, args.head_dim)
     kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(2)]
-    prompt = torch.tensor([5, 17, 3, 99, 42, 7, 8])
-    model.forward([Segment(slice(0, 7), 0, kv)], prompt, None)  # rows > 1: the torch path
-    twin = [(k.clone(), v.clone()) for k, v in kv]
-    fused = model.forward([Segment(slice(0, 1), 7, kv)], torch.tensor([11]), None)
+    prompt = torch.tensor([5, 17, 3, 99, 42, 7, 8, 61, 2, 30])
     model.fused = None
-    eager = model.forward([Segment(slice(0, 1), 7, twin)], torch.tensor([11]), None)
+    model.forward([Segment(slice(0, 10), 0, kv)], prompt, None)  # the torch path
+    twin = [(k.clone(), v.clone()) for k, v in kv]
+    step = torch.tensor([11, 4, 9, 60, 1, 13, 21, 8][:rows])
+    eager = model.forward([Segment(slice(0, rows), 10, twin)], step, None, True)
+    model.fused = fused_path
+    fused = model.forward([Segment(slice(0, rows), 10, kv)], step, None, True)
     torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
     for (k, v), (k2, v2) in zip(kv, twin, strict=True):
         torch.testing.assert_close(k, k2, rtol=1e-5, atol=1e-5)

@@ -1,5 +1,5 @@
-/* One decoder layer for one token of one session (batch-1 decode on a CPU stage with quantized
- * weights), in one call: at that size eager PyTorch spends more time dispatching its ~40 small
+/* One decoder layer for a few tokens of one session (batch-1 decode, or a speculative verify
+ * step, on a CPU stage with quantized weights), in one call: at that size eager PyTorch spends more time dispatching its ~40 small
  * ops per layer than the int8 matmuls take to read the weights (bench/CPU_NOTES.md). The math is
  * stage_service/model.py's decoder_layer, in float32: RMSNorm, fused q/k/v projection, RoPE,
  * the token's K/V written into the session's cache, GQA attention over positions 0..pos,
@@ -29,11 +29,12 @@ typedef struct {
     QMat qkv, o, gate_up, down;
 } Layer;
 
-static void mat(const QMat *m, const float *x, float *y, float *xs, int threads) {
+/* y[M, n] = x[M, k] @ W.T + bias: the weights come from memory once for all M rows. */
+static void mat(const QMat *m, const float *x, int64_t M, float *y, float *xs, int threads) {
     if (m->bits == 8)
-        q8_linear(x, 1, m->k, (const int8_t *)m->data, m->group, m->scale, m->bias, y, m->n, threads);
+        q8_linear(x, M, m->k, (const int8_t *)m->data, m->group, m->scale, m->bias, y, m->n, threads);
     else
-        q4_linear(x, 1, m->k, (const uint8_t *)m->data, m->group, m->scale, m->mins, m->bias, y, m->n,
+        q4_linear(x, M, m->k, (const uint8_t *)m->data, m->group, m->scale, m->mins, m->bias, y, m->n,
                   xs, threads);
 }
 
@@ -74,47 +75,63 @@ static void rope(float *x, const float *cos, const float *sin, int64_t d) {
     }
 }
 
-/* x[hidden]: the token's hidden state, updated in place. k_cache, v_cache: [kv_heads, cap,
- * head_dim]; the token goes to position pos. scratch: layer_scratch_floats(...) floats. */
-void decode_layer(const Layer *L, float *x, const float *cos, const float *sin, float *k_cache,
-                  float *v_cache, int64_t cap, int64_t pos, float *scratch, int threads) {
+/* x[M, hidden]: the hidden states of M consecutive tokens of one session at positions pos ..
+ * pos + M - 1 (one decode token, or a token and the drafts a speculative step verifies),
+ * updated in place. cos, sin: [M, head_dim]. k_cache, v_cache: [kv_heads, cap, head_dim]; the
+ * tokens go to their positions, each attends to positions 0 .. its own. scratch: M rows of
+ * per-row scratch and pos + M scores (fused_decode.py sizes it). */
+void decode_layer(const Layer *L, float *x, int64_t M, const float *cos, const float *sin,
+                  float *k_cache, float *v_cache, int64_t cap, int64_t pos, float *scratch,
+                  int threads) {
     int64_t H = L->hidden, nh = L->heads, nkv = L->kv_heads, D = L->head_dim, I = L->inter;
-    int64_t qkv_n = (nh + 2 * nkv) * D, group = nh / nkv, T = pos + 1;
-    float *h = scratch, *qkv = h + H, *attn = qkv + qkv_n, *gu = attn + nh * D;
-    float *scores = gu + 2 * I, *xs = scores + T;  /* xs: int4 group sums, <= inputs / 16 */
+    int64_t qkv_n = (nh + 2 * nkv) * D, group = nh / nkv;
+    float *h = scratch, *qkv = h + M * H, *attn = qkv + M * qkv_n, *gu = attn + M * nh * D;
+    float *scores = gu + M * 2 * I, *xs = scores + pos + M;  /* xs: int4 group sums, M rows */
 
-    rms_norm(x, L->norm1, H, L->eps, h);
-    mat(&L->qkv, h, qkv, xs, threads);
-    for (int64_t j = 0; j < nh + nkv; j++) rope(qkv + j * D, cos, sin, D);  /* q and k heads */
-    const float *k_new = qkv + nh * D, *v_new = k_new + nkv * D;
-    for (int64_t j = 0; j < nkv; j++)
-        for (int64_t i = 0; i < D; i++) {
-            k_cache[(j * cap + pos) * D + i] = k_new[j * D + i];
-            v_cache[(j * cap + pos) * D + i] = v_new[j * D + i];
-        }
+    for (int64_t m = 0; m < M; m++) rms_norm(x + m * H, L->norm1, H, L->eps, h + m * H);
+    mat(&L->qkv, h, M, qkv, xs, threads);
+    for (int64_t m = 0; m < M; m++) {
+        float *row = qkv + m * qkv_n;
+        for (int64_t j = 0; j < nh + nkv; j++) rope(row + j * D, cos + m * D, sin + m * D, D);
+        const float *k_new = row + nh * D, *v_new = k_new + nkv * D;
+        for (int64_t j = 0; j < nkv; j++)
+            for (int64_t i = 0; i < D; i++) {
+                k_cache[(j * cap + pos + m) * D + i] = k_new[j * D + i];
+                v_cache[(j * cap + pos + m) * D + i] = v_new[j * D + i];
+            }
+    }
     float inv = 1.0f / sqrtf((float)D);
-    for (int64_t hq = 0; hq < nh; hq++) {
-        const float *q = qkv + hq * D;
-        const float *kh = k_cache + (hq / group) * cap * D, *vh = v_cache + (hq / group) * cap * D;
-        float top = -INFINITY;
-        for (int64_t t = 0; t < T; t++) {
-            scores[t] = dot(q, kh + t * D, D) * inv;
-            if (scores[t] > top) top = scores[t];
+    for (int64_t m = 0; m < M; m++) {
+        int64_t T = pos + m + 1;  /* causal: this row sees positions 0 .. its own */
+        for (int64_t hq = 0; hq < nh; hq++) {
+            const float *q = qkv + m * qkv_n + hq * D;
+            const float *kh = k_cache + (hq / group) * cap * D, *vh = v_cache + (hq / group) * cap * D;
+            float top = -INFINITY;
+            for (int64_t t = 0; t < T; t++) {
+                scores[t] = dot(q, kh + t * D, D) * inv;
+                if (scores[t] > top) top = scores[t];
+            }
+            float sum = 0.0f;
+            for (int64_t t = 0; t < T; t++) sum += scores[t] = expf(scores[t] - top);
+            float *out = attn + (m * nh + hq) * D;
+            for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
+            for (int64_t t = 0; t < T; t++) axpy(scores[t] / sum, vh + t * D, out, D);
         }
-        float sum = 0.0f;
-        for (int64_t t = 0; t < T; t++) sum += scores[t] = expf(scores[t] - top);
-        float *out = attn + hq * D;
-        for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
-        for (int64_t t = 0; t < T; t++) axpy(scores[t] / sum, vh + t * D, out, D);
     }
-    mat(&L->o, attn, h, xs, threads);
-    for (int64_t i = 0; i < H; i++) x[i] += h[i];
-    rms_norm(x, L->norm2, H, L->eps, h);
-    mat(&L->gate_up, h, gu, xs, threads);
-    for (int64_t i = 0; i < I; i++) {
-        float g = gu[i];
-        gu[i] = g / (1.0f + expf(-g)) * gu[I + i];  /* silu(gate) * up */
+    mat(&L->o, attn, M, h, xs, threads);
+    for (int64_t i = 0; i < M * H; i++) x[i] += h[i];
+    for (int64_t m = 0; m < M; m++) rms_norm(x + m * H, L->norm2, H, L->eps, h + m * H);
+    mat(&L->gate_up, h, M, gu, xs, threads);
+    for (int64_t m = 0; m < M; m++) {
+        float *row = gu + m * 2 * I;
+        for (int64_t i = 0; i < I; i++) {
+            float g = row[i];
+            row[i] = g / (1.0f + expf(-g)) * row[I + i];  /* silu(gate) * up */
+        }
     }
-    mat(&L->down, gu, h, xs, threads);
-    for (int64_t i = 0; i < H; i++) x[i] += h[i];
+    /* down reads M rows of I inputs: the silu products, packed */
+    for (int64_t m = 1; m < M; m++)
+        for (int64_t i = 0; i < I; i++) gu[m * I + i] = gu[m * 2 * I + i];
+    mat(&L->down, gu, M, h, xs, threads);
+    for (int64_t i = 0; i < M * H; i++) x[i] += h[i];
 }
