@@ -86,10 +86,17 @@ def run(a: argparse.Namespace, model: Path, out: Path) -> int:
         extra += ["--draft-model", a.draft_model]
     log_dir = out / "logs" / "speculative"
     log_dir.mkdir(parents=True, exist_ok=True)
+    fmt = a.quantize[0]  # the first --quantize format
     mesh = LocalMesh(
-        str(model), num_stages=a.stages, log_dir=log_dir, extra_orchestrator_args=extra
+        str(model),
+        num_stages=a.stages,
+        log_dir=log_dir,
+        extra_stage_args=["--quantize", fmt] if fmt != "none" else [],
+        extra_orchestrator_args=extra,
     )
-    results: dict = {"model": str(model), "stages": a.stages, "tokens": a.tokens, "groups": {}}
+    results: dict = {
+        "model": str(model), "stages": a.stages, "tokens": a.tokens, "quantize": fmt, "groups": {}
+    }  # fmt: skip
     with mesh as m, Client(m.address, timeout_s=600) as client:
         client.generate("Hello", max_new_tokens=8, ignore_eos=True)  # warm-up
         for group in ("grounded", "chat"):
@@ -107,7 +114,10 @@ def run(a: argparse.Namespace, model: Path, out: Path) -> int:
 
 
 def report(r: dict) -> None:
-    print(f"model {r['model']}, {r['stages']} stages, batch 1, greedy, {r['tokens']} new tokens")
+    print(
+        f"model {r['model']} ({r['quantize']}), {r['stages']} stages, batch 1, greedy, "
+        f"{r['tokens']} new tokens"
+    )
     for group, g in r["groups"].items():
         print(f"  {group} ({len(g['prompts'])} prompts; medians over prompts)")
         for mode, row in g["summary"].items():

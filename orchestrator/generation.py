@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from orchestrator.drafting import DraftSession
 from orchestrator.router import Router, StepResult
 from orchestrator.sessions_file import SessionsFile
-from orchestrator.speculation import AdaptiveK, SpeculationPolicy
+from orchestrator.speculation import AdaptiveK, SpeculationPolicy, StepCosts
 from orchestrator.tokenizer import Tokenizer
 from protos import llamadist_pb2 as pb
 from protos.errors import (
@@ -155,6 +155,7 @@ class Generator:
     ):
         self.router = router
         self.speculation = speculation or SpeculationPolicy()
+        self.step_costs = StepCosts()  # decode steps by rows, for every session's AdaptiveK
         self.sessions = SessionsFile(sessions_file) if sessions_file else None
         self.max_sessions_per_client = max_sessions_per_client
         self.tokenizer = tokenizer
@@ -339,7 +340,7 @@ class Generator:
         text = TextStream(self.tokenizer, req.stop)
         generated = state.generated
         steps: list[StepResult] = []
-        adaptive = AdaptiveK(self.speculation.k)
+        adaptive = AdaptiveK(self.speculation.k, self.step_costs)
         history, step_input = [], list(req.prompt_ids)  # history: tokens the stages have cached
         if generated:  # resuming: repeat what came before, then replay it onto the stages
             history, step_input = req.prompt_ids + generated[:-1], generated[-1:]
@@ -362,7 +363,8 @@ class Generator:
             )
             steps.append(result)
             kept = draft[: result.accepted_drafts]
-            adaptive.record(len(draft), len(kept))
+            decode = len(step_input) == 1 and not result.replayed  # a step to time
+            adaptive.record(len(draft), len(kept), result.wall_ns / 1e6 if decode else None)
             history += step_input + kept
             cached_epoch = result.epoch
             new_ids, new_logprobs = (

@@ -50,7 +50,7 @@ class Kernels:
         self._q4_dequant = _fn(lib.q4_dequant, _P, _I, _P, _P, _I, _I, _I, _I, _P)
         self.decode_layer = _fn(
             lib.decode_layer,
-            ctypes.POINTER(LayerArgs), _P, _P, _P, _P, _P, _I, _I, _P, ctypes.c_int,
+            ctypes.POINTER(LayerArgs), _P, _I, _P, _P, _P, _P, _I, _I, _P, ctypes.c_int,
         )  # fmt: skip
 
     def q8_linear(self, x, data, group: int, scale, bias, y) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.drafting import PromptLookup, Speculate
-from orchestrator.speculation import AdaptiveK, SpeculationPolicy
+from orchestrator.speculation import AdaptiveK, SpeculationPolicy, StepCosts
 from protos.errors import FailedPrecondition, InvalidArgument
 
 
@@ -26,22 +26,35 @@ def test_lookup_of_nothing():
     assert session.propose([1, 2, 3], 0) == []
 
 
-def test_adaptive_k_grows_shrinks_pauses_and_probes():
+def costs(*ms: float) -> StepCosts:
+    """Step costs of 1, 2, .. rows."""
+    c = StepCosts()
+    for rows, value in enumerate(ms, start=1):
+        c.observe(rows, value)
+    return c
+
+
+def test_adaptive_k_waits_for_the_baseline_then_tries_unmeasured_sizes():
     k = AdaptiveK(4)
-    assert k.next_k(remaining=100) == 4
+    assert k.next_k(remaining=100) == 0  # a one-token step is timed first
+    k.record(0, 0, wall_ms=10.0)
+    assert k.next_k(remaining=100) == 4  # others assumed as cheap until measured
     assert k.next_k(remaining=3) == 2  # the step's own token comes after the drafts
-    k.record(4, 4)
-    assert k.k == 4  # capped at k_max
-    k.record(4, 1)
-    assert k.k == 4  # some kept: unchanged
-    for expected in (2, 1, 0):
-        k.record(k.k, 0)
-        assert k.k == expected
-    pauses = [k.next_k(100) for _ in range(4)]
-    assert pauses == [0, 0, 0, 0] and k.next_k(100) == 1  # a probe after the pause
-    k.record(1, 0)  # the probe fails: a pause twice as long
-    assert [k.next_k(100) for _ in range(8)] == [0] * 8 and k.next_k(100) == 1
-    assert (k.drafted, k.accepted, k.trips) == (4 + 4 + 4 + 2 + 1 + 1, 4 + 1, 6)
+
+
+def test_adaptive_k_weighs_acceptance_against_measured_cost():
+    flat = AdaptiveK(4, costs(10, 10, 10, 10, 10))  # a GPU: rows are nearly free
+    assert flat.acceptance == 0.5 and flat.next_k(100) == 4
+    steep = AdaptiveK(4, costs(13, 16, 25, 33, 38))  # int8 on a CPU (measured here)
+    assert steep.next_k(100) == 1  # 1.5 tokens / 16 ms beats 1 / 13 ms and 1.75 / 25 ms
+    for _ in range(6):
+        steep.record(1, 0, wall_ms=16)  # drafts keep failing
+    assert steep.acceptance < 0.2
+    assert [steep.next_k(100) for _ in range(8)] == [0] * 7 + [1]  # a probe now and then
+    for _ in range(20):
+        steep.record(4, 4, wall_ms=38)  # the text turned repetitive: every draft kept
+    assert steep.acceptance > 0.9 and steep.next_k(100) == 4
+    assert (steep.drafted, steep.accepted, steep.trips) == (6 + 80, 80, 26)
 
 
 def test_policy_refuses_unknown_and_unavailable_modes():
