@@ -49,6 +49,24 @@ def test_kernels_equal_float_matmul_on_dequantized_weights(shape, rows):
         torch.testing.assert_close(q.linear(x, None), expected - bias, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("group", [16, 64, 256, 512])
+def test_rows_together_equal_rows_one_at_a_time_exactly(group):
+    """int8, several rows (a verify step): each weight is converted once for a pair of rows, and
+    every row's output is bit for bit what it is alone, so a token's logits do not depend on
+    how many drafts travel with it."""
+    g = torch.Generator().manual_seed(group)
+    w = torch.randn(203, 512, generator=g)
+    x = torch.randn(9, 512, generator=g)
+    q = Int8Weight.quantize(w, group)
+    kernels = cpu_kernels.load()[0]
+    together = torch.empty(9, 203)
+    kernels.q8_linear(x, q.data, q.group, q.scale, None, together)
+    for i in range(9):
+        alone = torch.empty(1, 203)
+        kernels.q8_linear(x[i : i + 1].contiguous(), q.data, q.group, q.scale, None, alone)
+        assert torch.equal(together[i], alone[0]), i
+
+
 def test_quantization_error_is_bounded_by_its_step():
     """Each dequantized weight is within half a quantization step of the original."""
     w = torch.randn(48, 96, generator=torch.Generator().manual_seed(1))
