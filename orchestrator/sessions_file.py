@@ -42,6 +42,7 @@ class SessionsFile:
                 "sampling": json_format.MessageToDict(state.req.sampling),
                 "stop": list(state.req.stop),
                 "ignore_eos": state.req.ignore_eos,
+                "speculate": state.req.speculate,
                 "generated": state.generated,
                 "logprobs": state.logprobs,
                 "suspended_s_ago": now - state.suspended_at,
@@ -82,6 +83,7 @@ class SessionsFile:
                 stop=tuple(row["stop"]),
                 ignore_eos=row["ignore_eos"],
                 session_id=row["session_id"],
+                speculate=row.get("speculate", ""),  # files saved before it: the default
             )
             sessions[req.session_id] = SessionState(
                 req, row["owner"], row["generated"], row["logprobs"], now - age

@@ -136,3 +136,43 @@ def test_metrics_export_drafted_kept_and_their_ratio(tiny_root):
     assert samples["llamadist_draft_tokens_total"] == drafted
     assert samples["llamadist_accepted_draft_tokens_total"] == accepted
     assert samples["llamadist_draft_acceptance_ratio"] == pytest.approx(accepted / drafted)
+
+
+@pytest.mark.slow
+def test_a_session_resumed_after_its_stage_died_stays_exact(tmp_path):
+    """No replica: the request fails, the stage comes back, the resume replays the kept tokens
+    only and goes on drafting."""
+    import time
+
+    from tests.test_failover import Mesh, kill
+
+    model_dir = make_tiny_model(tmp_path, "untied_mha")
+    expected = reference_greedy(model_dir, PROMPT, 150)
+    mesh = Mesh(model_dir, tmp_path)
+    try:
+        a, b = mesh.stage("a"), mesh.stage("b")
+        port_b = b.address.rsplit(":", 1)[1]
+        client = mesh.orchestrator(f"{a.address},{b.address}", "--speculate", "lookup")
+        stream = client.stream(token_ids=PROMPT, max_new_tokens=150, session_id="spec-resume")
+        pieces = [next(stream) for _ in range(3)]
+        kill(b)
+        with pytest.raises(ClientError) as err:
+            pieces += list(stream)
+        assert err.value.code == "UNAVAILABLE" and "spec-resume" in err.value.message
+        mesh.stage("b-again", int(port_b))  # the prober reloads its layers
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                resumed = client.generate(
+                    token_ids=[1], max_new_tokens=150, session_id="spec-resume"
+                )
+                break
+            except ClientError as e:
+                assert e.code == "UNAVAILABLE" and time.monotonic() < deadline, e
+                time.sleep(0.2)
+    finally:
+        mesh.stop()
+    assert resumed.token_ids[: len(tokens(pieces))] == tokens(pieces)
+    assert resumed.token_ids == expected
+    assert int(resumed.timings["replays"]) >= 1
+    assert int(resumed.timings["drafted_tokens"]) > 0
