@@ -176,3 +176,28 @@ def test_a_session_resumed_after_its_stage_died_stays_exact(tmp_path):
     assert resumed.token_ids == expected
     assert int(resumed.timings["replays"]) >= 1
     assert int(resumed.timings["drafted_tokens"]) > 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(quantize="int8"), dict(quantize="int4", quant_group=32), dict(static_kv="on")],
+    ids=["int8", "int4", "static-kv"],
+)
+def test_quantized_and_static_stages_verify_exactly(tiny_root, tmp_path, options):
+    """int8/int4 stages (verify steps in the fused C path) equal transformers on the
+    dequantized weights; static KV slots (one-token steps in the fixed-shape decoder, verify
+    steps in the general path) equal transformers on the model."""
+    from stage_service.weights import Quantization, write_dequantized
+
+    model_dir = make_tiny_model(tiny_root, "gqa")
+    reference = model_dir
+    if "quantize" in options:
+        reference = tmp_path / "dequantized"
+        group = options.get("quant_group", 64)
+        write_dequantized(model_dir, reference, Quantization(options["quantize"], group))
+    expected = reference_greedy(reference, PROMPT, NEW_TOKENS)
+    stage_options = {**options, "max_context": 128}
+    with in_process_mesh(model_dir, 2, stage_options=stage_options, speculate="lookup") as mesh:
+        spec = mesh.client.generate(token_ids=PROMPT, max_new_tokens=NEW_TOKENS)
+    assert spec.token_ids == expected
+    assert int(spec.timings["drafted_tokens"]) > 0
