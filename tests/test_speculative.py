@@ -201,3 +201,21 @@ def test_quantized_and_static_stages_verify_exactly(tiny_root, tmp_path, options
         spec = mesh.client.generate(token_ids=PROMPT, max_new_tokens=NEW_TOKENS)
     assert spec.token_ids == expected
     assert int(spec.timings["drafted_tokens"]) > 0
+
+
+def test_no_drafts_while_more_sessions_decode_than_speculation_pays_for(tiny_root):
+    from orchestrator.generation import Running
+
+    model_dir = make_tiny_model(tiny_root, "gqa")
+    options = dict(speculate="lookup", speculate_max_sessions=2)
+    with in_process_mesh(model_dir, 1, **options) as mesh:
+        generator = mesh.orchestrator.generator
+        others = {"other-1": Running(), "other-2": Running()}  # two more sessions decoding
+        generator._active.update(others)
+        busy = mesh.client.generate(token_ids=PROMPT, max_new_tokens=NEW_TOKENS)
+        for sid in others:
+            del generator._active[sid]
+        alone = mesh.client.generate(token_ids=PROMPT, max_new_tokens=NEW_TOKENS)
+    assert busy.token_ids == alone.token_ids
+    assert int(busy.timings["drafted_tokens"]) == 0 and int(busy.timings["trips"]) == NEW_TOKENS
+    assert int(alone.timings["drafted_tokens"]) > 0
