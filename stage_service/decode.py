@@ -97,13 +97,16 @@ class StaticDecoder:
         hidden: torch.Tensor | None,
     ) -> torch.Tensor:
         """Rows b: session slot slots[b] takes token_ids[b] (first stage) or hidden[b] at
-        positions[b]. Returns [n, hidden] or float32 logits [n, vocab], valid until the next
-        run (a view of the graph's output)."""
+        positions[b] (a slot may take several consecutive positions: a token and its drafts,
+        each row attending up to its own). Returns [n, hidden] or float32 logits [n, vocab],
+        valid until the next run (a view of the graph's output)."""
         n = len(slots)
         context = self.context_bucket(max(positions) + 1)
         rows = bucket(n)
         dense_rows = bucket(max(slots) + 1)
-        dense = dense_rows <= min(2 * rows, self.max_rows, self.pool.slots)
+        # dense needs one row per slot; a verify step has several rows on its session's slot
+        one_per_slot = len(set(slots)) == n
+        dense = one_per_slot and dense_rows <= min(2 * rows, self.max_rows, self.pool.slots)
         if dense:
             rows = dense_rows
         pad_ids, pad_pos, pad_slots = [0] * rows, [0] * rows, [self.pool.scratch] * rows

@@ -382,24 +382,13 @@ class Stage:
                 ready.append((job, session))
             if not ready:
                 return
-            decode, other = [], []
-            for job, session in ready:
-                single = len(job.step.token_ids) == 1 and not job.step.return_logits
-                (decode if loaded.decoder is not None and single else other).append((job, session))
+            other, decode = self._paths(loaded, ready)
             ready = other + decode
             parts = []  # per job: hidden rows or logits rows, in `ready` order
             if other:
                 parts.append(self._forward(loaded, other))
             if decode:
-                steps = [job.step for job, _ in decode]
-                parts.append(
-                    loaded.decoder.run(
-                        [session.slot for _, session in decode],
-                        [s.start_pos for s in steps],
-                        [s.token_ids[0] for s in steps],
-                        self._hidden(loaded, steps),
-                    )
-                )
+                parts.append(self._decode(loaded, decode))
             result = parts[0] if len(parts) == 1 else torch.cat(parts)
             for job, session in ready:
                 session.length = job.step.start_pos + len(job.step.token_ids)
@@ -416,6 +405,37 @@ class Stage:
                 out.compute_ns = compute_ns
                 out.batch_size = len(ready)
                 job.out = out
+
+    @staticmethod
+    def _paths(
+        loaded: Loaded, ready: list[tuple[Job, Session]]
+    ) -> tuple[list[tuple[Job, Session]], list[tuple[Job, Session]]]:
+        """(general path, static decoder): the decoder takes decode steps (a token, maybe with
+        the drafts it verifies: one row each, all on the session's slot) while their rows fit
+        its largest bucket; prefills, replays and steps asking for full logits go the general
+        way."""
+        other, decode, rows = [], [], 0
+        limit = loaded.decoder.max_rows if loaded.decoder is not None else 0
+        for job, session in ready:
+            step = job.step
+            n = len(step.token_ids)
+            if n == step.draft_tokens + 1 and not step.return_logits and rows + n <= limit:
+                decode.append((job, session))
+                rows += n
+            else:
+                other.append((job, session))
+        return other, decode
+
+    def _decode(self, loaded: Loaded, decode: list[tuple[Job, Session]]) -> torch.Tensor:
+        """The decode steps through the static decoder: every input token a row."""
+        steps = [job.step for job, _ in decode]
+        slots, positions, tokens = [], [], []
+        for step, (_, session) in zip(steps, decode, strict=True):
+            n = len(step.token_ids)
+            slots += [session.slot] * n
+            positions += range(step.start_pos, step.start_pos + n)
+            tokens += step.token_ids
+        return loaded.decoder.run(slots, positions, tokens, self._hidden(loaded, steps))
 
     def _hidden_outputs(
         self, loaded: Loaded, ready: list[tuple[Job, Session]], result: torch.Tensor

@@ -183,3 +183,27 @@ def test_point_mass_acceptance_is_the_standard_rule():
     assert chi_square(rejected, q / q.sum()) < 33.4  # df 4
     sd = (p[draft] * (1 - p[draft]) / sampling_runs) ** 0.5
     assert abs(kept / sampling_runs - p[draft]) < 5 * sd
+
+
+def test_static_slots_run_verify_steps_in_the_decoder(tiny_root, monkeypatch):
+    """With static KV (CUDA graphs on a GPU), a token and its drafts are rows of the fixed-shape
+    decode step, all on the session's slot, each attending up to its own position."""
+    model_dir = make_tiny_model(tiny_root, "gqa")
+    truth = reference_greedy(model_dir, PROMPT, NEW)
+    stage = Stage(StageConfig(model=str(model_dir), static_kv="on", max_context=128))
+    stage.load_layers(0, 4, epoch=1)
+    decoder = stage.loaded.decoder
+    calls = []
+    real_run = decoder.run
+
+    def run(slots, positions, token_ids, hidden):
+        calls.append((list(slots), list(positions)))
+        return real_run(slots, positions, token_ids, hidden)
+
+    monkeypatch.setattr(decoder, "run", run)
+    got, drafted, _ = speculative_run(stage, "s", Sampling(), guesses(truth, 3), k=4)
+    assert got == truth
+    assert drafted > 0 and calls
+    slots, positions = calls[0]
+    assert len(slots) == 5 and len(set(slots)) == 1  # the first step: a token and 4 drafts
+    assert positions == list(range(positions[0], positions[0] + 5))
