@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import threading
 import time
 import uuid
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from orchestrator.drafting import DraftSession
-from orchestrator.router import Router, StepResult
+from orchestrator.router import DraftsIgnored, Router, StepResult
 from orchestrator.sessions_file import SessionsFile
 from orchestrator.speculation import AdaptiveK, SpeculationPolicy, StepCosts
 from orchestrator.tokenizer import Tokenizer
@@ -33,6 +34,8 @@ from protos.errors import (
 )
 from protos.limits import DEFAULT_MAX_NEW_TOKENS, check_session_id
 from protos.sampling import Sampling
+
+log = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256
@@ -156,6 +159,7 @@ class Generator:
         self.router = router
         self.speculation = speculation or SpeculationPolicy()
         self.step_costs = StepCosts()  # decode steps by rows, for every session's AdaptiveK
+        self.drafts_ignored = ""  # why drafting stopped: a stage that does not verify drafts
         self.sessions = SessionsFile(sessions_file) if sessions_file else None
         self.max_sessions_per_client = max_sessions_per_client
         self.tokenizer = tokenizer
@@ -358,9 +362,17 @@ class Generator:
             if cancelled.is_set():
                 raise Cancelled(f"session {session_id!r} was ended")
             draft = self._draft(drafts, adaptive, history + step_input, req, len(generated))
-            result = self.router.step(
-                session_id, history, step_input, req.sampling, cached_epoch, cancelled, draft
-            )
+            try:
+                result = self.router.step(
+                    session_id, history, step_input, req.sampling, cached_epoch, cancelled, draft
+                )
+            except DraftsIgnored as err:
+                log.warning("speculation off until a restart: %s", err)
+                self.drafts_ignored = str(err)
+                draft = []
+                result = self.router.step(
+                    session_id, history, step_input, req.sampling, cached_epoch, cancelled
+                )
             steps.append(result)
             kept = draft[: result.accepted_drafts]
             decode = len(step_input) == 1 and not result.replayed  # a step to time
@@ -407,7 +419,9 @@ class Generator:
     ) -> list[int]:
         """The tokens the next step carries as guesses (none when the session does not
         speculate, or when more sessions decode together than speculation pays for)."""
-        if drafts is None or len(self._active) > self.speculation.max_sessions:
+        if drafts is None or self.drafts_ignored:
+            return []
+        if len(self._active) > self.speculation.max_sessions:
             return []
         k = adaptive.next_k(req.max_new_tokens - generated)
         return drafts.propose(tokens, k)[:k] if k > 0 else []

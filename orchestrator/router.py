@@ -244,6 +244,12 @@ class Router:
                         raise failed.error from None
                     replay = True
                     continue
+                if draft and reply.draft_tokens != len(draft):
+                    raise DraftsIgnored(
+                        f"{route[-1].client.name} does not verify drafted tokens (a stage from "
+                        "before speculative decoding): upgrade it, or run the orchestrator with "
+                        "--speculate off"
+                    )
                 return StepResult(
                     reply.token_id,
                     reply.logprob,
@@ -381,6 +387,12 @@ class Router:
 
     def close(self) -> None:
         self.pool.close()
+
+
+class DraftsIgnored(FailedPrecondition):
+    """The last stage answered a step with drafts as an ordinary one (its token follows every
+    input token, drafts included): it predates verification. The caller retries the step
+    without drafts (its start position cuts them out of the caches)."""
 
 
 class _StageFailed(Exception):

@@ -78,6 +78,7 @@ class StageServicer(pb_grpc.StageServicer):
             logprob=out.logprob,
             compute_ns=out.compute_ns,
             batch_size=out.batch_size,
+            draft_tokens=out.draft_tokens,
             accepted_drafts=out.accepted_drafts,
             draft_logprobs=out.draft_logprobs,
         )

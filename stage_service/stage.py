@@ -69,6 +69,7 @@ class StepOutput:
     logits: torch.Tensor | None = None
     compute_ns: int = 0
     batch_size: int = 1  # sessions in the forward this step ran in
+    draft_tokens: int = 0  # a verify step: the drafts it verified (echoed on the wire)
     accepted_drafts: int = 0  # a verify step: drafted tokens kept before token_id
     draft_logprobs: list[float] = field(default_factory=list)
 
@@ -519,12 +520,14 @@ class Stage:
             elif isinstance(verdict, Exception):
                 outputs.append(verdict)
             else:
-                outputs.append(self._output(verdict, logits.cpu() if full else None))
+                logits_out = logits.cpu() if full else None
+                outputs.append(self._output(verdict, step.draft_tokens, logits_out))
         return outputs
 
     @staticmethod
-    def _output(verdict: Verdict, logits: torch.Tensor | None) -> StepOutput:
+    def _output(verdict: Verdict, drafts: int, logits: torch.Tensor | None) -> StepOutput:
         return StepOutput(
+            draft_tokens=drafts,
             token_id=verdict.token_id,
             logprob=verdict.logprob,
             logits=logits,

@@ -219,3 +219,28 @@ def test_no_drafts_while_more_sessions_decode_than_speculation_pays_for(tiny_roo
     assert busy.token_ids == alone.token_ids
     assert int(busy.timings["drafted_tokens"]) == 0 and int(busy.timings["trips"]) == NEW_TOKENS
     assert int(alone.timings["drafted_tokens"]) > 0
+
+
+def test_a_last_stage_that_ignores_drafts_turns_speculation_off(tiny_root, monkeypatch):
+    """A stage from before verification ignores draft_tokens (an unknown field to it): it runs
+    the drafts as input and answers the token after them, echoing no draft count. The
+    orchestrator notices, runs the step again without drafts and stops drafting."""
+    from stage_service.servicer import StageServicer
+
+    real_step = StageServicer._step
+
+    def old_stage(request):
+        step = real_step(request)
+        step.draft_tokens = 0
+        return step
+
+    monkeypatch.setattr(StageServicer, "_step", staticmethod(old_stage))
+    model_dir = make_tiny_model(tiny_root, "gqa")
+    expected = reference_greedy(model_dir, PROMPT, NEW_TOKENS)
+    with in_process_mesh(model_dir, 2, speculate="lookup") as mesh:
+        first = mesh.client.generate(token_ids=PROMPT, max_new_tokens=NEW_TOKENS)
+        second = mesh.client.generate(token_ids=PROMPT, max_new_tokens=NEW_TOKENS)
+        why = mesh.orchestrator.generator.drafts_ignored
+    assert first.token_ids == expected == second.token_ids
+    assert "does not verify drafted tokens" in why and "--speculate off" in why
+    assert int(second.timings["drafted_tokens"]) == 0
