@@ -246,9 +246,10 @@ class Router:
                     continue
                 if draft and reply.draft_tokens != len(draft):
                     raise DraftsIgnored(
-                        f"{route[-1].client.name} does not verify drafted tokens (a stage from "
-                        "before speculative decoding): upgrade it, or run the orchestrator with "
-                        "--speculate off"
+                        f"{route[-1].client.name} answered without verifying the drafted "
+                        "tokens: it does not verify drafted tokens, or a stage before it does "
+                        "not pass them on (stages from before speculative decoding): upgrade "
+                        "them, or run the orchestrator with --speculate off"
                     )
                 return StepResult(
                     reply.token_id,
