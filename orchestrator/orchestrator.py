@@ -20,6 +20,7 @@ from orchestrator.replicas import split_group
 from orchestrator.router import Router
 from orchestrator.strategies import PlanSpec, estimate_ms_per_token, make_plan, spec_from_text
 from orchestrator.tokenizer import Tokenizer
+from orchestrator.weight_shipping import WeightShipper
 from protos import llamadist_pb2 as pb
 from protos.errors import FailedPrecondition, InvalidArgument, LlamadistError, Unavailable
 from protos.model_files import LlamaArgs, model_fingerprint, read_config
@@ -49,6 +50,8 @@ class StageEstimate:
     kv_capacity_tokens: int
     ms_per_token: float
     quantize: str = "none"  # the stage's weight format
+    fetch_bytes: int = 0  # preview: bytes it lacks that the orchestrator would ship; reload: sent
+    fetch_seconds: float = 0.0  # reload: time the shipping took
 
 
 @dataclass(frozen=True)
@@ -82,14 +85,15 @@ def generation_defaults(model_dir: Path) -> dict[str, float]:
 
 def check_held_layers(plan: PartitionPlan, groups: list[list[pb.StageInfo]]) -> None:
     """A plan must give each stage layers its model directory holds (a submodel holds a range
-    only): else FAILED_PRECONDITION naming the stage and the layers it would need."""
+    only), unless it takes what it lacks from the orchestrator (--fetch-weights): else
+    FAILED_PRECONDITION naming the stage and the layers it would need."""
     used = groups[: len(plan.ranges)]  # num_partitions may use the first N positions only
     for i, (address, layers, infos) in enumerate(
         zip(plan.addresses, plan.ranges, used, strict=True)
     ):
         for info in infos:
-            if info.held_layer_end == 0:
-                continue  # a stage from before submodels: it holds the whole model
+            if info.held_layer_end == 0 or info.fetches_weights:
+                continue  # from before submodels (the whole model), or shipped what it lacks
             lacking = [
                 n for n in range(layers.start, layers.end)
                 if not info.held_layer_start <= n < info.held_layer_end
@@ -119,6 +123,8 @@ class Orchestrator:
         self.router = Router(
             config.step_timeout_s, config.prefill_chunk_tokens, config.prefill_tokens_in_flight
         )
+        self.shipper = WeightShipper(self.model_dir, self.fingerprint)
+        self.router.before_load = self._ship
         self.tokenizer = Tokenizer(self.model_dir)
         self.generator = Generator(
             self.router,
@@ -204,6 +210,12 @@ class Orchestrator:
                     kv_capacity_tokens=cap.kv_budget_bytes // per_token,
                     ms_per_token=estimate_ms_per_token(profile, cap, layers, first, last),
                     quantize=infos[i].quantize or "none",
+                    fetch_bytes=max(
+                        self.shipper.lacking_bytes(layers.start, layers.end, info)
+                        if info.fetches_weights
+                        else 0
+                        for info in groups[i]
+                    ),  # fmt: skip
                 )
             )
         contexts = [i.max_context for g in groups for i in g if i.max_context > 0]
@@ -225,6 +237,8 @@ class Orchestrator:
     def _reload(self, request: PlanRequest) -> PlanView:
         with self._reload_lock:
             view = self.preview(request)  # infeasible specs fail here; nothing has changed
+            # Weights a stage lacks travel first, while it serves its old range.
+            view = self._ship_plan(view)
             with self.router.exclusive():
                 old = self.router.plan
                 # Above every epoch a stage holds: stages refuse older assignments, and after
@@ -248,6 +262,32 @@ class Orchestrator:
                 self.generator.max_positions = view.max_context
                 log.info("plan epoch %d applied: %s", plan.epoch, plan)
                 return self.view
+
+    # ------------------------------------------------------------------ weights over the wire
+
+    def _ship(self, client, start: int, end: int, info: pb.StageInfo | None = None):
+        """Sends the stage what it lacks of [start, end) (--fetch-weights stages only)."""
+        info = client.info() if info is None else info
+        return self.shipper.ship(client.stub, client.name, client.address, start, end, info)
+
+    def _ship_plan(self, view: PlanView) -> PlanView:
+        """Every stage of the plan that fetches weights gets what it lacks; the view's
+        estimates then say what was sent and how long it took."""
+        estimates = []
+        for i, (group, layers) in enumerate(
+            zip(view.plan.addresses, view.plan.ranges, strict=True)
+        ):
+            sent, seconds = 0, 0.0
+            for address in split_group(group):
+                client = self.router.client(address)
+                client.index = i
+                shipped = self._ship(client, layers.start, layers.end)
+                if shipped is not None:
+                    sent, seconds = sent + shipped.sent_bytes, max(seconds, shipped.seconds)
+            estimates.append(
+                dataclasses.replace(view.stages[i], fetch_bytes=sent, fetch_seconds=seconds)
+            )
+        return dataclasses.replace(view, stages=tuple(estimates))
 
     # ------------------------------------------------------------------ life cycle
 
