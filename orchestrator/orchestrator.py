@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,22 +272,33 @@ class Orchestrator:
         return self.shipper.ship(client.stub, client.name, client.address, start, end, info)
 
     def _ship_plan(self, view: PlanView) -> PlanView:
-        """Every stage of the plan that fetches weights gets what it lacks; the view's
-        estimates then say what was sent and how long it took."""
-        estimates = []
-        for i, (group, layers) in enumerate(
-            zip(view.plan.addresses, view.plan.ranges, strict=True)
-        ):
-            sent, seconds = 0, 0.0
-            for address in split_group(group):
-                client = self.router.client(address)
-                client.index = i
-                shipped = self._ship(client, layers.start, layers.end)
-                if shipped is not None:
-                    sent, seconds = sent + shipped.sent_bytes, max(seconds, shipped.seconds)
-            estimates.append(
-                dataclasses.replace(view.stages[i], fetch_bytes=sent, fetch_seconds=seconds)
-            )
+        """Every stage of the plan that fetches weights gets what it lacks, all stages at once;
+        the view's estimates then say what was sent and how long it took."""
+        plan = view.plan
+        jobs = [
+            (i, address, plan.ranges[i])
+            for i, group in enumerate(plan.addresses)
+            for address in split_group(group)
+        ]
+
+        def ship(job):
+            i, address, layers = job
+            client = self.router.client(address)
+            client.index = i
+            return self._ship(client, layers.start, layers.end)
+
+        with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
+            results = list(pool.map(ship, jobs))  # the first failure raises here
+        sent = [0] * len(view.stages)
+        seconds = [0.0] * len(view.stages)
+        for (i, _, _), shipped in zip(jobs, results, strict=True):
+            if shipped is not None:
+                sent[i] += shipped.sent_bytes
+                seconds[i] = max(seconds[i], shipped.seconds)
+        estimates = [
+            dataclasses.replace(est, fetch_bytes=sent[i], fetch_seconds=seconds[i])
+            for i, est in enumerate(view.stages)
+        ]
         return dataclasses.replace(view, stages=tuple(estimates))
 
     # ------------------------------------------------------------------ life cycle

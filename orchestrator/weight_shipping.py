@@ -31,7 +31,7 @@ from protos.submodel import head_tensor, range_tensors
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 4 * 2**20
+CHUNK_BYTES = 2**20  # 4 MiB measured slower here: each message is several fresh buffers
 HASH_BLOCK = 8 * 2**20
 PROGRESS_EVERY_S = 2.0
 
@@ -207,8 +207,8 @@ class WeightShipper:
             except grpc.RpcError as err:
                 error = from_rpc_error(err, name)
                 raise type(error)(
-                    f"{error}; {transfer.done / 1e6:.1f} of {total / 1e6:.1f} MB were sent and "
-                    "kept: the next reload resumes from there"
+                    f"{error}; {transfer.done / 1e6:.1f} of {total / 1e6:.1f} MB were sent: the "
+                    "stage keeps what arrived, and the next reload resumes from there"
                 ) from None
             finally:
                 self.transfers.pop(address, None)

@@ -98,6 +98,7 @@ class ShippedWeights:
                         last = now
                         log.info("weights: %s", progress_text(done, total, now - t0))
             finally:
+                self.cache.settle()
                 if done:
                     log.info(
                         "weights: received %s, %d tensors completed",

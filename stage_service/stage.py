@@ -295,6 +295,11 @@ class Stage:
                 self.fingerprint = fingerprint
         return answer
 
+    def close(self) -> None:
+        """Releases the weights cache directory (for another stage in this process)."""
+        if self.shipped is not None:
+            self.shipped.cache.close()
+
     def receive_weights(self, chunks) -> tuple[int, int]:
         """Bytes of offered tensors into the cache: (bytes written, tensors completed)."""
         if self.shipped is None:

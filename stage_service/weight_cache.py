@@ -6,17 +6,21 @@ to a range held before finds its tensors and transfers nothing. No torch, no gRP
                            and again when an offer names them (a corrupted one is dropped)
     DIR/partial/<sha256>   a transfer cut short: its bytes so far, resumed from its length
 
-The cache holds at most `limit_bytes`: a new transfer first evicts the least recently used
-entries that the offer in progress does not need. A range larger than the limit is refused.
+One stage process uses a cache directory at a time (a lock file says which); a second is
+refused at start. The cache holds at most `limit_bytes`: a new transfer first evicts the least
+recently used entries that the offer in progress does not need. A range larger than the limit
+is refused.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import threading
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,12 +69,26 @@ class WeightCache:
         self.partial = self.root / "partial"
         for d in (self.blobs, self.partial):
             d.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.root / "lock", "w")  # noqa: SIM115 - closed in close()
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise FailedPrecondition(
+                f"the weights cache {self.root} is in use by another stage process: give each "
+                "stage on a host its own --weights-cache"
+            ) from None
         self._lock = threading.Lock()
         self._expected: dict[str, int] = {}  # the offer in progress: sha256 -> size
         # Entries verified since this process started, with the (size, mtime) they had then: a
         # changed file is verified again.
         self._verified: dict[str, tuple[int, int]] = {}
-        self.received_bytes = 0  # over this process's life (what Info's source says: wire)
+        self.received_bytes = 0  # over this process's life
+        self._writing: dict[str, _Partial] = {}  # entries a stream is appending to
+
+    def close(self) -> None:
+        """Lets another process use the directory (a process's exit does this too)."""
+        self._lock_file.close()
 
     # ------------------------------------------------------------------ reading
 
@@ -163,39 +181,70 @@ class WeightCache:
     def write(self, sha256: str, offset: int, data: bytes) -> bool:
         """Appends a chunk of an offered entry at `offset` (where the entry's kept bytes end);
         True when the entry is complete, verified and in the cache. A complete entry whose hash
-        differs is dropped (the sender's bytes were not what it offered): DataLoss-like refusal
-        as FailedPrecondition, so the next offer asks for all of it again."""
+        differs is dropped (the sender's bytes were not what it offered) and refused, so the
+        next offer asks for all of it again. Call `settle()` when the stream ends."""
         with self._lock:
             size = self._expected.get(sha256)
             if size is None:
                 raise InvalidArgument(
                     f"tensor {sha256[:12]}... is not in the last offer: OfferWeights first"
                 )
-            part = self.partial / sha256
-            have = part.stat().st_size if part.exists() else 0
-            if offset != have:
+            part = self._writing.get(sha256) or self._resume(sha256)
+            if offset != part.have:
                 raise InvalidArgument(
                     f"tensor {sha256[:12]}...: chunk at offset {offset}, but the stage holds "
-                    f"{have} bytes of it; send from there"
+                    f"{part.have} bytes of it; send from there"
                 )
-            if have + len(data) > size:
+            if part.have + len(data) > size:
                 raise InvalidArgument(
-                    f"tensor {sha256[:12]}...: {have + len(data)} bytes sent, it has {size}"
+                    f"tensor {sha256[:12]}...: {part.have + len(data)} bytes sent, it has {size}"
                 )
-            with open(part, "ab") as f:
-                f.write(data)
+            part.file.write(data)
+            part.digest.update(data)
+            part.have += len(data)
             self.received_bytes += len(data)
-            if have + len(data) < size:
+            if part.have < size:
                 return False
-            if file_sha256(part) != sha256:
-                part.unlink()
+            del self._writing[sha256]
+            part.file.close()
+            path = self.partial / sha256
+            if part.digest.hexdigest() != sha256:
+                path.unlink()
                 raise FailedPrecondition(
                     f"tensor {sha256[:12]}...: the bytes received do not hash to the digest "
                     "offered; dropped (the next reload sends it again)"
                 )
-            os.replace(part, self.path(sha256))
+            os.replace(path, self.path(sha256))
             self._verified[sha256] = self._stat_key(self.path(sha256))
             return True
+
+    def _resume(self, sha256: str) -> _Partial:
+        """Opens an entry's partial file for appending, its digest over what it kept."""
+        path = self.partial / sha256
+        digest = hashlib.sha256()
+        have = 0
+        if path.exists():
+            with open(path, "rb") as f:
+                while block := f.read(HASH_BLOCK):
+                    digest.update(block)
+                    have += len(block)
+        part = _Partial(open(path, "ab"), digest, have)  # noqa: SIM115 - closed when complete
+        self._writing[sha256] = part
+        return part
+
+    def settle(self) -> None:
+        """A stream ended: what it wrote of unfinished entries is on disk, to resume from."""
+        with self._lock:
+            for part in self._writing.values():
+                part.file.close()
+            self._writing.clear()
+
+
+@dataclass
+class _Partial:
+    file: typing.BinaryIO
+    digest: typing.Any  # hashlib's sha256 object
+    have: int
 
 
 def _atime(path: Path) -> int:

@@ -212,6 +212,8 @@ class InProcessMesh:
         self.orchestrator.close()
         for server in self.stage_servers:
             server.stop(0)
+        for stage in self.stages:
+            stage.close()
 
 
 @contextmanager

@@ -191,3 +191,11 @@ def test_offers_that_cannot_be_taken_are_refused(tiny_root, tmp_path):
         theirs.offer_weights(model_fingerprint(model_dir), config, [])
     with pytest.raises(ConfigError, match="--fetch-weights"):
         StageConfig(model="")
+
+
+def test_one_process_uses_a_cache_directory_at_a_time(tmp_path):
+    first = WeightCache(tmp_path, limit_bytes=1000)
+    with pytest.raises(FailedPrecondition, match="its own --weights-cache"):
+        WeightCache(tmp_path, limit_bytes=1000)
+    first.close()
+    WeightCache(tmp_path, limit_bytes=1000).close()
