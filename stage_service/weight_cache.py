@@ -132,6 +132,7 @@ class WeightCache:
         for e in entries:
             if not _is_sha256(e.sha256):
                 raise InvalidArgument(f"tensor {e.name}: {e.sha256!r} is not a sha256 hex digest")
+        self.settle()  # what an earlier stream wrote is on disk, its length the resume point
         unique = {e.sha256: e.size for e in entries}
         total = sum(unique.values())
         if total > self.limit_bytes:
