@@ -5,9 +5,14 @@ the processes to the orchestrator's Health SERVING, and for (b) and (c) the byte
 was sent and the seconds that took (the plan's fetch_bytes/fetch_seconds). Prints each run,
 then medians and the transfer rate; --json FILE writes them.
 
+Before the runs it hashes every tensor once as the orchestrator does (kept in its hash cache,
+so the runs do not pay it; timed and reported), and with --cp times `cp` of the model's
+safetensors files into the cache's filesystem: the issue's baseline for the same bytes.
+
 Usage (repository root, the venv's python):
   python bench/weights_transfer.py                      # default model, 2 stages, 3 runs each
   python bench/weights_transfer.py --model DIR --runs 5 --stages 2 --json out.json
+  python bench/weights_transfer.py --model DIR --stage-args "--device cuda" --cp --work /data
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import argparse
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,9 +33,13 @@ sys.path.insert(0, str(ROOT))
 from client.client import Client  # noqa: E402
 from client.default_model import default_model_dir  # noqa: E402
 from client.launcher import LocalMesh  # noqa: E402
+from orchestrator.weight_shipping import WeightShipper  # noqa: E402
+from protos.model_files import model_fingerprint  # noqa: E402
 
 
-def run(model: str, stages: int, threads: int, cache_root: Path | None) -> dict:
+def run(
+    model: str, stages: int, threads: int, cache_root: Path | None, stage_args: list[str]
+) -> dict:
     fetch = cache_root is not None
     per_stage = None
     if fetch:
@@ -44,7 +54,9 @@ def run(model: str, stages: int, threads: int, cache_root: Path | None) -> dict:
         threads=threads,
         stage_model="" if fetch else None,
         per_stage_args=per_stage,
+        extra_stage_args=stage_args,
         extra_orchestrator_args=["--http-port", "-1"],
+        ready_timeout_s=900,
     )
     with mesh:
         ready_s = time.perf_counter() - t0
@@ -63,15 +75,39 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--json", default="", help="write the results here")
+    p.add_argument("--stage-args", default="", help="more stage flags, e.g. '--device cuda'")
+    p.add_argument("--cp", action="store_true", help="time cp of the model's files too")
+    p.add_argument("--work", default=None, help="where the caches go (default: a tmp dir)")
     a = p.parse_args()
     model = a.model or str(default_model_dir())
-    work = Path(tempfile.mkdtemp(prefix="llamadist-weights-bench-"))
+    stage_args = a.stage_args.split()
+    work = Path(tempfile.mkdtemp(prefix="llamadist-weights-bench-", dir=a.work))
     results: dict[str, list[dict]] = {"local": [], "cold": [], "warm": []}
+    summary: dict = {}
+    shipper = WeightShipper(Path(model), model_fingerprint(Path(model)))
+    shipper._hashes.clear()  # timed from nothing, as on an orchestrator's first start
+    t0 = time.perf_counter()
+    for name in shipper.stored:
+        shipper.sha256(name)
+    shipper.manifest([])  # writes the hash cache
+    summary["hash_all_s"] = time.perf_counter() - t0
+    model_bytes = sum(s.size for s in shipper.stored.values())
+    summary["model_bytes"] = model_bytes
+    print(f"hashing {model_bytes / 1e6:.0f} MB (once per model): {summary['hash_all_s']:.1f} s")
+    if a.cp:
+        files = sorted(Path(model).glob("*.safetensors"))
+        t0 = time.perf_counter()
+        subprocess.run(["cp", *map(str, files), str(work)], check=True)
+        subprocess.run(["sync"], check=True)
+        summary["cp_s"] = time.perf_counter() - t0
+        for f in files:
+            (work / f.name).unlink()
+        print(f"cp of the model's files (+ sync): {summary['cp_s']:.2f} s")
     try:
         for r in range(a.runs):  # interleaved, so that drift hits every kind alike
             cache = work / f"run{r}"
             for kind, root in (("local", None), ("cold", cache), ("warm", cache)):
-                out = run(model, a.stages, a.threads, root)
+                out = run(model, a.stages, a.threads, root, stage_args)
                 results[kind].append(out)
                 print(f"run {r} {kind:5s}: ready in {out['ready_s']:.2f} s, sent "
                       f"{[round(b / 1e6, 1) for b in out['sent_bytes']]} MB in "
@@ -80,7 +116,7 @@ def main() -> int:
             shutil.rmtree(cache, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    summary = {k: statistics.median(r["ready_s"] for r in v) for k, v in results.items()}
+    summary |= {k: statistics.median(r["ready_s"] for r in v) for k, v in results.items()}
     rates = [
         b / s
         for r in results["cold"]
@@ -93,6 +129,9 @@ def main() -> int:
     )
     summary["warm_sent_bytes"] = max(sum(r["sent_bytes"]) for r in results["warm"])
     summary["warm_over_local"] = summary["warm"] / summary["local"]
+    summary["cold_fetch_s"] = statistics.median(max(r["fetch_seconds"]) for r in results["cold"])
+    if "cp_s" in summary:
+        summary["cold_fetch_over_cp"] = summary["cold_fetch_s"] / summary["cp_s"]
     print(json.dumps(summary, indent=2))
     if a.json:
         Path(a.json).write_text(json.dumps({"summary": summary, "runs": results}, indent=2))
