@@ -7,11 +7,14 @@ resumes; corrupted cache entries are found and sent again; the cache keeps its b
 from __future__ import annotations
 
 import hashlib
+import re
+import time
 
 import pytest
 import torch
 
 from client.client import ClientError
+from client.commands_plan import reload_with_progress
 from orchestrator import weight_shipping
 from protos.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from protos.knobs import ConfigError
@@ -199,3 +202,40 @@ def test_one_process_uses_a_cache_directory_at_a_time(tmp_path):
         WeightCache(tmp_path, limit_bytes=1000)
     first.close()
     WeightCache(tmp_path, limit_bytes=1000).close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_stages", [2, 3])
+def test_default_model_over_the_wire_generates_as_transformers(default_model, tmp_path, num_stages):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(default_model))("The history of the Roman Empire")
+    ids = ids["input_ids"]
+    expected = reference_greedy(default_model, ids, NEW_TOKENS)
+    with in_process_mesh(default_model, num_stages, **fetching(tmp_path, num_stages)) as mesh:
+        result = mesh.client.generate(token_ids=ids, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        sources = [stage.info()["weights_source"] for stage in mesh.stages]
+    assert sources == ["wire"] * num_stages
+    assert result.token_ids == expected
+
+
+def test_plan_reload_prints_the_transfer_while_it_runs(tiny_root, tmp_path, monkeypatch, capsys):
+    model_dir = make_tiny_model(tiny_root, "gqa")  # 4 layers
+    options = fetching(tmp_path, 2, strategy="custom", boundaries="0-1,2-3")
+    with in_process_mesh(model_dir, 2, **options) as mesh:
+        monkeypatch.setattr(weight_shipping, "CHUNK_BYTES", 8192)
+        whole = weight_shipping.WeightShipper._chunks
+
+        def slowly(self, *args):
+            for chunk in whole(self, *args):
+                time.sleep(0.05)
+                yield chunk
+
+        monkeypatch.setattr(weight_shipping.WeightShipper, "_chunks", slowly)
+        spec = dict(strategy="custom", boundaries="0-0,1-3")
+        plan = reload_with_progress(mesh.client, spec, every_s=0.1)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "weights" in line]
+    assert lines, "no progress was printed"
+    assert all(re.search(r"MB, \d+ MB/s, ETA", line) for line in lines), lines
+    assert lines[0].startswith(mesh.addresses[1])
+    assert int(plan["stages"][1]["fetch_bytes"]) > 0
