@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
+import threading
 
 from client import server_flags
 from client.client import stage_health
@@ -47,10 +50,24 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
         _strategy_arguments(q)
 
 
+def _source(group: str, stages: dict[str, dict]) -> str:
+    """Where a position's weights came from (its replicas', joined): local, submodel, wire..."""
+    found = {stages[a]["info"].get("weights_source", "") for a in group.split("+") if a in stages}
+    return ",".join(sorted(found - {""})) or "-"
+
+
 def _print_plan(plan: dict, stages: dict[str, dict], as_json: bool) -> int:
     rows = []
+    shipped = any(int(s.get("fetch_bytes", 0)) for s in plan["stages"])
     for s in plan["stages"]:
-        status = stages.get(s["address"], {})
+        status = stages.get(s["address"].split("+")[0], {})
+        extra = {}
+        if stages:  # plan show: what each stage reports it loaded from
+            extra["source"] = _source(s["address"], stages)
+        if shipped:  # preview: what would travel; reload: what did
+            extra["fetch_mb"] = round(int(s.get("fetch_bytes", 0)) / 1e6, 1)
+            if s.get("fetch_seconds"):
+                extra["fetch_s"] = round(s["fetch_seconds"], 2)
         rows.append(
             {
                 "stage": s["index"],
@@ -61,6 +78,7 @@ def _print_plan(plan: dict, stages: dict[str, dict], as_json: bool) -> int:
                 "weights": s.get("quantize") or "none",  # the stage's format (--quantize)
                 "kv_tokens": int(s["kv_capacity_tokens"]),
                 "est_ms_per_token": round(s["est_ms_per_token"], 2),
+                **extra,
                 "reachable": status.get("reachable", True),
             }
         )
@@ -102,7 +120,29 @@ def run_plan(a: argparse.Namespace) -> int:
         )
         if a.plan_command == "preview":
             return _print_plan(client.preview_plan(**spec), {}, a.json)
-        return _print_plan(client.reload_plan(**spec), {}, a.json)
+        return _print_plan(reload_with_progress(client, spec), {}, a.json)
+
+
+def reload_with_progress(client, spec: dict, every_s: float = 1.0) -> dict:
+    """ReloadPlan, printing (to stderr) the weights each stage is being sent meanwhile."""
+    result: dict = {}
+
+    def reload() -> None:
+        try:
+            result["plan"] = client.reload_plan(**spec)
+        except BaseException as err:  # noqa: BLE001 - raised again below
+            result["error"] = err
+
+    thread = threading.Thread(target=reload, daemon=True)
+    thread.start()
+    while thread.join(every_s) is None and thread.is_alive():
+        with contextlib.suppress(Exception):  # progress is a courtesy; the reload decides
+            for s in client.stages():
+                if s.get("transfer"):
+                    print(f"{s['address']}: weights {s['transfer']}", file=sys.stderr)
+    if "error" in result:
+        raise result["error"]
+    return result["plan"]
 
 
 def add_health_arguments(p: argparse.ArgumentParser) -> None:

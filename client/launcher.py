@@ -104,8 +104,12 @@ class LocalMesh:
         tls_key: str = "",
         tls_ca: str = "",
         api_keys_file: str = "",
+        stage_model: str | None = None,
+        per_stage_args: list[list[str]] | None = None,
     ):
-        """TLS files (all three or none) and an API keys file are passed on to the services.
+        """Stages run on `stage_model` (None: `model`; '' with --fetch-weights among their
+        args), stage i with `per_stage_args[i]` added. TLS files (all three or none) and an
+        API keys file are passed on to the services.
         `secure` makes what is not given: a development CA and certificates in
         `log_dir/tls` and an API keys file `log_dir/api-keys` (its keys in `api_keys`)."""
         self.model = model
@@ -115,6 +119,8 @@ class LocalMesh:
         self.threads = threads or max(1, (os.cpu_count() or 1) // num_stages)
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="llamadist-up-"))
         self.extra_stage_args = extra_stage_args or []
+        self.stage_model = model if stage_model is None else stage_model
+        self.per_stage_args = per_stage_args or [[] for _ in range(num_stages)]
         self.extra_orchestrator_args = extra_orchestrator_args or []
         self.ready_timeout_s = ready_timeout_s
         self.processes: list[Process] = []
@@ -152,7 +158,7 @@ class LocalMesh:
                     [
                         "stage",
                         "--model",
-                        self.model,
+                        self.stage_model,
                         "--host",
                         self.host,
                         "--port",
@@ -161,6 +167,7 @@ class LocalMesh:
                         str(self.threads),
                         *self._tls_args(),
                         *self.extra_stage_args,
+                        *self.per_stage_args[i],
                     ],
                 )
                 for i in range(self.num_stages)

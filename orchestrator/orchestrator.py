@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from orchestrator.router import Router
 from orchestrator.speculation import SpeculationPolicy
 from orchestrator.strategies import PlanSpec, estimate_ms_per_token, make_plan, spec_from_text
 from orchestrator.tokenizer import Tokenizer
+from orchestrator.weight_shipping import WeightShipper
 from protos import llamadist_pb2 as pb
 from protos.errors import FailedPrecondition, InvalidArgument, LlamadistError, Unavailable
 from protos.model_files import LlamaArgs, model_fingerprint, read_config
@@ -51,6 +53,8 @@ class StageEstimate:
     kv_capacity_tokens: int
     ms_per_token: float
     quantize: str = "none"  # the stage's weight format
+    fetch_bytes: int = 0  # preview: bytes it lacks that the orchestrator would ship; reload: sent
+    fetch_seconds: float = 0.0  # reload: time the shipping took
 
 
 @dataclass(frozen=True)
@@ -84,14 +88,15 @@ def generation_defaults(model_dir: Path) -> dict[str, float]:
 
 def check_held_layers(plan: PartitionPlan, groups: list[list[pb.StageInfo]]) -> None:
     """A plan must give each stage layers its model directory holds (a submodel holds a range
-    only): else FAILED_PRECONDITION naming the stage and the layers it would need."""
+    only), unless it takes what it lacks from the orchestrator (--fetch-weights): else
+    FAILED_PRECONDITION naming the stage and the layers it would need."""
     used = groups[: len(plan.ranges)]  # num_partitions may use the first N positions only
     for i, (address, layers, infos) in enumerate(
         zip(plan.addresses, plan.ranges, used, strict=True)
     ):
         for info in infos:
-            if info.held_layer_end == 0:
-                continue  # a stage from before submodels: it holds the whole model
+            if info.held_layer_end == 0 or info.fetches_weights:
+                continue  # from before submodels (the whole model), or shipped what it lacks
             lacking = [
                 n for n in range(layers.start, layers.end)
                 if not info.held_layer_start <= n < info.held_layer_end
@@ -138,6 +143,8 @@ class Orchestrator:
         self.router = Router(
             config.step_timeout_s, config.prefill_chunk_tokens, config.prefill_tokens_in_flight
         )
+        self.shipper = WeightShipper(self.model_dir, self.fingerprint)
+        self.router.before_load = self._ship
         self.tokenizer = Tokenizer(self.model_dir)
         self.generator = Generator(
             self.router,
@@ -224,6 +231,12 @@ class Orchestrator:
                     kv_capacity_tokens=cap.kv_budget_bytes // per_token,
                     ms_per_token=estimate_ms_per_token(profile, cap, layers, first, last),
                     quantize=infos[i].quantize or "none",
+                    fetch_bytes=max(
+                        self.shipper.lacking_bytes(layers.start, layers.end, info)
+                        if info.fetches_weights
+                        else 0
+                        for info in groups[i]
+                    ),  # fmt: skip
                 )
             )
         contexts = [i.max_context for g in groups for i in g if i.max_context > 0]
@@ -245,6 +258,8 @@ class Orchestrator:
     def _reload(self, request: PlanRequest) -> PlanView:
         with self._reload_lock:
             view = self.preview(request)  # infeasible specs fail here; nothing has changed
+            # Weights a stage lacks travel first, while it serves its old range.
+            view = self._ship_plan(view)
             with self.router.exclusive():
                 old = self.router.plan
                 # Above every epoch a stage holds: stages refuse older assignments, and after
@@ -268,6 +283,43 @@ class Orchestrator:
                 self.generator.max_positions = view.max_context
                 log.info("plan epoch %d applied: %s", plan.epoch, plan)
                 return self.view
+
+    # ------------------------------------------------------------------ weights over the wire
+
+    def _ship(self, client, start: int, end: int, info: pb.StageInfo | None = None):
+        """Sends the stage what it lacks of [start, end) (--fetch-weights stages only)."""
+        info = client.info() if info is None else info
+        return self.shipper.ship(client.stub, client.name, client.address, start, end, info)
+
+    def _ship_plan(self, view: PlanView) -> PlanView:
+        """Every stage of the plan that fetches weights gets what it lacks, all stages at once;
+        the view's estimates then say what was sent and how long it took."""
+        plan = view.plan
+        jobs = [
+            (i, address, plan.ranges[i])
+            for i, group in enumerate(plan.addresses)
+            for address in split_group(group)
+        ]
+
+        def ship(job):
+            i, address, layers = job
+            client = self.router.client(address)
+            client.index = i
+            return self._ship(client, layers.start, layers.end)
+
+        with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
+            results = list(pool.map(ship, jobs))  # the first failure raises here
+        sent = [0] * len(view.stages)
+        seconds = [0.0] * len(view.stages)
+        for (i, _, _), shipped in zip(jobs, results, strict=True):
+            if shipped is not None:
+                sent[i] += shipped.sent_bytes
+                seconds[i] = max(seconds[i], shipped.seconds)
+        estimates = [
+            dataclasses.replace(est, fetch_bytes=sent[i], fetch_seconds=seconds[i])
+            for i, est in enumerate(view.stages)
+        ]
+        return dataclasses.replace(view, stages=tuple(estimates))
 
     # ------------------------------------------------------------------ life cycle
 

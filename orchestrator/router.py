@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from orchestrator.admission import TokenBudget
@@ -100,6 +100,9 @@ class Router:
         self.inflight = InFlight()
         self.pool = ReplicaPool(self._make_client)
         self.pool.rejoin = self._rejoin
+        # Called with (client, start, end) before a rejoining replica loads its range: the
+        # orchestrator ships the weights it lacks (orchestrator.weight_shipping).
+        self.before_load: Callable[[StageClient, int, int], object] | None = None
         self._gate = ReadWriteLock()
         self._plan_lock = threading.Lock()  # apply() and rejoins: one layer assignment at a time
 
@@ -142,7 +145,9 @@ class Router:
             except Unavailable as err:
                 errors.append(str(err))
                 continue
-            if info.model_fingerprint != fingerprint:
+            if info.model_fingerprint != fingerprint and not (
+                info.fetches_weights and not info.model_fingerprint
+            ):  # a stage without a model directory takes the model from the orchestrator
                 raise FailedPrecondition(
                     f"{stage.name} serves model {info.model_fingerprint}, the orchestrator "
                     f"{fingerprint}: give every service the same --model"
@@ -204,7 +209,10 @@ class Router:
             plan = self.plan
             if position is None or plan is None:
                 return  # no longer in the plan: nothing to load
-            replica.client.load_layers(position.layers.start, position.layers.end, plan.epoch)
+            layers = position.layers
+            if self.before_load is not None:
+                self.before_load(replica.client, layers.start, layers.end)
+            replica.client.load_layers(layers.start, layers.end, plan.epoch)
 
     def step(
         self,

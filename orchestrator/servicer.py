@@ -91,6 +91,8 @@ def plan_to_pb(view: PlanView) -> pb.Plan:
                 kv_capacity_tokens=est.kv_capacity_tokens,
                 est_ms_per_token=est.ms_per_token,
                 quantize=est.quantize,
+                fetch_bytes=est.fetch_bytes,
+                fetch_seconds=est.fetch_seconds,
             )
             for i, (address, layers, est) in enumerate(
                 zip(plan.addresses, plan.ranges, view.stages, strict=True)
@@ -189,10 +191,17 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     def ListStages(self, request: pb.ListStagesRequest, context) -> pb.ListStagesReply:
         reply = pb.ListStagesReply()
         router = self.orch.router
-        for stage in router.stages or [
+        stages = router.stages or [
             router.client(a) for g in self.orch.config.stages for a in split_group(g)
-        ]:
+        ]
+        listed = {s.address for s in stages}
+        # a stage of a plan being loaded, taking its weights now
+        stages += [router.client(a) for a in list(self.orch.shipper.transfers) if a not in listed]
+        for stage in stages:
             status = reply.stages.add(address=stage.address)
+            transfer = self.orch.shipper.transfers.get(stage.address)
+            if transfer is not None:
+                status.transfer = transfer.text()
             try:
                 status.info.CopyFrom(stage.info())
                 status.reachable = True

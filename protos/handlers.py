@@ -73,8 +73,12 @@ def add_service(server: grpc.Server, service_name: str, servicer: object) -> Non
         request_cls = GetMessageClass(method.input_type)
         serialize = GetMessageClass(method.output_type).SerializeToString
         behavior = getattr(servicer, method.name)
-        if method.client_streaming:
+        if method.client_streaming and method.server_streaming:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                _parsing_stream(behavior, request_cls), response_serializer=serialize
+            )
+        elif method.client_streaming:
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(
                 _parsing_stream(behavior, request_cls), response_serializer=serialize
             )
         elif method.server_streaming:

@@ -133,6 +133,11 @@ def model_dir(path: str) -> str | None:
     )
 
 
+def model_dir_or_none(path: str) -> str | None:
+    """'' (no model directory: a stage with --fetch-weights; see ServiceConfig) or model_dir."""
+    return None if path == "" else model_dir(path)
+
+
 def _default_model_dir() -> str:
     # The default model's place is the client's to know (client/default_model.py, torch-free);
     # imported when the default is made, so that protos imports nothing above it.
@@ -151,8 +156,9 @@ class ServiceConfig:
 
     model: str = knob(
         default_factory=_default_model_dir,
-        help="HF-layout model directory (config.json, *.safetensors, tokenizer files)",
-        check=model_dir,
+        help="HF-layout model directory (config.json, *.safetensors, tokenizer files); a stage "
+        "also takes a submodel (`llamadist model split`), or '' with --fetch-weights",
+        check=model_dir_or_none,
         metavar="DIR",
     )
     host: str = knob("127.0.0.1", "address to listen on", check=non_empty)
@@ -181,11 +187,20 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         check_knobs(self)
         check_tls_flags(self.tls_cert, self.tls_key, self.tls_ca)
+        if not self.model and self.needs_model:
+            raise ConfigError(f"--model: give a model directory{self.no_model_hint}", "model")
+
+    needs_model = True  # a service that can run without a model directory says when
+    no_model_hint = ""
 
     @classmethod
-    def knob_default(cls, name: str, default: Any) -> Any:
+    def knob_default(
+        cls, name: str, default: Any = MISSING, default_factory: Callable | None = None
+    ) -> Any:
         """The knob `name` of this class (help, checks) with another default."""
         f = next(f for f in dataclasses.fields(cls) if f.name == name)
+        if default_factory is not None:
+            return dataclasses.field(default_factory=default_factory, metadata=f.metadata)
         return dataclasses.field(default=default, metadata=f.metadata)
 
 

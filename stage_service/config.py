@@ -6,6 +6,7 @@ builds its parser from this module."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from protos.knobs import ServiceConfig, in_range, knob, non_negative, positive
@@ -34,8 +35,30 @@ def _device(name: str) -> str | None:
     return f"must be cpu, cuda or cuda:N, got {name!r}"
 
 
+def _default_stage_model() -> str:
+    """The default model's directory where this host has it, else none (--fetch-weights)."""
+    from client.default_model import default_model_dir
+
+    path = default_model_dir()
+    return str(path) if (path / "config.json").is_file() else ""
+
+
 @dataclass(frozen=True, kw_only=True)
 class StageConfig(ServiceConfig):
+    model: str = ServiceConfig.knob_default("model", default_factory=_default_stage_model)
+    fetch_weights: bool = knob(
+        False,
+        "take the tensors of its range that --model lacks (all, without --model) from the "
+        "orchestrator, verified by hash and kept in --weights-cache",
+    )
+    weights_cache: str = knob(
+        default_factory=lambda: str(Path.home() / ".cache" / "llamadist" / "weights"),
+        help="directory of the tensors the orchestrator shipped, one file per sha256",
+        metavar="DIR",
+    )
+    weights_cache_mb: int = knob(
+        65536, "most MiB the weights cache may hold (least recently used go first)", check=positive
+    )
     device: str = knob("cpu", "cpu, cuda or cuda:N", check=_device)
     dtype: str = knob(
         "",
@@ -84,6 +107,12 @@ class StageConfig(ServiceConfig):
     )
     max_batch: int = knob(64, "sessions one forward may batch", check=in_range(1, 4096))
     max_batch_tokens: int = knob(8192, "rows (tokens) one forward may batch", check=positive)
+
+    no_model_hint = ", or --fetch-weights to take every tensor from the orchestrator"
+
+    @property
+    def needs_model(self) -> bool:
+        return not self.fetch_weights
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -27,6 +27,7 @@ from stage_service.forwarding import (
     routed_onward,
 )
 from stage_service.stage import Stage, StepInput, StepOutput
+from stage_service.weight_cache import Entry
 
 log = logging.getLogger(__name__)
 
@@ -233,3 +234,21 @@ class StageServicer(pb_grpc.StageServicer):
         ok, detail = self.stage.ready()
         status = pb.HealthReply.SERVING if ok else pb.HealthReply.NOT_SERVING
         return pb.HealthReply(status=status, detail=detail)
+
+    @grpc_errors
+    def OfferWeights(self, request: pb.WeightManifest, context) -> pb.WeightNeeds:
+        entries = [
+            Entry(t.name, t.sha256, t.size_bytes, tuple(t.shape), t.dtype) for t in request.tensors
+        ]
+        answer = self.stage.offer_weights(request.model_fingerprint, request.config_json, entries)
+        return pb.WeightNeeds(
+            needs=[pb.WeightNeed(sha256=s, have_bytes=h) for s, h in answer.needs.items()],
+            cached_bytes=answer.cached_bytes,
+            discarded_bytes=answer.discarded_bytes,
+        )
+
+    @grpc_errors
+    def PutWeights(self, request_iterator, context) -> pb.WeightsReceived:
+        chunks = ((c.sha256, c.offset, c.data) for c in request_iterator)
+        written, completed = self.stage.receive_weights(chunks)
+        return pb.WeightsReceived(bytes=written, completed=completed)

@@ -29,7 +29,7 @@ from protos.errors import (
 from protos.limits import MAX_BATCH_BYTES, MAX_DRAFT_TOKENS, check_session_id
 from protos.model_files import read_config
 from protos.sampling import Sampling
-from protos.submodel import describe, held
+from protos.submodel import Held, describe, held
 from stage_service import cpu_kernels
 from stage_service.batcher import Batcher, Job
 from stage_service.config import StageConfig
@@ -38,9 +38,11 @@ from stage_service.kv_cache import CacheShape, Session, SessionCache, check_slot
 from stage_service.metrics import StageMetrics
 from stage_service.model import LlamaArgs, RangeModel, Segment
 from stage_service.sampling import NonFiniteLogits, sample_rows
+from stage_service.shipped import ShippedWeights, local_index
 from stage_service.speed import measure_gflops
 from stage_service.verify import RowInputs, Verdict, accept, add_rows
-from stage_service.weights import Quantization, load_range, weight_bytes
+from stage_service.weight_cache import Entry, OfferAnswer, WeightCache
+from stage_service.weights import Quantization, TensorSource, load_range, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +119,19 @@ def check_cpu_dtype(config: StageConfig, device: torch.device, dtype: torch.dtyp
 class Stage:
     def __init__(self, config: StageConfig):
         self.config = config
-        self.model_dir = Path(config.model)
-        self.args = LlamaArgs.from_config(read_config(self.model_dir))
-        self.held = held(self.model_dir)  # all layers, or a submodel's range (checked)
+        # No model directory (--fetch-weights): the model's config comes with the first offer.
+        self.model_dir = Path(config.model) if config.model else None
+        self.args: LlamaArgs | None = None
+        self.held = Held(0, 0, 0, "")  # the layers the model directory holds
+        if self.model_dir is not None:
+            self.args = LlamaArgs.from_config(read_config(self.model_dir))
+            self.held = held(self.model_dir)  # all layers, or a submodel's range (checked)
         self.fingerprint = self.held.fingerprint
+        self.shipped: ShippedWeights | None = None
+        if config.fetch_weights:
+            cache = WeightCache(Path(config.weights_cache), config.weights_cache_mb * 2**20)
+            self.shipped = ShippedWeights(cache)
+        self.weights_source = ""  # of the range in force: local, submodel, wire, cache
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
         check_cpu_dtype(config, self.device, self.dtype)
@@ -172,17 +183,23 @@ class Stage:
     def load_layers(self, start: int, end: int, epoch: int) -> None:
         """Loads [start, end) under plan `epoch` and drops the old range with every cached
         session (see _check_epoch for which epochs are taken)."""
+        if self.args is None:
+            raise FailedPrecondition(
+                "this stage has no model directory and no weights were offered yet: the "
+                "orchestrator offers them (OfferWeights) before it assigns layers"
+            )
         if not 0 <= start < end <= self.args.num_layers:
             raise InvalidArgument(
                 f"layer range [{start}, {end}) is not inside the model's "
                 f"{self.args.num_layers} layers (to hold nothing, ask for that explicitly)"
             )
         missing = self.held.missing(start, end)
-        if missing:
+        if missing and self.shipped is None:
             raise FailedPrecondition(
                 f"this stage's model directory holds layers {self.held.start}-"
                 f"{self.held.end - 1} only (a submodel); the plan gives it {start}-{end - 1}: "
-                f"it lacks layers {describe(missing)}"
+                f"it lacks layers {describe(missing)} (start it with --fetch-weights to take "
+                "them from the orchestrator)"
             )
         with self._admin:
             loaded = self.loaded
@@ -202,12 +219,12 @@ class Stage:
         static = self.config.use_static_kv
         if static:
             check_slot_budget(shape, self.config.kv_cache_mb * 2**20)  # before dropping anything
+        source, kinds = self._source(start, end)  # before dropping anything too
         with self._compute:
             self._release(epoch)  # free the old range before reading the new one
             quant = Quantization(self.config.quantize, self.config.group, self.rows_quantized)
-            weights = load_range(
-                self.model_dir, self.args, start, end, self.dtype, self.device, quant
-            )
+            weights = load_range(source, self.args, start, end, self.dtype, self.device, quant)
+            self.weights_source = "+".join(kinds)
             cache = SessionCache(
                 shape,
                 self.config.kv_cache_mb * 2**20,
@@ -236,6 +253,64 @@ class Stage:
                 gc.collect()
                 gc.freeze()
 
+    def _source(self, start: int, end: int):
+        """Where [start, end) is read from, and the kinds of source that makes (checked before
+        the range in force is dropped: a range the stage cannot read leaves it serving)."""
+        local = local_index(self.model_dir)
+        kinds = []
+        if self.held.end > self.held.start and not self.held.missing(start, end):
+            full = self.held.end - self.held.start == self.args.num_layers
+            return TensorSource(local), ["local" if full else "submodel"]
+        if self.held.missing(start, end) != list(range(start, end)):
+            kinds.append("local" if self.held.end - self.held.start == self.args.num_layers
+                         else "submodel")  # fmt: skip
+        names = self.shipped.names_for(start, end, self.args.num_layers)
+        lacking = [i for i in self.held.missing(start, end) if not any(
+            n.startswith(f"model.layers.{i}.") for n in names)]  # fmt: skip
+        if lacking:
+            raise FailedPrecondition(
+                f"layers {describe(lacking)} are neither in this stage's model directory nor "
+                "in the weights offered to it: the orchestrator ships a range's tensors "
+                "(OfferWeights, PutWeights) before it assigns the range"
+            )
+        source, shipped_kinds = self.shipped.source(local, names)
+        return source, kinds + shipped_kinds
+
+    # ------------------------------------------------------------------ weights over the wire
+
+    def offer_weights(
+        self, fingerprint: str, config_json: str, entries: list[Entry]
+    ) -> OfferAnswer:
+        """What the weights cache lacks of a range the orchestrator offers; a stage without
+        a model directory takes the model's config from the first offer."""
+        if self.shipped is None:
+            raise FailedPrecondition(
+                "this stage was started without --fetch-weights: it reads its weights from "
+                f"{self.model_dir} only"
+            )
+        if self.fingerprint and fingerprint != self.fingerprint:
+            raise FailedPrecondition(
+                f"this stage holds model {self.fingerprint} (its --model {self.model_dir}); "
+                f"the orchestrator offers model {fingerprint}: give them the same model"
+            )
+        answer = self.shipped.take_offer(fingerprint, config_json, entries)
+        with self._admin:
+            if self.args is None:
+                self.args = LlamaArgs.from_config(self.shipped.offer.config)
+                self.fingerprint = fingerprint
+        return answer
+
+    def close(self) -> None:
+        """Releases the weights cache directory (for another stage in this process)."""
+        if self.shipped is not None:
+            self.shipped.cache.close()
+
+    def receive_weights(self, chunks) -> tuple[int, int]:
+        """Bytes of offered tensors into the cache: (bytes written, tensors completed)."""
+        if self.shipped is None:
+            raise FailedPrecondition("this stage was started without --fetch-weights")
+        return self.shipped.receive(chunks)
+
     def info(self) -> dict:
         loaded = self.loaded
         if self.device.type == "cuda":
@@ -250,7 +325,9 @@ class Stage:
             "quant_kernel": self.quant_kernel,
             "held_layer_start": self.held.start,
             "held_layer_end": self.held.end,
-            "num_layers": self.args.num_layers,
+            "fetches_weights": self.shipped is not None,
+            "weights_source": self.weights_source if loaded is not None else "",
+            "num_layers": self.args.num_layers if self.args is not None else 0,
             "kv_budget_bytes": self.config.kv_cache_mb * 2**20,
             "memory_total_bytes": total,
             "memory_free_bytes": free,
@@ -301,6 +378,8 @@ class Stage:
     @property
     def max_context(self) -> int:
         """The most tokens a session may reach on this stage."""
+        if self.args is None:
+            return 0
         context = self.args.max_position_embeddings
         return min(self.config.max_context or context, context)
 

@@ -4,6 +4,7 @@ fingerprint) is read without torch by protos/model_files.py; here the tensors ar
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,17 +16,58 @@ from protos.model_files import LlamaArgs, TensorIndex
 from stage_service.model import LayerWeights, RangeWeights
 from stage_service.quant import key, quantize_matrix, quantize_rows, tensor_bytes
 
+# safetensors' dtype names, as the orchestrator's manifest gives them (weights over the wire)
+WIRE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
-def load_tensors(
-    index: TensorIndex, names: list[str], dtype: torch.dtype, device: torch.device
-) -> list[torch.Tensor]:
-    """The named tensors, in order, each file opened once."""
-    loaded: dict[str, torch.Tensor] = {}
-    for path, file_names in index.by_file(names).items():
-        with safe_open(str(path), framework="pt") as f:
-            for name in file_names:
-                loaded[name] = f.get_tensor(name).to(device=device, dtype=dtype)
-    return [loaded[n] for n in names]
+
+@dataclass(frozen=True)
+class Blob:
+    """A tensor in the weights cache (stage_service/weight_cache.py): raw bytes in a file."""
+
+    path: Path
+    dtype: str  # a WIRE_DTYPES key
+    shape: tuple[int, ...]
+
+
+class TensorSource:
+    """Reads a range's tensors by name: from a model directory's safetensors (`index`), and the
+    names in `blobs` from the weights cache (the tensors the orchestrator shipped)."""
+
+    def __init__(self, index: TensorIndex | None = None, blobs: dict[str, Blob] | None = None):
+        self.index = index
+        self.blobs = blobs or {}
+
+    @classmethod
+    def of(cls, model_dir: Path) -> TensorSource:
+        return cls(TensorIndex(model_dir))
+
+    def has(self, name: str) -> bool:
+        return name in self.blobs or (self.index is not None and self.index.has(name))
+
+    def names(self) -> list[str]:
+        local = list(self.index.shapes) if self.index is not None else []
+        return sorted(set(local) | set(self.blobs))
+
+    def load(
+        self, names: list[str], dtype: torch.dtype, device: torch.device
+    ) -> list[torch.Tensor]:
+        """The named tensors, in order, each file opened once."""
+        loaded: dict[str, torch.Tensor] = {}
+        local = [n for n in names if n not in self.blobs]
+        if local:
+            if self.index is None:
+                raise InvalidArgument(f"tensor {local[0]} is neither local nor shipped")
+            for path, file_names in self.index.by_file(local).items():
+                with safe_open(str(path), framework="pt") as f:
+                    for name in file_names:
+                        loaded[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+        for name in names:
+            if name in self.blobs:
+                blob = self.blobs[name]
+                numel = math.prod(blob.shape)
+                t = torch.from_file(str(blob.path), size=numel, dtype=WIRE_DTYPES[blob.dtype])
+                loaded[name] = t.view(blob.shape).to(device=device, dtype=dtype)
+        return [loaded[n] for n in names]
 
 
 @dataclass(frozen=True)
@@ -47,7 +89,7 @@ NONE = Quantization()
 
 
 def _load_layer(
-    index: TensorIndex,
+    source: TensorSource,
     i: int,
     args: LlamaArgs,
     dtype: torch.dtype,
@@ -57,8 +99,7 @@ def _load_layer(
     p = f"model.layers.{i}."
     # Matrices to be quantized are read as float32: quantized from the checkpoint's own values.
     matrix_dtype = dtype if quant.mode == "none" else torch.float32
-    q, k, v, o, gate, up, down = load_tensors(
-        index,
+    q, k, v, o, gate, up, down = source.load(
         [
             p + "self_attn.q_proj.weight",
             p + "self_attn.k_proj.weight",
@@ -71,18 +112,18 @@ def _load_layer(
         matrix_dtype,
         device,
     )
-    n1, n2 = load_tensors(
-        index, [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"], dtype, device
+    n1, n2 = source.load(
+        [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"], dtype, device
     )
     bqkv = bo = b_gate_up = b_down = None
     if args.attention_bias:
-        bq, bk, bv, bo = load_tensors(
-            index, [p + f"self_attn.{n}_proj.bias" for n in ("q", "k", "v", "o")], dtype, device
+        bq, bk, bv, bo = source.load(
+            [p + f"self_attn.{n}_proj.bias" for n in ("q", "k", "v", "o")], dtype, device
         )
         bqkv = torch.cat([bq, bk, bv])
     if args.mlp_bias:
-        bg, bu, b_down = load_tensors(
-            index, [p + f"mlp.{n}_proj.bias" for n in ("gate", "up", "down")], dtype, device
+        bg, bu, b_down = source.load(
+            [p + f"mlp.{n}_proj.bias" for n in ("gate", "up", "down")], dtype, device
         )
         b_gate_up = torch.cat([bg, bu])
     return LayerWeights(
@@ -100,7 +141,7 @@ def _load_layer(
 
 
 def load_range(
-    model_dir: Path,
+    model: Path | TensorSource,
     args: LlamaArgs,
     start: int,
     end: int,
@@ -114,23 +155,23 @@ def load_range(
         raise InvalidArgument(
             f"layer range [{start}, {end}) is not inside the model's {args.num_layers} layers"
         )
-    index = TensorIndex(model_dir)
+    source = model if isinstance(model, TensorSource) else TensorSource.of(model)
     weights = RangeWeights(
         start=start,
         end=end,
-        layers=[_load_layer(index, i, args, dtype, device, quant) for i in range(start, end)],
+        layers=[_load_layer(source, i, args, dtype, device, quant) for i in range(start, end)],
     )
     rows_dtype = dtype if quant.mode == "none" or not quant.rows_too else torch.float32
 
     def rows(name: str):
-        (w,) = load_tensors(index, [name], rows_dtype, device)
+        (w,) = source.load([name], rows_dtype, device)
         return quant.rows(name, w)
 
     if start == 0:
         weights.embed = rows("model.embed_tokens.weight")
     if end == args.num_layers:
-        (weights.final_norm,) = load_tensors(index, ["model.norm.weight"], dtype, device)
-        if args.tie_word_embeddings or not index.has("lm_head.weight"):
+        (weights.final_norm,) = source.load(["model.norm.weight"], dtype, device)
+        if args.tie_word_embeddings or not source.has("lm_head.weight"):
             # Tied head: the embedding matrix, shared with `embed` when this stage has both.
             weights.head = (
                 weights.embed if weights.embed is not None else rows("model.embed_tokens.weight")
@@ -160,11 +201,11 @@ def write_dequantized(model_dir: Path, out: Path, quant: Quantization) -> None:
 
     from safetensors.torch import save_file
 
-    index = TensorIndex(model_dir)
+    source = TensorSource.of(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for name in index.shapes:
-        (w,) = load_tensors(index, [name], torch.float32, torch.device("cpu"))
+    for name in source.names():
+        (w,) = source.load([name], torch.float32, torch.device("cpu"))
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             w = quant.rows(name, w)
         elif name.startswith("model.layers.") and w.dim() == 2:

@@ -171,19 +171,21 @@ class InProcessMesh:
         kv_cache_mb: int = 64,
         plan_stages: int = 0,
         stage_options: dict | None = None,
-        stage_models: list[Path] | None = None,
+        stage_models: list[Path | str] | None = None,
+        stage_options_per_stage: list[dict] | None = None,
         **orchestrator_options,
     ):
-        """Starts `num_stages` stages (StageConfig `stage_options`; stage i on `stage_models[i]`
-        where given, else on `model_dir`); the first plan uses the first `plan_stages` (0 =
-        all)."""
+        """Starts `num_stages` stages (StageConfig `stage_options`, and stage i's own
+        `stage_options_per_stage[i]`; stage i on `stage_models[i]` where given, '' for none,
+        else on `model_dir`); the first plan uses the first `plan_stages` (0 = all)."""
         self.stage_servers = []
         self.stages = []
         addresses = []
         for i in range(num_stages):
             own = stage_models[i] if stage_models else model_dir  # a submodel, or the model
+            options = {**(stage_options or {}), **(stage_options_per_stage or [{}] * num_stages)[i]}
             server, port, stage = build_stage(
-                StageConfig(model=str(own), kv_cache_mb=kv_cache_mb, **(stage_options or {}))
+                StageConfig(model=str(own), kv_cache_mb=kv_cache_mb, **options)
             )
             server.start()
             self.stage_servers.append(server)
@@ -210,6 +212,8 @@ class InProcessMesh:
         self.orchestrator.close()
         for server in self.stage_servers:
             server.stop(0)
+        for stage in self.stages:
+            stage.close()
 
 
 @contextmanager

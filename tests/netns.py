@@ -191,6 +191,20 @@ class NetnsLab:
         self._popened.append(process)
         return process
 
+    def limit_rate(self, host: str, mbit: int) -> None:
+        """Caps what HOST receives (the switch's egress on its port) with a token bucket."""
+        port = self.hosts[host].port
+        tbf = ["tbf", "rate", f"{mbit}mbit", "burst", "256kb", "latency", "200ms"]
+        argv = ["tc", "-n", self.switch, "qdisc", "replace", "dev", port, "root", *tbf]
+        subprocess.run(argv, check=True, capture_output=True, text=True, timeout=30)
+
+    def unplug(self, host: str) -> None:
+        """HOST's cable out, to be put back (`plug`): its switch port goes down."""
+        _ip("-n", self.switch, "link", "set", self.hosts[host].port, "down")
+
+    def plug(self, host: str) -> None:
+        _ip("-n", self.switch, "link", "set", self.hosts[host].port, "up")
+
     def cut(self, host: str) -> None:
         """Pulls HOST's cable: deletes its link (both ends of the veth pair)."""
         _ip("-n", self.switch, "link", "del", self.hosts[host].port)

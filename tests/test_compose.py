@@ -133,6 +133,19 @@ def chat_through_http(url: str, grpc_port: int) -> None:
     print(f"compose: chat completion through {url}: {expected.text!r}")
 
 
+def assert_holds_only_its_range(container: str, model: Path) -> None:
+    """A stage container holds no safetensors file and fewer weight bytes than the model."""
+    found = sh("docker", "exec", container, "sh", "-c",
+               "find / -xdev -name '*.safetensors' 2>/dev/null; true")  # fmt: skip
+    assert found.stdout.strip() == "", found.stdout
+    du = sh("docker", "exec", container, "du", "-sb", "/cache/blobs")
+    assert du.returncode == 0, du.stderr
+    held = int(du.stdout.split()[0])
+    full = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    assert 0 < held < full, (held, full)
+    print(f"compose: {container[:12]} holds {held / 1e6:.0f} MB of the {full / 1e6:.0f} MB model")
+
+
 def test_compose_deployment(default_model, reference, tmp_path):
     reason = docker_reason()
     if reason:
@@ -168,7 +181,11 @@ def test_compose_deployment(default_model, reference, tmp_path):
             uid = sh("docker", "exec", container, "id", "-u")
             assert uid.stdout.strip() == "10001", uid.stderr
             mounts = [(m["Destination"], m["RW"]) for m in c["Mounts"]]
-            assert mounts == [("/model", False)]
+            # the model is the orchestrator's only; a stage has its weights cache
+            own = [("/model", False)] if service == "orchestrator" else [("/cache", True)]
+            assert mounts == own
+            if service != "orchestrator":
+                assert_holds_only_its_range(container, default_model)
             published = {k: v for k, v in (c["HostConfig"]["PortBindings"] or {}).items() if v}
             expected = {
                 "50051/tcp": [{"HostIp": "", "HostPort": str(port)}],
@@ -193,6 +210,20 @@ def test_compose_deployment(default_model, reference, tmp_path):
             client.generate(PROMPT, max_new_tokens=4, ignore_eos=True)
         assert err.value.code == "UNAVAILABLE" and "stage 1 (stage1:7000)" in err.value.message
         print(f"compose: stage1 stopped: {err.value}")
+        # started again, it rejoins from its weights cache: nothing travels
+        start = sh(*compose, "start", "stage1", env=env)
+        assert start.returncode == 0, start.stderr
+        with Client(f"127.0.0.1:{port}", timeout_s=60) as client:
+
+            def sources() -> dict:
+                return {
+                    s["address"]: s.get("info", {}).get("weights_source", "")
+                    for s in client.stages()
+                }
+
+            wait_for("stage1 rejoined", lambda: sources()["stage1:7000"] != "", 180)
+            assert sources() == {"stage0:7000": "wire", "stage1:7000": "cache"}, sources()
+        generate_and_plan(f"127.0.0.1:{port}", reference, "compose, stage1 restarted")
     finally:
         logs = sh(*compose, "logs", "--no-color", "--tail", "30", env=env)
         (tmp_path / "compose.log").write_text(logs.stdout + logs.stderr)
@@ -225,13 +256,17 @@ def remove_swarm(made: list[str], stack: str, veth: str) -> None:
                 120,
             ),
         ),
+        "volumes": lambda: [
+            sh("docker", "volume", "rm", v)
+            for v in sh("docker", "volume", "ls", "-q", "--filter", label).stdout.split()
+        ],
         "swarm": lambda: sh("docker", "swarm", "leave", "--force"),
         "gwbridge": lambda: sh("docker", "network", "rm", "docker_gwbridge"),
         "veth": lambda: sh("ip", "link", "del", veth + "a"),
     }
     failures = []
-    for name in ("stack", "swarm", "gwbridge", "veth"):
-        if name in made:
+    for name in ("stack", "volumes", "swarm", "gwbridge", "veth"):
+        if name in made or (name == "volumes" and "stack" in made):
             try:
                 steps[name]()
             except Exception as err:  # report it, then go on removing

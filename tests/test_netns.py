@@ -49,16 +49,25 @@ except ClientError as err:
 """
 
 
-def test_mesh_across_namespaces(default_model, tmp_path):
+@pytest.fixture(scope="module")
+def loopback_ids(default_model) -> list[int]:
+    """What a loopback mesh generates: every namespace mesh must generate the same."""
+    with (
+        LocalMesh(str(default_model), num_stages=2, threads=1) as mesh,
+        Client(mesh.address, 120) as client,
+    ):
+        expected = client.generate(PROMPT, max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids
+    assert len(expected) == NEW_TOKENS
+    return expected
+
+
+def test_mesh_across_namespaces(default_model, loopback_ids, tmp_path):
     reason = netns.unavailable_reason()
     if reason:
         require_or_skip("netns", f"netns multi-host test: {reason}")
     began = time.monotonic()
     model = str(default_model)
-
-    with LocalMesh(model, num_stages=2, threads=1) as mesh, Client(mesh.address, 120) as client:
-        expected = client.generate(PROMPT, max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids
-    assert len(expected) == NEW_TOKENS
+    expected = loopback_ids
 
     with netns.NetnsLab(HOSTS, log_dir=tmp_path) as lab:
         if lab.delay_note:
@@ -140,3 +149,100 @@ def test_mesh_across_namespaces(default_model, tmp_path):
 
     assert lab.leftovers() == []
     print(f"netns: done in {time.monotonic() - began:.0f} s, nothing left behind")
+
+
+# In the orchestrator's namespace: a reload through the Python client, its stages' fetch_bytes
+# as JSON, or the error's code and message.
+RELOAD = """
+import json, sys
+from client import Client, ClientError
+try:
+    plan = Client(sys.argv[1], 300).reload_plan(strategy="custom", boundaries=sys.argv[2])
+    print(json.dumps([int(s.get("fetch_bytes", 0)) for s in plan["stages"]]))
+except ClientError as err:
+    print(json.dumps(dict(code=err.code, message=err.message)))
+"""
+
+
+def cache_bytes(cache, before: set[str]) -> int:
+    """Bytes a weights cache holds beyond the entries in `before`: new entries and partials."""
+    new = [p for p in (cache / "blobs").iterdir() if p.name not in before]
+    return sum(p.stat().st_size for p in [*new, *(cache / "partial").iterdir()])
+
+
+def test_weights_over_the_wire_across_namespaces(default_model, loopback_ids, tmp_path):
+    """Stages on hosts without the model take their layers from the orchestrator; a reload's
+    transfer cut mid-way (stage1's cable out) leaves stage1 serving its old range, and once the
+    cable is back the next reload sends only what had not arrived."""
+    reason = netns.unavailable_reason()
+    if reason:
+        require_or_skip("netns", f"netns weights test: {reason}")
+    from orchestrator.weight_shipping import WeightShipper
+    from protos.model_files import model_fingerprint
+
+    model = str(default_model)
+    caches = {h: tmp_path / f"weights-{h}" for h in HOSTS[1:]}
+    with netns.NetnsLab(HOSTS, log_dir=tmp_path) as lab:
+        stages = [
+            lab.spawn(h, ["stage", "--model", "", "--fetch-weights", "--weights-cache",
+                          str(caches[h]), "--host", lab.hosts[h].address,
+                          "--port", str(STAGE_PORT), "--threads", "1"])
+            for h in HOSTS[1:]
+        ]  # fmt: skip
+        addresses = [p.wait_address(120) for p in stages]
+        orchestrator = lab.spawn(
+            "orchestrator",
+            ["orchestrator", "--model", model, "--stages", ",".join(addresses),
+             "--host", lab.hosts["orchestrator"].address, "--port", str(ORCHESTRATOR_PORT),
+             "--stage-wait-s", "120", "--strategy", "custom", "--boundaries", "0-14,15-29"],
+        )  # fmt: skip
+        server = orchestrator.wait_address(120)
+        generate = [netns.LLAMADIST, "generate", "--server", server, "--json",
+                    "--max-new-tokens", str(NEW_TOKENS), "--ignore-eos", PROMPT]  # fmt: skip
+
+        def generates_as_loopback(timeout_s: float) -> None:
+            deadline = time.monotonic() + timeout_s
+            while True:  # after a cut, until the orchestrator has stage1 back
+                out = lab.run("orchestrator", generate)
+                if out.returncode == 0 or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
+            assert out.returncode == 0, out.stderr
+            assert json.loads(out.stdout)["token_ids"] == loopback_ids
+
+        wait = f"from client import Client; Client({server!r}).wait_ready(300)"
+        ready = lab.run("orchestrator", [sys.executable, "-c", wait])
+        assert ready.returncode == 0, ready.stderr
+        generates_as_loopback(0)
+        print("\nnetns: stages without the model generate as the loopback mesh")
+
+        # Moving stage1's range to 5-29: layers 5-14 travel, at ~25 MB/s, cut after 20 MB.
+        shipper = WeightShipper(default_model, model_fingerprint(default_model))
+        before = {p.name for p in (caches["stage1"] / "blobs").iterdir()}
+        layers = [n for n in shipper.stored if n.startswith(tuple(
+            f"model.layers.{i}." for i in range(5, 15)))]  # fmt: skip
+        unique = {shipper.sha256(n): shipper.stored[n].size for n in layers}
+        needed = sum(size for sha, size in unique.items() if sha not in before)
+        lab.limit_rate("stage1", 200)
+        reload = lab.popen("orchestrator", [sys.executable, "-c", RELOAD, server, "0-4,5-29"])
+        deadline = time.monotonic() + 120
+        while cache_bytes(caches["stage1"], before) < 20e6:
+            assert time.monotonic() < deadline and reload.poll() is None, reload.communicate()
+            time.sleep(0.05)
+        lab.unplug("stage1")
+        out, _ = reload.communicate(timeout=120)
+        got = json.loads(out.strip().splitlines()[-1])
+        assert got["code"] == "UNAVAILABLE" and "resumes from there" in got["message"], got
+        print(f"netns: stage1 unplugged mid-transfer: {got['message']}")
+        lab.plug("stage1")
+        generates_as_loopback(120)  # the old plan, stage1 on its old range
+        show = lab.run("orchestrator", [netns.LLAMADIST, "plan", "show", "--server", server])
+        assert "15-29" in show.stdout, show.stdout
+        kept = cache_bytes(caches["stage1"], before)
+        assert 20e6 <= kept < needed, (kept, needed)
+        again = lab.run("orchestrator", [sys.executable, "-c", RELOAD, server, "0-4,5-29"])
+        sent = json.loads(again.stdout.strip().splitlines()[-1])
+        assert sent == [0, needed - kept], (sent, needed, kept, again.stderr)
+        generates_as_loopback(60)
+        print(f"netns: the reload resumed: {kept / 1e6:.1f} MB kept, {sent[1] / 1e6:.1f} MB sent")
+    assert lab.leftovers() == []

@@ -1,0 +1,157 @@
+"""A --fetch-weights stage's side of weights over the wire: what the orchestrator offered (its
+model's config and fingerprint, the tensors of a range with their hashes), the bytes it streams
+into the weights cache, and the TensorSource a load reads from (local files first, the cache
+for the rest). No gRPC in here; the servicer converts the messages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from protos.errors import FailedPrecondition, InvalidArgument
+from protos.model_files import LlamaArgs, TensorIndex
+from stage_service.weight_cache import Entry, OfferAnswer, WeightCache
+from stage_service.weights import WIRE_DTYPES, Blob, TensorSource
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 2.0
+
+
+@dataclass
+class Offer:
+    fingerprint: str
+    config: dict
+    entries: dict[str, Entry]  # by tensor name
+    needed_bytes: int  # what the cache lacked when offered
+    from_cache: set[str]  # sha256 of entries the cache held at the offer
+
+
+def check_entry(e: Entry) -> None:
+    itemsize = {"F32": 4, "BF16": 2, "F16": 2}.get(e.dtype)
+    if itemsize is None:
+        raise InvalidArgument(
+            f"tensor {e.name}: dtype {e.dtype!r} is not one of {', '.join(WIRE_DTYPES)}"
+        )
+    if any(d < 0 for d in e.shape) or math.prod(e.shape) * itemsize != e.size:
+        raise InvalidArgument(
+            f"tensor {e.name}: {e.size} bytes do not make a {e.dtype} tensor of shape "
+            f"{list(e.shape)}"
+        )
+
+
+class ShippedWeights:
+    def __init__(self, cache: WeightCache):
+        self.cache = cache
+        self.offer: Offer | None = None
+        self._lock = threading.Lock()  # one offer or transfer at a time
+
+    def take_offer(self, fingerprint: str, config_json: str, entries: list[Entry]) -> OfferAnswer:
+        try:
+            config = json.loads(config_json)
+            LlamaArgs.from_config(config)
+        except (ValueError, KeyError, TypeError) as err:
+            raise InvalidArgument(
+                f"the offer's config_json is not a Llama config: {err!r}"
+            ) from None
+        for e in entries:
+            check_entry(e)
+        with self._lock:
+            answer = self.cache.offer(entries)
+            needed = {e.sha256: e.size for e in entries if e.sha256 in answer.needs}
+            self.offer = Offer(
+                fingerprint,
+                config,
+                {e.name: e for e in entries},
+                sum(size - answer.needs[sha] for sha, size in needed.items()),
+                {e.sha256 for e in entries if e.sha256 not in answer.needs},
+            )
+            log.info(
+                "weights offered: %d tensors, %.1f MB; %.1f MB cached, %.1f MB to receive",
+                len(entries), sum(e.size for e in entries) / 1e6, answer.cached_bytes / 1e6,
+                self.offer.needed_bytes / 1e6,
+            )  # fmt: skip
+            return answer
+
+    def receive(self, chunks: Iterable[tuple[str, int, bytes]]) -> tuple[int, int]:
+        """Writes the chunks into the cache: (bytes written, tensors completed). A stream cut
+        short keeps what arrived; the next offer resumes from there."""
+        with self._lock:
+            offer = self.offer
+            if offer is None:
+                raise FailedPrecondition("no weights were offered: OfferWeights first")
+            total, done, completed = offer.needed_bytes, 0, 0
+            t0 = last = time.monotonic()
+            try:
+                for sha, offset, data in chunks:
+                    completed += self.cache.write(sha, offset, data)
+                    done += len(data)
+                    now = time.monotonic()
+                    if now - last >= PROGRESS_EVERY_S:
+                        last = now
+                        log.info("weights: %s", progress_text(done, total, now - t0))
+            finally:
+                self.cache.settle()
+                if done:
+                    log.info(
+                        "weights: received %s, %d tensors completed",
+                        progress_text(done, total, time.monotonic() - t0), completed,
+                    )  # fmt: skip
+            return done, completed
+
+    def source(
+        self, local: TensorIndex | None, names_needed: list[str]
+    ) -> tuple[TensorSource, list[str]]:
+        """The source of a load: local files for the names `local` has, the cache for the rest
+        (each must be in the last offer and complete); with the kinds used, wire or cache."""
+        offer = self.offer
+        blobs, kinds = {}, set()
+        for name in names_needed:
+            if local is not None and local.has(name):
+                continue
+            entry = offer.entries.get(name) if offer is not None else None
+            if entry is None or not self.cache.path(entry.sha256).is_file():
+                raise FailedPrecondition(
+                    f"tensor {name} is neither in this stage's model directory nor in its "
+                    "weights cache: the orchestrator ships a range's tensors (OfferWeights, "
+                    "PutWeights) before it assigns the range"
+                )
+            blobs[name] = Blob(self.cache.path(entry.sha256), entry.dtype, entry.shape)
+            kinds.add("cache" if entry.sha256 in offer.from_cache else "wire")
+        return TensorSource(local, blobs), sorted(kinds, key=["wire", "cache"].index)
+
+    def names_for(self, start: int, end: int, num_layers: int) -> list[str]:
+        """The offered tensors a stage serving [start, end) reads."""
+        offer = self.offer
+        if offer is None:
+            return []
+        out = []
+        for name in offer.entries:
+            parts = name.split(".")
+            if len(parts) > 3 and parts[1] == "layers" and parts[2].isdigit():
+                if start <= int(parts[2]) < end:
+                    out.append(name)
+            elif name == "model.embed_tokens.weight":
+                out += [name] if start == 0 or end == num_layers else []
+            elif end == num_layers:
+                out.append(name)  # the final norm and the head
+        return out
+
+
+def progress_text(done: int, total: int, seconds: float) -> str:
+    """'312.0 of 540.0 MB, 410 MB/s, ETA 0.6 s'."""
+    rate = done / seconds if seconds > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else float("inf")
+    eta_text = f"ETA {eta:.1f} s" if eta != float("inf") else "ETA unknown"
+    return f"{done / 1e6:.1f} of {total / 1e6:.1f} MB, {rate / 1e6:.0f} MB/s, {eta_text}"
+
+
+def local_index(model_dir: Path | None) -> TensorIndex | None:
+    return TensorIndex(model_dir) if model_dir is not None else None
