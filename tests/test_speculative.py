@@ -244,3 +244,15 @@ def test_a_last_stage_that_ignores_drafts_turns_speculation_off(tiny_root, monke
     assert first.token_ids == expected == second.token_ids
     assert "does not verify drafted tokens" in why and "--speculate off" in why
     assert int(second.timings["drafted_tokens"]) == 0
+
+
+def test_drafts_ride_the_last_chunk_of_a_chunked_prompt(tiny_root):
+    """Prompts (and replays) go in chunks; a step's drafts all go in its last chunk, after the
+    token before them."""
+    model_dir = make_tiny_model(tiny_root, "gqa")
+    expected = reference_greedy(model_dir, PROMPT * 3, NEW_TOKENS)
+    with in_process_mesh(model_dir, 2, speculate="lookup", prefill_chunk_tokens=4) as mesh:
+        mesh.client.generate(token_ids=[1, 2], max_new_tokens=3)  # times a one-token step
+        spec = mesh.client.generate(token_ids=PROMPT * 3, max_new_tokens=NEW_TOKENS)
+    assert spec.token_ids == expected
+    assert int(spec.timings["drafted_tokens"]) > 0
