@@ -8,7 +8,7 @@
 # mesh overhead per token at each stage count).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 python3 -c 'import torch, transformers, grpc, google.protobuf as p; print("torch", torch.__version__, "transformers", transformers.__version__, "grpcio", grpc.__version__, "protobuf", p.__version__, "gpus", torch.cuda.device_count())'
 if python3 -c 'import grpc_tools' 2>/dev/null; then
   python3 -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. protos/llamadist.proto

@@ -130,7 +130,7 @@ def start_mesh(
             "--compile",
             "--threads",
             "4",
-            *(["--quantize", quantize] if quantize != "none" else []),
+            *(["--quantize", quantize, "--allow-slow-dtype"] if quantize != "none" else []),
         ]
         procs.append(Process(f"stage{i}-of-{stages}", args, log_dir))
         addresses.append(procs[-1].wait_address(600))

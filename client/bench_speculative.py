@@ -31,6 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-model", default="", metavar="DIR", help="--speculative: also draft")
     p.add_argument("--speculate-k", type=int, default=4, help="--speculative: drafts per step")
     p.add_argument("--prompts", default=str(PROMPTS), help="--speculative: the prompt set")
+    p.add_argument(
+        "--stage-args",
+        default="",
+        help="--speculative: more stage flags, '{i}' the stage's index: '--device cuda:{i}'",
+    )
 
 
 def one_prompt(client: Client, prompt: dict, modes: list[str], tokens: int, repeats: int) -> dict:
@@ -92,6 +97,7 @@ def run(a: argparse.Namespace, model: Path, out: Path) -> int:
         num_stages=a.stages,
         log_dir=log_dir,
         extra_stage_args=["--quantize", fmt] if fmt != "none" else [],
+        per_stage_args=[a.stage_args.format(i=i).split() for i in range(a.stages)],
         extra_orchestrator_args=extra,
     )
     results: dict = {

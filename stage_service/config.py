@@ -68,7 +68,8 @@ class StageConfig(ServiceConfig):
     allow_slow_dtype: bool = knob(
         False,
         "run --dtype bfloat16/float16 on a CPU without instructions for it, where it is slower "
-        "than float32 (7x at 64 rows on an AVX2 CPU: bench/CPU_NOTES.md)",
+        "than float32 (7x at 64 rows on an AVX2 CPU: bench/CPU_NOTES.md), or --quantize int8 "
+        "on a GPU (20x slower than bf16 on an H200: bench/GPU_NOTES.md)",
     )
     metrics_port: int = knob(
         0, "serve Prometheus metrics at /metrics on this port (0 = off)", check=in_range(0, 65535)

@@ -116,6 +116,18 @@ def check_cpu_dtype(config: StageConfig, device: torch.device, dtype: torch.dtyp
     )
 
 
+def check_cuda_quantize(config: StageConfig, device: torch.device) -> None:
+    """int8 on CUDA has no kernel of its own: every matmul dequantizes its matrix first, which
+    measured 5.8 tok/s against bf16's 120 on two H200s (bench/GPU_NOTES.md run 16). Refused
+    unless --allow-slow-dtype, pointing at what pays there."""
+    if device.type == "cuda" and config.quantize == "int8" and not config.allow_slow_dtype:
+        raise FailedPrecondition(
+            "--quantize int8 on a GPU dequantizes every matrix per call (measured 20x slower "
+            "than bf16 on an H200): use --quantize int4 (tinygemm kernel) or none, or pass "
+            "--allow-slow-dtype to run it anyway (it saves memory, not time)"
+        )
+
+
 class Stage:
     def __init__(self, config: StageConfig):
         self.config = config
@@ -135,6 +147,7 @@ class Stage:
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
         check_cpu_dtype(config, self.device, self.dtype)
+        check_cuda_quantize(config, self.device)
         self.loaded: Loaded | None = None
         self.gflops = measure_gflops(self.device, self.dtype)
         # One forward at a time: torch already uses the stage's threads inside each op.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -80,9 +81,11 @@ class WeightCache:
             ) from None
         self._lock = threading.Lock()
         self._expected: dict[str, int] = {}  # the offer in progress: sha256 -> size
-        # Entries verified since this process started, with the (size, mtime) they had then: a
-        # changed file is verified again.
-        self._verified: dict[str, tuple[int, int]] = {}
+        # Entries verified, with the (size, mtime, inode) they had then, kept in verified.json
+        # so that a restart does not hash its whole range again: a file changed since (its
+        # stat differs) is hashed again before use.
+        self._stamps = self.root / "verified.json"
+        self._verified: dict[str, tuple[int, ...]] = self._read_stamps()
         self.received_bytes = 0  # over this process's life
         self._writing: dict[str, _Partial] = {}  # entries a stream is appending to
 
@@ -95,13 +98,24 @@ class WeightCache:
     def path(self, sha256: str) -> Path:
         return self.blobs / sha256
 
-    def _stat_key(self, path: Path) -> tuple[int, int]:
+    def _stat_key(self, path: Path) -> tuple[int, ...]:
         st = path.stat()
-        return st.st_size, st.st_mtime_ns
+        return st.st_size, st.st_mtime_ns, st.st_ino
+
+    def _read_stamps(self) -> dict[str, tuple[int, ...]]:
+        try:
+            return {k: tuple(v) for k, v in json.loads(self._stamps.read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    def _save_stamps(self) -> None:
+        tmp = self._stamps.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._verified))
+        os.replace(tmp, self._stamps)
 
     def verified(self, sha256: str, size: int) -> bool:
         """Whether the complete entry exists with `size` bytes whose hash is its name (hashed
-        once per process and file version). A corrupted entry is deleted."""
+        once per file version, see _stamps). A corrupted entry is deleted."""
         path = self.path(sha256)
         try:
             key = self._stat_key(path)
@@ -157,6 +171,7 @@ class WeightCache:
                 needs[sha] = have
             self._expected = unique
             self._evict(keep=set(unique), incoming=sum(unique[s] - h for s, h in needs.items()))
+            self._save_stamps()
             return OfferAnswer(needs, cached, discarded)
 
     def _used_bytes(self) -> int:
@@ -239,6 +254,7 @@ class WeightCache:
             for part in self._writing.values():
                 part.file.close()
             self._writing.clear()
+            self._save_stamps()
 
 
 @dataclass

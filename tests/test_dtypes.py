@@ -131,3 +131,17 @@ def test_a_cpu_without_half_instructions_refuses_the_slow_dtype(gqa, dtype):
         pytest.skip(f"this CPU has instructions for {dtype}: it is not refused here")
     with pytest.raises(FailedPrecondition, match="slower than float32.*--allow-slow-dtype"):
         Stage(StageConfig(model=str(gqa), kv_cache_mb=16, dtype=dtype))
+
+
+def test_int8_on_a_gpu_is_refused_unless_allowed(gqa):
+    """The check itself (this machine has no GPU): int8 on CUDA is refused with what pays."""
+    from protos.errors import FailedPrecondition
+    from stage_service.stage import check_cuda_quantize
+
+    cuda = torch.device("cuda")
+    with pytest.raises(FailedPrecondition, match="int4.*--allow-slow-dtype"):
+        check_cuda_quantize(StageConfig(model=str(gqa), device="cuda", quantize="int8"), cuda)
+    allowed = StageConfig(model=str(gqa), device="cuda", quantize="int8", allow_slow_dtype=True)
+    check_cuda_quantize(allowed, cuda)
+    check_cuda_quantize(StageConfig(model=str(gqa), device="cuda", quantize="int4"), cuda)
+    check_cuda_quantize(StageConfig(model=str(gqa), quantize="int8"), torch.device("cpu"))
