@@ -127,10 +127,12 @@ class OrchestratorConfig(ServiceConfig):
     )
 
     speculate: str = knob(
-        "off",
+        "lookup",
         "speculative decoding (the output stays exactly the model's): lookup drafts from "
-        "n-gram matches in the prompt and the text so far, draft runs --draft-model; a "
-        "request may choose otherwise (generate --speculate)",
+        "n-gram matches in the prompt and the text so far (the default: on the fixed prompt "
+        "set it measured 1.5x on grounded prompts and 1.0x on chat on a CPU, 2.6x and 1.2x on "
+        "an H200), draft runs --draft-model; a request may choose otherwise "
+        "(generate --speculate)",
         choices=SPECULATE_MODES,
     )
     speculate_k: int = knob(
