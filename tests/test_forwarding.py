@@ -19,7 +19,8 @@ def model_dir(tmp_path_factory):
 def test_the_orchestrator_sends_one_message_per_step_and_never_sees_a_hidden_state(
     model_dir, monkeypatch
 ):
-    with in_process_mesh(model_dir, 3) as mesh:
+    # one step per token: speculation off (a verify step carries several tokens)
+    with in_process_mesh(model_dir, 3, speculate="off") as mesh:
         router = mesh.orchestrator.router
         links = [router.client(a).link() for a in mesh.addresses]  # each an outlet
         answered: list[list] = [[] for _ in links]

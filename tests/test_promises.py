@@ -208,8 +208,9 @@ def test_generate_json_timings_add_up(default_model, tmp_path, capsys):
     model_dir = make_tokenizer_model(tmp_path / "tokenizer", default_model)
     prompt, tokens = "Once upon a time", 12
     with in_process_mesh(model_dir, 2) as mesh:
-        argv = ["generate", "--server", mesh.address, "--json", "--ignore-eos"]
-        code = main([*argv, "--max-new-tokens", str(tokens), prompt])
+        # one step per token: speculation off (a verify step carries several tokens)
+        argv = ["generate", "--server", mesh.address, "--json", "--ignore-eos", "--speculate"]
+        code = main([*argv, "off", "--max-new-tokens", str(tokens), prompt])
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 0 and len(out) == 1, out
     reply = json.loads(out[0])
