@@ -135,11 +135,13 @@ def reload_with_progress(client, spec: dict, every_s: float = 1.0) -> dict:
 
     thread = threading.Thread(target=reload, daemon=True)
     thread.start()
-    while thread.join(every_s) is None and thread.is_alive():
+    thread.join(every_s)
+    while thread.is_alive():
         with contextlib.suppress(Exception):  # progress is a courtesy; the reload decides
             for s in client.stages():
                 if s.get("transfer"):
                     print(f"{s['address']}: weights {s['transfer']}", file=sys.stderr)
+        thread.join(every_s)
     if "error" in result:
         raise result["error"]
     return result["plan"]

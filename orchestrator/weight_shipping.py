@@ -12,7 +12,6 @@ mtime. No torch here.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,11 +27,11 @@ from protos.errors import LlamadistError, Unavailable
 from protos.model_files import LlamaArgs, read_config, safetensors_files, safetensors_header
 from protos.status import from_rpc_error
 from protos.submodel import head_tensor, range_tensors
+from protos.transfer import file_digest, progress_text
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 2**20  # 4 MiB measured slower here: each message is several fresh buffers
-HASH_BLOCK = 8 * 2**20
 PROGRESS_EVERY_S = 2.0
 
 
@@ -56,10 +55,7 @@ class Transfer:
     started: float = 0.0
 
     def text(self) -> str:
-        seconds = time.monotonic() - self.started
-        rate = self.done / seconds if seconds > 0 else 0.0
-        eta = f"ETA {(self.total - self.done) / rate:.1f} s" if rate > 0 else "ETA unknown"
-        return f"{self.done / 1e6:.1f} of {self.total / 1e6:.1f} MB, {rate / 1e6:.0f} MB/s, {eta}"
+        return progress_text(self.done, self.total, time.monotonic() - self.started)
 
 
 @dataclass(frozen=True)
@@ -115,18 +111,9 @@ class WeightShipper:
             known = self._hashes.get(name)
             if known is not None and known[0] == version:
                 return known[1]
-            digest = hashlib.sha256()
-            with open(stored.path, "rb") as f:
-                f.seek(stored.offset)
-                left = stored.size
-                while left:
-                    block = f.read(min(HASH_BLOCK, left))
-                    if not block:
-                        raise OSError(f"{stored.path} ends inside tensor {name}")
-                    digest.update(block)
-                    left -= len(block)
-            self._hashes[name] = [version, digest.hexdigest()]
-            return digest.hexdigest()
+            hexdigest = file_digest(stored.path, stored.offset, stored.size).hexdigest()
+            self._hashes[name] = [version, hexdigest]
+            return hexdigest
 
     def _save_hashes(self) -> None:
         try:

@@ -52,7 +52,7 @@ def describe(layers: list[int]) -> str:
     return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in runs)
 
 
-def _layer_of(name: str) -> int | None:
+def layer_of(name: str) -> int | None:
     parts = name.split(".")
     if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
         return int(parts[2])
@@ -66,7 +66,7 @@ def head_tensor(args: LlamaArgs, index: TensorIndex) -> str:
 
 def range_tensors(index: TensorIndex, start: int, end: int, num_layers: int, head: str):
     """The tensor names a stage serving [start, end) reads, from a full model's index."""
-    names = {n for n in index.shapes if (i := _layer_of(n)) is not None and start <= i < end}
+    names = {n for n in index.shapes if (i := layer_of(n)) is not None and start <= i < end}
     if start == 0:
         names.add(EMBED)
     if end == num_layers:
@@ -141,7 +141,7 @@ def split(model_dir: Path, out: Path, ranges: list[tuple[int, int]]) -> list[Pat
     fingerprint = model_fingerprint(model_dir)
     index = TensorIndex(model_dir)
     head = head_tensor(args, index)
-    per_layer = sorted({n.split(".", 3)[3] for n in index.shapes if _layer_of(n) is not None})
+    per_layer = sorted({n.split(".", 3)[3] for n in index.shapes if layer_of(n) is not None})
     out.mkdir(parents=True, exist_ok=True)
     dirs = []
     for i, (start, end) in enumerate(ranges):

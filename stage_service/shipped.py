@@ -13,10 +13,11 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 from protos.errors import FailedPrecondition, InvalidArgument
 from protos.model_files import LlamaArgs, TensorIndex
+from protos.submodel import EMBED, layer_of
+from protos.transfer import progress_text
 from stage_service.weight_cache import Entry, OfferAnswer, WeightCache
 from stage_service.weights import WIRE_DTYPES, Blob, TensorSource
 
@@ -134,24 +135,11 @@ class ShippedWeights:
             return []
         out = []
         for name in offer.entries:
-            parts = name.split(".")
-            if len(parts) > 3 and parts[1] == "layers" and parts[2].isdigit():
-                if start <= int(parts[2]) < end:
+            if (layer := layer_of(name)) is not None:
+                if start <= layer < end:
                     out.append(name)
-            elif name == "model.embed_tokens.weight":
-                out += [name] if start == 0 or end == num_layers else []
+            elif name == EMBED:
+                out += [name] if start == 0 or end == num_layers else []  # or the tied head
             elif end == num_layers:
                 out.append(name)  # the final norm and the head
         return out
-
-
-def progress_text(done: int, total: int, seconds: float) -> str:
-    """'312.0 of 540.0 MB, 410 MB/s, ETA 0.6 s'."""
-    rate = done / seconds if seconds > 0 else 0.0
-    eta = (total - done) / rate if rate > 0 else float("inf")
-    eta_text = f"ETA {eta:.1f} s" if eta != float("inf") else "ETA unknown"
-    return f"{done / 1e6:.1f} of {total / 1e6:.1f} MB, {rate / 1e6:.0f} MB/s, {eta_text}"
-
-
-def local_index(model_dir: Path | None) -> TensorIndex | None:
-    return TensorIndex(model_dir) if model_dir is not None else None

@@ -27,9 +27,9 @@ from protos.errors import (
     OutOfRange,
 )
 from protos.limits import MAX_BATCH_BYTES, MAX_DRAFT_TOKENS, check_session_id
-from protos.model_files import read_config
+from protos.model_files import TensorIndex, read_config
 from protos.sampling import Sampling
-from protos.submodel import Held, describe, held
+from protos.submodel import Held, describe, held, layer_of
 from stage_service import cpu_kernels
 from stage_service.batcher import Batcher, Job
 from stage_service.config import StageConfig
@@ -38,7 +38,7 @@ from stage_service.kv_cache import CacheShape, Session, SessionCache, check_slot
 from stage_service.metrics import StageMetrics
 from stage_service.model import LlamaArgs, RangeModel, Segment
 from stage_service.sampling import NonFiniteLogits, sample_rows
-from stage_service.shipped import ShippedWeights, local_index
+from stage_service.shipped import ShippedWeights
 from stage_service.speed import measure_gflops
 from stage_service.verify import RowInputs, Verdict, accept, add_rows
 from stage_service.weight_cache import Entry, OfferAnswer, WeightCache
@@ -269,17 +269,15 @@ class Stage:
     def _source(self, start: int, end: int):
         """Where [start, end) is read from, and the kinds of source that makes (checked before
         the range in force is dropped: a range the stage cannot read leaves it serving)."""
-        local = local_index(self.model_dir)
-        kinds = []
-        if self.held.end > self.held.start and not self.held.missing(start, end):
-            full = self.held.end - self.held.start == self.args.num_layers
-            return TensorSource(local), ["local" if full else "submodel"]
-        if self.held.missing(start, end) != list(range(start, end)):
-            kinds.append("local" if self.held.end - self.held.start == self.args.num_layers
-                         else "submodel")  # fmt: skip
+        local = TensorIndex(self.model_dir) if self.model_dir is not None else None
+        missing = self.held.missing(start, end)
+        own = "local" if self.held.end - self.held.start == self.args.num_layers else "submodel"
+        kinds = [own] if len(missing) < end - start else []  # some layers are its own
+        if not missing:
+            return TensorSource(local), kinds
         names = self.shipped.names_for(start, end, self.args.num_layers)
-        lacking = [i for i in self.held.missing(start, end) if not any(
-            n.startswith(f"model.layers.{i}.") for n in names)]  # fmt: skip
+        offered = {layer_of(n) for n in names}
+        lacking = [i for i in missing if i not in offered]
         if lacking:
             raise FailedPrecondition(
                 f"layers {describe(lacking)} are neither in this stage's model directory nor "

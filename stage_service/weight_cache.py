@@ -26,18 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protos.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from protos.transfer import file_digest
 
 log = logging.getLogger(__name__)
 
-HASH_BLOCK = 8 * 2**20
-
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path).hexdigest()
 
 
 def _is_sha256(text: str) -> bool:
@@ -86,7 +81,6 @@ class WeightCache:
         # stat differs) is hashed again before use.
         self._stamps = self.root / "verified.json"
         self._verified: dict[str, tuple[int, ...]] = self._read_stamps()
-        self.received_bytes = 0  # over this process's life
         self._writing: dict[str, _Partial] = {}  # entries a stream is appending to
 
     def close(self) -> None:
@@ -218,7 +212,6 @@ class WeightCache:
             part.file.write(data)
             part.digest.update(data)
             part.have += len(data)
-            self.received_bytes += len(data)
             if part.have < size:
                 return False
             del self._writing[sha256]
@@ -237,13 +230,8 @@ class WeightCache:
     def _resume(self, sha256: str) -> _Partial:
         """Opens an entry's partial file for appending, its digest over what it kept."""
         path = self.partial / sha256
-        digest = hashlib.sha256()
-        have = 0
-        if path.exists():
-            with open(path, "rb") as f:
-                while block := f.read(HASH_BLOCK):
-                    digest.update(block)
-                    have += len(block)
+        have = path.stat().st_size if path.exists() else 0
+        digest = file_digest(path) if have else hashlib.sha256()
         part = _Partial(open(path, "ab"), digest, have)  # noqa: SIM115 - closed when complete
         self._writing[sha256] = part
         return part
