@@ -71,6 +71,12 @@ class StageConfig(ServiceConfig):
         "than float32 (7x at 64 rows on an AVX2 CPU: bench/CPU_NOTES.md), or --quantize int8 "
         "on a GPU (20x slower than bf16 on an H200: bench/GPU_NOTES.md)",
     )
+    batch_invariant: bool = knob(
+        False,
+        "every row's result bit-identical whatever else shares its step (rows, order, prefill "
+        "chunks, drafts): fixed-order kernels for the matmuls, attention, norms and sampling "
+        "(README: what 'identical' means)",
+    )
     metrics_port: int = knob(
         0, "serve Prometheus metrics at /metrics on this port (0 = off)", check=in_range(0, 65535)
     )

@@ -10,7 +10,7 @@ The shared object is named by a hash of the source and flags. It is taken from t
 kernels/ folder where a wheel was built with it (docker/wheelhouse.sh builds it there, since the
 image has no compiler), else built once into a cache directory (LLAMADIST_KERNEL_DIR, else
 ~/.cache/llamadist/kernels) with the system C compiler (`cc`, or CC). Where neither can be had
-(no compiler, no AVX2/FMA, not x86-64 Linux), `load()` returns None with the reason and the
+(no compiler, no AVX2/FMA/F16C, not x86-64 Linux), `load()` returns None with the reason and the
 callers fall back to torch on dequantized weights: the same results, far slower.
 """
 
@@ -33,7 +33,11 @@ log = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).parent / "kernels"
 SOURCES = (KERNELS / "qlinear.c", KERNELS / "layer.c")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-std=c11")
+# ISO C (-std=c11): no FMA contraction or float reordering of the compiler's own, which the
+# batch-invariant mode relies on (kernels/qlinear.c).
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC", "-std=c11")
+# Matrix formats of kernels/layer.c's QMat, and activation dtypes (F32, BF16, F16) for it.
+FORMATS = {"int8": 0, "int4": 1, torch.float32: 2, torch.bfloat16: 3, torch.float16: 4}
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -48,9 +52,23 @@ class Kernels:
         self._q8_dequant = _fn(lib.q8_dequant, _P, _I, _P, _I, _I, _I, _I, _P)
         self._q4 = _fn(lib.q4_linear, _P, _I, _I, _P, _I, _P, _P, _P, _P, _I, _P, ctypes.c_int)
         self._q4_dequant = _fn(lib.q4_dequant, _P, _I, _P, _P, _I, _I, _I, _I, _P)
-        self.decode_layer = _fn(
-            lib.decode_layer,
-            ctypes.POINTER(LayerArgs), _P, _I, _P, _P, _P, _P, _I, _I, _P, ctypes.c_int,
+        self._f = _fn(lib.f_linear, _P, _I, _I, _P, _I, _P, _P, _I, ctypes.c_int)
+        self.layer_rows = _fn(
+            lib.layer_rows,
+            ctypes.POINTER(LayerArgs), _P, _I, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int,
+        )  # fmt: skip
+        self.head_rows = _fn(
+            lib.head_rows,
+            _P, _I, _I, _P, ctypes.c_float, _I, ctypes.POINTER(QMat), _P, _P, ctypes.c_int,
+        )  # fmt: skip
+
+    def f_linear(self, x, w: torch.Tensor, bias, y) -> None:
+        """y[M, N] = x[M, K] @ w.T + bias for float32, bfloat16 or float16 weights [N, K]
+        (float32 x, y, bias), each output's sum in an order fixed whatever M is."""
+        rows, k = x.shape
+        self._f(
+            x.data_ptr(), rows, k, w.data_ptr(), FORMATS[w.dtype], _ptr(bias), y.data_ptr(),
+            y.shape[1], torch.get_num_threads(),
         )  # fmt: skip
 
     def q8_linear(self, x, data, group: int, scale, bias, y) -> None:
@@ -86,7 +104,7 @@ class QMat(ctypes.Structure):
     """A quantized matrix for layer.c (pointers into tensors its owner keeps alive)."""
 
     _fields_ = [
-        ("bits", _I), ("n", _I), ("k", _I), ("group", _I),
+        ("format", _I), ("n", _I), ("k", _I), ("group", _I),
         ("data", _P), ("scale", _P), ("mins", _P), ("bias", _P),
     ]  # fmt: skip
 
@@ -94,6 +112,7 @@ class QMat(ctypes.Structure):
 class LayerArgs(ctypes.Structure):
     _fields_ = [
         ("hidden", _I), ("heads", _I), ("kv_heads", _I), ("head_dim", _I), ("inter", _I),
+        ("act", _I),
         ("eps", ctypes.c_float), ("norm1", _P), ("norm2", _P),
         ("qkv", QMat), ("o", QMat), ("gate_up", QMat), ("down", QMat),
     ]  # fmt: skip
@@ -155,7 +174,7 @@ def load() -> tuple[Kernels | None, str]:
     """The kernels and a word on them, or None and why they are not there."""
     if platform.machine() not in ("x86_64", "AMD64") or platform.system() != "Linux":
         return None, f"no quantized kernels for {platform.system()}/{platform.machine()}"
-    missing = {"avx2", "fma"} - cpu_flags()
+    missing = {"avx2", "fma", "f16c"} - cpu_flags()
     if missing:
         return None, f"this CPU lacks {', '.join(sorted(missing))}"
     shipped = KERNELS / library_name()

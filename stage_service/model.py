@@ -60,6 +60,39 @@ def rope_cos_sin(
     return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
 
 
+class RopeTable:
+    """cos and sin of RoPE by position, computed in chunks of CHUNK positions when first asked
+    for and kept: a position's values are the same whatever step asks for them (torch's
+    elementwise cos on a CPU may round the tail of a tensor differently from its body, so
+    computing them per step would tie them to the step's length)."""
+
+    CHUNK = 1024
+
+    def __init__(self, inv_freq: torch.Tensor):
+        self.inv_freq = inv_freq
+        self.tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def lookup(
+        self, positions: torch.Tensor, longest: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [S] (on the table's device), all below `longest` -> cos, sin [S, 1, D]."""
+        cos, sin = self.tables.get(dtype, (None, None))
+        have = 0 if cos is None else cos.shape[0]
+        if have < longest:
+            chunks = range(have, longest + self.CHUNK - 1, self.CHUNK)
+            device = self.inv_freq.device
+            parts = [
+                rope_cos_sin(self.inv_freq, torch.arange(c, c + self.CHUNK, device=device), dtype)
+                for c in chunks
+            ]
+            new_cos = torch.cat([p[0] for p in parts])
+            new_sin = torch.cat([p[1] for p in parts])
+            cos = new_cos if cos is None else torch.cat([cos, new_cos])
+            sin = new_sin if sin is None else torch.cat([sin, new_sin])
+            self.tables[dtype] = (cos, sin)
+        return cos.index_select(0, positions), sin.index_select(0, positions)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [S, heads, head_dim]
     half = x.shape[-1] // 2
@@ -254,18 +287,19 @@ class RangeWeights:
 
 
 class RangeModel:
-    """Runs one step of one session through a layer range."""
+    """Runs one step of one or more sessions through a layer range."""
 
-    def __init__(self, args: LlamaArgs, weights: RangeWeights, device: torch.device):
+    def __init__(self, args: LlamaArgs, weights: RangeWeights, device: torch.device, fused=None):
+        """fused: the range as C calls (fused_layers.FusedLayers; its `range_model` builds
+        both), for the steps it takes; None: torch only."""
         self.args = args
         self.weights = weights
         self.device = device
         # Activations: the norms' dtype (a quantized embedding is dequantized to it).
         self.dtype = weights.layers[0].input_norm.dtype
-        from stage_service.fused_decode import FusedDecode  # it builds on this module
-
-        self.fused = FusedDecode.build(args, weights, device)
+        self.fused = fused
         self.inv_freq = rope_inv_freq(args).to(device)
+        self.rope = RopeTable(self.inv_freq)
 
     @torch.inference_mode()
     def forward(
@@ -285,9 +319,11 @@ class RangeModel:
         positions = torch.cat(
             [torch.arange(s.start_pos, s.start_pos + s.rows.stop - s.rows.start) for s in segments]
         ).to(self.device)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        if self.fused is not None and len(segments) == 1 and x.shape[0] <= self.fused.MAX_ROWS:
-            x = self.fused.run(x, cos, sin, segments[0])  # one C call per layer
+        longest = max(s.start_pos + s.rows.stop - s.rows.start for s in segments)
+        cos, sin = self.rope.lookup(positions, longest, x.dtype)
+        fused = self.fused is not None and self.fused.takes(segments, x.shape[0])
+        if fused:
+            x = self.fused.run(x, cos, sin, segments).to(self.dtype)  # one C call per layer
         else:
             for i, layer in enumerate(w.layers):
                 x = decoder_layer(self.args, layer, i, x, cos, sin, segments)
@@ -302,6 +338,8 @@ class RangeModel:
                     for r in range(s.rows.stop - t, s.rows.stop)
                 ]
             ]
+        if fused and self.fused.every_step:  # batch-invariant: the head's rows in C too
+            return self.fused.logits(x)
         return self._head(x)
 
     @torch.inference_mode()

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from protos.model_files import LlamaArgs, read_config
-from stage_service.model import RangeModel, Segment
+from stage_service.fused_layers import range_model
+from stage_service.model import Segment
 from stage_service.weights import Quantization, load_range
 
 CPU = torch.device("cpu")
@@ -24,7 +25,7 @@ def perplexity(model_dir: Path, ids: list[int], quant: Quantization, window: int
     if len(ids) < 2:
         raise ValueError("perplexity needs at least 2 tokens")
     args = LlamaArgs.from_config(read_config(model_dir))
-    model = RangeModel(
+    model = range_model(
         args, load_range(model_dir, args, 0, args.num_layers, torch.float32, CPU, quant), CPU
     )
     nll, count = 0.0, 0

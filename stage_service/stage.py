@@ -34,6 +34,7 @@ from stage_service import cpu_kernels
 from stage_service.batcher import Batcher, Job
 from stage_service.config import StageConfig
 from stage_service.decode import StaticDecoder
+from stage_service.fused_layers import range_model
 from stage_service.kv_cache import CacheShape, Session, SessionCache, check_slot_budget
 from stage_service.metrics import StageMetrics
 from stage_service.model import LlamaArgs, RangeModel, Segment
@@ -244,9 +245,11 @@ class Stage:
                 self.config.session_ttl_s,
                 static=static,
             )
-            model = RangeModel(self.args, weights, self.device)
+            model = range_model(self.args, weights, self.device, self.config.batch_invariant)
             decoder = None
-            if static:
+            # A CPU batch-invariant range runs every step through its C layers, decode steps
+            # on static slots too (their caches are the slots' views).
+            if static and model.fused is None:
                 graphs = self.config.cuda_graphs and self.device.type == "cuda"
                 rows = min(self.config.max_batch, cache.pool.slots)
                 decoder = StaticDecoder(model, cache.pool, rows, graphs, self.config.compile)
@@ -596,7 +599,9 @@ class Stage:
                 self.device,
             )
         decided = logits[-(steps[0].draft_tokens + 1) :] if full else logits
-        picked = sample_rows(decided, rows.params, rows.seen, rows.generators)
+        picked = sample_rows(
+            decided, rows.params, rows.seen, rows.generators, self.config.batch_invariant
+        )
         outputs: list[StepOutput | Exception] = []
         row = 0
         for step in steps:

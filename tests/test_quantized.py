@@ -149,10 +149,11 @@ def test_default_model_perplexity_costs_of_quantization(default_model):
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_fused_layer_equals_the_torch_path(tiny_root, name, setting, rows):
     """A quantized CPU range runs a step of one session and few rows (a decode token, or a
-    token and the drafts of a verify step) with one C call per layer (fused_decode.py); its
+    token and the drafts of a verify step) with one C call per layer (fused_layers.py); its
     hidden states and cache equal the torch path's on the same weights, cache and positions."""
     from protos.model_files import LlamaArgs, read_config
-    from stage_service.model import RangeModel, Segment
+    from stage_service.fused_layers import range_model
+    from stage_service.model import Segment
     from stage_service.weights import load_range
 
     model_dir = make_tiny_model(tiny_root, name)
@@ -160,7 +161,7 @@ def test_fused_layer_equals_the_torch_path(tiny_root, name, setting, rows):
     mode, group = FORMATS[setting].split("-g")
     cpu = torch.device("cpu")
     weights = load_range(model_dir, args, 0, 2, torch.float32, cpu, Quantization(mode, int(group)))
-    model = RangeModel(args, weights, cpu)
+    model = range_model(args, weights, cpu)
     fused_path = model.fused
     assert fused_path is not None and rows <= fused_path.MAX_ROWS
     shape = (args.num_kv_heads, 32, args.head_dim)

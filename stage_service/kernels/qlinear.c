@@ -18,8 +18,17 @@
  * the row's sum of x over the group, computed once per row), so the per-weight work is a
  * conversion and one FMA. Rows go one at a time (int8: two at a time, each weight converted
  * once for both) over a block whose weights stay in L1: a block comes from memory once for all
- * rows. Four rows at a time measured slower on AVX2 (16 registers: the sums spill). Many rows (prefill, large batches) are better served by
- * torch's float32 matmul on blocks dequantized by *_dequant (see quant.py).
+ * rows. Four rows at a time measured slower on AVX2 (16 registers: the sums spill). Many rows
+ * (prefill, large batches) are better served by torch's float32 matmul on blocks dequantized by
+ * *_dequant (see quant.py), except in the batch-invariant mode, which keeps to these kernels.
+ *
+ * f_linear does the same for plain float32, bfloat16 or float16 weights ([N, K] rows as torch
+ * holds them), for that mode: torch's matmul picks its reduction order by the number of rows.
+ *
+ * Batch invariance: every output y[m][n] is computed by the same sequence of operations
+ * whatever M is and wherever row m sits (8-lane sums over K in order, one horizontal sum, the
+ * K % 8 tail in order), and threads split output channels, never a sum. Compiled as ISO C
+ * (-std=c11), gcc contracts no a * b + c into an FMA of its own and reorders no float sum.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -152,6 +161,86 @@ void q8_dequant(const int8_t *w, int64_t group, const float *scale, int64_t K, i
         for (int64_t k = 0; k < K; k += 8, p += stride)
             _mm256_storeu_ps(out + (n - n0) * K + k, _mm256_mul_ps(i8x8(p), _mm256_set1_ps(scale[n * G + k / group])));
     }
+}
+
+/* ---------------------------------------------------------------- float weights */
+
+enum { F32 = 2, BF16 = 3, F16 = 4 }; /* as layer.c's formats (cpu_kernels.py: FORMATS) */
+
+static inline __attribute__((always_inline)) __m256 load8(int fmt, const void *p, int64_t i) {
+    if (fmt == F32) return _mm256_loadu_ps((const float *)p + i);
+    __m128i v = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+    if (fmt == F16) return _mm256_cvtph_ps(v);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+static inline __attribute__((always_inline)) float load1(int fmt, const void *p, int64_t i) {
+    if (fmt == F32) return ((const float *)p)[i];
+    uint16_t h = ((const uint16_t *)p)[i];
+    if (fmt == F16) return _cvtsh_ss(h);
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+}
+
+/* R rows of x (1 or 2) against C consecutive weight rows from n0 (1 to 4): out[r * C + c].
+ * Each (row, channel) sum is the same operations for any R and C. */
+static inline __attribute__((always_inline)) void f_tile(int fmt, int R, int C, const float *x,
+                                                         int64_t K, const void *w, int64_t n0,
+                                                         float *out) {
+    __m256 acc[2][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 xv[2];
+        for (int r = 0; r < R; r++) xv[r] = _mm256_loadu_ps(x + r * K + k);
+        for (int c = 0; c < C; c++) {
+            __m256 wv = load8(fmt, w, (n0 + c) * K + k);
+            for (int r = 0; r < R; r++) acc[r][c] = _mm256_fmadd_ps(xv[r], wv, acc[r][c]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            float s = hsum(acc[r][c]);
+            for (int64_t j = k; j < K; j++) s += x[r * K + j] * load1(fmt, w, (n0 + c) * K + j);
+            out[r * C + c] = s;
+        }
+}
+
+static inline __attribute__((always_inline)) void f_linear_fmt(int fmt, const float *x, int64_t M,
+                                                               int64_t K, const void *w,
+                                                               const float *bias, float *y,
+                                                               int64_t N, int threads) {
+    FOR_BLOCKS(threads, N, {
+        float out[8];
+        int64_t m = 0;
+        for (; m + 2 <= M; m += 2) { /* rows in pairs: each weight loaded once per pair */
+            f_tile(fmt, 2, 4, x + m * K, K, w, b * 4, out);
+            for (int r = 0; r < 2; r++)
+                for (int c = 0; c < 4; c++)
+                    y[(m + r) * N + b * 4 + c] = out[r * 4 + c] + (bias ? bias[b * 4 + c] : 0.0f);
+        }
+        for (; m < M; m++) {
+            f_tile(fmt, 1, 4, x + m * K, K, w, b * 4, out);
+            for (int c = 0; c < 4; c++) y[m * N + b * 4 + c] = out[c] + (bias ? bias[b * 4 + c] : 0.0f);
+        }
+    });
+    for (int64_t n = N / 4 * 4; n < N; n++)
+        for (int64_t m = 0; m < M; m++) {
+            float out[1];
+            f_tile(fmt, 1, 1, x + m * K, K, w, n, out);
+            y[m * N + n] = out[0] + (bias ? bias[n] : 0.0f);
+        }
+}
+
+/* y[M, N] = x[M, K] @ W.T + bias, W [N, K] in format fmt (F32, BF16 or F16), float32 x and y. */
+void f_linear(const float *x, int64_t M, int64_t K, const void *w, int64_t fmt, const float *bias,
+              float *y, int64_t N, int threads) {
+    if (fmt == F32) f_linear_fmt(F32, x, M, K, w, bias, y, N, threads);
+    else if (fmt == BF16) f_linear_fmt(BF16, x, M, K, w, bias, y, N, threads);
+    else f_linear_fmt(F16, x, M, K, w, bias, y, N, threads);
 }
 
 /* ---------------------------------------------------------------- int4 */
