@@ -69,6 +69,7 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
         "--quantize", choices=QUANTIZE, default="none", help="as for stage: every stage's weights"
     )
     p.add_argument("--quant-group", type=int, default=0, help="as for stage")
+    p.add_argument("--batch-invariant", action="store_true", help="as for stage: every stage")
     for name in ("tls_cert", "tls_key", "tls_ca"):
         p.add_argument(
             f"--{name.replace('_', '-')}", default="", metavar="PEM", help="as for stage"
@@ -110,7 +111,10 @@ def run_up(a: argparse.Namespace) -> int:
         num_stages=a.stages,
         port=a.port,
         threads=a.threads,
-        extra_stage_args=["--quantize", a.quantize, "--quant-group", str(a.quant_group)],
+        extra_stage_args=[
+            "--quantize", a.quantize, "--quant-group", str(a.quant_group),
+            *(["--batch-invariant"] if a.batch_invariant else []),
+        ],  # fmt: skip
         extra_orchestrator_args=["--http-port", str(a.http_port), *speculation],
         secure=a.secure,
         tls_cert=a.tls_cert,

@@ -103,8 +103,11 @@ HALF_INSTRUCTIONS = {
 
 def check_cpu_dtype(config: StageConfig, device: torch.device, dtype: torch.dtype) -> None:
     """A 16-bit dtype on a CPU without instructions for it is refused: torch converts every
-    weight to float32 and back there, 7x slower than float32 at 64 rows (bench/CPU_NOTES.md)."""
+    weight to float32 and back there, 7x slower than float32 at 64 rows (bench/CPU_NOTES.md).
+    The batch-invariant mode's C kernels read 16-bit weights themselves: nothing to refuse."""
     if device.type != "cpu" or dtype not in HALF_INSTRUCTIONS or config.allow_slow_dtype:
+        return
+    if config.batch_invariant:
         return
     needs = HALF_INSTRUCTIONS[dtype]
     if set(needs) & cpu_kernels.cpu_flags():
@@ -249,7 +252,7 @@ class Stage:
             decoder = None
             # A CPU batch-invariant range runs every step through its C layers, decode steps
             # on static slots too (their caches are the slots' views).
-            if static and model.fused is None:
+            if static and not (model.fused is not None and model.fused.every_step):
                 graphs = self.config.cuda_graphs and self.device.type == "cuda"
                 rows = min(self.config.max_batch, cache.pool.slots)
                 decoder = StaticDecoder(model, cache.pool, rows, graphs, self.config.compile)

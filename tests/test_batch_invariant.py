@@ -1,0 +1,199 @@
+"""The batch-invariant mode (`--batch-invariant`): a row's result is bit-identical whatever else
+shares its step. First the range itself (no server): a session's logits, hidden states and
+cache, for every dtype and weight format, computed as one prefill, token by token, beside other
+sessions' rows in either order, in prefill chunks and as verify rows. Then through a real gRPC
+mesh: a session alone, beside 5 others, with lookup speculation on and off, and replayed after a
+reload, gives bit-identical ids and log-probabilities; and a failover replay with processes."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from protos.model_files import LlamaArgs, read_config
+from stage_service.fused_layers import range_model
+from stage_service.model import Segment
+from stage_service.weights import Quantization, load_range
+from tests.conftest import TINY_CONFIGS, in_process_mesh, make_tiny_model
+
+CPU = torch.device("cpu")
+# (dtype, quantization): every weight format a CPU stage has
+FORMATS = {
+    "float32": (torch.float32, Quantization("none", 0, True)),
+    "bfloat16": (torch.bfloat16, Quantization("none", 0, True)),
+    "float16": (torch.float16, Quantization("none", 0, True)),
+    "int8": (torch.float32, Quantization("int8", 64, True)),
+    "int4": (torch.float32, Quantization("int4", 32, True)),
+}
+PROMPT = [7, 3, 99, 12, 45, 7, 3, 99, 12, 45, 7, 3, 99, 60, 2]  # repeats: lookup drafts
+NEW_TOKENS = 24
+
+
+class Range:
+    """A whole tiny model as one range in the batch-invariant mode, and fresh caches for it."""
+
+    def __init__(self, model_dir, fmt: str):
+        self.args = LlamaArgs.from_config(read_config(model_dir))
+        self.dtype, quant = FORMATS[fmt]
+        n = self.args.num_layers
+        weights = load_range(model_dir, self.args, 0, n, self.dtype, CPU, quant)
+        self.model = range_model(self.args, weights, CPU, batch_invariant=True)
+        assert self.model.fused is not None and self.model.fused.every_step
+
+    def cache(self, capacity: int = 48) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        shape = (self.args.num_kv_heads, capacity, self.args.head_dim)
+        zeros = lambda: torch.zeros(shape, dtype=self.dtype)  # noqa: E731
+        return [(zeros(), zeros()) for _ in range(self.args.num_layers)]
+
+    def step(self, parts: list[tuple[list, int, list[int]]]) -> list[torch.Tensor]:
+        """parts: (cache, start_pos, token ids) per session, in the step's row order. Returns
+        every row's logits, per session."""
+        segments, ids, row = [], [], 0
+        for kv, start, tokens in parts:
+            segments.append(Segment(slice(row, row + len(tokens)), start, kv))
+            ids += tokens
+            row += len(tokens)
+        logits = self.model.forward(segments, torch.tensor(ids), None, all_logits=True)
+        return [logits[s.rows] for s in segments]
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_a_sessions_rows_are_the_same_whatever_shares_their_step(tiny_root, name, fmt):
+    r = Range(make_tiny_model(tiny_root, name), fmt)
+    seq = PROMPT + [11, 4, 9, 60, 1]
+    others = [[5, 17, 3, 99, 42, 8, 8], [1, 2], [64, 33, 21]]
+
+    alone = r.cache()
+    want = r.step([(alone, 0, seq)])[0]  # one prefill
+    ways = {}
+    kv = r.cache()  # token by token
+    ways["one row a step"] = torch.cat([r.step([(kv, i, [t])])[0] for i, t in enumerate(seq)])
+    ways["its caches, token by token"] = kv
+    kv, crowd = r.cache(), [r.cache() for _ in others]  # beside other sessions, both orders
+    rows = []
+    for i, t in enumerate(seq):
+        parts = [(c, i, [o[i % len(o)]]) for c, o in zip(crowd, others, strict=True)]
+        mine = (kv, i, [t])
+        order = [mine, *parts] if i % 2 else [*parts, mine]
+        got = r.step(order)
+        rows.append(got[0] if i % 2 else got[-1])
+    ways["beside 3 sessions, either order"] = torch.cat(rows)
+    kv, rows = r.cache(), []  # chunks of 4, beside another session's prefill and decode rows
+    for start in range(0, len(seq), 4):
+        chunk = seq[start : start + 4]
+        other = r.cache()
+        got = r.step([(other, 0, others[0]), (kv, start, chunk), (r.cache(), 0, [3])])
+        rows.append(got[1])
+    ways["in prefill chunks beside others"] = torch.cat(rows)
+    kv = r.cache()  # a token and its drafts as one verify step, after a prefill
+    head = r.step([(kv, 0, seq[:10])])[0]
+    tail = r.step([(r.cache(), 0, [9, 9, 9]), (kv, 10, seq[10:])])[1]
+    ways["as verify rows"] = torch.cat([head, tail])
+    for way, got in ways.items():
+        if way.startswith("its caches"):
+            for (k, v), (k2, v2) in zip(got, alone, strict=True):
+                assert torch.equal(k, k2) and torch.equal(v, v2), way
+        else:
+            assert torch.equal(got, want), f"{way}: max diff {(got - want).abs().max():.3g}"
+
+
+@pytest.fixture(scope="module")
+def gqa(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("invariant"), "gqa")
+
+
+def crowded(mesh, prompt: list[int], speculate: str, others: int = 5):
+    """The session's result while `others` other sessions decode at the same time."""
+    g = torch.Generator().manual_seed(11)
+    prompts = [prompt] + [
+        torch.randint(0, 101, (4 + 3 * i,), generator=g).tolist() for i in range(others)
+    ]
+    results: dict[int, object] = {}
+    start = threading.Barrier(len(prompts))
+
+    def run(i: int) -> None:
+        start.wait()
+        results[i] = mesh.client.generate(
+            token_ids=prompts[i], max_new_tokens=NEW_TOKENS + 8 * (i > 0), speculate=speculate
+        )
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results[0]
+
+
+def record_batches(stage) -> list[int]:
+    """Sessions per forward of `stage`, recorded from now on."""
+    seen: list[int] = []
+    metrics = stage.metrics
+    observe = metrics.observe
+
+    def recording(sessions: int, compute_s: float) -> None:
+        seen.append(sessions)
+        observe(sessions, compute_s)
+
+    metrics.observe = recording
+    return seen
+
+
+OPTIONS = {
+    "float32": dict(),
+    "float32-static": dict(static_kv="on", max_context=96),
+    "bfloat16": dict(dtype="bfloat16"),
+    "int8": dict(quantize="int8"),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(OPTIONS))
+def test_a_session_is_bit_identical_alone_crowded_speculative_and_replayed(gqa, setting):
+    options = dict(batch_invariant=True, **OPTIONS[setting])
+    with in_process_mesh(gqa, 3, plan_stages=2, stage_options=options) as mesh:
+        client = mesh.client
+        alone = client.generate(token_ids=PROMPT, max_new_tokens=NEW_TOKENS, speculate="off")
+        runs = {"alone, lookup": client.generate(token_ids=PROMPT, max_new_tokens=NEW_TOKENS)}
+        batches = record_batches(mesh.stages[1])  # the last of the first plan
+        runs["beside 5 others"] = crowded(mesh, PROMPT, "off")
+        runs["beside 5 others, lookup"] = crowded(mesh, PROMPT, "lookup")
+        stream = client.stream(token_ids=PROMPT, max_new_tokens=NEW_TOKENS, speculate="off")
+        pieces = [next(stream) for _ in range(NEW_TOKENS // 2)]  # then a reload: a replay
+        client.reload_plan(strategy="custom", boundaries="0-1,2,3", stages=mesh.addresses)
+        pieces += list(stream)
+    assert max(batches) > 1  # sessions really shared steps
+    assert int(runs["alone, lookup"].timings["drafted_tokens"]) > 0  # verify steps ran
+    assert pieces[-1].timings["replays"] >= 1
+    runs["replayed after a reload"] = pieces
+    for way, got in runs.items():
+        ids = [t for p in got for t in p.token_ids] if isinstance(got, list) else got.token_ids
+        logprobs = [x for p in got for x in p.logprobs] if isinstance(got, list) else got.logprobs
+        assert ids == alone.token_ids, way
+        assert logprobs == alone.logprobs, way  # bit for bit, not within a tolerance
+
+
+@pytest.mark.slow
+def test_a_failover_replay_mid_output_is_bit_identical(tmp_path):
+    """Processes: the replica serving a session is killed mid-stream; the session is replayed
+    onto the other replica and its ids and log-probabilities equal an uninterrupted run's."""
+    from tests.test_failover import Mesh, kill, the_one_serving
+
+    model_dir = make_tiny_model(tmp_path, "untied_mha")
+    mesh = Mesh(model_dir, tmp_path)
+    try:
+        a, b, c = (mesh.stage(n, 0, "--batch-invariant") for n in "abc")
+        client = mesh.orchestrator(f"{a.address}+{b.address},{c.address}")
+        whole = client.generate(token_ids=PROMPT, max_new_tokens=120, speculate="off")
+        stream = client.stream(token_ids=PROMPT, max_new_tokens=120, speculate="off")
+        pieces = [next(stream) for _ in range(40)]
+        victim, _ = the_one_serving(client, a, b)
+        kill(victim)
+        pieces += list(stream)
+    finally:
+        mesh.stop()
+    assert pieces[-1].timings["replays"] >= 1
+    assert [t for p in pieces for t in p.token_ids] == whole.token_ids
+    assert [x for p in pieces for x in p.logprobs] == whole.logprobs
