@@ -112,7 +112,10 @@ def run_up(a: argparse.Namespace) -> int:
         port=a.port,
         threads=a.threads,
         extra_stage_args=[
-            "--quantize", a.quantize, "--quant-group", str(a.quant_group),
+            "--quantize",
+            a.quantize,
+            "--quant-group",
+            str(a.quant_group),
             *(["--batch-invariant"] if a.batch_invariant else []),
         ],  # fmt: skip
         extra_orchestrator_args=["--http-port", str(a.http_port), *speculation],
