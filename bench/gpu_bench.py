@@ -105,6 +105,7 @@ def start_mesh(
     procs: list,
     quantize: str = "none",
     ready_s: float = 600,
+    extra: tuple[str, ...] = (),
 ) -> str:
     """`stages` stage processes (stage i on device_of(i)) and an orchestrator; appends them to
     `procs` (the caller stops them) and returns the orchestrator's address once it serves."""
@@ -131,6 +132,7 @@ def start_mesh(
             "--threads",
             "4",
             *(["--quantize", quantize, "--allow-slow-dtype"] if quantize != "none" else []),
+            *extra,
         ]
         procs.append(Process(f"stage{i}-of-{stages}", args, log_dir))
         addresses.append(procs[-1].wait_address(600))

@@ -161,6 +161,7 @@ class Segment:
     rows: slice
     start_pos: int
     kv: list[tuple[torch.Tensor, torch.Tensor]]
+    slot: int = -1  # static layout: the session's slot in the pool (kv are its views)
 
 
 def qkv_rope(
@@ -289,15 +290,25 @@ class RangeWeights:
 class RangeModel:
     """Runs one step of one or more sessions through a layer range."""
 
-    def __init__(self, args: LlamaArgs, weights: RangeWeights, device: torch.device, fused=None):
+    def __init__(
+        self,
+        args: LlamaArgs,
+        weights: RangeWeights,
+        device: torch.device,
+        fused=None,
+        gpu_invariant=None,
+    ):
         """fused: the range as C calls (fused_layers.FusedLayers; its `range_model` builds
-        both), for the steps it takes; None: torch only."""
+        both), for the steps it takes; None: torch only. gpu_invariant: the batch-invariant
+        mode on a GPU: the module stage_service.invariant_gpu (its kernels; KV in static
+        slots), else None."""
         self.args = args
         self.weights = weights
         self.device = device
         # Activations: the norms' dtype (a quantized embedding is dequantized to it).
         self.dtype = weights.layers[0].input_norm.dtype
         self.fused = fused
+        self.gpu_invariant = gpu_invariant
         self.inv_freq = rope_inv_freq(args).to(device)
         self.rope = RopeTable(self.inv_freq)
 
@@ -309,11 +320,13 @@ class RangeModel:
         hidden: torch.Tensor | None,
         all_logits: bool = False,
         tail_rows: list[int] | None = None,
+        pool=None,
     ) -> torch.Tensor:
         """One step of one or more sessions. token_ids: [N], the rows of all segments in order;
         hidden: [N, hidden] (None on the first stage). Returns the hidden state [N, hidden], or on
         the last stage float32 logits: of every row, or of each segment's last tail_rows[i] rows
-        (default one; a speculative step verifies several)."""
+        (default one; a speculative step verifies several). pool: the kv_cache.SlotPool that
+        the segments' slots are in (static layout; the GPU batch-invariant mode needs it)."""
         w = self.weights
         x = embedding(token_ids, w.embed, self.dtype) if w.is_first else hidden
         positions = torch.cat(
@@ -324,6 +337,16 @@ class RangeModel:
         fused = self.fused is not None and self.fused.takes(segments, x.shape[0])
         if fused:
             x = self.fused.run(x, cos, sin, segments).to(self.dtype)  # one C call per layer
+        elif self.gpu_invariant is not None:
+            slots = torch.tensor(
+                [s.slot for s in segments for _ in range(s.rows.stop - s.rows.start)],
+                device=self.device,
+            )
+            assert pool is not None and bool((slots >= 0).all()), "needs static slots"
+            for i, layer in enumerate(w.layers):
+                x = self.gpu_invariant.layer(
+                    self.args, layer, x, cos, sin, pool.k[i], pool.v[i], slots, positions
+                )
         else:
             for i, layer in enumerate(w.layers):
                 x = decoder_layer(self.args, layer, i, x, cos, sin, segments)
@@ -358,6 +381,15 @@ class RangeModel:
         attention reads the first `context` positions of each slot. Returns as forward."""
         w = self.weights
         x = embedding(inputs, w.embed, self.dtype) if w.is_first else inputs
+        if (
+            self.gpu_invariant is not None
+        ):  # as forward computes them: RoPE from the table, these kernels
+            cos, sin = self.rope.lookup(positions, pool.k[0].shape[2], x.dtype)
+            for i, layer in enumerate(w.layers):
+                x = self.gpu_invariant.layer(
+                    self.args, layer, x, cos, sin, pool.k[i], pool.v[i], slots, positions
+                )
+            return self._head(x) if w.is_last else x
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         key_pos = torch.arange(context, device=self.device)
         key_mask = (key_pos[None, :] > positions[:, None])[:, None, None, :]
@@ -369,5 +401,9 @@ class RangeModel:
         return self._head(x) if w.is_last else x
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gpu_invariant is not None:
+            return self.gpu_invariant.head(
+                x, self.weights.final_norm, self.weights.head, self.args.rms_norm_eps
+            )
         x = rms_norm(x, self.weights.final_norm, self.args.rms_norm_eps)
         return linear(x, self.weights.head).float()

@@ -132,6 +132,14 @@ def check_cuda_quantize(config: StageConfig, device: torch.device) -> None:
         )
 
 
+def check_gpu_batch_invariant(config: StageConfig, device: torch.device) -> None:
+    """The GPU batch-invariant kernels address each row's cache by its static slot."""
+    if device.type == "cuda" and config.batch_invariant and not config.use_static_kv:
+        raise FailedPrecondition(
+            "--batch-invariant on a GPU keeps the KV in static slots: leave out --static-kv off"
+        )
+
+
 class Stage:
     def __init__(self, config: StageConfig):
         self.config = config
@@ -152,6 +160,7 @@ class Stage:
         self.dtype = config.torch_dtype
         check_cpu_dtype(config, self.device, self.dtype)
         check_cuda_quantize(config, self.device)
+        check_gpu_batch_invariant(config, self.device)
         self.loaded: Loaded | None = None
         self.gflops = measure_gflops(self.device, self.dtype)
         # One forward at a time: torch already uses the stage's threads inside each op.
@@ -571,7 +580,9 @@ class Stage:
         segments, row = [], 0
         for job, session in ready:
             n = len(job.step.token_ids)
-            segments.append(Segment(slice(row, row + n), job.step.start_pos, session.kv))
+            segments.append(
+                Segment(slice(row, row + n), job.step.start_pos, session.kv, session.slot)
+            )
             row += n
         steps = [job.step for job, _ in ready]
         ids = torch.tensor([t for s in steps for t in s.token_ids], device=self.device)
@@ -580,7 +591,7 @@ class Stage:
         if hidden is not None:
             hidden = hidden.to(self.device)
         tails = [s.draft_tokens + 1 for s in steps]
-        return loaded.model.forward(segments, ids, hidden, all_logits, tails)
+        return loaded.model.forward(segments, ids, hidden, all_logits, tails, loaded.cache.pool)
 
     def _sample(
         self, ready: list[tuple[Job, Session]], logits: torch.Tensor

@@ -148,6 +148,8 @@ OPTIONS = {
     "bfloat16": dict(dtype="bfloat16"),
     "int8": dict(quantize="int8"),
 }
+if torch.cuda.is_available():  # bench/gpu.sh's machine: the Triton kernels, CUDA graphs
+    OPTIONS["cuda-bfloat16"] = dict(device="cuda", dtype="bfloat16", max_context=96)
 
 
 @pytest.mark.parametrize("setting", sorted(OPTIONS))
@@ -197,3 +199,59 @@ def test_a_failover_replay_mid_output_is_bit_identical(tmp_path):
     assert pieces[-1].timings["replays"] >= 1
     assert [t for p in pieces for t in p.token_ids] == whole.token_ids
     assert [x for p in pieces for x in p.logprobs] == whole.logprobs
+
+
+GPU_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@pytest.mark.parametrize("dtype", sorted(GPU_DTYPES))
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_gpu_rows_are_the_same_as_prefill_decode_graphs_and_crowded(tiny_root, name, dtype):
+    """The GPU kernels (invariant_gpu.py): a session's logits as one prefill, token by token,
+    in chunks beside another session, and decoded through the static decoder (CUDA graphs on
+    a GPU) beside other slots' rows, are bit-identical."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU here (bench/gpu.sh's machine runs this)")
+    from stage_service import invariant_gpu
+    from stage_service.decode import StaticDecoder
+    from stage_service.kv_cache import CacheShape, SlotPool
+
+    dev = torch.device("cuda")
+    model_dir = make_tiny_model(tiny_root, name)
+    args = LlamaArgs.from_config(read_config(model_dir))
+    n = args.num_layers
+    weights = load_range(model_dir, args, 0, n, GPU_DTYPES[dtype], dev, Quantization("none", 0))
+    model = range_model(args, weights, dev, batch_invariant=True)
+    assert model.gpu_invariant is invariant_gpu and model.fused is None
+    shape = CacheShape(n, args.num_kv_heads, args.head_dim, GPU_DTYPES[dtype], dev, 64)
+    pool = SlotPool(shape, 6)
+
+    def step(parts):  # (slot, start, tokens) per session -> logits per session
+        segments, ids, row = [], [], 0
+        for slot, start, tokens in parts:
+            rows = slice(row, row + len(tokens))
+            segments.append(Segment(rows, start, pool.views(slot), slot))
+            ids += tokens
+            row += len(tokens)
+        out = model.forward(segments, torch.tensor(ids, device=dev), None, True, pool=pool)
+        return [out[s.rows].cpu() for s in segments]
+
+    seq = PROMPT + [11, 4, 9, 60, 1]
+    want = step([(0, 0, seq)])[0]
+    by_token = torch.cat([step([(1, i, [t])])[0] for i, t in enumerate(seq)])
+    chunks = torch.cat(
+        [step([(3, 0, [5, 6, 7]), (2, c, seq[c : c + 4])])[1] for c in range(0, len(seq), 4)]
+    )
+    decoder = StaticDecoder(model, pool, 8, graphs=True)
+    decoder.capture_all()
+    first = step([(4, 0, seq[:6])])[0]
+    rows = [first]
+    for i in range(6, len(seq)):  # slot 4 decodes beside slot 5's rows, which come and go
+        slots, positions, tokens = [4], [i], [seq[i]]
+        if i % 2:
+            slots, positions, tokens = [5, 4, 5], [0, i, 1], [8, seq[i], 9]
+        out = decoder.run(slots, positions, tokens, None)
+        rows.append(out[slots.index(4)][None].cpu().clone())
+    decoded = torch.cat(rows)
+    for way, got in (("by token", by_token), ("chunks", chunks), ("decoded", decoded)):
+        assert torch.equal(got, want), f"{way}: max diff {(got - want).abs().max():.3g}"
