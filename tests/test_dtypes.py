@@ -1,8 +1,15 @@
-"""`--dtype bfloat16` and `--dtype float16` stages on CPU, on the general path and on the
-static-slot decode path (`--static-kv on`), against transformers' LlamaForCausalLM loaded in the
-same dtype: a 2-stage mesh generates its greedy tokens, with its log-probabilities within a
-tolerance stated per dtype, and holds the weights at 2 bytes per parameter; the last stage's
-logits over a whole sequence are within that tolerance for every tiny model."""
+"""`--dtype bfloat16` and `--dtype float16` stages on CPU, on the general path, on the
+static-slot decode path (`--static-kv on`) and in the batch-invariant mode, against
+transformers' LlamaForCausalLM loaded in the same dtype: a 2-stage mesh generates transformers'
+greedy tokens up to near-ties (README: what 'identical' means), with its log-probabilities within
+a tolerance stated per dtype, and holds the weights at 2 bytes per parameter; the last stage's
+logits over a whole sequence are within that tolerance for every tiny model.
+
+Two implementations of the same math in a 16-bit dtype round differently, and which kernels
+round how depends on the CPU (AVX-512 BF16 and AMX kernels round a row differently when the step
+holds other rows): a token may differ from transformers' where its top two log-probabilities lie
+within the dtype's rounding of each other. So the check is teacher-forced on our tokens: after
+the same prefix, each of our tokens is transformers' greedy choice or within NEAR_TIE of it."""
 
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ NEW_TOKENS = 32
 # five tiny models (bf16 0.055, fp16 0.0062); transformers itself in that dtype is as far from
 # its own float32 logits (bf16 0.057, fp16 0.0037).
 ATOL = {"bfloat16": 0.1, "float16": 0.0125}
+NEAR_TIE = {dtype: 2 * atol for dtype, atol in ATOL.items()}  # a log-probability gap
 
 
 def hf_model(model_dir: Path, dtype: str) -> LlamaForCausalLM:
@@ -45,12 +53,23 @@ def hf_greedy(model: LlamaForCausalLM, prompt: list[int], new_tokens: int) -> li
     return out[0, len(prompt) :].tolist()
 
 
-def hf_logprobs(model: LlamaForCausalLM, prompt: list[int], tokens: list[int]) -> list[float]:
-    """The log-probability of each of `tokens` after the prompt and the tokens before it."""
+def assert_greedy_up_to_near_ties(
+    model: LlamaForCausalLM, prompt: list[int], reply, dtype: str
+) -> None:
+    """Each of the reply's tokens is transformers' greedy choice after the same prefix (the
+    prompt and the reply's tokens before it), or within NEAR_TIE of it in log-probability; the
+    reply's log-probabilities are within ATOL of transformers' for those tokens."""
+    tokens = reply.token_ids
     with torch.inference_mode():
         logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float()
-    picked = torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens)[:, None])
-    return picked[:, 0].tolist()
+    logprobs = torch.log_softmax(logits, -1)
+    ours = logprobs.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    best, choice = logprobs.max(-1)
+    gap = best - ours
+    far = [(i, tokens[i], int(choice[i]), float(gap[i])) for i in range(len(tokens))]
+    far = [f for f in far if f[3] > NEAR_TIE[dtype]]
+    assert not far, f"(position, our token, transformers', log-probability gap): {far}"
+    torch.testing.assert_close(torch.tensor(reply.logprobs), ours, atol=ATOL[dtype], rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +77,15 @@ def gqa(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("dtypes"), "gqa")
 
 
-@pytest.mark.parametrize("static_kv", ["off", "on"])
+@pytest.mark.parametrize("mode", ["general", "static", "batch-invariant"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_a_mesh_in_a_16_bit_dtype_generates_what_transformers_does(gqa, dtype, static_kv):
+def test_a_mesh_in_a_16_bit_dtype_generates_what_transformers_does(gqa, dtype, mode):
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 101, (n,), generator=g).tolist() for n in (12, 5)]
     model = hf_model(gqa, dtype)
-    expected = [hf_greedy(model, p, NEW_TOKENS) for p in prompts]
+    static_kv = "on" if mode == "static" else "off"
     options = dict(dtype=dtype, static_kv=static_kv, max_context=64, allow_slow_dtype=True)
+    options["batch_invariant"] = mode == "batch-invariant"
     results: dict[int, object] = {}
     with in_process_mesh(gqa, 2, stage_options=options) as mesh:
 
@@ -84,11 +104,10 @@ def test_a_mesh_in_a_16_bit_dtype_generates_what_transformers_does(gqa, dtype, s
         decoders = [stage.loaded.decoder for stage in mesh.stages]
     replies = [results[i] for i in range(len(prompts))]
     assert not [r for r in replies if isinstance(r, ClientError)], replies
-    assert [r.token_ids for r in replies] == expected
-    for prompt, tokens, reply in zip(prompts, expected, replies, strict=True):
-        want = torch.tensor(hf_logprobs(model, prompt, tokens))
-        torch.testing.assert_close(torch.tensor(reply.logprobs), want, atol=ATOL[dtype], rtol=0)
-    assert all((d is not None) == (static_kv == "on") for d in decoders)
+    for prompt, reply in zip(prompts, replies, strict=True):
+        assert len(reply.token_ids) == NEW_TOKENS
+        assert_greedy_up_to_near_ties(model, prompt, reply, dtype)
+    assert all((d is not None) == (mode == "static") for d in decoders)
     # The weights really are held at 2 bytes per parameter (the profile at dtype_bytes=2).
     profile = ModelProfile.from_model_dir(gqa, dtype_bytes=2)
     for i, info in enumerate(infos):
