@@ -190,7 +190,17 @@ class FusedLayers:
 def range_model(
     args: LlamaArgs, weights: RangeWeights, device: torch.device, batch_invariant: bool = False
 ) -> RangeModel:
-    """The range's model with the C path where it applies (see the module's docstring)."""
-    return RangeModel(
-        args, weights, device, FusedLayers.build(args, weights, device, batch_invariant)
-    )
+    """The range's model with the C path where it applies (see the module's docstring), and
+    in the batch-invariant mode on a GPU with invariant_gpu.py's kernels."""
+    fused = FusedLayers.build(args, weights, device, batch_invariant)
+    kernels = None
+    if batch_invariant and device.type == "cuda":
+        matrices = [m for w in weights.layers for m in (w.wqkv, w.wo, w.w_gate_up, w.w_down)]
+        head = weights.head if weights.head is not None else weights.embed
+        if not all(isinstance(m, torch.Tensor) for m in [*matrices, head] if m is not None):
+            raise FailedPrecondition(
+                "--batch-invariant on a GPU has kernels for bfloat16, float16 and float32 "
+                "weights only: start the stage without --quantize"
+            )
+        from stage_service import invariant_gpu as kernels  # Triton: GPU hosts only
+    return RangeModel(args, weights, device, fused, kernels)

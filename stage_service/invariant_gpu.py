@@ -184,6 +184,32 @@ def attention(
     return out.view(rows, heads * dim)
 
 
+@triton.jit
+def _logsumexp_kernel(x_ptr, out_ptr, V, stride, BLOCK: tl.constexpr):
+    # one row: running max and sum over blocks of BLOCK in order
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    top = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK):
+        x = tl.load(x_ptr + row * stride + v0 + offs, mask=v0 + offs < V, other=float("-inf"))
+        new_top = tl.maximum(top, x)
+        scale = tl.where(new_top == float("-inf"), 0.0, tl.exp(top - new_top))
+        total = total * scale + tl.where(x == float("-inf"), 0.0, tl.exp(x - new_top))
+        top = new_top
+    best = tl.max(top, axis=0)
+    lanes = tl.where(top == float("-inf"), 0.0, total * tl.exp(top - best))
+    tl.store(out_ptr + row, best + tl.log(tl.sum(lanes, axis=0)))
+
+
+def logsumexp_rows(rows: torch.Tensor) -> torch.Tensor:
+    """torch.logsumexp(rows, -1) for float32 rows [n, vocab], one program per row."""
+    rows = rows.float().contiguous()
+    out = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+    _logsumexp_kernel[(rows.shape[0],)](rows, out, rows.shape[1], rows.stride(0), BLOCK=1024)
+    return out
+
+
 def layer(
     args: LlamaArgs,
     w: LayerWeights,

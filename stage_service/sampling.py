@@ -86,6 +86,17 @@ def sample(
     return token, logprob
 
 
+def logsumexp_rows(rows: torch.Tensor) -> torch.Tensor:
+    """torch.logsumexp(rows, -1) with each row's sum in an order that depends on that row only
+    (torch's reduction over [n, vocab] may split rows differently as n changes): on a GPU one
+    Triton program per row (invariant_gpu.py), on a CPU one call per row."""
+    if rows.is_cuda:
+        from stage_service import invariant_gpu  # Triton: GPU hosts only
+
+        return invariant_gpu.logsumexp_rows(rows)
+    return torch.stack([torch.logsumexp(row, dim=-1) for row in rows])
+
+
 def sample_rows(
     logits: torch.Tensor,
     params: list[Sampling],
@@ -107,7 +118,8 @@ def sample_rows(
     if fast:
         rows = logits if len(fast) == len(params) else logits[fast]
         tokens = rows.argmax(-1)
-        logprobs = rows.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(rows, dim=-1)
+        lse = logsumexp_rows(rows) if batch_invariant else torch.logsumexp(rows, dim=-1)
+        logprobs = rows.gather(1, tokens[:, None])[:, 0] - lse
         # one copy to the host for both (float64 holds every token id exactly)
         picked = torch.stack([tokens.double(), logprobs.double()]).tolist()
         for i, token, logprob in zip(fast, *picked, strict=True):

@@ -255,3 +255,17 @@ def test_gpu_rows_are_the_same_as_prefill_decode_graphs_and_crowded(tiny_root, n
     decoded = torch.cat(rows)
     for way, got in (("by token", by_token), ("chunks", chunks), ("decoded", decoded)):
         assert torch.equal(got, want), f"{way}: max diff {(got - want).abs().max():.3g}"
+
+
+def test_gpu_log_sum_exp_of_a_row_does_not_depend_on_the_rows_beside_it():
+    """The greedy log-probabilities' normaliser (sampling.logsumexp_rows) on a GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU here (bench/gpu.sh's machine runs this)")
+    from stage_service.sampling import logsumexp_rows
+
+    rows = torch.randn(37, 128256, device="cuda") * 4
+    rows[5, :1000] = float("-inf")
+    together = logsumexp_rows(rows)
+    alone = torch.cat([logsumexp_rows(rows[i : i + 1]) for i in range(len(rows))])
+    assert torch.equal(together, alone)
+    torch.testing.assert_close(together, torch.logsumexp(rows, -1), rtol=1e-6, atol=1e-5)
