@@ -67,6 +67,64 @@ def in_process(model: Path, invariant: bool, results: dict) -> torch.Tensor:
     return alone.cpu()
 
 
+def tiles(model: Path, configs: list[str], results: dict) -> None:
+    """In process, for each matmul tile configuration "BM,BN,BK" of invariant_gpu.py (and the
+    default kernels): a 64-session prefill (64 x 32 rows, one forward) and a 1- and 64-row
+    decode step without graphs, medians of 5; and whether slot 0 decoded alone equals it
+    decoded beside 63 others."""
+    from protos.model_files import LlamaArgs, read_config
+    from stage_service import invariant_gpu
+    from stage_service.fused_layers import range_model
+    from stage_service.kv_cache import CacheShape, SessionCache
+    from stage_service.model import Segment
+    from stage_service.weights import load_range
+
+    dev = torch.device("cuda:0")
+    args = LlamaArgs.from_config(read_config(model))
+    weights = load_range(model, args, 0, args.num_layers, torch.bfloat16, dev)
+    shape = CacheShape(args.num_layers, args.num_kv_heads, args.head_dim, torch.bfloat16, dev, 256)
+    cache = SessionCache(shape, 65 * 256 * shape.bytes_per_token, 600, static=True)
+    slots = [cache.begin_step(f"t{i}", 0, 100).slot for i in range(64)]
+    pool = cache.pool
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(6):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:]) * 1e3
+
+    for config in ["default", *configs]:
+        invariant = config != "default"
+        if invariant:
+            bm, bn, bk = (int(v) for v in config.split(","))
+            invariant_gpu.BLOCK_M, invariant_gpu.BLOCK_N, invariant_gpu.BLOCK_K = bm, bn, bk
+        ours = range_model(args, weights, dev, batch_invariant=invariant)
+        segments = [
+            Segment(slice(32 * i, 32 * i + 32), 0, pool.views(s), s) for i, s in enumerate(slots)
+        ]
+        ids = torch.tensor([(t * 7 + i) % 128000 for i in range(64) for t in range(32)], device=dev)
+        entry = {
+            "prefill_2048_rows_ms": timed(lambda: ours.forward(segments, ids, None, pool=pool))
+        }
+        for rows in (1, 64):
+            segs = [
+                Segment(slice(i, i + 1), 40, pool.views(s), s) for i, s in enumerate(slots[:rows])
+            ]
+            step = torch.tensor([7] * rows, device=dev)
+            entry[f"decode_{rows}_rows_ms_eager"] = timed(
+                lambda: ours.forward(segs, step, None, pool=pool)  # noqa: B023
+            )
+        one = ours.forward(segs[:1], step[:1], None, pool=pool)
+        many = ours.forward(segs, step, None, pool=pool)[:1]
+        entry["alone_equals_crowded"] = bool(torch.equal(one, many))
+        results.setdefault("tiles", {})[config] = entry
+        print(config, json.dumps(entry), flush=True)
+
+
 def mesh(model: Path, log_dir: Path, invariant: bool, results: dict) -> None:
     from client.bench import aggregate, batch1
     from client.client import Client
@@ -90,11 +148,16 @@ def mesh(model: Path, log_dir: Path, invariant: bool, results: dict) -> None:
 
 def main() -> int:
     mesh_only = "--mesh-only" in sys.argv  # the meshes alone, e.g. for a change to them
+    configs = [a.removeprefix("--tiles=") for a in sys.argv if a.startswith("--tiles=")]
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
     model = Path("/tmp/llama3-8b-random")
     make_model(model)
     results: dict = {"device": torch.cuda.get_device_name(0)}
+    if configs:  # tile configurations compared in process, nothing else
+        tiles(model, configs[0].split(";"), results)
+        (out / "gpu_invariant.json").write_text(json.dumps(results, indent=2))
+        return 0
     if not mesh_only:
         default = in_process(model, False, results)
         invariant = in_process(model, True, results)
