@@ -108,7 +108,9 @@ def tiles(model: Path, configs: list[str], results: dict) -> None:
         ]
         ids = torch.tensor([(t * 7 + i) % 128000 for i in range(64) for t in range(32)], device=dev)
         entry = {
-            "prefill_2048_rows_ms": timed(lambda: ours.forward(segments, ids, None, pool=pool))
+            "prefill_2048_rows_ms": timed(
+                lambda: ours.forward(segments, ids, None, pool=pool)  # noqa: B023
+            )
         }
         for rows in (1, 64):
             segs = [
