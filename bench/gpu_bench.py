@@ -128,11 +128,11 @@ def start_mesh(
             str(kv_cache_mb),
             "--max-context",
             "1024",
-            "--compile",
+            *(["--compile"] if "--no-compile" not in extra else []),
             "--threads",
             "4",
             *(["--quantize", quantize, "--allow-slow-dtype"] if quantize != "none" else []),
-            *extra,
+            *(a for a in extra if a != "--no-compile"),
         ]
         procs.append(Process(f"stage{i}-of-{stages}", args, log_dir))
         addresses.append(procs[-1].wait_address(600))

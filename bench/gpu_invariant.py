@@ -127,13 +127,11 @@ def tiles(model: Path, configs: list[str], results: dict) -> None:
         print(config, json.dumps(entry), flush=True)
 
 
-def mesh(model: Path, log_dir: Path, invariant: bool, results: dict) -> None:
+def mesh(model: Path, log_dir: Path, name: str, extra: tuple[str, ...], results: dict) -> None:
     from client.bench import aggregate, batch1
     from client.client import Client
 
-    name = "invariant" if invariant else "default"
     procs: list = []
-    extra = ("--batch-invariant",) if invariant else ()
     try:
         address = start_mesh(model, log_dir, 2, 16000, procs, extra=extra)
         with Client(address, timeout_s=600) as client:
@@ -167,8 +165,11 @@ def main() -> int:
         results["same_greedy_token"] = bool(invariant.argmax(-1).equal(default.argmax(-1)))
         (out / "gpu_invariant.json").write_text(json.dumps(results, indent=2))
         print(json.dumps(results, indent=2), flush=True)
-    for invariant_mesh in (False, True):
-        mesh(model, out, invariant_mesh, results)
+    meshes = {"default": (), "invariant": ("--batch-invariant",)}
+    if "--uncompiled" in sys.argv:  # the default without --compile (the mode ignores it)
+        meshes["uncompiled"] = ("--no-compile",)
+    for name, extra in meshes.items():
+        mesh(model, out, name, extra, results)
         (out / "gpu_invariant.json").write_text(json.dumps(results, indent=2))
     for key in ("batch1_tok_s", "aggregate_tok_s_16", "aggregate_tok_s_64"):
         d, i = results[f"default_mesh_{key}"], results[f"invariant_mesh_{key}"]
