@@ -25,7 +25,7 @@ from stage_service.cpu_kernels import cpu_flags  # noqa: E402
 
 
 def measure(model: Path, fmt: str, invariant: bool) -> dict:
-    extra = ["--quantize", fmt, *(["--batch-invariant"] if invariant else [])]
+    extra = ["--quantize", fmt, "--batch-invariant", "on" if invariant else "off"]
     with LocalMesh(str(model), num_stages=2, port=0, threads=1, extra_stage_args=extra) as mesh:
         with Client(mesh.address, timeout_s=600) as client:
             client.generate(prompt=PROMPT, max_new_tokens=8, ignore_eos=True, speculate="off")

@@ -165,7 +165,7 @@ def main() -> int:
         results["same_greedy_token"] = bool(invariant.argmax(-1).equal(default.argmax(-1)))
         (out / "gpu_invariant.json").write_text(json.dumps(results, indent=2))
         print(json.dumps(results, indent=2), flush=True)
-    meshes = {"default": (), "invariant": ("--batch-invariant",)}
+    meshes = {"default": (), "invariant": ("--batch-invariant", "on")}
     if "--uncompiled" in sys.argv:  # the default without --compile (the mode ignores it)
         meshes["uncompiled"] = ("--no-compile",)
     for name, extra in meshes.items():

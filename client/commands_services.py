@@ -69,7 +69,9 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
         "--quantize", choices=QUANTIZE, default="none", help="as for stage: every stage's weights"
     )
     p.add_argument("--quant-group", type=int, default=0, help="as for stage")
-    p.add_argument("--batch-invariant", action="store_true", help="as for stage: every stage")
+    p.add_argument(
+        "--batch-invariant", choices=("auto", "on", "off"), default="auto", help="as for stage"
+    )
     for name in ("tls_cert", "tls_key", "tls_ca"):
         p.add_argument(
             f"--{name.replace('_', '-')}", default="", metavar="PEM", help="as for stage"
@@ -116,7 +118,8 @@ def run_up(a: argparse.Namespace) -> int:
             a.quantize,
             "--quant-group",
             str(a.quant_group),
-            *(["--batch-invariant"] if a.batch_invariant else []),
+            "--batch-invariant",
+            a.batch_invariant,
         ],  # fmt: skip
         extra_orchestrator_args=["--http-port", str(a.http_port), *speculation],
         secure=a.secure,

@@ -153,23 +153,28 @@ class FusedLayers:
             seg_rows.append(n)
         positions = torch.tensor(pos, dtype=torch.int64)
         scratch = self._scratch(rows * self.row_scratch + rows * (max(pos) + 1) + 16)
-        k_ptrs = torch.empty(rows, dtype=torch.int64)
-        v_ptrs = torch.empty(rows, dtype=torch.int64)
         caps = torch.tensor(
             [s.kv[0][0].shape[1] for s, n in zip(segments, seg_rows, strict=True) for _ in range(n)]
         )
-        for i, layer in enumerate(self.layers):
-            k_list, v_list = [], []
-            for s, n in zip(segments, seg_rows, strict=True):
-                k, v = s.kv[i]
+        for s, n in zip(segments, seg_rows, strict=True):
+            for k, v in s.kv:
                 assert k.is_contiguous() and v.is_contiguous() and k.shape[1] >= s.start_pos + n
-                k_list += [k.data_ptr()] * n
-                v_list += [v.data_ptr()] * n
-            k_ptrs[:] = torch.tensor(k_list)
-            v_ptrs[:] = torch.tensor(v_list)
+        # each row's cache of each layer: [layers, rows] addresses, made in one call
+        k_ptrs, v_ptrs = (
+            torch.tensor(
+                [
+                    [kv[i][j].data_ptr() for s, n in zip(segments, seg_rows, strict=True)
+                     for kv in [s.kv] for _ in range(n)]
+                    for i in range(len(self.layers))
+                ],
+                dtype=torch.int64,
+            )
+            for j in (0, 1)
+        )  # fmt: skip
+        for i, layer in enumerate(self.layers):
             self.kernels.layer_rows(
-                layer, x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(), k_ptrs.data_ptr(),
-                v_ptrs.data_ptr(), caps.data_ptr(), positions.data_ptr(), scratch.data_ptr(),
+                layer, x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(), k_ptrs[i].data_ptr(),
+                v_ptrs[i].data_ptr(), caps.data_ptr(), positions.data_ptr(), scratch.data_ptr(),
                 torch.get_num_threads(),
             )  # fmt: skip
         return x

@@ -107,7 +107,7 @@ def check_cpu_dtype(config: StageConfig, device: torch.device, dtype: torch.dtyp
     The batch-invariant mode's C kernels read 16-bit weights themselves: nothing to refuse."""
     if device.type != "cpu" or dtype not in HALF_INSTRUCTIONS or config.allow_slow_dtype:
         return
-    if config.batch_invariant:
+    if config.use_batch_invariant:
         return
     needs = HALF_INSTRUCTIONS[dtype]
     if set(needs) & cpu_kernels.cpu_flags():
@@ -134,7 +134,7 @@ def check_cuda_quantize(config: StageConfig, device: torch.device) -> None:
 
 def check_gpu_batch_invariant(config: StageConfig, device: torch.device) -> None:
     """The GPU batch-invariant kernels address each row's cache by its static slot."""
-    if device.type == "cuda" and config.batch_invariant and not config.use_static_kv:
+    if device.type == "cuda" and config.use_batch_invariant and not config.use_static_kv:
         raise FailedPrecondition(
             "--batch-invariant on a GPU keeps the KV in static slots: leave out --static-kv off"
         )
@@ -257,7 +257,7 @@ class Stage:
                 self.config.session_ttl_s,
                 static=static,
             )
-            model = range_model(self.args, weights, self.device, self.config.batch_invariant)
+            model = range_model(self.args, weights, self.device, self.config.use_batch_invariant)
             decoder = None
             # A CPU batch-invariant range runs every step through its C layers, decode steps
             # on static slots too (their caches are the slots' views).
@@ -362,6 +362,7 @@ class Stage:
             "gflops": self.gflops,
             "max_context": self.max_context,
             "plan_epoch": self.epoch,
+            "batch_invariant": self.config.use_batch_invariant,
         }
         if loaded is not None:
             loaded.cache.sweep()
@@ -614,7 +615,7 @@ class Stage:
             )
         decided = logits[-(steps[0].draft_tokens + 1) :] if full else logits
         picked = sample_rows(
-            decided, rows.params, rows.seen, rows.generators, self.config.batch_invariant
+            decided, rows.params, rows.seen, rows.generators, self.config.use_batch_invariant
         )
         outputs: list[StepOutput | Exception] = []
         row = 0

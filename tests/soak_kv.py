@@ -59,7 +59,14 @@ def static_slot_args(model: Path, slots: int, stage_args: list[str]) -> list[str
     layers = -(-config["num_hidden_layers"] // 2)
     per_token = 2 * layers * config.get("num_key_value_heads", heads) * head_dim
     per_slot = per_token * WIRE_DTYPES[dtype][1] * context
-    return ["--static-kv", "on", "--kv-cache-mb", str(-(-slots * per_slot // 2**20))]
+    return [
+        "--static-kv",
+        "on",
+        "--batch-invariant",
+        "off",
+        "--kv-cache-mb",
+        str(-(-slots * per_slot // 2**20)),
+    ]
 
 
 def probe_slots(address: str, hidden_size: int) -> str | None:

@@ -154,7 +154,7 @@ if torch.cuda.is_available():  # bench/gpu.sh's machine: the Triton kernels, CUD
 
 @pytest.mark.parametrize("setting", sorted(OPTIONS))
 def test_a_session_is_bit_identical_alone_crowded_speculative_and_replayed(gqa, setting):
-    options = dict(batch_invariant=True, **OPTIONS[setting])
+    options = dict(batch_invariant="on", **OPTIONS[setting])
     with in_process_mesh(gqa, 3, plan_stages=2, stage_options=options) as mesh:
         client = mesh.client
         alone = client.generate(token_ids=PROMPT, max_new_tokens=NEW_TOKENS, speculate="off")
@@ -186,7 +186,7 @@ def test_a_failover_replay_mid_output_is_bit_identical(tmp_path):
     model_dir = make_tiny_model(tmp_path, "untied_mha")
     mesh = Mesh(model_dir, tmp_path)
     try:
-        a, b, c = (mesh.stage(n, 0, "--batch-invariant") for n in "abc")
+        a, b, c = (mesh.stage(n, 0, "--batch-invariant", "on") for n in "abc")
         client = mesh.orchestrator(f"{a.address}+{b.address},{c.address}")
         whole = client.generate(token_ids=PROMPT, max_new_tokens=120, speculate="off")
         stream = client.stream(token_ids=PROMPT, max_new_tokens=120, speculate="off")

@@ -40,7 +40,11 @@ def step(session: str, start: int, ids: list[int]) -> StepInput:
 def test_concurrent_decode_steps_are_batched_and_exact(tmp_path, static_kv):
     """Growable caches and static slots (the decode step of the CUDA graphs, run eagerly)."""
     model_dir = make_tiny_model(tmp_path, "gqa")
-    stage = Stage(StageConfig(model=str(model_dir), static_kv=static_kv, max_context=128))
+    stage = Stage(
+        StageConfig(
+            model=str(model_dir), static_kv=static_kv, max_context=128, batch_invariant="off"
+        )
+    )
     stage.load_layers(0, 4, epoch=1)
     alone = {}
     for i, p in enumerate(prompts()):  # one at a time: prefill, then two decode steps
@@ -126,7 +130,13 @@ def test_compiled_decode_parts_give_the_same_tokens(tmp_path):
     model_dir = make_tiny_model(tmp_path, "gqa")
     outs = {}
     for compile in (False, True):
-        config = StageConfig(model=str(model_dir), static_kv="on", max_context=64, compile=compile)
+        config = StageConfig(
+            model=str(model_dir),
+            static_kv="on",
+            max_context=64,
+            compile=compile,
+            batch_invariant="off",
+        )
         stage = Stage(config)
         stage.load_layers(0, 4, epoch=1)
         for i, p in enumerate(prompts()[:4]):

@@ -85,7 +85,7 @@ def test_a_mesh_in_a_16_bit_dtype_generates_what_transformers_does(gqa, dtype, m
     model = hf_model(gqa, dtype)
     static_kv = "on" if mode == "static" else "off"
     options = dict(dtype=dtype, static_kv=static_kv, max_context=64, allow_slow_dtype=True)
-    options["batch_invariant"] = mode == "batch-invariant"
+    options["batch_invariant"] = "on" if mode == "batch-invariant" else "off"
     results: dict[int, object] = {}
     with in_process_mesh(gqa, 2, stage_options=options) as mesh:
 
@@ -149,7 +149,11 @@ def test_a_cpu_without_half_instructions_refuses_the_slow_dtype(gqa, dtype):
     if set(HALF_INSTRUCTIONS[getattr(torch, dtype)]) & cpu_kernels.cpu_flags():
         pytest.skip(f"this CPU has instructions for {dtype}: it is not refused here")
     with pytest.raises(FailedPrecondition, match="slower than float32.*--allow-slow-dtype"):
-        Stage(StageConfig(model=str(gqa), kv_cache_mb=16, dtype=dtype))
+        Stage(StageConfig(model=str(gqa), kv_cache_mb=16, dtype=dtype, batch_invariant="off"))
+    # the batch-invariant mode's kernels read 16-bit weights themselves: not refused
+    Stage(
+        StageConfig(model=str(gqa), kv_cache_mb=16, dtype=dtype, batch_invariant="on")
+    ).batcher.close()
 
 
 def test_int8_on_a_gpu_is_refused_unless_allowed(gqa):

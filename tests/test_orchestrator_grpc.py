@@ -145,7 +145,7 @@ def test_stages_max_context_is_the_plans_and_checked_before_any_step(tmp_path):
     """Stages serving --max-context 40 (of the model's 256): the plan says so, a request that
     would outgrow it is refused up front (not cut off mid-way), one that fits is served."""
     model_dir = make_tiny_model(tmp_path, "gqa")
-    options = dict(static_kv="on", max_context=40)
+    options = dict(static_kv="on", max_context=40, batch_invariant="off")
     with in_process_mesh(model_dir, 2, stage_options=options) as mesh:
         assert mesh.client.plan()["max_context"] == 40
         with pytest.raises(ClientError) as err:

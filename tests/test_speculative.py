@@ -180,7 +180,11 @@ def test_a_session_resumed_after_its_stage_died_stays_exact(tmp_path):
 
 @pytest.mark.parametrize(
     "options",
-    [dict(quantize="int8"), dict(quantize="int4", quant_group=32), dict(static_kv="on")],
+    [
+        dict(quantize="int8"),
+        dict(quantize="int4", quant_group=32),
+        dict(static_kv="on", batch_invariant="off"),
+    ],
     ids=["int8", "int4", "static-kv"],
 )
 def test_quantized_and_static_stages_verify_exactly(tiny_root, tmp_path, options):

@@ -66,7 +66,11 @@ def guesses(truth: list[int], wrong_every: int):
 def test_greedy_verify_equals_transformers(tiny_root, static_kv, wrong_every):
     model_dir = make_tiny_model(tiny_root, "gqa")
     truth = reference_greedy(model_dir, PROMPT, NEW)
-    stage = Stage(StageConfig(model=str(model_dir), static_kv=static_kv, max_context=128))
+    stage = Stage(
+        StageConfig(
+            model=str(model_dir), static_kv=static_kv, max_context=128, batch_invariant="off"
+        )
+    )
     stage.load_layers(0, 4, epoch=1)
     got, drafted, kept = speculative_run(stage, "s", Sampling(), guesses(truth, wrong_every))
     assert got == truth
@@ -190,7 +194,9 @@ def test_static_slots_run_verify_steps_in_the_decoder(tiny_root, monkeypatch):
     decode step, all on the session's slot, each attending up to its own position."""
     model_dir = make_tiny_model(tiny_root, "gqa")
     truth = reference_greedy(model_dir, PROMPT, NEW)
-    stage = Stage(StageConfig(model=str(model_dir), static_kv="on", max_context=128))
+    stage = Stage(
+        StageConfig(model=str(model_dir), static_kv="on", max_context=128, batch_invariant="off")
+    )
     stage.load_layers(0, 4, epoch=1)
     decoder = stage.loaded.decoder
     calls = []
