@@ -152,9 +152,28 @@ if torch.cuda.is_available():  # bench/gpu.sh's machine: the Triton kernels, CUD
     OPTIONS["cuda-bfloat16"] = dict(device="cuda", dtype="bfloat16", max_context=96)
 
 
+# Outside the mode (README): log-probabilities this close, and ids equal up to a near-tie: where
+# two runs first pick different tokens, their log-probabilities there are this close too.
+DEFAULT_MODE_TOLERANCE = {"float32": 1e-5, "bfloat16": 0.05}
+
+
+def assert_same_up_to_near_ties(ids, logprobs, want_ids, want_logprobs, tolerance, way):
+    differ = [i for i, (a, b) in enumerate(zip(ids, want_ids, strict=True)) if a != b]
+    first = differ[0] if differ else len(ids)
+    if differ:  # a near-tie: both tokens about as likely
+        gap = abs(logprobs[first] - want_logprobs[first])
+        assert gap <= tolerance, f"{way}: token {first} differs and is no near-tie ({gap:.3g})"
+    gaps = [abs(a - b) for a, b in zip(logprobs[:first], want_logprobs[:first], strict=True)]
+    assert max(gaps, default=0.0) <= tolerance, way
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
 @pytest.mark.parametrize("setting", sorted(OPTIONS))
-def test_a_session_is_bit_identical_alone_crowded_speculative_and_replayed(gqa, setting):
-    options = dict(batch_invariant="on", **OPTIONS[setting])
+def test_a_session_is_bit_identical_alone_crowded_speculative_and_replayed(gqa, setting, mode):
+    """In the mode: bit-identical. Outside it: what the README promises there."""
+    if mode == "off" and setting.startswith("cuda"):
+        pytest.skip("the default mode's GPU numbers are in bench/gpu_invariant.py")
+    options = dict(OPTIONS[setting], batch_invariant=mode, allow_slow_dtype=True)
     with in_process_mesh(gqa, 3, plan_stages=2, stage_options=options) as mesh:
         client = mesh.client
         alone = client.generate(token_ids=PROMPT, max_new_tokens=NEW_TOKENS, speculate="off")
@@ -173,8 +192,14 @@ def test_a_session_is_bit_identical_alone_crowded_speculative_and_replayed(gqa, 
     for way, got in runs.items():
         ids = [t for p in got for t in p.token_ids] if isinstance(got, list) else got.token_ids
         logprobs = [x for p in got for x in p.logprobs] if isinstance(got, list) else got.logprobs
-        assert ids == alone.token_ids, way
-        assert logprobs == alone.logprobs, way  # bit for bit, not within a tolerance
+        if mode == "on":
+            assert ids == alone.token_ids, way
+            assert logprobs == alone.logprobs, way  # bit for bit, not within a tolerance
+        else:
+            tolerance = DEFAULT_MODE_TOLERANCE["bfloat16" if "bfloat16" in setting else "float32"]
+            assert_same_up_to_near_ties(
+                ids, logprobs, alone.token_ids, alone.logprobs, tolerance, way
+            )
 
 
 @pytest.mark.slow
