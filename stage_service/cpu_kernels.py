@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).parent / "kernels"
 SOURCES = (KERNELS / "qlinear.c", KERNELS / "layer.c")
+HEADERS = (KERNELS / "formats.h",)  # included by the sources: part of the library's name
 # ISO C (-std=c11): no FMA contraction or float reordering of the compiler's own, which the
 # batch-invariant mode relies on (kernels/qlinear.c).
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC", "-std=c11")
@@ -146,7 +147,9 @@ def cache_dir() -> Path:
 
 
 def library_name() -> str:
-    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(FLAGS).encode())
+    digest = hashlib.sha256(
+        b"".join(s.read_bytes() for s in (*SOURCES, *HEADERS)) + " ".join(FLAGS).encode()
+    )
     return f"qlinear-{digest.hexdigest()[:16]}.so"
 
 

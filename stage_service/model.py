@@ -338,11 +338,11 @@ class RangeModel:
         if fused:
             x = self.fused.run(x, cos, sin, segments).to(self.dtype)  # one C call per layer
         elif self.gpu_invariant is not None:
+            assert pool is not None and all(s.slot >= 0 for s in segments), "needs static slots"
             slots = torch.tensor(
                 [s.slot for s in segments for _ in range(s.rows.stop - s.rows.start)],
                 device=self.device,
-            )
-            assert pool is not None and bool((slots >= 0).all()), "needs static slots"
+            )  # checked on the host: no wait for the GPU
             for i, layer in enumerate(w.layers):
                 x = self.gpu_invariant.layer(
                     self.args, layer, x, cos, sin, pool.k[i], pool.v[i], slots, positions

@@ -19,12 +19,10 @@
  * the attention scores and probabilities, silu and its product, the residual sums). The KV
  * caches are in that dtype.
  */
-#include <immintrin.h>
 #include <math.h>
-#include <stdint.h>
 #include <string.h>
 
-enum { Q8 = 0, Q4 = 1, F32 = 2, BF16 = 3, F16 = 4 }; /* cpu_kernels.py: FORMATS */
+#include "formats.h"
 
 void q8_linear(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t group,
                const float *scale, const float *bias, float *y, int64_t N, int threads);
@@ -70,17 +68,7 @@ static inline void rnd_all(float *x, int64_t n, int64_t act) {
         for (int64_t i = 0; i < n; i++) x[i] = rnd(x[i], act);
 }
 
-/* The caches hold the activation dtype: element i of a cache as float32, and stored. */
-static inline float cache_get(const void *c, int64_t i, int64_t act) {
-    if (act == F32) return ((const float *)c)[i];
-    uint16_t h = ((const uint16_t *)c)[i];
-    if (act == F16) return _cvtsh_ss(h);
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
+/* The caches hold the activation dtype: read with load1/load8 (formats.h), stored here. */
 static inline void cache_put(void *c, int64_t i, float v, int64_t act) {
     if (act == F32) {
         ((float *)c)[i] = v;
@@ -94,27 +82,13 @@ static inline void cache_put(void *c, int64_t i, float v, int64_t act) {
     }
 }
 
-static inline __m256 cache8(const void *c, int64_t i, int64_t act) {
-    if (act == F32) return _mm256_loadu_ps((const float *)c + i);
-    __m128i v = _mm_loadu_si128((const __m128i *)((const uint16_t *)c + i));
-    if (act == F16) return _mm256_cvtph_ps(v);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* a (float32) . b (a cache row in the activation dtype) */
 static inline float dot_cache(const float *a, const void *b, int64_t off, int64_t n, int64_t act) {
     __m256 acc = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), cache8(b, off + i, act), acc);
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(act, b, off + i), acc);
     float r = hsum(acc);
-    for (; i < n; i++) r += a[i] * cache_get(b, off + i, act);
+    for (; i < n; i++) r += a[i] * load1(act, b, off + i);
     return r;
 }
 
@@ -132,8 +106,8 @@ static inline void axpy_cache(float p, const void *v, int64_t off, float *out, i
     __m256 pv = _mm256_set1_ps(p);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, cache8(v, off + i, act), _mm256_loadu_ps(out + i)));
-    for (; i < n; i++) out[i] += p * cache_get(v, off + i, act);
+        _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, load8(act, v, off + i), _mm256_loadu_ps(out + i)));
+    for (; i < n; i++) out[i] += p * load1(act, v, off + i);
 }
 
 /* y[M, n] = x[M, k] @ W.T + bias, rounded to the activation dtype. */

@@ -30,17 +30,9 @@
  * K % 8 tail in order), and threads split output channels, never a sum. Compiled as ISO C
  * (-std=c11), gcc contracts no a * b + c into an FMA of its own and reorders no float sum.
  */
-#include <immintrin.h>
-#include <stdint.h>
+#include "formats.h"
 
 #define PREFETCH 1024 /* bytes ahead of the weight stream */
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 static inline float dot(const float *a, const float *b, int64_t n) {
     __m256 acc = _mm256_setzero_ps();
@@ -164,25 +156,6 @@ void q8_dequant(const int8_t *w, int64_t group, const float *scale, int64_t K, i
 }
 
 /* ---------------------------------------------------------------- float weights */
-
-enum { F32 = 2, BF16 = 3, F16 = 4 }; /* as layer.c's formats (cpu_kernels.py: FORMATS) */
-
-static inline __attribute__((always_inline)) __m256 load8(int fmt, const void *p, int64_t i) {
-    if (fmt == F32) return _mm256_loadu_ps((const float *)p + i);
-    __m128i v = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
-    if (fmt == F16) return _mm256_cvtph_ps(v);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
-
-static inline __attribute__((always_inline)) float load1(int fmt, const void *p, int64_t i) {
-    if (fmt == F32) return ((const float *)p)[i];
-    uint16_t h = ((const uint16_t *)p)[i];
-    if (fmt == F16) return _cvtsh_ss(h);
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    __builtin_memcpy(&f, &u, 4);
-    return f;
-}
 
 /* R rows of x (1 or 2) against C consecutive weight rows from n0 (1 to 4): out[r * C + c].
  * Each (row, channel) sum is the same operations for any R and C. */
