@@ -58,7 +58,10 @@ def _source(group: str, stages: dict[str, dict]) -> str:
 
 def _print_plan(plan: dict, stages: dict[str, dict], as_json: bool) -> int:
     rows = []
+    # Columns are the plan's, not a row's: every row has the same keys, a stage sent nothing
+    # shows 0 (the table's header comes from the first row).
     shipped = any(int(s.get("fetch_bytes", 0)) for s in plan["stages"])
+    timed = any(s.get("fetch_seconds") for s in plan["stages"])  # reload: how long it took
     for s in plan["stages"]:
         status = stages.get(s["address"].split("+")[0], {})
         extra = {}
@@ -66,8 +69,8 @@ def _print_plan(plan: dict, stages: dict[str, dict], as_json: bool) -> int:
             extra["source"] = _source(s["address"], stages)
         if shipped:  # preview: what would travel; reload: what did
             extra["fetch_mb"] = round(int(s.get("fetch_bytes", 0)) / 1e6, 1)
-            if s.get("fetch_seconds"):
-                extra["fetch_s"] = round(s["fetch_seconds"], 2)
+        if timed:
+            extra["fetch_s"] = round(float(s.get("fetch_seconds", 0.0)), 2)
         rows.append(
             {
                 "stage": s["index"],
