@@ -141,10 +141,13 @@ class Orchestrator:
         self.args = LlamaArgs.from_config(read_config(self.model_dir))
         self.fingerprint = model_fingerprint(self.model_dir)
         self.router = Router(
-            config.step_timeout_s, config.prefill_chunk_tokens, config.prefill_tokens_in_flight
+            config.step_timeout_s,
+            config.prefill_chunk_tokens,
+            config.prefill_tokens_in_flight,
+            reassign=self.reassign,
+            before_load=self._ship,
         )
         self.shipper = WeightShipper(self.model_dir, self.fingerprint)
-        self.router.before_load = self._ship
         self.tokenizer = Tokenizer(self.model_dir)
         self.generator = Generator(
             self.router,
@@ -258,31 +261,49 @@ class Orchestrator:
     def _reload(self, request: PlanRequest) -> PlanView:
         with self._reload_lock:
             view = self.preview(request)  # infeasible specs fail here; nothing has changed
-            # Weights a stage lacks travel first, while it serves its old range.
-            view = self._ship_plan(view)
-            with self.router.exclusive():
-                old = self.router.plan
-                # Above every epoch a stage holds: stages refuse older assignments, and after
-                # an orchestrator restart they still hold the previous run's epochs.
-                epoch = max(old.epoch if old else 0, view.stage_epoch) + 1
-                if epoch >= 2**64:
-                    raise FailedPrecondition(
-                        f"a stage holds plan epoch {view.stage_epoch}, the last there is; "
-                        "restart the stages of this plan"
-                    )
-                plan = dataclasses.replace(view.plan, epoch=epoch)
-                try:
-                    self.router.apply(plan)
-                except LlamadistError as err:
-                    if old is None:
-                        raise
-                    log.error("reload to %s failed (%s); restoring the previous plan", plan, err)
-                    self.router.apply(dataclasses.replace(old, epoch=plan.epoch + 1))
-                    raise type(err)(f"{err}; the previous plan is restored") from None
-                self.view = dataclasses.replace(view, plan=plan)
-                self.generator.max_positions = view.max_context
-                log.info("plan epoch %d applied: %s", plan.epoch, plan)
-                return self.view
+            return self._apply(view)
+
+    def reassign(self, above: int) -> None:
+        """Assigns the plan in force again, under an epoch above `above` and every epoch its
+        stages hold: a stage reported epoch `above` (at or past ours) without our layers, moved
+        by someone else (an admin's LoadLayers, a second orchestrator). Stages take only newer
+        epochs, so ours adopts one above theirs rather than wait for the stage to come back
+        down; every stage reloads its range and sessions replay, as after a reload. The router's
+        prober calls this; a failure leaves the stage down and the prober tries again."""
+        with self._reload_lock:
+            plan, view = self.router.plan, self.view
+            if plan is None or view is None or plan.epoch > above:
+                return  # a reload went above it meanwhile (and assigned the stage its layers)
+            held = max(above, self.router.newest_epoch())
+            self._apply(dataclasses.replace(view, plan=plan, stage_epoch=held))
+
+    def _apply(self, view: PlanView) -> PlanView:
+        """Puts `view`'s plan in force above every epoch it knows of (hold the reload lock)."""
+        # Weights a stage lacks travel first, while it serves its old range.
+        view = self._ship_plan(view)
+        with self.router.exclusive():
+            old = self.router.plan
+            # Above every epoch a stage holds: stages refuse older assignments, and after
+            # an orchestrator restart they still hold the previous run's epochs.
+            epoch = max(old.epoch if old else 0, view.stage_epoch) + 1
+            if epoch >= 2**64:
+                raise FailedPrecondition(
+                    f"a stage holds plan epoch {view.stage_epoch}, the last there is; "
+                    "restart the stages of this plan"
+                )
+            plan = dataclasses.replace(view.plan, epoch=epoch)
+            try:
+                self.router.apply(plan)
+            except LlamadistError as err:
+                if old is None:
+                    raise
+                log.error("reload to %s failed (%s); restoring the previous plan", plan, err)
+                self.router.apply(dataclasses.replace(old, epoch=plan.epoch + 1))
+                raise type(err)(f"{err}; the previous plan is restored") from None
+            self.view = dataclasses.replace(view, plan=plan)
+            self.generator.max_positions = view.max_context
+            log.info("plan epoch %d applied: %s", plan.epoch, plan)
+            return self.view
 
     # ------------------------------------------------------------------ weights over the wire
 

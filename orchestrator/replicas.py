@@ -4,7 +4,8 @@ stages are down, and the prober that brings them back.
 A position's address may join replicas with '+' ("10.0.0.1:7001+10.0.0.2:7001"). Each session
 is pinned to one live replica per position (the least loaded when it is first routed). A replica
 that fails is marked down; a background prober retries it with exponential backoff and, once it
-answers, reloads its layers for the plan in force and marks it up again.
+answers, has the router give it its layers for the plan in force (the whole plan goes to a newer
+epoch when someone else moved the stage to one: Router._rejoin) and marks it up again.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.admission import TokenBudget
 from orchestrator.inflight import InFlight, Pending
-from orchestrator.plan import PartitionPlan
+from orchestrator.plan import LayerRange, PartitionPlan
 from orchestrator.replicas import Position, Replica, ReplicaPool, split_group
 from orchestrator.stage_client import StageClient
 from protos import llamadist_pb2 as pb
@@ -84,13 +84,26 @@ class StepResult:
     draft_logprobs: list[float] = field(default_factory=list)
 
 
+def holds(info: pb.StageInfo, layers: LayerRange, epoch: int) -> bool:
+    """Whether a stage's Info says it holds `layers` under plan `epoch`."""
+    held = (info.layer_start, info.layer_end)
+    return info.plan_epoch == epoch and held == (layers.start, layers.end)
+
+
 class Router:
     def __init__(
         self,
         step_timeout_s: float = 60.0,
         prefill_chunk_tokens: int = 512,
         prefill_tokens_in_flight: int = 2048,
+        *,
+        reassign: Callable[[int], None],
+        before_load: Callable[[StageClient, int, int, pb.StageInfo], object] | None = None,
     ):
+        """`reassign(epoch)` assigns the plan in force again at an epoch above `epoch` (the
+        orchestrator's, which owns plans); `before_load(client, start, end, info)` runs before
+        a rejoining replica loads its range (the orchestrator ships the weights it lacks,
+        orchestrator.weight_shipping)."""
         self.step_timeout_s = step_timeout_s
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.prefill_budget = TokenBudget(prefill_tokens_in_flight)
@@ -100,9 +113,8 @@ class Router:
         self.inflight = InFlight()
         self.pool = ReplicaPool(self._make_client)
         self.pool.rejoin = self._rejoin
-        # Called with (client, start, end) before a rejoining replica loads its range: the
-        # orchestrator ships the weights it lacks (orchestrator.weight_shipping).
-        self.before_load: Callable[[StageClient, int, int], object] | None = None
+        self.reassign = reassign
+        self.before_load = before_load
         self._gate = ReadWriteLock()
         self._plan_lock = threading.Lock()  # apply() and rejoins: one layer assignment at a time
 
@@ -203,16 +215,57 @@ class Router:
             self.plan = plan
 
     def _rejoin(self, replica: Replica) -> None:
-        """A down replica answers again: give it its layers under the plan in force."""
+        """A down replica answers again: give it its layers under the plan in force (raises
+        while it cannot have them; the prober tries again).
+
+        A stage below our epoch (restarted, or left behind) takes our assignment. A stage at
+        or above our epoch that does not hold our assignment was moved by someone else (an
+        admin's LoadLayers, a second orchestrator on the same stages): it refuses every epoch
+        not above its own, so retrying ours would keep it down for ever. The whole plan is
+        assigned again above that epoch instead (steps carry one epoch through every stage of
+        a route), and sessions replay onto it as after a reload."""
+        info = replica.client.info()
         with self._plan_lock:
-            position = self.pool.position_of(replica)
-            plan = self.plan
+            position, plan = self.pool.position_of(replica), self.plan
             if position is None or plan is None:
                 return  # no longer in the plan: nothing to load
             layers = position.layers
-            if self.before_load is not None:
-                self.before_load(replica.client, layers.start, layers.end)
-            replica.client.load_layers(layers.start, layers.end, plan.epoch)
+            if holds(info, layers, plan.epoch):
+                return
+            if info.plan_epoch < plan.epoch:
+                if self.before_load is not None:
+                    self.before_load(replica.client, layers.start, layers.end, info)
+                replica.client.load_layers(layers.start, layers.end, plan.epoch)
+                return
+        held = LayerRange(info.layer_start, info.layer_end)
+        log.warning(
+            "%s holds %s under plan epoch %d, not layers %s under epoch %d: another "
+            "orchestrator or an admin's LoadLayers moved it; assigning the plan above it",
+            replica.client.name, f"layers {held}" if len(held) > 0 else "no layers",
+            info.plan_epoch, layers, plan.epoch,
+        )  # fmt: skip
+        self.reassign(info.plan_epoch)
+        info = replica.client.info()
+        with self._plan_lock:
+            position, plan = self.pool.position_of(replica), self.plan
+            if (
+                position is not None
+                and plan is not None
+                and not holds(info, position.layers, plan.epoch)
+            ):
+                raise Unavailable(
+                    f"{replica.client.name} holds plan epoch {info.plan_epoch}, not the plan's "
+                    f"{plan.epoch}, after the plan was assigned again"
+                )
+
+    def newest_epoch(self, timeout_s: float = 1.0) -> int:
+        """The newest plan epoch any stage of the plan in force holds (of those answering
+        within timeout_s), for a plan that must go above them all."""
+        epochs = [0]
+        for client in self.stages:
+            with contextlib.suppress(LlamadistError):
+                epochs.append(client.info(timeout_s=timeout_s).plan_epoch)
+        return max(epochs)
 
     def step(
         self,
