@@ -33,6 +33,7 @@ from protos.submodel import describe
 log = logging.getLogger(__name__)
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+START_RETRY_S = (1.0, 8.0)  # a failed first plan is tried again after 1 s, doubling up to 8 s
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,8 @@ class Orchestrator:
         self.view: PlanView | None = None
         self.startup_error = ""
         self._profiles: dict[tuple[int, str], ModelProfile] = {}
-        self._reload_lock = threading.Lock()
+        self._reload_lock = threading.RLock()  # re-entered by _retry_start's check
+        self._closed = threading.Event()
         self.health: ReadinessHealth | None = None  # the standard Health service, once served
 
     # ------------------------------------------------------------------ planning
@@ -353,7 +355,28 @@ class Orchestrator:
             self.reload(self.default_request)
         except LlamadistError as err:
             self.startup_error = str(err)
-            log.error("start-up failed: %s", err)
+            log.error("start-up failed: %s; trying again until a plan is in force", err)
+            threading.Thread(target=self._retry_start, name="startup-retry", daemon=True).start()
+
+    def _retry_start(self) -> None:
+        """Applies the first plan again until one is in force (an admin's reload counts): a
+        cause that goes away, such as a stage's weights cache made writable again, needs no
+        admin reload."""
+        wait_s = START_RETRY_S[0]
+        while not self._closed.wait(wait_s):
+            with self._reload_lock:  # an admin's reload is not overridden by the default plan
+                if self.router.plan is not None:
+                    return
+                try:
+                    self.reload(self.default_request)
+                    self.startup_error = ""
+                    log.info("start-up succeeded on a later try")
+                    return
+                except LlamadistError as err:
+                    if str(err) != self.startup_error:
+                        log.error("start-up failed again: %s", err)
+                    self.startup_error = str(err)
+            wait_s = min(wait_s * 2, START_RETRY_S[1])
 
     def with_defaults(self, sampling: pb.SamplingParams) -> pb.SamplingParams:
         """A copy of `sampling` whose unset fields take the model's generation defaults."""
@@ -385,5 +408,6 @@ class Orchestrator:
             log.info("suspended %d sessions still running at shutdown", suspended)
 
     def close(self) -> None:
+        self._closed.set()  # ends _retry_start
         self.router.close()
         self.generator.speculation.close()

@@ -195,7 +195,7 @@ class WeightShipper:
                 error = from_rpc_error(err, name)
                 raise type(error)(
                     f"{error}; {transfer.done / 1e6:.1f} of {total / 1e6:.1f} MB were sent: the "
-                    "stage keeps what arrived, and the next reload resumes from there"
+                    "next reload resumes from there, from what the stage kept of them"
                 ) from None
             finally:
                 self.transfers.pop(address, None)

@@ -13,7 +13,7 @@ import grpc
 from protos import codec
 from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
-from protos.errors import InvalidArgument, LlamadistError
+from protos.errors import Cancelled, InvalidArgument, LlamadistError
 from protos.sampling import Sampling
 from protos.standard_services import ReadinessHealth
 from protos.status import grpc_errors
@@ -249,6 +249,15 @@ class StageServicer(pb_grpc.StageServicer):
 
     @grpc_errors
     def PutWeights(self, request_iterator, context) -> pb.WeightsReceived:
-        chunks = ((c.sha256, c.offset, c.data) for c in request_iterator)
-        written, completed = self.stage.receive_weights(chunks)
+        def chunks():
+            try:
+                for c in request_iterator:
+                    yield c.sha256, c.offset, c.data
+            except grpc.RpcError:  # gRPC's word for a stream its caller ended early
+                raise Cancelled(
+                    "the weights stream was cut before it ended (the orchestrator stopped it, "
+                    "or the link broke)"
+                ) from None
+
+        written, completed = self.stage.receive_weights(chunks())
         return pb.WeightsReceived(bytes=written, completed=completed)

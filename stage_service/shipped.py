@@ -1,7 +1,9 @@
 """A --fetch-weights stage's side of weights over the wire: what the orchestrator offered (its
 model's config and fingerprint, the tensors of a range with their hashes), the bytes it streams
 into the weights cache, and the TensorSource a load reads from (local files first, the cache
-for the rest). No gRPC in here; the servicer converts the messages.
+for the rest, each tensor read into memory and verified there). A transfer that stops (cut, or
+a cache that cannot be written) says what it kept. No gRPC in here; the servicer converts the
+messages.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from protos.errors import FailedPrecondition, InvalidArgument
+from protos.errors import FailedPrecondition, InvalidArgument, LlamadistError
 from protos.model_files import LlamaArgs, TensorIndex
 from protos.submodel import EMBED, layer_of
 from protos.transfer import progress_text
@@ -33,6 +35,15 @@ class Offer:
     entries: dict[str, Entry]  # by tensor name
     needed_bytes: int  # what the cache lacked when offered
     from_cache: set[str]  # sha256 of entries the cache held at the offer
+    needed: dict[str, int]  # sha256 -> size of the entries the cache lacked (wholly or partly)
+    had_bytes: int  # what the cache kept of those at the offer (earlier transfers cut short)
+
+
+def kept_text(n: int) -> str:
+    """What a stopped transfer kept, for its error and the stage's log."""
+    if not n:
+        return "this transfer kept nothing"
+    return f"this transfer kept {n} bytes ({n / 1e6:.1f} MB), the next offer resumes from there"
 
 
 def check_entry(e: Entry) -> None:
@@ -73,6 +84,8 @@ class ShippedWeights:
                 {e.name: e for e in entries},
                 sum(size - answer.needs[sha] for sha, size in needed.items()),
                 {e.sha256 for e in entries if e.sha256 not in answer.needs},
+                needed,
+                sum(answer.needs.values()),
             )
             log.info(
                 "weights offered: %d tensors, %.1f MB; %.1f MB cached, %.1f MB to receive",
@@ -82,8 +95,9 @@ class ShippedWeights:
             return answer
 
     def receive(self, chunks: Iterable[tuple[str, int, bytes]]) -> tuple[int, int]:
-        """Writes the chunks into the cache: (bytes written, tensors completed). A stream cut
-        short keeps what arrived; the next offer resumes from there."""
+        """Writes the chunks into the cache: (bytes written, tensors completed). A stream that
+        stops early (a LlamadistError from the chunks or the cache) keeps what the cache could
+        write; the error says how much that is, and the next offer resumes from there."""
         with self._lock:
             offer = self.offer
             if offer is None:
@@ -98,6 +112,14 @@ class ShippedWeights:
                     if now - last >= PROGRESS_EVERY_S:
                         last = now
                         log.info("weights: %s", progress_text(done, total, now - t0))
+            except LlamadistError as err:
+                self.cache.settle()
+                # Counted on disk, not from the chunks: a write refused halfway kept part of one.
+                kept = self.cache.held(offer.needed) - offer.had_bytes
+                said = f"{err}; {kept_text(kept)}"
+                log.warning("weights: the transfer stopped after %s: %s",
+                            progress_text(done, total, time.monotonic() - t0), said)  # fmt: skip
+                raise type(err)(said) from None
             finally:
                 self.cache.settle()
                 if done:
@@ -113,7 +135,8 @@ class ShippedWeights:
         """The source of a load: local files for the names `local` has, the cache for the rest
         (each must be in the last offer and complete); with the kinds used, wire or cache."""
         offer = self.offer
-        blobs, kinds = {}, set()
+        blobs: dict[str, Blob] = {}
+        kinds = set()
         for name in names_needed:
             if local is not None and local.has(name):
                 continue
@@ -124,9 +147,10 @@ class ShippedWeights:
                     "weights cache: the orchestrator ships a range's tensors (OfferWeights, "
                     "PutWeights) before it assigns the range"
                 )
-            blobs[name] = Blob(self.cache.path(entry.sha256), entry.dtype, entry.shape)
+            blobs[name] = Blob(entry.sha256, entry.size, entry.dtype, entry.shape)
             kinds.add("cache" if entry.sha256 in offer.from_cache else "wire")
-        return TensorSource(local, blobs), sorted(kinds, key=["wire", "cache"].index)
+        source = TensorSource(local, blobs, self.cache.read)
+        return source, sorted(kinds, key=["wire", "cache"].index)
 
     def names_for(self, start: int, end: int, num_layers: int) -> list[str]:
         """The offered tensors a stage serving [start, end) reads."""

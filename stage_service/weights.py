@@ -1,17 +1,21 @@
 """Reads a model directory (config.json + *.safetensors): only the tensors of one layer range, by
 name, so a stage never holds the whole model. What the files hold (config, tensor names, the
-fingerprint) is read without torch by protos/model_files.py; here the tensors are loaded."""
+fingerprint) is read without torch by protos/model_files.py; here the tensors are loaded.
+
+Every tensor loaded is the stage's own memory, never a view of a file: safetensors and the
+weights cache would otherwise hand out memory maps, through which a float32 stage (no dtype
+conversion, no copy) serves whatever another process writes into the file later."""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from protos.errors import InvalidArgument
+from protos.errors import InvalidArgument, LlamadistError
 from protos.model_files import LlamaArgs, TensorIndex
 from stage_service.model import LayerWeights, RangeWeights
 from stage_service.quant import key, quantize_matrix, quantize_rows, tensor_bytes
@@ -22,20 +26,33 @@ WIRE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float1
 
 @dataclass(frozen=True)
 class Blob:
-    """A tensor in the weights cache (stage_service/weight_cache.py): raw bytes in a file."""
+    """A tensor in the weights cache (stage_service/weight_cache.py): raw bytes named by their
+    sha256."""
 
-    path: Path
+    sha256: str
+    size: int
     dtype: str  # a WIRE_DTYPES key
     shape: tuple[int, ...]
 
 
+# The weights cache's `read`: a blob's bytes in fresh memory, verified against its sha256.
+ReadBlob = Callable[[str, int], bytearray]
+
+
 class TensorSource:
     """Reads a range's tensors by name: from a model directory's safetensors (`index`), and the
-    names in `blobs` from the weights cache (the tensors the orchestrator shipped)."""
+    names in `blobs` from the weights cache (the tensors the orchestrator shipped) through
+    `read_blob`."""
 
-    def __init__(self, index: TensorIndex | None = None, blobs: dict[str, Blob] | None = None):
+    def __init__(
+        self,
+        index: TensorIndex | None = None,
+        blobs: dict[str, Blob] | None = None,
+        read_blob: ReadBlob | None = None,
+    ):
         self.index = index
         self.blobs = blobs or {}
+        self.read_blob = read_blob
 
     @classmethod
     def of(cls, model_dir: Path) -> TensorSource:
@@ -60,14 +77,24 @@ class TensorSource:
             for path, file_names in self.index.by_file(local).items():
                 with safe_open(str(path), framework="pt") as f:
                     for name in file_names:
-                        loaded[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+                        # get_tensor maps the file: copy=True makes it ours (see the docstring)
+                        t = f.get_tensor(name)
+                        loaded[name] = t.to(device=device, dtype=dtype, copy=True)
         for name in names:
             if name in self.blobs:
-                blob = self.blobs[name]
-                numel = math.prod(blob.shape)
-                t = torch.from_file(str(blob.path), size=numel, dtype=WIRE_DTYPES[blob.dtype])
-                loaded[name] = t.view(blob.shape).to(device=device, dtype=dtype)
+                loaded[name] = self._blob(name).to(device=device, dtype=dtype)
         return [loaded[n] for n in names]
+
+    def _blob(self, name: str) -> torch.Tensor:
+        """A cache tensor over the memory its bytes were verified in."""
+        blob = self.blobs[name]
+        try:
+            data = self.read_blob(blob.sha256, blob.size)
+        except LlamadistError as err:
+            raise type(err)(f"tensor {name}: {err}") from None
+        wire = WIRE_DTYPES[blob.dtype]
+        t = torch.frombuffer(data, dtype=wire) if data else torch.empty(0, dtype=wire)
+        return t.view(blob.shape)
 
 
 @dataclass(frozen=True)
