@@ -132,6 +132,8 @@ def run_up(a: argparse.Namespace) -> int:
     with mesh:
         if mesh.tls_ca:
             print(f"TLS: clients give --tls-ca {mesh.tls_ca}", flush=True)
+        if mesh.stage_key_file:  # a stage started by hand joins this mesh with it
+            print(f"stage key: {mesh.stage_key_file} (--stage-key-file)", flush=True)
         if mesh.api_keys_file:
             made = " (one key alone in .client, .admin)" if mesh.api_keys else ""
             print(f"API keys file: {mesh.api_keys_file}{made}; clients give --api-key", flush=True)

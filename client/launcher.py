@@ -104,6 +104,7 @@ class LocalMesh:
         tls_key: str = "",
         tls_ca: str = "",
         api_keys_file: str = "",
+        stage_key_file: str = "",
         stage_model: str | None = None,
         per_stage_args: list[list[str]] | None = None,
     ):
@@ -111,7 +112,9 @@ class LocalMesh:
         args), stage i with `per_stage_args[i]` added. TLS files (all three or none) and an
         API keys file are passed on to the services.
         `secure` makes what is not given: a development CA and certificates in
-        `log_dir/tls` and an API keys file `log_dir/api-keys` (its keys in `api_keys`)."""
+        `log_dir/tls` and an API keys file `log_dir/api-keys` (its keys in `api_keys`).
+        Without TLS the stages and the orchestrator share a stage key, `stage_key_file`
+        (made in `log_dir/stage-key` unless given), so that no one else can call the stages."""
         self.model = model
         self.num_stages = num_stages
         self.port = port
@@ -130,6 +133,7 @@ class LocalMesh:
         self.tls_cert, self.tls_key, self.tls_ca = tls_cert, tls_key, tls_ca
         self.api_keys_file = api_keys_file
         self.api_keys: dict[str, str] = {}  # role -> key, when this mesh made the keys file
+        self.stage_key_file = stage_key_file
 
     def _make_credentials(self) -> None:
         from client.certs import make_api_keys, make_certs
@@ -148,10 +152,23 @@ class LocalMesh:
             return []
         return ["--tls-cert", self.tls_cert, "--tls-key", self.tls_key, "--tls-ca", self.tls_ca]
 
+    def _stage_credential(self) -> None:
+        """Without TLS, the stage key (made once in the log directory): stages refuse to start
+        without a credential."""
+        if not self.tls_ca and not self.stage_key_file:
+            from protos.stage_auth import make_stage_key
+
+            self.stage_key_file = str(self.log_dir / "stage-key")
+            make_stage_key(self.stage_key_file)
+
+    def _stage_key_args(self) -> list[str]:
+        return ["--stage-key-file", self.stage_key_file] if self.stage_key_file else []
+
     def start(self) -> LocalMesh:
         try:
             if self.secure:
                 self._make_credentials()
+            self._stage_credential()
             stages = [
                 self._spawn(
                     f"stage{i}",
@@ -166,6 +183,7 @@ class LocalMesh:
                         "--threads",
                         str(self.threads),
                         *self._tls_args(),
+                        *self._stage_key_args(),
                         *self.extra_stage_args,
                         *self.per_stage_args[i],
                     ],
@@ -186,6 +204,7 @@ class LocalMesh:
                     "--stages",
                     ",".join(addresses),
                     *self._tls_args(),
+                    *self._stage_key_args(),
                     *(["--api-keys-file", self.api_keys_file] if self.api_keys_file else []),
                     *self.extra_orchestrator_args,
                 ],

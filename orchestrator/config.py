@@ -27,6 +27,7 @@ from protos.knobs import (
     split_list,
 )
 from protos.limits import MAX_DRAFT_TOKENS
+from protos.stage_auth import key_file_problem
 
 ENV_PREFIX = "LLAMADIST_ORCHESTRATOR"
 
@@ -124,6 +125,14 @@ class OrchestratorConfig(ServiceConfig):
         "'authorization: Bearer <key>' (missing or wrong: UNAUTHENTICATED; client key on an "
         "admin call: PERMISSION_DENIED); Health needs no key ('' = no keys needed)",
         check=readable_file,
+    )
+    stage_key_file: str = knob(
+        "",
+        "the mesh's stage key, the file its stages read: sent on every call to the stages, "
+        "which refuse calls without it; not needed toward stages that take mutual TLS "
+        "('' = none)",
+        check=key_file_problem,
+        metavar="FILE",
     )
 
     speculate: str = knob(

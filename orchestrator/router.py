@@ -90,6 +90,11 @@ def holds(info: pb.StageInfo, layers: LayerRange, epoch: int) -> bool:
     return info.plan_epoch == epoch and held == (layers.start, layers.end)
 
 
+def plan_peers(plan: PartitionPlan) -> list[str]:
+    """Every stage address of `plan`, replicas too: the only ones its stages forward to."""
+    return [address for group in plan.addresses for address in split_group(group)]
+
+
 class Router:
     def __init__(
         self,
@@ -108,6 +113,7 @@ class Router:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.prefill_budget = TokenBudget(prefill_tokens_in_flight)
         self.channel_credentials = None  # TLS toward stages; set by orchestrator/server.py
+        self.stage_key: str | None = None  # the mesh's stage key; set there too
         self.plan: PartitionPlan | None = None
         self.origin = uuid.uuid4().hex  # names this orchestrator's outlets on the stages
         self.inflight = InFlight()
@@ -124,6 +130,7 @@ class Router:
             0,
             self.step_timeout_s,
             channel_credentials=self.channel_credentials,
+            stage_key=self.stage_key,
             origin=self.origin,
             on_reply=self.inflight.complete,
             on_broken=self.inflight.fail_through,
@@ -198,7 +205,9 @@ class Router:
                         "%s: loading layers %s (epoch %d)", replica.client.name, layers, plan.epoch
                     )
                     try:
-                        replica.client.load_layers(layers.start, layers.end, plan.epoch)
+                        replica.client.load_layers(
+                            layers.start, layers.end, plan.epoch, plan_peers(plan)
+                        )
                         replica.down_since = None
                         loaded += 1
                     except Unavailable as err:
@@ -235,7 +244,7 @@ class Router:
             if info.plan_epoch < plan.epoch:
                 if self.before_load is not None:
                     self.before_load(replica.client, layers.start, layers.end, info)
-                replica.client.load_layers(layers.start, layers.end, plan.epoch)
+                replica.client.load_layers(layers.start, layers.end, plan.epoch, plan_peers(plan))
                 return
         held = LayerRange(info.layer_start, info.layer_end)
         log.warning(

@@ -12,6 +12,7 @@ from orchestrator.orchestrator import Orchestrator
 from orchestrator.servicer import OrchestratorServicer
 from protos import security
 from protos.serving import listening_server, run_until_signal
+from protos.stage_auth import load_stage_key
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,8 @@ def build_server(config: OrchestratorConfig) -> tuple[grpc.Server, int, Orchestr
     keys_check = security.ApiKeyInterceptor(keys) if keys else None
     orch = Orchestrator(config)
     orch.router.channel_credentials = stage_credentials  # read by Router.client for StageClient
+    if config.stage_key_file:
+        orch.router.stage_key = load_stage_key(config.stage_key_file)
     server, port, health = listening_server(
         "Orchestrator",
         OrchestratorServicer(orch, keys_check),

@@ -12,11 +12,12 @@ import grpc
 from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
 from protos.errors import Unavailable
-from protos.serving import GRPC_OPTIONS
+from protos.stage_auth import stage_channel
 from protos.status import from_rpc_error
 from protos.step_link import OnReply, StepLink
 
 LINK_OPEN_S = 10.0  # a stage must confirm a new step link within this
+REFUSED_CALLER = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 class StageClient:
@@ -27,20 +28,19 @@ class StageClient:
         step_timeout_s: float = 60.0,
         *,
         channel_credentials: grpc.ChannelCredentials | None = None,
+        stage_key: str | None = None,
         origin: str = "",
         on_reply: OnReply | None = None,
         on_broken: Callable[[str, Exception], None] | None = None,
     ):
         """`channel_credentials` (protos.security.channel_credentials): mutual TLS toward the
-        stage; None = plaintext. The step link declares `origin` and hands every answer that
+        stage; None = plaintext. `stage_key`: sent on every call (protos.stage_auth); None =
+        none. The step link declares `origin` and hands every answer that
         arrives on it to `on_reply`; `on_broken(address, error)` when it ends."""
         self.address = address
         self.index = index
         self.step_timeout_s = step_timeout_s
-        if channel_credentials is None:
-            self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
-        else:
-            self.channel = grpc.secure_channel(address, channel_credentials, options=GRPC_OPTIONS)
+        self.channel = stage_channel(address, channel_credentials, stage_key)
         self.stub = pb_grpc.StageStub(self.channel)
         self.origin = origin
         self.on_reply = on_reply or (lambda reply: None)
@@ -91,8 +91,13 @@ class StageClient:
     def info(self, timeout_s: float = 10.0) -> pb.StageInfo:
         return self._call(self.stub.Info, pb.InfoRequest(), timeout_s)
 
-    def load_layers(self, start: int, end: int, epoch: int) -> pb.StageInfo:
-        request = pb.LoadLayersRequest(layer_start=start, layer_end=end, plan_epoch=epoch)
+    def load_layers(
+        self, start: int, end: int, epoch: int, peers: list[str] | tuple[str, ...] = ()
+    ) -> pb.StageInfo:
+        """`peers`: every stage address of the plan, the only ones the stage forwards to."""
+        request = pb.LoadLayersRequest(
+            layer_start=start, layer_end=end, plan_epoch=epoch, peer_addresses=sorted(peers)
+        )
         return self._call(self.stub.LoadLayers, request, 600)
 
     def drop_layers(self, epoch: int) -> pb.StageInfo:
@@ -101,7 +106,8 @@ class StageClient:
 
     def wait_ready(self, timeout_s: float) -> None:
         """Polls until the stage answers Info (it need not hold layers yet): each try waits for
-        the connection (wait_for_ready) for up to 2 s."""
+        the connection (wait_for_ready) for up to 2 s. A stage that refuses this orchestrator's
+        credential says so at once (waiting would not change it)."""
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
@@ -110,7 +116,9 @@ class StageClient:
             try:
                 self.stub.Info(pb.InfoRequest(), timeout=min(remaining, 2.0), wait_for_ready=True)
                 return
-            except grpc.RpcError:
+            except grpc.RpcError as err:
+                if err.code() in REFUSED_CALLER:
+                    raise from_rpc_error(err, self.name) from None
                 continue
 
     def close(self) -> None:

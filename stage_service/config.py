@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from protos.knobs import ServiceConfig, in_range, knob, non_negative, positive
+from protos.knobs import ConfigError, ServiceConfig, in_range, knob, non_negative, positive
+from protos.stage_auth import key_file_problem
 
 if TYPE_CHECKING:
     import torch
@@ -117,8 +118,40 @@ class StageConfig(ServiceConfig):
     )
     max_batch: int = knob(64, "sessions one forward may batch", check=in_range(1, 4096))
     max_batch_tokens: int = knob(8192, "rows (tokens) one forward may batch", check=positive)
+    key_file: str = knob(
+        "",
+        "the mesh's stage key, a file of one line that the orchestrator reads too: every stage "
+        "RPC but Health must carry it. A stage needs it or mutual TLS, unless told to run open",
+        check=key_file_problem,
+        flag="--stage-key-file",
+        metavar="FILE",
+    )
+    insecure_open_stage: bool = knob(
+        False,
+        "serve without a credential: anyone who can reach the stage can read its state, drop "
+        "or change its layers and run steps on any session (tests, a sealed network only)",
+    )
 
     no_model_hint = ", or --fetch-weights to take every tensor from the orchestrator"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.insecure_open_stage and (self.key_file or self.tls_ca):
+            raise ConfigError(
+                "--insecure-open-stage with a credential (--stage-key-file or --tls-*): give "
+                "one or the other",
+                "insecure_open_stage",
+            )
+
+    def check_credential(self) -> None:
+        """A stage starts with a credential, or open when told so (ConfigError otherwise)."""
+        if not (self.key_file or self.tls_ca or self.insecure_open_stage):
+            raise ConfigError(
+                "a stage needs a credential: --stage-key-file FILE (the mesh's stage key; "
+                "`llamadist up` makes one), or --tls-cert/--tls-key/--tls-ca (mutual TLS), or "
+                "--insecure-open-stage to let anyone who can reach it in",
+                "key_file",
+            )
 
     @property
     def needs_model(self) -> bool:

@@ -2,13 +2,16 @@
 
 A routed step (StepRequest.route) that this stage computed goes on to the next stage of the
 route with this stage's hidden state, over one long-lived link per successor (mutual TLS with
-the stage's own certificate when TLS is on). The stage that ends the route answers the step, and
-so does any stage that fails it: the answer goes to the origin's outlet (the ForwardStream that
-declared the origin here), or back on the stream the step came in on when there is none (the
-previous stage then hands it to that origin's outlet it holds). A successor that cannot be
-reached fails the step with UNAVAILABLE naming the successor (failed_hop), and so, when a link
-breaks, do the steps sent on it in the last moments: the origin drops answers it no longer
-waits for.
+the stage's own certificate when TLS is on, the mesh's stage key when it has one). A stage
+links only to the stages of the plan it was given (LoadLayersRequest.peer_addresses): a step
+whose route names another address is refused (PERMISSION_DENIED naming it) before it runs, so
+that no caller can make a stage open a connection of its choosing. The stage that ends the
+route answers the step, and so does any stage that fails it: the answer goes to the origin's
+outlet (the ForwardStream that declared the origin here), or back on the stream the step came
+in on when there is none (the previous stage then hands it to that origin's outlet it holds).
+A successor that cannot be reached fails the step with UNAVAILABLE naming the successor
+(failed_hop), and so, when a link breaks, do the steps sent on it in the last moments: the
+origin drops answers it no longer waits for.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ import grpc
 from protos import codec
 from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
-from protos.errors import InvalidArgument, LlamadistError, Unavailable
+from protos.errors import InvalidArgument, LlamadistError, PermissionDenied, Unavailable
 from protos.limits import MAX_BATCH_BYTES, split_by_size
-from protos.serving import GRPC_OPTIONS
+from protos.stage_auth import stage_channel
 from protos.status import code_of
 from protos.step_link import StepLink
 
@@ -73,13 +76,17 @@ class Forwarder:
     def __init__(
         self,
         channel_credentials: grpc.ChannelCredentials | None = None,
+        stage_key: str | None = None,
         in_batch: Callable[[], bool] = lambda: False,
     ):
-        """`in_batch()`: whether the calling thread is handing out a compute batch's results.
-        What it forwards or answers is then held until `flush()` (called once the batch is
-        handed out), so that the steps of one batch go to each next stage, and their answers
-        to each origin, as one message; from any other thread it goes at once."""
+        """Links to next stages use `channel_credentials` (mutual TLS; None = plaintext) and
+        send `stage_key` on every call (None: none). `in_batch()`: whether the calling thread
+        is handing out a compute batch's results. What it forwards or answers is then held
+        until `flush()` (called once the batch is handed out), so that the steps of one batch
+        go to each next stage, and their answers to each origin, as one message; from any
+        other thread it goes at once."""
         self.channel_credentials = channel_credentials
+        self.stage_key = stage_key
         self.in_batch = in_batch
         self._held_steps: dict[StepLink, list[pb.StepRequest]] = {}
         self._held_answers: dict[str, list[pb.StepReply]] = {}
@@ -194,8 +201,8 @@ class Forwarder:
             return link
 
     def _prune(self) -> None:
-        """Keeps at most MAX_SUCCESSORS channels: those without a live link go first (a route
-        may name any address; a stage must not hold a channel for every one it was shown)."""
+        """Keeps at most MAX_SUCCESSORS channels: those without a live link go first (plans
+        come and go; a stage must not hold a channel for every stage it was ever shown)."""
         if len(self._channels) < MAX_SUCCESSORS:
             return
         for address in list(self._channels):
@@ -212,9 +219,7 @@ class Forwarder:
             log.debug("dropped an answer for origin %r: no outlet here", reply.origin)
 
     def _channel(self, address: str) -> grpc.Channel:
-        if self.channel_credentials is None:
-            return grpc.insecure_channel(address, options=GRPC_OPTIONS)
-        return grpc.secure_channel(address, self.channel_credentials, options=GRPC_OPTIONS)
+        return stage_channel(address, self.channel_credentials, self.stage_key)
 
     def _remember(self, link: StepLink, steps: list[pb.StepRequest]) -> None:
         now = time.monotonic()
@@ -259,8 +264,10 @@ class Forwarder:
 MAX_ROUTE = 256  # stages in one route
 
 
-def check_route(request: pb.StepRequest, holds_head: bool) -> None:
-    """A step's route, hop and origin make sense for this stage (InvalidArgument otherwise)."""
+def check_route(request: pb.StepRequest, holds_head: bool, peers: frozenset[str]) -> None:
+    """A step's route, hop and origin make sense for this stage (InvalidArgument otherwise),
+    and every stage it goes on to is one of `peers`, the plan's stage addresses
+    (PermissionDenied naming the first that is not)."""
     route, hop = request.route, request.hop
     if not route:
         if hop:
@@ -282,6 +289,13 @@ def check_route(request: pb.StepRequest, holds_head: bool) -> None:
             raise InvalidArgument(
                 f"this stage holds the model's head, so the route ends here; it names "
                 f"{len(route) - hop - 1} more stage(s)"
+            )
+        foreign = next((a for a in route[hop + 1 :] if a not in peers), None)
+        if foreign is not None:
+            known = ", ".join(sorted(peers)) or "none: it holds no plan's layers"
+            raise PermissionDenied(
+                f"the route names {foreign!r}, which is not a stage of this stage's plan "
+                f"({known}); a stage forwards only to the addresses its LoadLayers gave"
             )
 
 

@@ -1,4 +1,8 @@
-"""Builds the stage gRPC server (`build_server`) apart from running it (`serve`)."""
+"""Builds the stage gRPC server (`build_server`) apart from running it (`serve`).
+
+Its credential: mutual TLS (callers need a certificate of --tls-ca) and/or the mesh's stage key
+(protos/stage_auth.py), which the stage also sends on its links to next stages. Without either
+it refuses to start, unless --insecure-open-stage; then it warns at every start."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import torch
 
 from protos.security import channel_credentials, server_credentials
 from protos.serving import listening_server, run_until_signal
+from protos.stage_auth import StageKeyInterceptor, load_stage_key
 from stage_service.config import StageConfig
 from stage_service.forwarding import Forwarder
 from stage_service.servicer import StageServicer
@@ -17,15 +22,26 @@ from stage_service.stage import Stage
 log = logging.getLogger(__name__)
 
 
+OPEN_WARNING = (
+    "WARNING: this stage runs with --insecure-open-stage: anyone who can reach %s:%d can read "
+    "its state and change it (drop or load layers, take weights, run or end any session's "
+    "steps). Give it --stage-key-file or mutual TLS (--tls-*) outside a sealed test network"
+)
+
+
 def build(config: StageConfig) -> tuple[grpc.Server, int, StageServicer]:
+    config.check_credential()  # before anything is loaded
     credentials = server_credentials(  # mutual TLS: callers need a certificate of tls_ca
         config.tls_cert, config.tls_key, config.tls_ca, require_client_cert=True
     )
+    key = load_stage_key(config.key_file) if config.key_file else None
     torch.set_num_threads(config.threads)
     stage = Stage(config)
-    # toward the next stage of a route: the stage's own certificate, trusting the same CA
+    # toward the next stage of a route: the stage's own certificate, trusting the same CA, and
+    # the mesh's stage key
     forwarder = Forwarder(
         channel_credentials(config.tls_ca, config.tls_cert, config.tls_key),
+        key,
         in_batch=stage.batcher.on_compute_thread,
     )
     stage.batcher.after_batch = forwarder.flush
@@ -38,7 +54,10 @@ def build(config: StageConfig) -> tuple[grpc.Server, int, StageServicer]:
         config.max_workers,
         stage.ready,
         credentials=credentials,
+        interceptors=[StageKeyInterceptor(key)] if key else [],
     )
+    if config.insecure_open_stage:
+        log.warning(OPEN_WARNING, config.host, port)
     return server, port, servicer
 
 

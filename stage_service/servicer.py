@@ -95,7 +95,7 @@ class StageServicer(pb_grpc.StageServicer):
             raise InvalidArgument(
                 "Forward runs this stage only; a step with a route goes over ForwardStream"
             )
-        check_route(request, self.stage.holds_head)
+        check_route(request, self.stage.holds_head, self.stage.peers)
         step = self._step(request)
         return self._reply(self.stage.forward(step, lambda: not context.is_active()))
 
@@ -111,7 +111,7 @@ class StageServicer(pb_grpc.StageServicer):
         steps, queued = [], []
         for i, request in enumerate(requests):
             try:
-                check_route(request, self.stage.holds_head)
+                check_route(request, self.stage.holds_head, self.stage.peers)
                 steps.append(self._step(request))
                 queued.append(i)
             except Exception as err:  # noqa: BLE001 - a step that does not decode
@@ -226,7 +226,12 @@ class StageServicer(pb_grpc.StageServicer):
                 raise InvalidArgument("hold_nothing takes no layer range (leave both at 0)")
             self.stage.drop_layers(request.plan_epoch)
         else:
-            self.stage.load_layers(request.layer_start, request.layer_end, request.plan_epoch)
+            self.stage.load_layers(
+                request.layer_start,
+                request.layer_end,
+                request.plan_epoch,
+                frozenset(request.peer_addresses),
+            )
         return pb.StageInfo(**self.stage.info())
 
     @grpc_errors

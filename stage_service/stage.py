@@ -167,6 +167,7 @@ class Stage:
         self._compute = threading.Lock()
         self._admin = threading.Lock()  # one layer assignment at a time
         self.epoch = 0  # the plan epoch of the assignment in force (0: none yet)
+        self.peers: frozenset[str] = frozenset()  # its plan's stage addresses (forwarding)
         self.batcher = Batcher(self._run_batch, config.max_batch, config.max_batch_tokens)
         self.metrics = StageMetrics(self)
 
@@ -205,10 +206,14 @@ class Stage:
             gc.unfreeze()  # the old range's objects become collectable again (see _load)
         self.loaded = None
         self.epoch = epoch
+        self.peers = frozenset()
 
-    def load_layers(self, start: int, end: int, epoch: int) -> None:
+    def load_layers(
+        self, start: int, end: int, epoch: int, peers: frozenset[str] = frozenset()
+    ) -> None:
         """Loads [start, end) under plan `epoch` and drops the old range with every cached
-        session (see _check_epoch for which epochs are taken)."""
+        session (see _check_epoch for which epochs are taken). `peers`: the plan's stage
+        addresses, the only ones this stage forwards steps to (part of the assignment)."""
         if self.args is None:
             raise FailedPrecondition(
                 "this stage has no model directory and no weights were offered yet: the "
@@ -230,8 +235,10 @@ class Stage:
         with self._admin:
             loaded = self.loaded
             w = loaded.model.weights if loaded is not None else None
-            if self._check_epoch(epoch, w is not None and (w.start, w.end) == (start, end)):
+            same = w is not None and (w.start, w.end) == (start, end) and peers == self.peers
+            if self._check_epoch(epoch, same):
                 self._load(start, end, epoch)
+                self.peers = peers
 
     def _load(self, start: int, end: int, epoch: int) -> None:
         shape = CacheShape(

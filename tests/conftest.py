@@ -1,16 +1,21 @@
 """Shared fixtures: tiny random Llama models saved as safetensors, the default model, and
-in-process meshes (real gRPC servers on port 0); `require_or_skip`, the strict mode's skip."""
+in-process meshes (real gRPC servers on port 0) whose stages take the tests' stage key;
+`require_or_skip`, the strict mode's skip."""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
+import grpc
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -18,6 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from client.client import Client
 from orchestrator.config import OrchestratorConfig
 from orchestrator.server import build_server as build_orchestrator
+from protos.stage_auth import HEADER, load_stage_key, make_stage_key, stage_channel
 from stage_service.config import StageConfig
 from stage_service.server import build_server as build_stage
 
@@ -161,6 +167,37 @@ def reference_greedy(model_dir: Path, prompt_ids: list[int], new_tokens: int) ->
     return out[0, len(prompt_ids) :].tolist()
 
 
+@functools.cache
+def stage_key_file() -> str:
+    """The tests' stage key (one file per test process): give it to in-process stages and
+    orchestrators as `stage_key_file` (STAGE_KEY), to stage processes as --stage-key-file."""
+    folder = tempfile.mkdtemp(prefix="llamadist-test-key-")
+    atexit.register(shutil.rmtree, folder, True)
+    path = Path(folder) / "stage-key"
+    make_stage_key(path)
+    return str(path)
+
+
+def stage_key() -> dict[str, str]:
+    """StageConfig options with the tests' stage key."""
+    return {"key_file": stage_key_file()}
+
+
+def orchestrator_stage_key() -> dict[str, str]:
+    """OrchestratorConfig options with the tests' stage key."""
+    return {"stage_key_file": stage_key_file()}
+
+
+def keyed_channel(address: str) -> grpc.Channel:
+    """A plaintext channel to a stage that sends the tests' stage key on every call."""
+    return stage_channel(address, key=load_stage_key(stage_key_file()))
+
+
+def keyed_metadata() -> tuple[tuple[str, str], ...]:
+    """Call metadata with the tests' stage key (for a channel of one's own)."""
+    return ((HEADER, load_stage_key(stage_key_file())),)
+
+
 class InProcessMesh:
     """Stage servers and an orchestrator, real gRPC on loopback port 0, in this process."""
 
@@ -185,7 +222,7 @@ class InProcessMesh:
             own = stage_models[i] if stage_models else model_dir  # a submodel, or the model
             options = {**(stage_options or {}), **(stage_options_per_stage or [{}] * num_stages)[i]}
             server, port, stage = build_stage(
-                StageConfig(model=str(own), kv_cache_mb=kv_cache_mb, **options)
+                StageConfig(model=str(own), kv_cache_mb=kv_cache_mb, **{**stage_key(), **options})
             )
             server.start()
             self.stage_servers.append(server)
@@ -197,7 +234,7 @@ class InProcessMesh:
             port=0,
             stages=tuple(addresses[: plan_stages or num_stages]),
             stage_wait_s=10,
-            **orchestrator_options,
+            **{**orchestrator_stage_key(), **orchestrator_options},
         )
         self.config = config
         self.server, port, self.orchestrator = build_orchestrator(config)
@@ -237,7 +274,14 @@ def required_parts() -> set[str]:
     return {p.strip() for p in os.environ.get("LLAMADIST_REQUIRE", "").split(",") if p.strip()}
 
 
+# The environment defaults of --stage-key-file: every stage and orchestrator process a test
+# starts (and `llamadist stage` run in this process) takes the tests' stage key.
+STAGE_KEY_ENV = ("LLAMADIST_STAGE_KEY_FILE", "LLAMADIST_ORCHESTRATOR_STAGE_KEY_FILE")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    for name in STAGE_KEY_ENV:
+        os.environ[name] = stage_key_file()
     unknown = required_parts() - set(REQUIRABLE)
     if unknown:  # a typo must not turn the strict mode off
         raise pytest.UsageError(

@@ -181,9 +181,10 @@ def test_compose_deployment(default_model, reference, tmp_path):
             uid = sh("docker", "exec", container, "id", "-u")
             assert uid.stdout.strip() == "10001", uid.stderr
             mounts = [(m["Destination"], m["RW"]) for m in c["Mounts"]]
-            # the model is the orchestrator's only; a stage has its weights cache
+            # the model is the orchestrator's only; a stage has its weights cache; each reads
+            # the stage key the stage-key service made
             own = [("/model", False)] if service == "orchestrator" else [("/cache", True)]
-            assert mounts == own
+            assert sorted(mounts) == sorted([*own, ("/run/secrets", False)])
             if service != "orchestrator":
                 assert_holds_only_its_range(container, default_model)
             published = {k: v for k, v in (c["HostConfig"]["PortBindings"] or {}).items() if v}
@@ -274,7 +275,7 @@ def remove_swarm(made: list[str], stack: str, veth: str) -> None:
     assert not failures, failures
 
 
-def test_swarm_stack(default_model, reference):
+def test_swarm_stack(default_model, reference, tmp_path):
     reason = docker_reason() or swarm_reason()
     if reason:
         pytest.skip(f"swarm test: {reason}")
@@ -320,7 +321,8 @@ def test_swarm_stack(default_model, reference):
         labelled = sh("docker", "node", "update", *label_args, node)
         assert labelled.returncode == 0, labelled.stderr
 
-        stack_file = sh(str(ROOT / "docker" / "stack-file.sh"))
+        key_env = {**os.environ, "LLAMADIST_STAGE_KEY_FILE": str(tmp_path / "stage-key")}
+        stack_file = sh(str(ROOT / "docker" / "stack-file.sh"), env=key_env)
         assert stack_file.returncode == 0, stack_file.stderr
         deploy = sh("docker", "stack", "deploy", "-c", "-", stack, env=env, stdin=stack_file.stdout)
         assert deploy.returncode == 0, deploy.stderr

@@ -52,6 +52,7 @@ from client.client import Client
 from client.launcher import LocalMesh
 from protos import llamadist_pb2 as pb
 from protos.serving import GRPC_OPTIONS
+from protos.stage_auth import load_stage_key, stage_channel
 from tests.conftest import make_tokenizer_model, reference_greedy
 
 pytestmark = pytest.mark.slow
@@ -282,6 +283,7 @@ class Fuzzer:
     seconds: Counter = field(default_factory=Counter)  # per RPC
     failures: list[str] = field(default_factory=list)
     processes: list = field(default_factory=list)
+    stage_key: str | None = None  # sent to the stages: the fuzz is a caller that holds it
     calls: int = 0
     opened: int = 0  # sessions open_sessions made
     layout_broken: str = ""  # why the orchestrator's plan is not what its stages hold, or ""
@@ -300,7 +302,10 @@ class Fuzzer:
 
     def channel(self, address: str) -> grpc.Channel:
         if address not in self.channels:
-            self.channels[address] = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+            if address in self.stages:
+                self.channels[address] = stage_channel(address, key=self.stage_key)
+            else:
+                self.channels[address] = grpc.insecure_channel(address, options=GRPC_OPTIONS)
         return self.channels[address]
 
     def unary(self, address: str, path: str, request, reply_type, timeout_s: float = DEADLINE_S):
@@ -940,7 +945,13 @@ def mesh(model_dir, tmp_path_factory):
 def test_fuzz_every_rpc_of_both_services(mesh, model_dir):
     seed = fuzz_seed()
     stage_addresses = [p.address for p in mesh.processes if p.name.startswith("stage")]
-    fz = Fuzzer(mesh.address, stage_addresses, seed, processes=list(mesh.processes))
+    fz = Fuzzer(
+        mesh.address,
+        stage_addresses,
+        seed,
+        processes=list(mesh.processes),
+        stage_key=load_stage_key(mesh.stage_key_file),
+    )
     print(f"\nfuzz seed {seed} ({fz.replay})")
     fz.check_layout()
     assert not fz.layout_broken, fz.layout_broken

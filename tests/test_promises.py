@@ -27,7 +27,15 @@ from protos.limits import MAX_MESSAGE_BYTES
 from stage_service.config import StageConfig
 from stage_service.server import build_server as build_stage
 from stage_service.stage import Stage
-from tests.conftest import in_process_mesh, make_tiny_model, make_tokenizer_model
+from tests.conftest import (
+    in_process_mesh,
+    keyed_channel,
+    keyed_metadata,
+    make_tiny_model,
+    make_tokenizer_model,
+    orchestrator_stage_key,
+    stage_key,
+)
 
 PROMPT = [7, 3, 99, 12, 45, 60, 2, 81, 33, 5, 18, 70]
 SAME_MODEL = "give every service the same --model"
@@ -58,10 +66,14 @@ class Started:
 def orchestrator_over_a_stage_of(model_dir: Path, stage_model: Path) -> Iterator[Started]:
     """An orchestrator for `model_dir` whose one stage serves `stage_model`, after its start-up
     (which returns once it has failed or applied its plan)."""
-    stage_server, stage_port, stage = build_stage(StageConfig(model=str(stage_model)))
+    stage_server, stage_port, stage = build_stage(
+        StageConfig(model=str(stage_model), **stage_key())
+    )
     stage_server.start()
     address = f"127.0.0.1:{stage_port}"
-    config = OrchestratorConfig(model=str(model_dir), port=0, stages=(address,), stage_wait_s=10)
+    config = OrchestratorConfig(
+        model=str(model_dir), port=0, stages=(address,), stage_wait_s=10, **orchestrator_stage_key()
+    )
     server, port, orchestrator = build_orchestrator(config)
     server.start()
     try:
@@ -95,7 +107,9 @@ def test_a_stage_serving_other_weights_of_the_same_architecture_is_refused(model
 
 
 def test_a_reload_onto_a_stage_serving_another_model_is_refused(model_dir, other_model):
-    stage_server, stage_port, stage = build_stage(StageConfig(model=str(other_model)))
+    stage_server, stage_port, stage = build_stage(
+        StageConfig(model=str(other_model), **stage_key())
+    )
     stage_server.start()
     stranger = f"127.0.0.1:{stage_port}"
     try:
@@ -148,11 +162,12 @@ def test_a_message_over_256_mib_is_refused_and_others_are_still_served(model_dir
         with grpc.insecure_channel(mesh.addresses[1], options=unlimited) as channel:
             forward = channel.unary_unary("/llamadist.Stage/Forward")
             with pytest.raises(grpc.RpcError) as err:
-                forward(big, timeout=30)  # a StepRequest
+                forward(big, timeout=30, metadata=keyed_metadata())  # a StepRequest
             assert_refused_for_size(err.value)
             forward_stream = channel.stream_stream("/llamadist.Stage/ForwardStream")
             with pytest.raises(grpc.RpcError) as err:
-                list(forward_stream(iter([big]), timeout=30))  # a StepBatch, on the data path
+                batch = forward_stream(iter([big]), timeout=30, metadata=keyed_metadata())
+                list(batch)  # a StepBatch, on the data path
             assert_refused_for_size(err.value)
         del big
         rest = [t for piece in stream for t in piece.token_ids]
@@ -168,7 +183,7 @@ def test_idle_sessions_leave_a_running_stage_after_the_ttl(model_dir):
     that lives frees the sessions of abandoned streams itself: tests/test_admission.py)."""
     with in_process_mesh(model_dir, 2, stage_options=dict(session_ttl_s=1)) as mesh:
         epoch = mesh.orchestrator.router.plan.epoch
-        first = pb_grpc.StageStub(grpc.insecure_channel(mesh.addresses[0]))
+        first = pb_grpc.StageStub(keyed_channel(mesh.addresses[0]))
 
         def step(session_id: str, start_pos: int, tokens: list[int]) -> None:
             request = pb.StepRequest(

@@ -8,7 +8,12 @@ import threading
 import pytest
 
 from client.client import ClientError
-from tests.conftest import in_process_mesh, make_tiny_model, reference_greedy
+from tests.conftest import (
+    in_process_mesh,
+    make_tiny_model,
+    orchestrator_stage_key,
+    reference_greedy,
+)
 
 PROMPT = [7, 3, 99, 12, 45, 60, 2, 81, 33, 5, 18, 70]
 
@@ -134,7 +139,11 @@ def test_a_restarted_orchestrator_plans_above_the_epochs_its_stages_hold(model_d
         mesh.client.reload_plan(strategy="uniform")
         assert mesh.client.plan()["epoch"] == "3"
         config = OrchestratorConfig(
-            model=str(model_dir), stages=tuple(mesh.addresses), port=0, stage_wait_s=10
+            model=str(model_dir),
+            stages=tuple(mesh.addresses),
+            port=0,
+            stage_wait_s=10,
+            **orchestrator_stage_key(),
         )
         server, port, second = build_server(config)
         server.start()

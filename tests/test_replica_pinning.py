@@ -25,7 +25,14 @@ from protos.serving import GRPC_OPTIONS
 from stage_service.config import StageConfig
 from stage_service.server import build_server as build_stage
 from stage_service.stage import Stage
-from tests.conftest import in_process_mesh, make_tiny_model, reference_greedy, reference_model
+from tests.conftest import (
+    in_process_mesh,
+    make_tiny_model,
+    orchestrator_stage_key,
+    reference_greedy,
+    reference_model,
+    stage_key,
+)
 from tests.test_admission import slow_down
 
 PROMPT = [7, 3, 99, 12, 45, 60, 2, 81, 33, 5, 18, 70]
@@ -51,12 +58,16 @@ def replica_mesh(model_dir: Path, groups: str = "a+b,c") -> Iterator[ReplicaMesh
     servers: list[grpc.Server] = []
     stages, addresses = {}, {}
     for name in sorted(set(groups) - set("+,")):
-        server, port, stage = build_stage(StageConfig(model=str(model_dir), kv_cache_mb=64))
+        server, port, stage = build_stage(
+            StageConfig(model=str(model_dir), kv_cache_mb=64, **stage_key())
+        )
         server.start()
         servers.append(server)
         stages[name], addresses[name] = stage, f"127.0.0.1:{port}"
     plan = tuple("+".join(addresses[n] for n in g.split("+")) for g in groups.split(","))
-    config = OrchestratorConfig(model=str(model_dir), port=0, stages=plan, stage_wait_s=10)
+    config = OrchestratorConfig(
+        model=str(model_dir), port=0, stages=plan, stage_wait_s=10, **orchestrator_stage_key()
+    )
     server, port, orchestrator = build_orchestrator(config)
     server.start()
     orchestrator.start()

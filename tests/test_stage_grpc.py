@@ -19,20 +19,30 @@ from stage_service.config import StageConfig
 from stage_service.server import build_server
 from tests.conftest import make_tiny_model, reference_model
 
+# Unit-level servers: open stages (tests/test_security.py covers their credentials).
+OPEN = dict(insecure_open_stage=True)
+DOWN = "127.0.0.1:1"  # a stage of the plan that is down: nothing listens there
+
 
 class Stages:
     def __init__(self, model_dir, bounds, kv_cache_mb=16):
         self.servers, self.stubs, self.addresses = [], [], []
-        for a, b in zip(bounds, bounds[1:], strict=False):
+        for _ in bounds[1:]:
             server, port, _ = build_server(
-                StageConfig(model=str(model_dir), kv_cache_mb=kv_cache_mb)
+                StageConfig(model=str(model_dir), kv_cache_mb=kv_cache_mb, **OPEN)
             )
             server.start()
             self.addresses.append(f"127.0.0.1:{port}")
-            stub = pb_grpc.StageStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-            stub.LoadLayers(pb.LoadLayersRequest(layer_start=a, layer_end=b, plan_epoch=1))
+            self.stubs.append(pb_grpc.StageStub(grpc.insecure_channel(f"127.0.0.1:{port}")))
             self.servers.append(server)
-            self.stubs.append(stub)
+        self.peers = [*self.addresses, DOWN]  # the plan's stage addresses
+        for stub, a, b in zip(self.stubs, bounds, bounds[1:], strict=False):
+            stub.LoadLayers(self.assignment(a, b))
+
+    def assignment(self, start: int, end: int, epoch: int = 1) -> pb.LoadLayersRequest:
+        return pb.LoadLayersRequest(
+            layer_start=start, layer_end=end, plan_epoch=epoch, peer_addresses=self.peers
+        )
 
     def step(self, session, start, ids, return_logits=False) -> pb.StepReply:
         hidden = None
@@ -177,7 +187,7 @@ def test_full_cache_is_resource_exhausted_and_does_not_evict(tiny):
 
 
 def test_stage_without_layers_refuses_steps_and_reports_not_serving(tiny):
-    server, port, _ = build_server(StageConfig(model=str(tiny)))
+    server, port, _ = build_server(StageConfig(model=str(tiny), **OPEN))
     server.start()
     try:
         stub = pb_grpc.StageStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
@@ -300,10 +310,10 @@ def test_an_answer_comes_back_the_way_in_where_the_last_stage_holds_no_outlet(tw
 def test_an_unreachable_successor_fails_the_step_naming_it(two_stages):
     first = Link(two_stages.addresses[0], origin="o")
     try:
-        first.link.send([routed("u", [two_stages.addresses[0], "127.0.0.1:1"], 4, token_ids=[1])])
+        first.link.send([routed("u", [two_stages.addresses[0], DOWN], 4, token_ids=[1])])
         reply = first.answer(30)
         assert reply.error_code == grpc.StatusCode.UNAVAILABLE.value[0]
-        assert reply.failed_hop == 1 and "127.0.0.1:1" in reply.error_message
+        assert reply.failed_hop == 1 and DOWN in reply.error_message
         assert two_stages.step("live", 0, [1, 2]).token_id >= 0  # the stages serve on
     finally:
         first.close()
@@ -395,7 +405,7 @@ def test_one_bad_step_in_a_batch_fails_only_itself(two_stages):
 
 
 def test_step_batches_without_layers_answer_every_step_with_the_reason(tiny):
-    server, port, _ = build_server(StageConfig(model=str(tiny), kv_cache_mb=16))
+    server, port, _ = build_server(StageConfig(model=str(tiny), kv_cache_mb=16, **OPEN))
     server.start()
     try:
         steps = [pb.StepRequest(session_id=f"s{i}", plan_epoch=1, token_ids=[1], request_id=i)
@@ -492,7 +502,7 @@ def test_only_a_newer_plan_epoch_changes_the_layers(two_stages):
     info = stub.Info(pb.InfoRequest())
     assert (info.layer_start, info.layer_end, info.plan_epoch, info.active_sessions) == (2, 4, 1, 1)
 
-    stub.LoadLayers(pb.LoadLayersRequest(layer_start=2, layer_end=4, plan_epoch=1))  # a retry
+    stub.LoadLayers(two_stages.assignment(2, 4))  # a retry
     assert two_stages.step("live", 3, [4]).token_id >= 0  # the session's cache is still there
     stub.LoadLayers(pb.LoadLayersRequest(hold_nothing=True, plan_epoch=2))
     info = stub.Info(pb.InfoRequest())
@@ -504,7 +514,7 @@ def test_a_stopping_stage_ends_its_open_streams_instead_of_waiting_out_its_grace
     once their work is settled, so the server stops at once rather than after grace_s."""
     from stage_service.server import build
 
-    server, port, servicer = build(StageConfig(model=str(tiny), kv_cache_mb=16))
+    server, port, servicer = build(StageConfig(model=str(tiny), kv_cache_mb=16, **OPEN))
     server.start()
     servicer.stage.load_layers(0, 4, epoch=1)
     link = Link(f"127.0.0.1:{port}", origin="o")

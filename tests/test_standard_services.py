@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from stage_service.config import StageConfig
 from stage_service.server import build_server as build_stage
-from tests.conftest import in_process_mesh, make_tiny_model
+from tests.conftest import in_process_mesh, keyed_channel, make_tiny_model, stage_key
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -27,7 +27,9 @@ def check(address: str, service: str = "") -> int:
 
 def test_health_follows_readiness_of_a_stage_and_the_orchestrator(tiny_root):
     model_dir = make_tiny_model(tiny_root, "gqa")
-    server, port, stage = build_stage(StageConfig(model=str(model_dir), port=0, kv_cache_mb=16))
+    server, port, stage = build_stage(
+        StageConfig(model=str(model_dir), port=0, kv_cache_mb=16, **stage_key())
+    )
     server.start()
     try:  # no layers yet: our Health says NOT_SERVING, so does the standard one
         assert check(f"127.0.0.1:{port}") == NOT_SERVING
@@ -52,7 +54,8 @@ def test_reflection_lists_and_describes_the_services(tiny_root):
         for address, ours in [(mesh.address, "llamadist.Orchestrator")] + [
             (a, "llamadist.Stage") for a in mesh.addresses
         ]:
-            with grpc.insecure_channel(address) as channel:
+            stage = ours == "llamadist.Stage"  # a stage's reflection needs the stage key too
+            with keyed_channel(address) if stage else grpc.insecure_channel(address) as channel:
                 db = ProtoReflectionDescriptorDatabase(channel)
                 services = set(db.get_services())
                 assert {ours, "grpc.health.v1.Health"} <= services

@@ -1,0 +1,191 @@
+"""The stage key: the credential of the stage RPCs when TLS is off.
+
+Every stage RPC but Health needs a credential: mutual TLS (protos/security.py), or, on a
+plaintext mesh, the stage key, a secret every stage and the orchestrator of one mesh read from
+the same file (`--stage-key-file`). It is not a client API key: clients never call stages.
+Callers send it as metadata `x-llamadist-stage-key: <key>` on every call, the streams between
+stages included; a stage compares it in constant time and refuses a call without it (or with
+another) with UNAUTHENTICATED, saying what to send. Health stays open, so that container health
+checks work without the key; it tells only whether the stage is ready.
+
+Over plaintext the key crosses the network as it is: it keeps out callers who cannot see the
+mesh's traffic, not those who can (README "Security").
+
+Key file: one line of at least MIN_KEY_CHARS printable characters (`make_stage_key` writes 64
+hex digits, readable by the owner only). `python -m protos.stage_auth FILE` makes one where
+there is none (the compose file's stage-key service runs that).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import secrets
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from protos.serving import GRPC_OPTIONS
+from protos.standard_services import HEALTH_METHODS
+
+log = logging.getLogger(__name__)
+
+HEADER = "x-llamadist-stage-key"
+MIN_KEY_CHARS = 16
+# Stage RPCs anyone may call: the health probes.
+OPEN_METHODS = frozenset({"/llamadist.Stage/Health"}) | HEALTH_METHODS
+REFUSAL = (
+    f"missing or wrong stage key: send metadata '{HEADER}: <key>' with the key of the mesh's "
+    "--stage-key-file (env LLAMADIST_STAGE_KEY_FILE on a stage, "
+    "LLAMADIST_ORCHESTRATOR_STAGE_KEY_FILE on the orchestrator), or call over mutual TLS"
+)
+
+
+# ---------------------------------------------------------------------- the key file
+
+
+def parse_stage_key(text: str, source: str = "--stage-key-file") -> str:
+    """The key a stage key file holds. Errors name the file, never the key."""
+    key = text.strip()
+    if len(key) < MIN_KEY_CHARS:
+        raise ValueError(
+            f"{source}: the stage key must be at least {MIN_KEY_CHARS} characters "
+            "(`python -m protos.stage_auth FILE` makes one)"
+        )
+    if not key.isprintable() or any(c.isspace() for c in key):
+        raise ValueError(f"{source}: the stage key must be one word of printable characters")
+    return key
+
+
+def load_stage_key(path: str) -> str:
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        problem = getattr(err, "strerror", None) or err
+        raise ValueError(f"--stage-key-file {path}: {problem}") from None
+    return parse_stage_key(text, f"--stage-key-file {path}")
+
+
+def key_file_problem(path: str) -> str | None:
+    """The knob check of --stage-key-file: '' (none) or a file holding a stage key."""
+    if not path:
+        return None
+    try:
+        load_stage_key(path)
+    except ValueError as err:
+        return str(err).removeprefix("--stage-key-file ")
+    return None
+
+
+def make_stage_key(path: str | Path) -> bool:
+    """Writes a fresh key to `path` (owner-only) unless a file is there; True when it wrote
+    one. An existing file is kept, so that every service of a mesh reads the same key."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    return True
+
+
+# ---------------------------------------------------------------------- the stage's side
+
+
+def _refuse(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that answers UNAUTHENTICATED."""
+
+    def refuse(request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSAL)
+
+    serdes = dict(
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(refuse, **serdes)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(refuse, **serdes)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(refuse, **serdes)
+    return grpc.stream_stream_rpc_method_handler(refuse, **serdes)
+
+
+class StageKeyInterceptor(grpc.ServerInterceptor):
+    """Lets a call through when its metadata carries the stage key (or it is a health probe)."""
+
+    def __init__(self, key: str):
+        self._key = key.encode()
+
+    def holds_key(self, metadata) -> bool:
+        sent = next((v for k, v in metadata or () if k == HEADER), None)
+        return isinstance(sent, str) and hmac.compare_digest(sent.encode(), self._key)
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None or details.method in OPEN_METHODS:
+            return handler
+        if self.holds_key(details.invocation_metadata):
+            return handler
+        log.info("refused %s: missing or wrong stage key", details.method)
+        return _refuse(handler)
+
+
+# ---------------------------------------------------------------------- the callers' side
+
+
+class _WithKey(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds the stage key to the metadata of every call of a channel."""
+
+    def __init__(self, key: str):
+        self._key = key
+
+    def _with_key(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = [*(details.metadata or ()), (HEADER, self._key)]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._with_key(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._with_key(details), request_iterator)
+
+
+def stage_channel(
+    address: str, tls: grpc.ChannelCredentials | None = None, key: str | None = None
+) -> grpc.Channel:
+    """A channel to a stage: mutual TLS with `tls` (protos.security.channel_credentials), else
+    plaintext; with `key`, every call carries the stage key."""
+    if tls is None:
+        channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+    else:
+        channel = grpc.secure_channel(address, tls, options=GRPC_OPTIONS)
+    if key is None:
+        return channel
+    return grpc.intercept_channel(channel, _WithKey(key))
+
+
+if __name__ == "__main__":  # python -m protos.stage_auth FILE
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m protos.stage_auth FILE (writes a stage key there if none)")
+    made = make_stage_key(sys.argv[1])
+    print(f"stage key {'made' if made else 'kept'}: {sys.argv[1]}")
