@@ -170,6 +170,12 @@ class OrchestratorConfig(ServiceConfig):
         "(-1 = off, 0 = any free port)",
         check=in_range(-1, 65535),
     )
+    http_max_body_mb: int = knob(
+        8,
+        "largest request the orchestrator reads, in MiB: an HTTP body over it is answered 413 "
+        "before it is parsed, a gRPC request over it RESOURCE_EXHAUSTED before it is decoded",
+        check=in_range(1, 256),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -246,7 +246,8 @@ class Generator:
         what was generated before the failure, so a resumed call returns the whole answer).
         A client (`caller.id`) runs at most max_sessions_per_client. The generation stops at
         its next step once `cancelled` is set (its caller is gone). Counted by `metrics`
-        (orchestrator/metrics.py) where there are any, refusals included."""
+        (orchestrator/metrics.py) where there are any, refusals included; its prompt tokens
+        only once it is admitted."""
         chunks = self._run(req, caller, cancelled)
         if self.metrics is not None:
             chunks = self.metrics.observe(chunks, len(req.prompt_ids))
@@ -278,6 +279,8 @@ class Generator:
                 )
             self._suspended.pop(session_id, None)
             self._active[session_id] = running
+        if self.metrics is not None:
+            self.metrics.admitted(len(req.prompt_ids))
         try:
             yield from self._loop(state, running.cancelled)
         except (Unavailable, Cancelled) as err:

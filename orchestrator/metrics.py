@@ -9,6 +9,7 @@ KV cache (bytes used and budget, from its Info).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -17,12 +18,15 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from protos.errors import LlamadistError
+from protos.status import code_of
 
 log = logging.getLogger(__name__)
 
 # Seconds: 5 ms (a GPU decode step) to 60 s (a long prompt on a CPU mesh).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# The HTTP API's refusals that have no gRPC error of their own, as the gRPC door spells them.
+HTTP_OUTCOMES = {404: "not_found", 413: "resource_exhausted", 401: "unauthenticated"}
 
 
 class OrchestratorMetrics:
@@ -65,8 +69,20 @@ class OrchestratorMetrics:
         )
         r.register(_Live(orch))
 
+    @contextlib.contextmanager
+    def refusals(self) -> Iterator[None]:
+        """Counts a request refused before its generation starts (a field check, an unknown
+        model, a prompt too long), by the door that read it: `observe` counts the rest, so
+        each request is counted once."""
+        try:
+            yield
+        except Exception as err:
+            self.requests.labels(outcome_of(err)).inc()
+            raise
+
     def observe(self, chunks: Iterator, prompt_tokens: int) -> Iterator:
-        """Passes a generation's chunks through, counting them."""
+        """Passes a generation's chunks through, counting them. Its prompt tokens are counted
+        by the Generator once it is admitted (`admitted`), never for a refused prompt."""
         t0 = time.perf_counter()
         first_at, count, outcome, session_id = None, 0, "cancelled", ""
         try:
@@ -83,14 +99,11 @@ class OrchestratorMetrics:
                         self.drafted.inc(chunk.timings.drafted_tokens)
                         self.accepted.inc(chunk.timings.accepted_tokens)
                 yield chunk
-        except LlamadistError as err:
-            outcome = type(err).__name__
-            raise
-        except GeneratorExit:
+        except GeneratorExit:  # its client went away
             outcome = "cancelled"
             raise
-        except Exception:
-            outcome = "internal"
+        except Exception as err:
+            outcome = outcome_of(err)
             raise
         finally:
             self.requests.labels(outcome).inc()
@@ -99,10 +112,13 @@ class OrchestratorMetrics:
                 session_id or "(refused)", outcome, prompt_tokens, count,
                 time.perf_counter() - t0, extra={"session_id": session_id},
             )  # fmt: skip
-            self.prompt_tokens.inc(prompt_tokens)
             self.generation_tokens.inc(count)
             if first_at is not None and count > 1:
                 self.tpot.observe((time.perf_counter() - first_at) / (count - 1))
+
+    def admitted(self, prompt_tokens: int) -> None:
+        """A generation was admitted: its prompt tokens count (a resume adds none)."""
+        self.prompt_tokens.inc(prompt_tokens)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -162,6 +178,15 @@ class _Live:
             budget.add_metric([stage.address], info.kv_budget_bytes)
         yield used
         yield budget
+
+
+def outcome_of(err: BaseException) -> str:
+    """The one spelling of an error's outcome: its status code's name in lower case
+    (`invalid_argument`, `cancelled`, ...), the same on both doors; anything else `internal`."""
+    if isinstance(err, LlamadistError):
+        return code_of(err).name.lower()
+    status = getattr(err, "status", None)  # the HTTP API's own refusals (openai_api.HttpError)
+    return HTTP_OUTCOMES.get(status, "internal")
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -9,8 +9,8 @@ and refused with OpenAI-shaped error bodies and the HTTP status matching our gRP
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import threading
 import time
 import uuid
@@ -31,6 +31,8 @@ from protos import llamadist_pb2 as pb
 from protos.security import ApiKeyInterceptor
 from protos.status import code_of
 
+log = logging.getLogger(__name__)
+
 DEFAULT_MAX_TOKENS = 256
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 OPENAI_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
@@ -40,6 +42,7 @@ HTTP_OF = {
     grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
     grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
     grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
     grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
@@ -67,9 +70,15 @@ def error_response(err: Exception) -> JSONResponse:
 
 
 class OpenAIApi:
-    def __init__(self, orch: Orchestrator, keys: ApiKeyInterceptor | None = None):
+    def __init__(
+        self,
+        orch: Orchestrator,
+        keys: ApiKeyInterceptor | None = None,
+        max_body_mb: int = 8,
+    ):
         self.orch = orch
         self.keys = keys
+        self.max_body_mb = max_body_mb  # --http-max-body-mb
         self.model_id = orch.model_dir.name
         self.created = int(time.time())
 
@@ -95,19 +104,48 @@ class OpenAIApi:
 
     def _caller(self, request: Request) -> Caller:
         """As the gRPC side: the API key (hashed) with keys, else the client's host."""
-        header = request.headers.get("authorization", "")
         if self.keys is None:
             host = request.client.host if request.client else ""
             return Caller("host:" + host, owns_all=True)
-        role = self.keys.role((("authorization", header),))
-        if role is None:
-            raise HttpError(401, "authentication_error", "missing or unknown API key", "401")
-        key_id = "key:" + hashlib.sha256(header.encode()).hexdigest()[:16]
+        identified = self.keys.identify((("authorization", request.headers.get("authorization")),))
+        if identified is None:
+            log.info("refused %s: missing or unknown API key", request.url.path)
+            raise errors.Unauthenticated(
+                "missing or unknown API key: send the header 'Authorization: Bearer <key>'"
+            )
+        key_id, role = identified
         return Caller(key_id, owns_all=role == "admin")
 
+    async def _read(self, request: Request) -> bytes:
+        """The body, refused 413 as soon as it is known to be over --http-max-body-mb: by its
+        Content-Length before a byte is read, else while it arrives."""
+        limit = self.max_body_mb * 2**20
+        too_large = HttpError(
+            413,
+            "invalid_request_error",
+            f"the request body is over {self.max_body_mb} MiB, the most this server reads "
+            "(--http-max-body-mb); send a shorter prompt",
+            "request_too_large",
+        )
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        parts, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise too_large
+            parts.append(part)
+        return b"".join(parts)
+
     async def _body(self, request: Request) -> dict:
+        raw = await self._read(request)
         try:
-            body = json.loads(await request.body() or b"{}")
+            body = json.loads(raw or b"{}")
+        except RecursionError:
+            raise errors.InvalidArgument(
+                "the request body is nested too deeply to parse (arrays or objects in each other)"
+            ) from None
         except ValueError as err:
             raise errors.InvalidArgument(f"the request body is not JSON: {err}") from None
         if not isinstance(body, dict):
@@ -128,10 +166,9 @@ class OpenAIApi:
         n = body.get("n", 1)
         if n != 1:
             raise errors.InvalidArgument(f"n must be 1 (one choice per request), got {n!r}")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        max_tokens = _integer(body, name, 1, INT32_MAX)
         max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise errors.InvalidArgument(f"max_tokens must be a positive integer: {max_tokens!r}")
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
@@ -139,15 +176,13 @@ class OpenAIApi:
         # What the request leaves out: the model's defaults, else OpenAI's (temperature 1).
         sampling = self.orch.with_defaults(pb.SamplingParams())
         for name, openai_default in OPENAI_SAMPLING.items():
-            if body.get(name) is not None:
-                value = _number(body, name, openai_default)
-                setattr(sampling, name, int(value) if name == "top_k" else value)
+            value = _integer(body, name, 0, INT32_MAX) if name == "top_k" else _number(body, name)
+            if value is not None:
+                setattr(sampling, name, value)
             elif not sampling.HasField(name):
                 setattr(sampling, name, openai_default)
-        seed = body.get("seed")
+        seed = _integer(body, "seed", 0, 2**64 - 1)
         if seed is not None:
-            if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-                raise errors.InvalidArgument(f"seed must be a non-negative integer: {seed!r}")
             sampling.seed = seed
         return GenerationRequest(
             prompt_ids=prompt_ids, max_new_tokens=max_tokens, sampling=sampling, stop=tuple(stop)
@@ -171,20 +206,19 @@ class OpenAIApi:
                 raise errors.InvalidArgument("message content must be a string or text parts")
             role = "system" if m["role"] == "developer" else m["role"]
             chat.append({"role": role, "content": content})
-        return self.orch.tokenizer.encode_chat(chat)
+        return self.orch.tokenizer.encode_chat(chat, self.orch.generator.max_positions)
 
     def _prompt_ids(self, body: dict) -> list[int]:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]  # one prompt in a list
         if isinstance(prompt, str):
-            return self.orch.tokenizer.encode(prompt)
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            return self.orch.tokenizer.encode(prompt, self.orch.generator.max_positions)
+        if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
             return list(prompt)
         raise errors.InvalidArgument("prompt must be a string, or a list of token ids")
 
     def _run(self, req: GenerationRequest, caller: Caller, cancelled: threading.Event):
-        self.orch.require_ready()
         return self.orch.generator.run(req, caller, cancelled)
 
     # ---------------------------------------------------------------- endpoints
@@ -220,15 +254,15 @@ class OpenAIApi:
         return await self._complete(request, chat=False)
 
     async def _complete(self, request: Request, chat: bool) -> Response:
-        caller = self._caller(request)
-        body = await self._body(request)
-        ids = await run_in_threadpool(self._chat_ids if chat else self._prompt_ids, body)
-        req = self._generation(body, ids)
-        want_logprobs = bool(body.get("logprobs")) if chat else body.get("logprobs") is not None
-        meta = Meta(chat, self.model_id, want_logprobs, self.orch.tokenizer.decode)
+        caller = self._caller(request)  # a refused key is logged, not counted (as on gRPC)
+        with self.orch.metrics.refusals():
+            self.orch.require_ready()
+            body = await self._body(request)
+            ids = await run_in_threadpool(self._chat_ids if chat else self._prompt_ids, body)
+            req = self._generation(body, ids)
+            meta, usage, stream = self._response_options(body, chat)
         cancelled = threading.Event()
-        if body.get("stream"):
-            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        if stream:
             chunks = self._run(req, caller, cancelled)
             # The first chunk before the response starts: a refused request (its length, the
             # client's session cap, no stages) gets its own status, not an event in a 200.
@@ -242,6 +276,24 @@ class OpenAIApi:
             )
         chunks = await run_in_threadpool(lambda: list(self._run(req, caller, cancelled)))
         return JSONResponse(meta.whole(chunks))
+
+    def _response_options(self, body: dict, chat: bool) -> tuple[Meta, bool, bool]:
+        """What the response carries: (its builder, usage at the end of a stream, stream)."""
+        if chat:
+            want_logprobs = bool(_boolean(body, "logprobs"))
+        elif isinstance(body.get("logprobs"), bool):  # completions: as chat takes it, too
+            want_logprobs = body["logprobs"]
+        else:  # completions: the number of alternatives per token (0 = the chosen one only)
+            want_logprobs = _integer(body, "logprobs", 0, 20) is not None
+        meta = Meta(chat, self.model_id, want_logprobs, self.orch.tokenizer.decode)
+        stream_options = body.get("stream_options")
+        if stream_options is not None and not isinstance(stream_options, dict):
+            raise errors.InvalidArgument(
+                f'stream_options must be an object such as {{"include_usage": true}}, '
+                f"got {_shown(stream_options)}"
+            )
+        usage = bool(_boolean(stream_options or {}, "include_usage", "stream_options."))
+        return meta, usage, bool(_boolean(body, "stream"))
 
     async def _sse(self, first, chunks: Iterator[Chunk], meta: Meta, usage: bool, cancelled):
         """Server-sent events. A client that goes away ends this generator: the generation is
@@ -361,10 +413,45 @@ class Meta:
         return f"data: {json.dumps(obj)}\n\n"
 
 
-def _number(body: dict, name: str, default: float) -> float:
+# ---------------------------------------------------------------- field checks
+# Each names its field and what it takes; a value JSON allows but the wire cannot carry (an
+# integer past 64 bits, a float past float32) is refused here, not met as an error later.
+
+INT32_MAX = 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(body: dict, name: str) -> float | None:
     value = body.get(name)
     if value is None:
-        return float(default)
+        return None
     if not isinstance(value, int | float) or isinstance(value, bool):
-        raise errors.InvalidArgument(f"{name} must be a number, got {value!r}")
+        raise errors.InvalidArgument(f"{name} must be a number, got {_shown(value)}")
+    if not abs(value) <= FLOAT32_MAX:  # also NaN
+        raise errors.InvalidArgument(f"{name} must be a finite number, got {_shown(value)}")
     return float(value)
+
+
+def _integer(body: dict, name: str, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        value = int(value)  # 4.0 is 4
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise errors.InvalidArgument(
+            f"{name} must be an integer in [{low}, {high}], got {_shown(value)}"
+        )
+    return value
+
+
+def _boolean(body: dict, name: str, prefix: str = "") -> bool | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise errors.InvalidArgument(f"{prefix}{name} must be true or false, got {_shown(value)}")
+    return value

@@ -15,7 +15,7 @@ from pathlib import Path
 from orchestrator.config import OrchestratorConfig
 from orchestrator.drafting import Drafter, PromptLookup, Speculate
 from orchestrator.generation import Generator
-from orchestrator.metrics import OrchestratorMetrics
+from orchestrator.metrics import OrchestratorMetrics, outcome_of
 from orchestrator.plan import PartitionPlan
 from orchestrator.profile import ModelProfile, StageCapacity
 from orchestrator.replicas import split_group
@@ -255,7 +255,7 @@ class Orchestrator:
         try:
             view = self._reload(request)
         except Exception as err:
-            self.metrics.reloads.labels(type(err).__name__).inc()
+            self.metrics.reloads.labels(outcome_of(err)).inc()
             raise
         self.metrics.reloads.labels("ok").inc()
         return view

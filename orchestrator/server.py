@@ -39,6 +39,7 @@ def build_server(config: OrchestratorConfig) -> tuple[grpc.Server, int, Orchestr
             config.tls_cert, config.tls_key, config.tls_ca, require_client_cert=False
         ),
         interceptors=[keys_check] if keys_check else [],
+        max_request_bytes=config.http_max_body_mb * 2**20,  # one limit for both doors
     )
     if keys and stage_credentials is None:
         log.warning("API keys without TLS: keys cross the network in plaintext")
@@ -53,7 +54,9 @@ def start_http(config: OrchestratorConfig, orch: Orchestrator, port: int | None 
     from orchestrator.openai_api import OpenAIApi
 
     keys = security.load_api_keys(config.api_keys_file) if config.api_keys_file else None
-    api = OpenAIApi(orch, security.ApiKeyInterceptor(keys) if keys else None)
+    api = OpenAIApi(
+        orch, security.ApiKeyInterceptor(keys) if keys else None, config.http_max_body_mb
+    )
     http = HttpServer(
         api.app(), config.host, config.http_port if port is None else port,
         config.tls_cert, config.tls_key,

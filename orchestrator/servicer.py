@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Iterator
 
@@ -13,7 +12,7 @@ from orchestrator.orchestrator import Orchestrator, PlanRequest, PlanView
 from orchestrator.replicas import split_group
 from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
-from protos.errors import InvalidArgument, LlamadistError
+from protos.errors import InvalidArgument, LlamadistError, Unauthenticated
 from protos.limits import DEFAULT_MAX_NEW_TOKENS, check_session_id
 from protos.security import ApiKeyInterceptor
 from protos.status import grpc_errors
@@ -43,11 +42,12 @@ def caller_of(context: grpc.ServicerContext, keys: ApiKeyInterceptor | None) -> 
     """Who calls: with API keys, the key (hashed, never kept in the clear; the interceptor has
     already refused unknown ones), which owns the sessions it starts; without keys, the peer's
     host (a header anyone can vary would let a client dodge its session cap)."""
-    metadata = context.invocation_metadata() or ()
     if keys is not None:
-        value = next((v for k, v in metadata if k == "authorization"), "")
-        key_id = "key:" + hashlib.sha256(value.encode()).hexdigest()[:16]
-        return Caller(key_id, owns_all=keys.role(metadata) == "admin")
+        identified = keys.identify(context.invocation_metadata())
+        if identified is None:  # the interceptor refuses these first; never a shared identity
+            raise Unauthenticated("missing or unknown API key")
+        key_id, role = identified
+        return Caller(key_id, owns_all=role == "admin")
     peer = context.peer() or ""  # "ipv4:127.0.0.1:50512" / "ipv6:[::1]:50512"
     return Caller("host:" + peer.rsplit(":", 1)[0], owns_all=True)
 
@@ -111,16 +111,15 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         self.orch.require_ready()
         if msg.session_id and self.orch.generator.is_suspended(msg.session_id):
             return GenerationRequest(prompt_ids=[], session_id=msg.session_id)  # a resume
-        tok = self.orch.tokenizer
+        tok, max_tokens = self.orch.tokenizer, self.orch.generator.max_positions
         kind = msg.WhichOneof("input")
         if kind == "prompt":
-            ids = tok.encode(msg.prompt)
+            ids = tok.encode(msg.prompt, max_tokens)
         elif kind == "token_ids":
             ids = list(msg.token_ids.ids)
         elif kind == "chat":
-            ids = tok.encode_chat(
-                [{"role": m.role, "content": m.content} for m in msg.chat.messages]
-            )
+            chat = [{"role": m.role, "content": m.content} for m in msg.chat.messages]
+            ids = tok.encode_chat(chat, max_tokens)
         else:
             raise InvalidArgument("the request has no input: set prompt, token_ids or chat")
         return GenerationRequest(
@@ -147,14 +146,16 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     @grpc_errors
     def GenerateStream(self, request: pb.GenerateRequest, context) -> Iterator[pb.GenerateChunk]:
-        req = self._request(request)
+        with self.orch.metrics.refusals():
+            req = self._request(request)
         caller, cancelled = caller_of(context, self.keys), cancelled_with(context)
         for chunk in self.orch.generator.run(req, caller, cancelled):
             yield self._chunk_to_pb(chunk)
 
     @grpc_errors
     def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateReply:
-        req = self._request(request)
+        with self.orch.metrics.refusals():
+            req = self._request(request)
         reply = pb.GenerateReply()
         caller, cancelled = caller_of(context, self.keys), cancelled_with(context)
         for chunk in self.orch.generator.run(req, caller, cancelled):

@@ -62,6 +62,19 @@ class Tokenizer:
         if (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer.model").is_file():
             self.hf = load_hf(model_dir)
         self.eos_ids = eos_token_ids(model_dir, self.hf)
+        # The most characters one token stands for (a vocabulary entry's length, which is its
+        # byte count for byte-level vocabularies): a text longer than max_tokens times this
+        # cannot fit in max_tokens, so it is refused before the tokenizer spends time on it.
+        self.max_token_chars = max(map(len, self.hf.get_vocab()), default=1) if self.hf else 1
+
+    def _check_length(self, chars: int, max_tokens: int, what: str) -> None:
+        limit = max_tokens * self.max_token_chars
+        if chars > limit:
+            raise InvalidArgument(
+                f"{what} has {chars} characters, more than the {max_tokens} tokens a session "
+                f"may reach can hold ({limit} characters at {self.max_token_chars} per token "
+                "at most): shorten it"
+            )
 
     def _require(self, what: str):
         if self.hf is None:
@@ -70,16 +83,20 @@ class Tokenizer:
             )
         return self.hf
 
-    def encode(self, prompt: str) -> list[int]:
-        """As AutoTokenizer does by default (special tokens added where the model adds them)."""
+    def encode(self, prompt: str, max_tokens: int) -> list[int]:
+        """As AutoTokenizer does by default (special tokens added where the model adds them).
+        A prompt that cannot fit in `max_tokens` by its length alone is refused untokenized."""
         if not prompt:
             raise InvalidArgument("the prompt is empty")
-        return list(self._require("a text prompt")(prompt)["input_ids"])
+        tok = self._require("a text prompt")
+        self._check_length(len(prompt), max_tokens, "the prompt")
+        return list(tok(prompt)["input_ids"])
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, str]], max_tokens: int) -> list[int]:
         tok = self._require("chat")
         if not messages:
             raise InvalidArgument("the chat has no messages")
+        self._check_length(sum(len(m["content"]) for m in messages), max_tokens, "the chat")
         for m in messages:
             if m["role"] not in ("system", "user", "assistant"):
                 raise InvalidArgument(f"chat role must be system, user or assistant: {m['role']!r}")

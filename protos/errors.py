@@ -20,6 +20,10 @@ class ResourceExhausted(LlamadistError):
     """A budget is spent: the KV cache is full."""
 
 
+class Unauthenticated(LlamadistError):
+    """The call carries no known credential (API key)."""
+
+
 class PermissionDenied(LlamadistError):
     """The caller may not touch this (another API key's session)."""
 

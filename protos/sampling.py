@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from protos import llamadist_pb2 as pb
 from protos.errors import InvalidArgument
 
+FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty")  # besides the seed
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -25,8 +27,14 @@ class Sampling:
                 "temperature must be 0 (greedy) or in [0.001, 100]",
             ),
             (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1] (1 = off)"),
-            (0.01 <= self.repetition_penalty <= 100, "repetition_penalty must be in [0.01, 100]"),
+            (
+                0 < self.top_p <= 1,
+                "top_p must be in (0, 1] (1 = off; for greedy decoding send temperature 0)",
+            ),
+            (
+                0.01 <= self.repetition_penalty <= 100,
+                "repetition_penalty must be in [0.01, 100] (1 = off)",
+            ),
         ]
         for ok, message in checks:
             if not ok or any(math.isnan(v) for v in self._floats()):
@@ -41,11 +49,8 @@ class Sampling:
 
     @classmethod
     def from_pb(cls, msg: pb.SamplingParams) -> Sampling:
-        """Zero means "off" on the wire for top_p and repetition_penalty."""
-        return cls(
-            temperature=msg.temperature,
-            top_k=msg.top_k,
-            top_p=msg.top_p or 1.0,
-            repetition_penalty=msg.repetition_penalty or 1.0,
-            seed=msg.seed if msg.HasField("seed") else None,
-        )
+        """An unset field is off (the dataclass default); a field set to a value outside its
+        range is refused, 0 included: top_p 0 or repetition_penalty 0 is not read as "off"
+        (for greedy decoding send temperature 0)."""
+        given = {f: getattr(msg, f) for f in FIELDS if msg.HasField(f)}
+        return cls(**given, seed=msg.seed if msg.HasField("seed") else None)

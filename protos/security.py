@@ -16,6 +16,7 @@ Keys are compared in constant time and never logged.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 from collections.abc import Callable, Iterable
@@ -159,20 +160,31 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
         self.open_methods = open_methods
         self.client_methods = client_methods
 
-    def role(self, metadata) -> str | None:
-        """The role of the call's key, or None. Every key is compared (constant time each)."""
+    def identify(self, metadata) -> tuple[str, str] | None:
+        """(identity, role) of the call's key, or None for a missing or unknown key. The
+        identity is derived from the key the header matched, never from the header's spelling
+        (`Bearer K`, `bearer  K` and `BEARER K` are one client, one session cap): a hash, so the
+        key is never kept in the clear. Every key is compared (constant time each)."""
         value = next((v for k, v in metadata or () if k == "authorization"), None)
         if not isinstance(value, str):
             return None
-        scheme, _, token = value.partition(" ")
+        scheme, _, token = value.strip().partition(" ")
         if scheme.lower() != "bearer":
             return None
         token_bytes = token.strip().encode()
         found = None
         for key, role in self.keys:
             if hmac.compare_digest(key, token_bytes):
-                found = role
-        return found
+                found = key, role
+        if found is None:
+            return None
+        key, role = found
+        return "key:" + hashlib.sha256(key).hexdigest()[:16], role
+
+    def role(self, metadata) -> str | None:
+        """The role of the call's key, or None."""
+        identified = self.identify(metadata)
+        return identified[1] if identified else None
 
     def intercept_service(
         self,

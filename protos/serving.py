@@ -57,13 +57,17 @@ def listening_server(
     ready: Callable[[], tuple[bool, str]],
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    max_request_bytes: int = MAX_MESSAGE_BYTES,
 ) -> tuple[grpc.Server, int, ReadinessHealth]:
     """A server (not started) with `servicer` serving `llamadist.<service_name>` on host:port,
     and the standard Health (following `ready()`) and reflection services; port 0 picks a free
-    one. With `credentials` the port speaks TLS only (see protos/security.py), else plaintext."""
+    one. With `credentials` the port speaks TLS only (see protos/security.py), else plaintext.
+    A request message over `max_request_bytes` is refused RESOURCE_EXHAUSTED by gRPC itself,
+    before it is decoded."""
+    options = [o for o in GRPC_OPTIONS if o[0] != "grpc.max_receive_message_length"]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        options=GRPC_OPTIONS,
+        options=[*options, ("grpc.max_receive_message_length", max_request_bytes)],
         interceptors=list(interceptors),
     )
     add_service(server, service_name, servicer)

@@ -26,6 +26,7 @@ CODES: dict[type[errors.LlamadistError], grpc.StatusCode] = {
     errors.Cancelled: grpc.StatusCode.CANCELLED,
     errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 ERRORS: dict[grpc.StatusCode, type[errors.LlamadistError]] = {v: k for k, v in CODES.items()}
 

@@ -181,7 +181,7 @@ def test_metrics_count_what_was_served(served, model_dir):
         return after.get(key, 0.0) - before.get(key, 0.0)
 
     assert moved("llamadist_requests_total{outcome=length}") == n + 1
-    assert moved("llamadist_requests_total{outcome=InvalidArgument}") == 1
+    assert moved("llamadist_requests_total{outcome=invalid_argument}") == 1
     assert moved("llamadist_generation_tokens_total{}") == 4 * (n + 1)
     assert moved("llamadist_time_to_first_token_seconds_count{}") == n + 1
     assert moved("llamadist_time_per_output_token_seconds_count{}") == n + 1

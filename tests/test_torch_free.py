@@ -45,7 +45,7 @@ def test_the_default_models_tokenizer_loads_no_torch(default_model):
     code = (
         "from orchestrator.tokenizer import Tokenizer\n"
         f"tok = Tokenizer({str(default_model)!r})\n"
-        "tok.decode(tok.encode_chat([{'role': 'user', 'content': 'Hi'}]))"
+        "tok.decode(tok.encode_chat([{'role': 'user', 'content': 'Hi'}], 64))"
     )
     assert heavy_modules_after(code) == ["transformers"]
 
@@ -59,9 +59,9 @@ def test_the_tokenizer_is_the_one_auto_tokenizer_makes(default_model):
     assert type(ours.hf) is type(auto)
     for prompt in ["The history of the Roman Empire", "  é 北京 <|im_start|>x\n\tz  ", "1234"]:
         ids = auto(prompt)["input_ids"]
-        assert ours.encode(prompt) == ids
+        assert ours.encode(prompt, 64) == ids
         assert ours.decode(ids) == auto.decode(ids, skip_special_tokens=True)
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     text = auto.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    assert ours.encode_chat(chat) == auto(text, add_special_tokens=False)["input_ids"]
+    assert ours.encode_chat(chat, 64) == auto(text, add_special_tokens=False)["input_ids"]
     assert ours.eos_ids == eos_token_ids(default_model, auto)
