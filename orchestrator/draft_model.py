@@ -17,8 +17,9 @@ import uuid
 from pathlib import Path
 
 from orchestrator.tokenizer import Tokenizer
-from protos.errors import FailedPrecondition, LlamadistError
-from protos.model_files import read_config
+from protos.errors import FailedPrecondition, InvalidArgument, LlamadistError
+from protos.knobs import ConfigError
+from protos.model_files import LlamaArgs, TensorIndex, read_config
 from protos.sampling import Sampling
 from stage_service.config import StageConfig
 from stage_service.stage import Stage, StepInput
@@ -32,11 +33,11 @@ GREEDY = Sampling()
 def check_same_vocabulary(draft_dir: Path, target_dir: Path, target_vocab: int) -> None:
     """The draft must speak the target's token ids: the same vocabulary size, and the same
     tokenizer vocabulary where either directory has a tokenizer."""
-    vocab = int(read_config(draft_dir).get("vocab_size", 0))
+    vocab = int(LlamaArgs.from_config(read_config(draft_dir)).vocab_size)
     if vocab != target_vocab:
         raise FailedPrecondition(
-            f"--draft-model {draft_dir} has a vocabulary of {vocab} tokens, the model "
-            f"{target_vocab}: give a draft model with the same tokenizer"
+            f"it has a vocabulary of {vocab} tokens, the model {target_vocab}: give a draft "
+            "model with the same tokenizer"
         )
     draft, target = Tokenizer(draft_dir).hf, Tokenizer(target_dir).hf
     if (draft is None) != (target is None):
@@ -46,17 +47,22 @@ def check_same_vocabulary(draft_dir: Path, target_dir: Path, target_vocab: int) 
         )
     if draft is not None and draft.get_vocab() != target.get_vocab():
         raise FailedPrecondition(
-            f"--draft-model {draft_dir} has another tokenizer than the model (their "
-            "vocabularies differ): give a draft model with the same tokenizer"
+            "it has another tokenizer than the model (their vocabularies differ): give a "
+            "draft model with the same tokenizer"
         )
+    TensorIndex(draft_dir)  # every safetensors file whole (a truncated copy named here)
 
 
 class DraftModel:
     def __init__(self, draft_dir: Path, target_dir: Path, target_vocab: int):
         draft_dir = Path(draft_dir)
-        check_same_vocabulary(draft_dir, Path(target_dir), target_vocab)
-        self.stage = Stage(StageConfig(model=str(draft_dir), kv_cache_mb=DRAFT_KV_CACHE_MB))
-        self.stage.load_layers(0, self.stage.args.num_layers, epoch=1)
+        try:
+            check_same_vocabulary(draft_dir, Path(target_dir), target_vocab)
+            self.stage = Stage(StageConfig(model=str(draft_dir), kv_cache_mb=DRAFT_KV_CACHE_MB))
+            self.stage.load_layers(0, self.stage.args.num_layers, epoch=1)
+        except (FailedPrecondition, InvalidArgument, ConfigError) as err:
+            # one line naming the flag, the directory and (in `err`) the file and the fault
+            raise FailedPrecondition(f"--draft-model {draft_dir}: {err}") from None
 
     def start(self, prompt_ids: list[int]) -> DraftModelSession:
         return DraftModelSession(self.stage)

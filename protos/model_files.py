@@ -15,6 +15,11 @@ from pathlib import Path
 
 from protos.errors import FailedPrecondition
 
+# What config.json must name for LlamaArgs (the rest has defaults).
+LLAMA_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class LlamaArgs:
@@ -40,6 +45,12 @@ class LlamaArgs:
         theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         rope = {**rope, "rope_type": rope_type} if rope_type != "default" else {}
+        missing = [k for k in LLAMA_KEYS if k not in cfg]
+        if missing:
+            raise FailedPrecondition(
+                f"config.json lacks {', '.join(map(repr, missing))} (model_type "
+                f"{cfg.get('model_type')!r}): not a Llama-family config"
+            )
         heads = cfg["num_attention_heads"]
         return cls(
             vocab_size=cfg["vocab_size"],
@@ -66,7 +77,13 @@ def read_config(model_dir: Path) -> dict:
             f"{model_dir} has no config.json; pass --model DIR of an HF-layout model "
             "(`llamadist model fetch-default` makes one)"
         )
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise FailedPrecondition(f"{path}: config.json is not JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise FailedPrecondition(f"{path}: config.json is not a JSON object")
+    return config
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -79,10 +96,35 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 def safetensors_header(path: Path) -> bytes:
     """The raw JSON header of a safetensors file (names, dtypes, shapes, offsets)."""
     with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        return f.read(length)
+        prefix = f.read(8)
+        (length,) = struct.unpack("<Q", prefix) if len(prefix) == 8 else (-1,)
+        header = f.read(length) if 0 <= length <= MAX_HEADER_BYTES else b""
+    if len(header) != length or length < 2:
+        raise FailedPrecondition(f"{path} is not a safetensors file (its header is cut or absent)")
+    return header
 
 
+def tensor_headers(path: Path) -> dict[str, dict]:
+    """A safetensors file's tensors (name -> dtype, shape, data_offsets), refused with the
+    file's name when its header is not JSON or its data is shorter than the header says (a
+    truncated copy): better here, in one line, than as a SafetensorError at load."""
+    header = safetensors_header(path)
+    try:
+        entries = json.loads(header)
+        tensors = {k: v for k, v in entries.items() if k != "__metadata__"}
+        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as err:
+        raise FailedPrecondition(f"{path}: the safetensors header is malformed ({err})") from None
+    data = path.stat().st_size - 8 - len(header)
+    if data < end:
+        raise FailedPrecondition(
+            f"{path} is truncated: its header names {end} bytes of tensor data, the file holds "
+            f"{data} (copy it again)"
+        )
+    return tensors
+
+
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own bound on a header
 FINGERPRINT_WINDOWS = 32  # windows of weight bytes sampled per file
 FINGERPRINT_WINDOW_BYTES = 4096
 
@@ -116,10 +158,9 @@ class TensorIndex:
         self.location: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         for path in safetensors_files(model_dir):
-            for name, info in json.loads(safetensors_header(path)).items():
-                if name != "__metadata__":
-                    self.location[name] = path
-                    self.shapes[name] = tuple(info["shape"])
+            for name, info in tensor_headers(path).items():
+                self.location[name] = path
+                self.shapes[name] = tuple(info["shape"])
 
     def has(self, name: str) -> bool:
         return name in self.location

@@ -69,7 +69,7 @@ class ShippedWeights:
         try:
             config = json.loads(config_json)
             LlamaArgs.from_config(config)
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError, FailedPrecondition) as err:
             raise InvalidArgument(
                 f"the offer's config_json is not a Llama config: {err!r}"
             ) from None

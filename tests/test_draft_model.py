@@ -93,3 +93,48 @@ def test_default_model_with_a_draft_model_generates_as_transformers(default_mode
         )
     assert result.token_ids == expected == lookup.token_ids
     assert int(result.timings["accepted_tokens"]) > 0
+
+
+def broken_copies(model_dir, root):
+    """Draft directories that are wrong in the three ways the issue found, each a copy of a
+    good tiny model with one file broken."""
+    import shutil
+
+    cases = {}
+    for name in ("garbage-config", "gpt2-config", "truncated-weights"):
+        cases[name] = root / name
+        shutil.copytree(model_dir, cases[name])
+    (cases["garbage-config"] / "config.json").write_text("not json at all")
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    gpt2 = {"model_type": "gpt2", "vocab_size": vocab, "n_embd": 64, "n_layer": 2, "n_head": 4}
+    (cases["gpt2-config"] / "config.json").write_text(json.dumps(gpt2))
+    weights = next(cases["truncated-weights"].glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return cases
+
+
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("garbage-config", "config.json is not JSON"),
+        ("gpt2-config", "'num_attention_heads'"),
+        ("truncated-weights", ".safetensors"),
+    ],
+)
+def test_bad_draft_model_directories_are_refused_in_one_line(
+    tiny_root, tmp_path, capsys, case, words
+):
+    """Each refusal is one line naming the flag, the file and what is wrong, not a raw
+    `Expecting value`, `unexpected KeyError` or `unexpected SafetensorError`."""
+    from client.cli import main
+
+    model_dir = make_tiny_model(tiny_root, "gqa")
+    draft = broken_copies(model_dir, tmp_path)[case]
+    argv = ["orchestrator", "--model", str(model_dir), "--stages", "127.0.0.1:1",
+            "--speculate", "draft", "--draft-model", str(draft), "--port", "0"]  # fmt: skip
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and err, err
+    line = err[-1]
+    assert line.startswith("llamadist: error: --draft-model ") and "unexpected" not in line, line
+    assert str(draft) in line and words in line, line
