@@ -21,6 +21,10 @@ GRPC_OPTIONS = [
     # host) fails the call within ~2 s instead of at its deadline.
     ("grpc.keepalive_time_ms", 1000),
     ("grpc.keepalive_timeout_ms", 1000),
+    # ...and a frozen one (SIGSTOP, a stalled VM), whose kernel still acks TCP: a ping already
+    # out when keepalive fires (gRPC sends its own, for flow control) is waited for this long,
+    # 60 s by default, and keepalive sends none while it waits.
+    ("grpc.http2.ping_timeout_ms", 1000),
     ("grpc.http2.max_pings_without_data", 0),
     # Servers: accept those pings (the default would answer them with GOAWAY "too_many_pings").
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),

@@ -183,6 +183,30 @@ def test_a_stuck_stage_is_found_within_the_step_deadline_and_failed_over(mesh, e
     )
 
 
+def test_a_frozen_replica_is_failed_over_within_the_keepalive_window(mesh, expected):
+    """SIGSTOP with the default --step-timeout-s (60 s): a frozen process acks nothing, and a
+    ping it leaves unanswered closes the link within ~2 s (keepalive 1 s + ping timeout 1 s),
+    as the README says of a vanished peer. gRPC's own ping timeout is 60 s: with it, the 8
+    sessions of the issue's probe waited out the whole 20 s freeze."""
+    a, b, c = mesh.stage("a"), mesh.stage("b"), mesh.stage("c")
+    client = mesh.orchestrator(f"{a.address}+{b.address},{c.address}", "--step-timeout-s", "60")
+    stream = client.stream(token_ids=PROMPT, max_new_tokens=200)
+    pieces = [next(stream) for _ in range(20)]
+    victim, other = the_one_serving(client, a, b)
+    os.kill(victim.proc.pid, signal.SIGSTOP)
+    stopped_at, longest = time.monotonic(), 0.0
+    try:
+        last = stopped_at
+        for piece in stream:
+            pieces.append(piece)
+            longest, last = max(longest, time.monotonic() - last), time.monotonic()
+    finally:
+        os.kill(victim.proc.pid, signal.SIGCONT)
+    assert [t for p in pieces for t in p.token_ids] == expected
+    assert pieces[-1].timings["replays"] >= 1  # it moved, it did not wait for SIGCONT
+    assert longest < 4.0, f"the stream stalled {longest:.2f} s on a frozen replica"
+
+
 def test_a_stage_sigterm_serves_until_its_grace_then_exits_0(mesh, expected):
     """SIGTERM on a replica mid-stream: it keeps answering the steps it gets for --grace-s,
     exits 0 within it, and the session carries on on the other replica unchanged."""
