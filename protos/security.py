@@ -124,7 +124,7 @@ def bearer_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
 
-def _denied(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str):
+def denied(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str):
     """A handler of the same kind as `handler` that refuses the call."""
 
     def refuse(request, context):
@@ -197,7 +197,7 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
         role = self.role(details.invocation_metadata)
         if role is None:
             log.info("refused %s: missing or unknown API key", details.method)
-            return _denied(
+            return denied(
                 handler,
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing or unknown API key: send metadata 'authorization: Bearer <key>' "
@@ -205,7 +205,7 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
             )
         if role != "admin" and details.method not in self.client_methods:
             log.info("refused %s: a %s key is not enough", details.method, role)
-            return _denied(
+            return denied(
                 handler,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{details.method.rsplit('/', 1)[-1]} needs an admin API key",

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import grpc
 
+from protos.security import denied
 from protos.serving import GRPC_OPTIONS
 from protos.standard_services import HEALTH_METHODS
 
@@ -96,25 +97,6 @@ def make_stage_key(path: str | Path) -> bool:
 # ---------------------------------------------------------------------- the stage's side
 
 
-def _refuse(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that answers UNAUTHENTICATED."""
-
-    def refuse(request, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSAL)
-
-    serdes = dict(
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(refuse, **serdes)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(refuse, **serdes)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(refuse, **serdes)
-    return grpc.stream_stream_rpc_method_handler(refuse, **serdes)
-
-
 class StageKeyInterceptor(grpc.ServerInterceptor):
     """Lets a call through when its metadata carries the stage key (or it is a health probe)."""
 
@@ -136,7 +118,7 @@ class StageKeyInterceptor(grpc.ServerInterceptor):
         if self.holds_key(details.invocation_metadata):
             return handler
         log.info("refused %s: missing or wrong stage key", details.method)
-        return _refuse(handler)
+        return denied(handler, grpc.StatusCode.UNAUTHENTICATED, REFUSAL)
 
 
 # ---------------------------------------------------------------------- the callers' side
