@@ -111,7 +111,9 @@ def start_mesh(
     `procs` (the caller stops them) and returns the orchestrator's address once it serves."""
     from client.client import Client
     from client.launcher import Process
+    from protos.stage_auth import key_env
 
+    os.environ.update(key_env(log_dir))  # the stage processes and the orchestrator share a key
     addresses = []
     for i in range(stages):
         args = [

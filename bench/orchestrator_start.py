@@ -32,12 +32,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from client.client import Client  # noqa: E402
+from protos.stage_auth import key_env  # noqa: E402
+
+KEY_DIR = tempfile.mkdtemp(prefix="llamadist-bench-key-")
 
 LISTENING = re.compile(r"listening on (\S+:\d+)")
 
 
 def spawn(code: Path, args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(code)}
+    # the stage key through the environment, which the old code ignores and the new one reads
+    env = {**os.environ, **key_env(KEY_DIR), "PYTHONPATH": str(code)}
     return subprocess.Popen(
         [sys.executable, "-m", "client.cli", *args],
         cwd=code,

@@ -94,6 +94,17 @@ def make_stage_key(path: str | Path) -> bool:
     return True
 
 
+def key_env(directory: str | Path) -> dict[str, str]:
+    """The environment that gives a mesh's stage and orchestrator processes one stage key (made
+    in `directory` if none is there): for scripts that start them without flags of their own."""
+    path = Path(directory) / "stage-key"
+    make_stage_key(path)
+    return {
+        "LLAMADIST_STAGE_KEY_FILE": str(path),
+        "LLAMADIST_ORCHESTRATOR_STAGE_KEY_FILE": str(path),
+    }
+
+
 # ---------------------------------------------------------------------- the stage's side
 
 

@@ -571,10 +571,13 @@ class Stage:
 
     def _non_finite(self, loaded: Loaded, what: str) -> OutOfRange:
         w = loaded.model.weights
-        return OutOfRange(
-            f"layers {w.start}-{w.end - 1} produced a {what} with NaN or Inf (an overflow in "
-            f"{str(self.dtype).removeprefix('torch.')}? try --dtype float32)"
+        dtype = str(self.dtype).removeprefix("torch.")
+        why = (
+            "the weights or the input hold values float32 cannot carry"
+            if dtype == "float32"
+            else f"an overflow in {dtype}? try --dtype float32"
         )
+        return OutOfRange(f"layers {w.start}-{w.end - 1} produced a {what} with NaN or Inf ({why})")
 
     def _hidden(self, loaded: Loaded, steps: list[StepInput]) -> torch.Tensor | None:
         """The steps' incoming hidden rows, on the host (None on the first stage)."""
