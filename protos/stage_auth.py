@@ -135,32 +135,63 @@ class StageKeyInterceptor(grpc.ServerInterceptor):
 # ---------------------------------------------------------------------- the callers' side
 
 
-class _WithKey(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
-):
-    """Adds the stage key to the metadata of every call of a channel."""
+class _Keyed:
+    """A multi-callable of a stage channel whose every call carries the stage key."""
 
-    def __init__(self, key: str):
-        self._key = key
+    def __init__(self, inner, metadata: tuple[tuple[str, str], ...]):
+        self._inner, self._metadata = inner, metadata
 
-    def _with_key(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        metadata = [*(details.metadata or ()), (HEADER, self._key)]
-        return details._replace(metadata=metadata)
+    def _with_key(self, kwargs: dict) -> dict:
+        return {**kwargs, "metadata": (*(kwargs.get("metadata") or ()), *self._metadata)}
 
-    def intercept_unary_unary(self, continuation, details, request):
-        return continuation(self._with_key(details), request)
+    def __call__(self, request, **kwargs):
+        return self._inner(request, **self._with_key(kwargs))
 
-    def intercept_unary_stream(self, continuation, details, request):
-        return continuation(self._with_key(details), request)
+    def with_call(self, request, **kwargs):
+        return self._inner.with_call(request, **self._with_key(kwargs))
 
-    def intercept_stream_unary(self, continuation, details, request_iterator):
-        return continuation(self._with_key(details), request_iterator)
+    def future(self, request, **kwargs):
+        return self._inner.future(request, **self._with_key(kwargs))
 
-    def intercept_stream_stream(self, continuation, details, request_iterator):
-        return continuation(self._with_key(details), request_iterator)
+
+class KeyedChannel(grpc.Channel):
+    """A channel whose calls all carry the stage key. Not grpc.intercept_channel: an
+    intercepted channel registers each call anew, and doing so on a closed channel crashes the
+    process (grpcio 1.85: SIGSEGV in _get_registered_call_handle, seen when a generation ended
+    its session while its orchestrator closed); here a stub's methods are made once, as on a
+    plain channel, and a call on a closed channel raises ValueError as there."""
+
+    def __init__(self, channel: grpc.Channel, key: str):
+        self._channel = channel
+        self._metadata = ((HEADER, key),)
+
+    def unary_unary(self, *args, **kwargs):
+        return _Keyed(self._channel.unary_unary(*args, **kwargs), self._metadata)
+
+    def unary_stream(self, *args, **kwargs):
+        return _Keyed(self._channel.unary_stream(*args, **kwargs), self._metadata)
+
+    def stream_unary(self, *args, **kwargs):
+        return _Keyed(self._channel.stream_unary(*args, **kwargs), self._metadata)
+
+    def stream_stream(self, *args, **kwargs):
+        return _Keyed(self._channel.stream_stream(*args, **kwargs), self._metadata)
+
+    def subscribe(self, callback, try_to_connect=False):
+        self._channel.subscribe(callback, try_to_connect)
+
+    def unsubscribe(self, callback):
+        self._channel.unsubscribe(callback)
+
+    def close(self):
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
 
 def stage_channel(
@@ -174,7 +205,7 @@ def stage_channel(
         channel = grpc.secure_channel(address, tls, options=GRPC_OPTIONS)
     if key is None:
         return channel
-    return grpc.intercept_channel(channel, _WithKey(key))
+    return KeyedChannel(channel, key)
 
 
 if __name__ == "__main__":  # python -m protos.stage_auth FILE

@@ -665,3 +665,24 @@ def test_the_launcher_gives_its_stages_a_key_of_their_own(model_dir, tmp_path, m
         with Client(mesh.address, 60) as c:
             out = c.generate(token_ids=VICTIM_PROMPT, max_new_tokens=4)
         assert out.token_ids == reference_greedy(model_dir, VICTIM_PROMPT, 4)
+
+
+def test_a_call_on_a_closed_keyed_channel_raises_and_does_not_crash():
+    """A generation that ends its session while its orchestrator closes calls a stage on a
+    closed channel. Through grpc.intercept_channel that crashed the process (SIGSEGV, seen in
+    `make test`); a keyed channel must raise ValueError as a plain one does. In a subprocess,
+    so that a crash fails this test instead of ending the run."""
+    code = (
+        "from protos import llamadist_pb2 as pb, llamadist_pb2_grpc as pb_grpc\n"
+        "from protos.stage_auth import stage_channel\n"
+        "channel = stage_channel('127.0.0.1:9', key='k' * 16)\n"
+        "stub = pb_grpc.StageStub(channel)\n"
+        "channel.close()\n"
+        "try:\n"
+        "    stub.Info(pb.InfoRequest(), timeout=1)\n"
+        "except ValueError as err:\n"
+        "    print('refused:', err)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, (done.returncode, done.stderr[-500:])
+    assert "refused: Cannot invoke RPC on closed channel" in done.stdout
