@@ -7,6 +7,7 @@ from __future__ import annotations
 import atexit
 import functools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -134,6 +135,20 @@ def make_tokenizer_model(out: Path, default_model: Path) -> Path:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """`llamadist stage` / `orchestrator` run in this process (main(argv)) set the root logger up
+    for their process: a handler on the test's captured stderr, which later tests would write
+    to once it is closed ('--- Logging error ---' in their output). Each test's is undone."""
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    yield
+    for handler in root.handlers[:]:  # pytest's own capture handlers come and go by phase
+        if handler not in before and type(handler).__module__ != "_pytest.logging":
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny-models")
@@ -148,7 +163,11 @@ def default_model() -> Path:
 
 
 def reference_model(model_dir: Path) -> LlamaForCausalLM:
-    return LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    """transformers' own class for the checkpoint's family (LlamaForCausalLM for Llama,
+    Qwen2ForCausalLM for Qwen2, ...), in float32."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
 
 
 def reference_greedy(model_dir: Path, prompt_ids: list[int], new_tokens: int) -> list[int]:
@@ -251,6 +270,17 @@ class InProcessMesh:
             server.stop(0)
         for stage in self.stages:
             stage.close()
+
+
+def fetching(tmp_path: Path, n: int, **extra) -> dict:
+    """in_process_mesh options: n stages without a model directory, each with its own weights
+    cache (the orchestrator ships them the weights)."""
+    caches = [str(tmp_path / f"cache-{i}") for i in range(n)]
+    return dict(
+        stage_models=[""] * n,
+        stage_options_per_stage=[dict(fetch_weights=True, weights_cache=c) for c in caches],
+        **extra,
+    )
 
 
 @contextmanager

@@ -11,7 +11,8 @@ import pytest
 
 from client.client import ClientError
 from orchestrator.stage_client import StageClient
-from tests.conftest import in_process_mesh, make_tiny_model, reference_greedy
+from protos.stage_auth import load_stage_key
+from tests.conftest import in_process_mesh, make_tiny_model, reference_greedy, stage_key_file
 
 PROMPT = [7, 3, 99, 12, 45, 60, 2, 81, 33, 5, 18, 70]
 RECOVERY_S = 15.0  # the prober's first tries come within a second; this is slack for a busy CPU
@@ -28,8 +29,9 @@ def expected(model_dir):
 
 
 def take_over(address: str, epoch: int, layers: tuple[int, int] | None) -> None:
-    """What an outsider with access to the stage does: LoadLayers under its own epoch."""
-    outsider = StageClient(address, 0)
+    """What an outsider with access to the stage (it holds the stage key: an admin, a second
+    orchestrator) does: LoadLayers under its own epoch."""
+    outsider = StageClient(address, 0, stage_key=load_stage_key(stage_key_file()))
     try:
         if layers is None:
             outsider.drop_layers(epoch)

@@ -28,23 +28,13 @@ from protos.model_files import model_fingerprint, safetensors_files, safetensors
 from stage_service.config import StageConfig
 from stage_service.stage import Stage
 from stage_service.weight_cache import Entry, file_sha256
-from tests.conftest import in_process_mesh, make_tiny_model, reference_greedy
+from tests.conftest import fetching, in_process_mesh, make_tiny_model, reference_greedy
 
 NEW_TOKENS = 8
 
 
 def prompt() -> list[int]:
     return torch.randint(0, 101, (9,), generator=torch.Generator().manual_seed(5)).tolist()
-
-
-def fetching(tmp_path: Path, n: int, **extra) -> dict:
-    """mesh options: n stages without a model directory, each with its own weights cache."""
-    caches = [str(tmp_path / f"cache-{i}") for i in range(n)]
-    return dict(
-        stage_models=[""] * n,
-        stage_options_per_stage=[dict(fetch_weights=True, weights_cache=c) for c in caches],
-        **extra,
-    )
 
 
 def rewrite_in_place(path: Path, start: int, end: int, byte: int) -> None:

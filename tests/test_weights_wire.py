@@ -23,23 +23,19 @@ from protos.submodel import split
 from stage_service.config import StageConfig
 from stage_service.stage import Stage
 from stage_service.weight_cache import Entry, WeightCache, file_sha256
-from tests.conftest import TINY_CONFIGS, in_process_mesh, make_tiny_model, reference_greedy
+from tests.conftest import (
+    TINY_CONFIGS,
+    fetching,
+    in_process_mesh,
+    make_tiny_model,
+    reference_greedy,
+)
 
 NEW_TOKENS = 12
 
 
 def prompt() -> list[int]:
     return torch.randint(0, 101, (9,), generator=torch.Generator().manual_seed(3)).tolist()
-
-
-def fetching(tmp_path, n: int, **extra) -> dict:
-    """mesh options: n stages without a model directory, each with its own weights cache."""
-    caches = [str(tmp_path / f"cache-{i}") for i in range(n)]
-    return dict(
-        stage_models=[""] * n,
-        stage_options_per_stage=[dict(fetch_weights=True, weights_cache=c) for c in caches],
-        **extra,
-    )
 
 
 @pytest.mark.parametrize("num_stages", [2, 3])

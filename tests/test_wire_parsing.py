@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from tests.conftest import in_process_mesh, make_tiny_model
+from tests.conftest import in_process_mesh, keyed_channel, make_tiny_model
 
 NOT_A_MESSAGE = b"\xff\xff\xff\xff"  # field 0x1fffff... wire type 7: invalid
 
@@ -23,7 +23,9 @@ NOT_A_MESSAGE = b"\xff\xff\xff\xff"  # field 0x1fffff... wire type 7: invalid
 def test_garbage_bytes_are_invalid_argument(tmp_path, service, method):
     with in_process_mesh(make_tiny_model(tmp_path, "gqa"), 1) as mesh:
         address = mesh.addresses[0] if service == "Stage" else mesh.address
-        with grpc.insecure_channel(address) as channel:
+        # a stage refuses a caller without the stage key before reading its bytes: send it
+        opened = keyed_channel(address) if service == "Stage" else grpc.insecure_channel(address)
+        with opened as channel:
             path = f"/llamadist.{service}/{method}"
             if method == "GenerateStream":
                 call = channel.unary_stream(path)
