@@ -108,8 +108,14 @@ class ModelProfile:
             if name not in numel:
                 raise FailedPrecondition(f"{model_dir}: tensor {name} is missing")
 
-        # Same rule as stage_service.weights.load_range: no lm_head tensor means tied.
-        tied = bool(args.tie_word_embeddings) or HEAD not in numel
+        # As stage_service.weights.load_range: tied when config.json says so, and an untied
+        # checkpoint without its head is refused, never served with the embedding in its place.
+        tied = bool(args.tie_word_embeddings)
+        if not tied and HEAD not in numel:
+            raise FailedPrecondition(
+                f"{model_dir}: config.json says tie_word_embeddings=false but the checkpoint "
+                f"has no {HEAD}"
+            )
         embed_bytes = packed(shapes[EMBED], True) or numel[EMBED] * dtype_bytes
         attention = 4.0 * args.num_heads * args.head_dim
         return cls(

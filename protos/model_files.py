@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from protos.errors import FailedPrecondition
+from protos.model_family import context_limit, family_of
 
 # What config.json must name for LlamaArgs (the rest has defaults).
 LLAMA_KEYS = (
@@ -35,22 +36,33 @@ class LlamaArgs:
     rope_scaling: dict = field(default_factory=dict)  # {"rope_type": ..., params}; {} = default
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    qkv_bias: bool = False  # biases on the q, k and v projections
+    o_bias: bool = False  # a bias on the output projection
     mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm of each q and k head before RoPE (Qwen3)
+    family: str = "llama"  # config.json's model_type (protos/model_family.py)
 
     @classmethod
     def from_config(cls, cfg: dict) -> LlamaArgs:
-        """From a config.json dict, old (rope_theta + rope_scaling) or new (rope_parameters)."""
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        rope = {**rope, "rope_type": rope_type} if rope_type != "default" else {}
+        """From a config.json dict, old (rope_theta + rope_scaling) or new (rope_parameters).
+        A config our model code would not compute exactly is refused (model_family)."""
         missing = [k for k in LLAMA_KEYS if k not in cfg]
         if missing:
             raise FailedPrecondition(
                 f"config.json lacks {', '.join(map(repr, missing))} (model_type "
                 f"{cfg.get('model_type')!r}): not a Llama-family config"
             )
+        family = family_of(cfg)
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        # dynamic NTK RoPE equals the default one up to the original context (context_limit)
+        rope = {**rope, "rope_type": rope_type} if rope_type not in ("default", "dynamic") else {}
+        bias = bool(cfg.get("attention_bias", False))
+        positions = cfg.get("max_position_embeddings", 2048)
+        if rope_type == "llama3":  # its wavelengths are the checkpoint's, not a capped context
+            rope.setdefault("original_max_position_embeddings", positions)
+        limit = context_limit(cfg)
         heads = cfg["num_attention_heads"]
         return cls(
             vocab_size=cfg["vocab_size"],
@@ -63,10 +75,13 @@ class LlamaArgs:
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
             rope_scaling=rope,
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            max_position_embeddings=min(positions, limit) if limit else positions,
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", False),
-            mlp_bias=cfg.get("mlp_bias", False),
+            qkv_bias=bias if family.qkv_bias is None else family.qkv_bias,
+            o_bias=bias if family.o_bias is None else family.o_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=family.qk_norm,
+            family=family.model_type,
         )
 
 

@@ -60,8 +60,9 @@ def layer_of(name: str) -> int | None:
 
 
 def head_tensor(args: LlamaArgs, index: TensorIndex) -> str:
-    """The tensor the head reads (weights.load_range's rule: no lm_head means tied)."""
-    return EMBED if args.tie_word_embeddings or not index.has(HEAD) else HEAD
+    """The tensor the head reads: the embedding when config.json ties them, else lm_head
+    (weights.load_range refuses an untied checkpoint without one)."""
+    return EMBED if args.tie_word_embeddings else HEAD
 
 
 def range_tensors(index: TensorIndex, start: int, end: int, num_layers: int, head: str):

@@ -114,7 +114,7 @@ class LayerArgs(ctypes.Structure):
     _fields_ = [
         ("hidden", _I), ("heads", _I), ("kv_heads", _I), ("head_dim", _I), ("inter", _I),
         ("act", _I),
-        ("eps", ctypes.c_float), ("norm1", _P), ("norm2", _P),
+        ("eps", ctypes.c_float), ("norm1", _P), ("norm2", _P), ("q_norm", _P), ("k_norm", _P),
         ("qkv", QMat), ("o", QMat), ("gate_up", QMat), ("down", QMat),
     ]  # fmt: skip
 

@@ -79,6 +79,8 @@ class FusedLayers:
                 eps=a.rms_norm_eps,
                 norm1=_float32(w.input_norm, self._keep),
                 norm2=_float32(w.post_norm, self._keep),
+                q_norm=_float32(w.q_norm, self._keep) if w.q_norm is not None else None,
+                k_norm=_float32(w.k_norm, self._keep) if w.k_norm is not None else None,
                 qkv=_qmat(w.wqkv, w.bqkv, self._keep),
                 o=_qmat(w.wo, w.bo, self._keep),
                 gate_up=_qmat(w.w_gate_up, w.b_gate_up, self._keep),

@@ -228,7 +228,13 @@ def layer(
     h = rms_norm(x, w.input_norm, args.rms_norm_eps)
     qkv = matmul(h, w.wqkv, w.bqkv)
     qk, v = qkv.split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
-    qk = apply_rope(qk.view(rows, heads + kv_heads, dim), cos, sin)
+    qk = qk.reshape(rows, heads + kv_heads, dim)
+    if w.q_norm is not None:  # Qwen3: one row per head, through the same per-row kernel
+        q, k = qk.split([heads, kv_heads], dim=1)
+        q = rms_norm(q.reshape(rows * heads, dim), w.q_norm, args.rms_norm_eps)
+        k = rms_norm(k.reshape(rows * kv_heads, dim), w.k_norm, args.rms_norm_eps)
+        qk = torch.cat([q.view(rows, heads, dim), k.view(rows, kv_heads, dim)], dim=1)
+    qk = apply_rope(qk, cos, sin)
     q, k = qk.split([heads, kv_heads], dim=1)
     k_pool[slots, :, positions] = k
     v_pool[slots, :, positions] = v.view(rows, kv_heads, dim)

@@ -1,7 +1,8 @@
 """Our compact Llama math for one contiguous layer range.
 
 RMSNorm, RoPE (default, linear and llama3 scaling), GQA attention over a per-session KV cache,
-SwiGLU MLP, optional attention/MLP biases, tied or untied head. transformers' LlamaForCausalLM is
+SwiGLU MLP, optional q/k/v, output and MLP biases, per-head q/k RMSNorm (Qwen3), tied or untied
+head: the families of protos/model_family.py. transformers' LlamaForCausalLM is
 the reference: tests/test_model_parity.py compares logits on the same weights.
 
 Shapes: a step is N rows, the tokens of one or more sessions (one `Segment` each); hidden states
@@ -33,7 +34,7 @@ def rope_inv_freq(args: LlamaArgs) -> torch.Tensor:
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim
     inv_freq = 1.0 / (args.rope_theta**exponents)
     kind = args.rope_scaling.get("rope_type", "default")
-    if kind == "default":
+    if kind in ("default", "dynamic"):  # dynamic: the default up to the original context
         return inv_freq
     if kind == "linear":
         return inv_freq / args.rope_scaling["factor"]
@@ -122,6 +123,8 @@ class LayerWeights:
     b_gate_up: torch.Tensor | None
     w_down: torch.Tensor | QuantWeight
     b_down: torch.Tensor | None
+    q_norm: torch.Tensor | None = None  # [head_dim]: RMSNorm of each q head (Qwen3)
+    k_norm: torch.Tensor | None = None  # [head_dim]: and of each k head, before RoPE
 
 
 def attention(
@@ -174,7 +177,12 @@ def qkv_rope(
     h = rms_norm(x, w.input_norm, args.rms_norm_eps)
     qkv = linear(h, w.wqkv, w.bqkv)
     qk, v = qkv.split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
-    qk = apply_rope(qk.view(rows, heads + kv_heads, dim), cos, sin)  # q and k heads at once
+    qk = qk.view(rows, heads + kv_heads, dim)
+    if w.q_norm is not None:  # Qwen3: each head normalised on its own, q and k with their own
+        q, k = qk.split([heads, kv_heads], dim=1)
+        eps = args.rms_norm_eps
+        qk = torch.cat([rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps)], dim=1)
+    qk = apply_rope(qk, cos, sin)  # q and k heads at once
     q, k = qk.split([heads, kv_heads], dim=1)
     return q, k, v.view(rows, kv_heads, dim)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from protos.errors import InvalidArgument, LlamadistError
+from protos.errors import FailedPrecondition, InvalidArgument, LlamadistError
 from protos.model_files import LlamaArgs, TensorIndex
 from stage_service.model import LayerWeights, RangeWeights
 from stage_service.quant import key, quantize_matrix, quantize_rows, tensor_bytes
@@ -142,17 +142,41 @@ def _load_layer(
     n1, n2 = source.load(
         [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"], dtype, device
     )
-    bqkv = bo = b_gate_up = b_down = None
-    if args.attention_bias:
-        bq, bk, bv, bo = source.load(
-            [p + f"self_attn.{n}_proj.bias" for n in ("q", "k", "v", "o")], dtype, device
+    bqkv = bo = b_gate_up = b_down = q_norm = k_norm = None
+    if args.qkv_bias:
+        bq, bk, bv = source.load(
+            [p + f"self_attn.{n}_proj.bias" for n in ("q", "k", "v")], dtype, device
         )
         bqkv = torch.cat([bq, bk, bv])
+    if args.o_bias:
+        (bo,) = source.load([p + "self_attn.o_proj.bias"], dtype, device)
+    if args.qk_norm:
+        q_norm, k_norm = source.load(
+            [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"], dtype, device
+        )
     if args.mlp_bias:
         bg, bu, b_down = source.load(
             [p + f"mlp.{n}_proj.bias" for n in ("gate", "up", "down")], dtype, device
         )
         b_gate_up = torch.cat([bg, bu])
+    hidden, qd, kvd, inter = (
+        args.hidden_size,
+        args.num_heads * args.head_dim,
+        args.num_kv_heads * args.head_dim,
+        args.intermediate_size,
+    )
+    expected = [
+        ("q_proj.weight", q, (qd, hidden)), ("k_proj.weight", k, (kvd, hidden)),
+        ("v_proj.weight", v, (kvd, hidden)), ("o_proj.weight", o, (hidden, qd)),
+        ("gate_proj.weight", gate, (inter, hidden)), ("up_proj.weight", up, (inter, hidden)),
+        ("down_proj.weight", down, (hidden, inter)), ("input_layernorm.weight", n1, (hidden,)),
+        ("post_attention_layernorm.weight", n2, (hidden,)),
+        ("q/k/v_proj.bias", bqkv, (qd + 2 * kvd,)), ("o_proj.bias", bo, (hidden,)),
+        ("gate/up_proj.bias", b_gate_up, (2 * inter,)), ("down_proj.bias", b_down, (hidden,)),
+        ("q_norm.weight", q_norm, (args.head_dim,)), ("k_norm.weight", k_norm, (args.head_dim,)),
+    ]  # fmt: skip
+    for name, tensor, shape in expected:
+        check_shape(f"{p}{name}", tensor, shape)
     return LayerWeights(
         input_norm=n1,
         wqkv=quant.matrix(p + "self_attn.q/k/v_proj", torch.cat([q, k, v])),
@@ -164,7 +188,18 @@ def _load_layer(
         b_gate_up=b_gate_up,
         w_down=quant.matrix(p + "mlp.down_proj", down),
         b_down=b_down,
+        q_norm=q_norm,
+        k_norm=k_norm,
     )
+
+
+def check_shape(name: str, tensor: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+    """A tensor has the shape config.json implies (a mismatch means another architecture)."""
+    if tensor is not None and tuple(tensor.shape) != shape:
+        raise FailedPrecondition(
+            f"tensor {name} has shape {list(tensor.shape)}, config.json implies {list(shape)}: "
+            "the checkpoint is not the architecture its config describes"
+        )
 
 
 def load_range(
@@ -196,15 +231,23 @@ def load_range(
 
     if start == 0:
         weights.embed = rows("model.embed_tokens.weight")
+        check_shape("model.embed_tokens.weight", weights.embed, (args.vocab_size, args.hidden_size))
     if end == args.num_layers:
         (weights.final_norm,) = source.load(["model.norm.weight"], dtype, device)
-        if args.tie_word_embeddings or not source.has("lm_head.weight"):
+        if args.tie_word_embeddings:
             # Tied head: the embedding matrix, shared with `embed` when this stage has both.
             weights.head = (
                 weights.embed if weights.embed is not None else rows("model.embed_tokens.weight")
             )
-        else:
+        elif source.has("lm_head.weight"):
             weights.head = rows("lm_head.weight")
+        else:  # never the embedding in its place: another model's output
+            raise FailedPrecondition(
+                "config.json says tie_word_embeddings=false but the checkpoint has no "
+                "lm_head.weight: give the whole checkpoint (or a config that ties the head)"
+            )
+        check_shape("lm_head.weight", weights.head, (args.vocab_size, args.hidden_size))
+        check_shape("model.norm.weight", weights.final_norm, (args.hidden_size,))
     return weights
 
 

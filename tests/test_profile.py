@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from orchestrator.plan import LayerRange
 from orchestrator.profile import ModelProfile, StageCapacity
-from protos.errors import InvalidArgument
+from protos.errors import FailedPrecondition, InvalidArgument
 from protos.model_files import LlamaArgs
 from stage_service.weights import load_range, weight_bytes
 from tests.conftest import TINY_CONFIGS, make_tiny_model
@@ -71,25 +71,34 @@ def test_tied_and_untied_heads(tiny_root, name):
         assert profile.head_bytes == tensors["lm_head.weight"].nbytes
 
 
-@pytest.mark.parametrize(
-    "config_tied, file_has_head", [(False, False), (True, True)], ids=["no-head", "tied-config"]
-)
-def test_the_head_is_tied_exactly_when_a_stage_loads_the_embeddings_as_head(
-    tiny_root, tmp_path, config_tied, file_has_head
-):
-    """Checkpoints whose config and files disagree: untied in config.json but no lm_head tensor
-    (the stage uses the embeddings), tied in config.json with an lm_head tensor too (the stage
-    ignores it). The profile must count the bytes the stage really holds, for one stage holding
-    everything (a tied head shares the embedding matrix) and for a last stage alone."""
+def test_an_untied_config_without_a_head_is_refused_by_profile_and_stage(tiny_root, tmp_path):
+    """Untied in config.json but no lm_head tensor: once served with the embedding as its head
+    (another model's output); now the planner and the stage refuse it, naming the tensor."""
     from safetensors.torch import save_file
 
     source = make_tiny_model(tiny_root, "gqa")  # untied, lm_head stored
     tensors = actual_tensors(source)
-    if not file_has_head:
-        del tensors["lm_head.weight"]
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps(config(source)))
+    with pytest.raises(FailedPrecondition, match="no lm_head.weight"):
+        ModelProfile.from_model_dir(tmp_path)
+    args = LlamaArgs.from_config(config(tmp_path))
+    with pytest.raises(FailedPrecondition, match="no lm_head.weight"):
+        load_range(tmp_path, args, 0, args.num_layers, torch.float32, torch.device("cpu"))
+
+
+def test_the_head_is_tied_exactly_when_a_stage_loads_the_embeddings_as_head(tiny_root, tmp_path):
+    """A checkpoint tied in config.json with an lm_head tensor too: the stage ignores the tensor.
+    The profile must count the bytes the stage really holds, for one stage holding everything
+    (a tied head shares the embedding matrix) and for a last stage alone."""
+    from safetensors.torch import save_file
+
+    source = make_tiny_model(tiny_root, "gqa")  # untied, lm_head stored
+    tensors = actual_tensors(source)
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     (tmp_path / "config.json").write_text(
-        json.dumps(config(source) | {"tie_word_embeddings": config_tied})
+        json.dumps(config(source) | {"tie_word_embeddings": True})
     )
     profile = ModelProfile.from_model_dir(tmp_path)
     assert profile.tied and profile.head_bytes == profile.embed_bytes

@@ -44,6 +44,7 @@ typedef struct {
     int64_t hidden, heads, kv_heads, head_dim, inter, act;
     float eps;
     const float *norm1, *norm2; /* float32 copies of the norms' weights */
+    const float *q_norm, *k_norm; /* [head_dim] each: per-head RMSNorm of q and k (Qwen3), or NULL */
     QMat qkv, o, gate_up, down;
 } Layer;
 
@@ -175,6 +176,9 @@ void layer_rows(const Layer *L, float *x, int64_t M, const float *cos, const flo
     mat(&L->qkv, h, M, qkv, xs, threads, act);
     for (int64_t m = 0; m < M; m++) {
         float *row = qkv + m * qkv_n;
+        if (L->q_norm) /* each head on its own, before RoPE (in place: a head is read, then written) */
+            for (int64_t j = 0; j < nh + nkv; j++)
+                rms_norm(row + j * D, j < nh ? L->q_norm : L->k_norm, D, L->eps, row + j * D, act);
         for (int64_t j = 0; j < nh + nkv; j++) rope(row + j * D, cos + m * D, sin + m * D, D, act);
         const float *k_new = row + nh * D, *v_new = k_new + nkv * D;
         for (int64_t j = 0; j < nkv; j++)
