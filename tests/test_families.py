@@ -90,16 +90,18 @@ def test_each_family_generates_as_transformers(family_root, name, mode, stages):
     assert spec.token_ids == reference_greedy(model_dir, PROMPT + PROMPT, 8)
 
 
+@pytest.mark.parametrize("mode", ["auto", "off"])
 @pytest.mark.parametrize("setting", ["int8", "int4"])
 @pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral"])
 def test_each_family_quantized_generates_as_transformers_dequantized(
-    family_root, tmp_path, name, setting
+    family_root, tmp_path, name, setting, mode
 ):
     model_dir = make_family_model(family_root, name)
     reference = tmp_path / "dequantized"
     write_dequantized(model_dir, reference, Quantization(setting, 32))
     expected = reference_greedy(reference, PROMPT, NEW_TOKENS)
-    options = dict(stage_options=dict(quantize=setting, quant_group=32), speculate="off")
+    stage = dict(quantize=setting, quant_group=32, batch_invariant=mode)
+    options = dict(stage_options=stage, speculate="off")
     with in_process_mesh(model_dir, 2, **options) as mesh:
         got = mesh.client.generate(token_ids=PROMPT, max_new_tokens=NEW_TOKENS)
     assert got.token_ids == expected
