@@ -71,18 +71,21 @@ def family_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("families")
 
 
-# --batch-invariant: on a CPU auto is the C layer (the default) and off the torch path; on a GPU
-# auto is the torch path with static KV and CUDA graphs, on the Triton kernels.
-MODES = ["auto", "off"] + (["on"] if torch.cuda.is_available() else [])
+# (device, --batch-invariant): on a CPU auto is the C layer (the default) and off the torch path;
+# on a GPU auto is the torch path with static KV and CUDA graphs, on the Triton kernels.
+MODES = [("cpu", "auto"), ("cpu", "off")]
+if torch.cuda.is_available():
+    MODES += [("cuda", "auto"), ("cuda", "on")]
 
 
 @pytest.mark.parametrize("stages", [2, 3])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("device, mode", MODES)
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_each_family_generates_as_transformers(family_root, name, mode, stages):
+def test_each_family_generates_as_transformers(family_root, name, device, mode, stages):
     model_dir = make_family_model(family_root, name)
     expected = reference_greedy(model_dir, PROMPT, NEW_TOKENS)
-    options = dict(stage_options=dict(batch_invariant=mode, dtype="float32"), speculate="off")
+    stage = dict(device=device, batch_invariant=mode, dtype="float32")
+    options = dict(stage_options=stage, speculate="off")
     with in_process_mesh(model_dir, stages, **options) as mesh:
         got = mesh.client.generate(token_ids=PROMPT, max_new_tokens=NEW_TOKENS)
         spec = mesh.client.generate(token_ids=PROMPT + PROMPT, max_new_tokens=8, speculate="lookup")
