@@ -111,7 +111,7 @@ def start_mesh(
     `procs` (the caller stops them) and returns the orchestrator's address once it serves."""
     from client.client import Client
     from client.launcher import Process
-    from protos.stage_auth import key_env
+    from protos.shared.stage_auth import key_env
 
     os.environ.update(key_env(log_dir))  # the stage processes and the orchestrator share a key
     addresses = []
@@ -244,7 +244,7 @@ def in_process_numbers(model: Path, results: dict) -> None:
     """The whole model as one range on cuda:0, no gRPC: decode step time through the static
     decoder (CUDA graphs) at 1 and 64 rows, and logits for the parity check: every prompt
     position from the general path, the last 8 from decode steps (the graphs)."""
-    from protos.model_files import LlamaArgs, read_config
+    from protos.shared.model_files import LlamaArgs, read_config
     from stage_service.decode import StaticDecoder
     from stage_service.kv_cache import CacheShape, SessionCache
     from stage_service.model import RangeModel, Segment

@@ -27,7 +27,7 @@ from gpu_bench import PROMPT, make_model, start_mesh, stop  # noqa: E402
 
 
 def in_process(model: Path, invariant: bool, results: dict) -> torch.Tensor:
-    from protos.model_files import LlamaArgs, read_config
+    from protos.shared.model_files import LlamaArgs, read_config
     from stage_service.decode import StaticDecoder
     from stage_service.fused_layers import range_model
     from stage_service.kv_cache import CacheShape, SessionCache
@@ -72,7 +72,7 @@ def tiles(model: Path, configs: list[str], results: dict) -> None:
     default kernels): a 64-session prefill (64 x 32 rows, one forward) and a 1- and 64-row
     decode step without graphs, medians of 5; and whether slot 0 decoded alone equals it
     decoded beside 63 others."""
-    from protos.model_files import LlamaArgs, read_config
+    from protos.shared.model_files import LlamaArgs, read_config
     from stage_service import invariant_gpu
     from stage_service.fused_layers import range_model
     from stage_service.kv_cache import CacheShape, SessionCache

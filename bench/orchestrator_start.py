@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from client.client import Client  # noqa: E402
-from protos.stage_auth import key_env  # noqa: E402
+from protos.shared.stage_auth import key_env  # noqa: E402
 
 KEY_DIR = tempfile.mkdtemp(prefix="llamadist-bench-key-")
 

@@ -34,7 +34,7 @@ from client.client import Client  # noqa: E402
 from client.default_model import default_model_dir  # noqa: E402
 from client.launcher import LocalMesh  # noqa: E402
 from orchestrator.weight_shipping import WeightShipper  # noqa: E402
-from protos.model_files import model_fingerprint  # noqa: E402
+from protos.shared.model_files import model_fingerprint  # noqa: E402
 
 
 def run(

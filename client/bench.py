@@ -264,7 +264,7 @@ def plot(results: dict, path: Path) -> str:
 def run(a: argparse.Namespace) -> int:
     from client.default_model import fetch_default
     from client.launcher import LocalMesh
-    from protos.knobs import check_value
+    from protos.shared.knobs import check_value
     from stage_service.config import StageConfig
 
     model = Path(a.model) if a.model else fetch_default()

@@ -21,7 +21,7 @@ from client import commands_plan as plan
 from client import commands_services as services
 from client.client import ClientError
 from protos.errors import InvalidArgument, LlamadistError
-from protos.logs import TEXT_FORMAT
+from protos.shared.logs import TEXT_FORMAT
 
 
 class Parser(argparse.ArgumentParser):

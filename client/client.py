@@ -17,8 +17,8 @@ from google.protobuf.json_format import MessageToDict
 
 from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
-from protos.security import bearer_metadata, channel_credentials
-from protos.serving import GRPC_OPTIONS
+from protos.shared.security import bearer_metadata, channel_credentials
+from protos.shared.serving import GRPC_OPTIONS
 
 FINISH_NAMES = {pb.EOS: "eos", pb.LENGTH: "length", pb.STOP: "stop"}
 

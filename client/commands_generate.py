@@ -9,9 +9,9 @@ import sys
 
 from client import server_flags
 from orchestrator.drafting import SPECULATE_MODES
-from protos.knobs import checked, non_negative, positive
 from protos.limits import DEFAULT_MAX_NEW_TOKENS
 from protos.sampling import Sampling
+from protos.shared.knobs import checked, non_negative, positive
 
 
 def _sampling_arguments(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from protos.knobs import checked, positive
+from protos.shared.knobs import checked, positive
 
 
 def _writable_target(path: str) -> None:
@@ -69,7 +69,7 @@ def split_ranges(model: Path, stages: int, strategy: str, max_memory: str, bound
 
 
 def run_split(a: argparse.Namespace) -> int:
-    from protos.submodel import split
+    from protos.shared.submodel import split
 
     model = Path(a.model)
     _writable_target(a.out)

@@ -11,7 +11,7 @@ import threading
 from client import server_flags
 from client.client import stage_health
 from orchestrator.strategies import STRATEGIES
-from protos.knobs import checked, non_negative, split_list
+from protos.shared.knobs import checked, non_negative, split_list
 
 
 def _strategy_arguments(p: argparse.ArgumentParser) -> None:

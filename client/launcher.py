@@ -156,7 +156,7 @@ class LocalMesh:
         """Without TLS, the stage key (made once in the log directory): stages refuse to start
         without a credential."""
         if not self.tls_ca and not self.stage_key_file:
-            from protos.stage_auth import make_stage_key
+            from protos.shared.stage_auth import make_stage_key
 
             self.stage_key_file = str(self.log_dir / "stage-key")
             make_stage_key(self.stage_key_file)

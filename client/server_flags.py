@@ -8,7 +8,7 @@ import argparse
 import os
 
 from client.client import Client
-from protos.knobs import checked, host_port, readable_file
+from protos.shared.knobs import checked, host_port, readable_file
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 

@@ -1,4 +1,4 @@
-"""The orchestrator process's one frozen config. Each field is a knob (protos/knobs.py): its
+"""The orchestrator process's one frozen config. Each field is a knob (protos/shared/knobs.py): its
 default, help and check are written here once; `llamadist orchestrator` derives its flags and
 the LLAMADIST_ORCHESTRATOR_<FIELD> environment defaults from them."""
 
@@ -16,7 +16,8 @@ from orchestrator.strategies import (
     spec_from_text,
 )
 from protos.errors import InvalidArgument
-from protos.knobs import (
+from protos.limits import MAX_DRAFT_TOKENS
+from protos.shared.knobs import (
     ConfigError,
     ServiceConfig,
     host_port,
@@ -26,8 +27,7 @@ from protos.knobs import (
     readable_file,
     split_list,
 )
-from protos.limits import MAX_DRAFT_TOKENS
-from protos.stage_auth import key_file_problem
+from protos.shared.stage_auth import key_file_problem
 
 ENV_PREFIX = "LLAMADIST_ORCHESTRATOR"
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from orchestrator.tokenizer import Tokenizer
 from protos.errors import FailedPrecondition, InvalidArgument, LlamadistError
-from protos.knobs import ConfigError
-from protos.model_files import LlamaArgs, TensorIndex, read_config
 from protos.sampling import Sampling
+from protos.shared.knobs import ConfigError
+from protos.shared.model_files import LlamaArgs, TensorIndex, read_config
 from stage_service.config import StageConfig
 from stage_service.stage import Stage, StepInput
 

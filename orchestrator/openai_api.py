@@ -28,7 +28,7 @@ from orchestrator.metrics import CONTENT_TYPE
 from orchestrator.orchestrator import Orchestrator
 from protos import errors
 from protos import llamadist_pb2 as pb
-from protos.security import ApiKeyInterceptor
+from protos.shared.security import ApiKeyInterceptor
 from protos.status import code_of
 
 log = logging.getLogger(__name__)

@@ -26,9 +26,9 @@ from orchestrator.tokenizer import Tokenizer
 from orchestrator.weight_shipping import WeightShipper
 from protos import llamadist_pb2 as pb
 from protos.errors import FailedPrecondition, InvalidArgument, LlamadistError, Unavailable
-from protos.model_files import LlamaArgs, model_fingerprint, read_config
-from protos.standard_services import ReadinessHealth
-from protos.submodel import describe
+from protos.shared.model_files import LlamaArgs, model_fingerprint, read_config
+from protos.shared.standard_services import ReadinessHealth
+from protos.shared.submodel import describe
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from orchestrator.plan import LayerRange
 from protos.errors import FailedPrecondition, InvalidArgument
-from protos.model_files import LlamaArgs, TensorIndex, read_config
+from protos.shared.model_files import LlamaArgs, TensorIndex, read_config
 
 _LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 EMBED = "model.embed_tokens.weight"

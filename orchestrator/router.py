@@ -26,7 +26,7 @@ from orchestrator.replicas import Position, Replica, ReplicaPool, split_group
 from orchestrator.stage_client import StageClient
 from protos import llamadist_pb2 as pb
 from protos.errors import Cancelled, FailedPrecondition, LlamadistError, NotFound, Unavailable
-from protos.step_link import reply_error
+from protos.shared.step_link import reply_error
 
 log = logging.getLogger(__name__)
 

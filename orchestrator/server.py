@@ -10,9 +10,9 @@ import grpc
 from orchestrator.config import OrchestratorConfig
 from orchestrator.orchestrator import Orchestrator
 from orchestrator.servicer import OrchestratorServicer
-from protos import security
-from protos.serving import listening_server, run_until_signal
-from protos.stage_auth import load_stage_key
+from protos.shared import security
+from protos.shared.serving import listening_server, run_until_signal
+from protos.shared.stage_auth import load_stage_key
 
 log = logging.getLogger(__name__)
 

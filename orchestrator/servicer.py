@@ -14,7 +14,7 @@ from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
 from protos.errors import InvalidArgument, LlamadistError, Unauthenticated
 from protos.limits import DEFAULT_MAX_NEW_TOKENS, check_session_id
-from protos.security import ApiKeyInterceptor
+from protos.shared.security import ApiKeyInterceptor
 from protos.status import grpc_errors
 
 FINISH = {"eos": pb.EOS, "length": pb.LENGTH, "stop": pb.STOP, "": pb.FINISH_REASON_UNSPECIFIED}

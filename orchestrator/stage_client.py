@@ -1,5 +1,5 @@
 """The orchestrator's link to one stage: a channel, deadlines, errors that name the stage, and
-one long-lived step link (protos.step_link) that is also this orchestrator's outlet there."""
+one long-lived step link (protos.shared.step_link) that is also this orchestrator's outlet there."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import grpc
 from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
 from protos.errors import Unavailable
-from protos.stage_auth import stage_channel
+from protos.shared.stage_auth import stage_channel
+from protos.shared.step_link import OnReply, StepLink
 from protos.status import from_rpc_error
-from protos.step_link import OnReply, StepLink
 
 LINK_OPEN_S = 10.0  # a stage must confirm a new step link within this
 REFUSED_CALLER = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
@@ -33,8 +33,8 @@ class StageClient:
         on_reply: OnReply | None = None,
         on_broken: Callable[[str, Exception], None] | None = None,
     ):
-        """`channel_credentials` (protos.security.channel_credentials): mutual TLS toward the
-        stage; None = plaintext. `stage_key`: sent on every call (protos.stage_auth); None =
+        """`channel_credentials` (protos.shared.security.channel_credentials): mutual TLS toward the
+        stage; None = plaintext. `stage_key`: sent on every call (protos.shared.stage_auth); None =
         none. The step link declares `origin` and hands every answer that
         arrives on it to `on_reply`; `on_broken(address, error)` when it ends."""
         self.address = address

@@ -24,10 +24,10 @@ import grpc
 
 from protos import llamadist_pb2 as pb
 from protos.errors import LlamadistError, Unavailable
-from protos.model_files import LlamaArgs, read_config, safetensors_files, safetensors_header
+from protos.shared.model_files import LlamaArgs, read_config, safetensors_files, safetensors_header
+from protos.shared.submodel import head_tensor, range_tensors
+from protos.shared.transfer import file_digest, progress_text
 from protos.status import from_rpc_error
-from protos.submodel import head_tensor, range_tensors
-from protos.transfer import file_digest, progress_text
 
 log = logging.getLogger(__name__)
 

@@ -1,3 +1,4 @@
-"""The wire contract (llamadist.proto, generated code beside it by `make protos`) and the few
-helpers both services share at the wire boundary: domain errors (`errors`), their mapping to gRPC
-status codes (`status`) and the tensor codec (`codec`)."""
+"""The wire contract: llamadist.proto (its generated code beside it, by `make protos`), the tensor
+codec (`codec`), domain errors (`errors`) and their gRPC status codes (`status`), input limits
+(`limits`) and sampling values (`sampling`). What the services share besides the wire lives in
+`protos.shared` (its docstring maps it: configuration, model files, security, serving, logs)."""

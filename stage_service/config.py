@@ -1,5 +1,5 @@
-"""The stage process's one frozen config. Each field is a knob (protos/knobs.py): its default,
-help and check are written here once; `llamadist stage` derives its flags and the
+"""The stage process's one frozen config. Each field is a knob (protos/shared/knobs.py): its
+default, help and check are written here once; `llamadist stage` derives its flags and the
 LLAMADIST_STAGE_<FIELD> environment defaults from them. No torch at import: the command line
 builds its parser from this module."""
 
@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from protos.knobs import ConfigError, ServiceConfig, in_range, knob, non_negative, positive
-from protos.stage_auth import key_file_problem
+from protos.shared.default_model import default_model_dir
+from protos.shared.knobs import ConfigError, ServiceConfig, in_range, knob, non_negative, positive
+from protos.shared.stage_auth import key_file_problem
 
 if TYPE_CHECKING:
     import torch
@@ -38,8 +39,6 @@ def _device(name: str) -> str | None:
 
 def _default_stage_model() -> str:
     """The default model's directory where this host has it, else none (--fetch-weights)."""
-    from client.default_model import default_model_dir
-
     path = default_model_dir()
     return str(path) if (path / "config.json").is_file() else ""
 

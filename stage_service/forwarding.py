@@ -30,9 +30,9 @@ from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
 from protos.errors import InvalidArgument, LlamadistError, PermissionDenied, Unavailable
 from protos.limits import MAX_BATCH_BYTES, split_by_size
-from protos.stage_auth import stage_channel
+from protos.shared.stage_auth import stage_channel
+from protos.shared.step_link import StepLink
 from protos.status import code_of
-from protos.step_link import StepLink
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from protos.errors import FailedPrecondition
-from protos.model_files import LlamaArgs
+from protos.shared.model_files import LlamaArgs
 from stage_service import cpu_kernels
 from stage_service.model import RangeModel, RangeWeights, Segment
 from stage_service.quant import Int4Weight, Int8Weight

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from protos.model_files import LlamaArgs
+from protos.shared.model_files import LlamaArgs
 from stage_service.model import LayerWeights, apply_rope
 
 # One configuration per kernel for every shape (changing it per shape would break invariance).

@@ -2,7 +2,7 @@
 
 RMSNorm, RoPE (default, linear and llama3 scaling), GQA attention over a per-session KV cache,
 SwiGLU MLP, optional q/k/v, output and MLP biases, per-head q/k RMSNorm (Qwen3), tied or untied
-head: the families of protos/model_family.py. transformers' LlamaForCausalLM is
+head: the families of protos/shared/model_family.py. transformers' LlamaForCausalLM is
 the reference: tests/test_model_parity.py compares logits on the same weights.
 
 Shapes: a step is N rows, the tokens of one or more sessions (one `Segment` each); hidden states
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from protos.errors import InvalidArgument
-from protos.model_files import LlamaArgs
+from protos.shared.model_files import LlamaArgs
 from stage_service.quant import QuantWeight, embedding, linear
 
 

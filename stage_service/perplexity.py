@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from protos.model_files import LlamaArgs, read_config
+from protos.shared.model_files import LlamaArgs, read_config
 from stage_service.fused_layers import range_model
 from stage_service.model import Segment
 from stage_service.weights import Quantization, load_range

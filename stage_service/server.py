@@ -1,7 +1,8 @@
 """Builds the stage gRPC server (`build_server`) apart from running it (`serve`).
 
 Its credential: mutual TLS (callers need a certificate of --tls-ca) and/or the mesh's stage key
-(protos/stage_auth.py), which the stage also sends on its links to next stages. Without either
+(protos/shared/stage_auth.py), which the stage also sends on its links to next stages. Without
+either
 it refuses to start, unless --insecure-open-stage; then it warns at every start."""
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import logging
 import grpc
 import torch
 
-from protos.security import channel_credentials, server_credentials
-from protos.serving import listening_server, run_until_signal
-from protos.stage_auth import StageKeyInterceptor, load_stage_key
+from protos.shared.security import channel_credentials, server_credentials
+from protos.shared.serving import listening_server, run_until_signal
+from protos.shared.stage_auth import StageKeyInterceptor, load_stage_key
 from stage_service.config import StageConfig
 from stage_service.forwarding import Forwarder
 from stage_service.servicer import StageServicer

@@ -15,7 +15,7 @@ from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
 from protos.errors import Cancelled, InvalidArgument, LlamadistError
 from protos.sampling import Sampling
-from protos.standard_services import ReadinessHealth
+from protos.shared.standard_services import ReadinessHealth
 from protos.status import grpc_errors
 from stage_service.batcher import Job
 from stage_service.forwarding import (

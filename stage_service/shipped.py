@@ -17,9 +17,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from protos.errors import FailedPrecondition, InvalidArgument, LlamadistError
-from protos.model_files import LlamaArgs, TensorIndex
-from protos.submodel import EMBED, layer_of
-from protos.transfer import progress_text
+from protos.shared.model_files import LlamaArgs, TensorIndex
+from protos.shared.submodel import EMBED, layer_of
+from protos.shared.transfer import progress_text
 from stage_service.weight_cache import Entry, OfferAnswer, WeightCache
 from stage_service.weights import WIRE_DTYPES, Blob, TensorSource
 

@@ -27,9 +27,9 @@ from protos.errors import (
     OutOfRange,
 )
 from protos.limits import MAX_BATCH_BYTES, MAX_DRAFT_TOKENS, check_session_id
-from protos.model_files import TensorIndex, read_config
 from protos.sampling import Sampling
-from protos.submodel import Held, describe, held, layer_of
+from protos.shared.model_files import TensorIndex, read_config
+from protos.shared.submodel import Held, describe, held, layer_of
 from stage_service import cpu_kernels
 from stage_service.batcher import Batcher, Job
 from stage_service.config import StageConfig

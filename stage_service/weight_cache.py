@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protos.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from protos.transfer import file_digest
+from protos.shared.transfer import file_digest
 
 log = logging.getLogger(__name__)
 

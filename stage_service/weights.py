@@ -1,6 +1,6 @@
 """Reads a model directory (config.json + *.safetensors): only the tensors of one layer range, by
 name, so a stage never holds the whole model. What the files hold (config, tensor names, the
-fingerprint) is read without torch by protos/model_files.py; here the tensors are loaded.
+fingerprint) is read without torch by protos/shared/model_files.py; here the tensors are loaded.
 
 Every tensor loaded is the stage's own memory, never a view of a file: safetensors and the
 weights cache would otherwise hand out memory maps, through which a float32 stage (no dtype
@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from protos.errors import FailedPrecondition, InvalidArgument, LlamadistError
-from protos.model_files import LlamaArgs, TensorIndex
+from protos.shared.model_files import LlamaArgs, TensorIndex
 from stage_service.model import LayerWeights, RangeWeights
 from stage_service.quant import key, quantize_matrix, quantize_rows, tensor_bytes
 

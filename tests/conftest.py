@@ -24,7 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from client.client import Client
 from orchestrator.config import OrchestratorConfig
 from orchestrator.server import build_server as build_orchestrator
-from protos.stage_auth import HEADER, load_stage_key, make_stage_key, stage_channel
+from protos.shared.stage_auth import HEADER, load_stage_key, make_stage_key, stage_channel
 from stage_service.config import StageConfig
 from stage_service.server import build_server as build_stage
 

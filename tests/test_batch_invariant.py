@@ -12,7 +12,7 @@ import threading
 import pytest
 import torch
 
-from protos.model_files import LlamaArgs, read_config
+from protos.shared.model_files import LlamaArgs, read_config
 from stage_service.fused_layers import range_model
 from stage_service.model import Segment
 from stage_service.weights import Quantization, load_range

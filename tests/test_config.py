@@ -18,7 +18,7 @@ from client.cli import build_parser, main
 from orchestrator.config import ENV_PREFIX as ORCHESTRATOR_ENV
 from orchestrator.config import OrchestratorConfig
 from orchestrator.strategies import STRATEGIES
-from protos.knobs import (
+from protos.shared.knobs import (
     ConfigError,
     ServiceConfig,
     add_flags,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from protos.model_files import LlamaArgs, read_config
+from protos.shared.model_files import LlamaArgs, read_config
 from stage_service.decode import StaticDecoder
 from stage_service.kv_cache import CacheShape, SessionCache
 from stage_service.model import RangeModel, Segment

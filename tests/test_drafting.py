@@ -71,7 +71,7 @@ def test_policy_refuses_unknown_and_unavailable_modes():
 def test_speculation_flags_are_checked(tmp_path, capsys):
     from client.cli import main
     from orchestrator.config import OrchestratorConfig
-    from protos.knobs import ConfigError
+    from protos.shared.knobs import ConfigError
 
     (tmp_path / "config.json").write_text("{}")
     model = str(tmp_path)

@@ -11,7 +11,7 @@ import pytest
 
 from client.client import ClientError
 from orchestrator.stage_client import StageClient
-from protos.stage_auth import load_stage_key
+from protos.shared.stage_auth import load_stage_key
 from tests.conftest import in_process_mesh, make_tiny_model, reference_greedy, stage_key_file
 
 PROMPT = [7, 3, 99, 12, 45, 60, 2, 81, 33, 5, 18, 70]

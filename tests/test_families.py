@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from protos.errors import FailedPrecondition
-from protos.model_files import LlamaArgs, read_config
+from protos.shared.model_files import LlamaArgs, read_config
 from stage_service.config import StageConfig
 from stage_service.stage import Stage
 from stage_service.weights import Quantization, write_dequantized
@@ -210,7 +210,7 @@ def test_a_tensor_of_another_shape_is_refused(family_root, tmp_path):
 def test_families_over_submodels_and_weights_over_the_wire(family_root, tmp_path, name):
     """A family's own tensors (q/k/v biases, q/k norms) go where its layers go: into each
     stage's submodel, and over the wire to stages without a model directory."""
-    from protos.submodel import split
+    from protos.shared.submodel import split
     from tests.conftest import fetching
 
     model_dir = make_family_model(family_root, name)

@@ -51,8 +51,8 @@ from transformers import AutoTokenizer
 from client.client import Client
 from client.launcher import LocalMesh
 from protos import llamadist_pb2 as pb
-from protos.serving import GRPC_OPTIONS
-from protos.stage_auth import load_stage_key, stage_channel
+from protos.shared.serving import GRPC_OPTIONS
+from protos.shared.stage_auth import load_stage_key, stage_channel
 from tests.conftest import make_tokenizer_model, reference_greedy
 
 pytestmark = pytest.mark.slow
@@ -249,7 +249,7 @@ def sampling_params(draw) -> pb.SamplingParams:
 
 
 def parses(request_type, raw: bytes) -> bool:
-    """Whether `raw` is a valid message (as protos/handlers.py parses it)."""
+    """Whether `raw` is a valid message (as protos/shared/handlers.py parses it)."""
     try:
         request_type.FromString(raw)
     except (DecodeError, RuntimeError, ValueError):

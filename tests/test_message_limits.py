@@ -12,7 +12,7 @@ import stage_service.stage as stage_module
 from protos import llamadist_pb2 as pb
 from protos.errors import InvalidArgument
 from protos.limits import split_by_size
-from protos.step_link import StepLink
+from protos.shared.step_link import StepLink
 from tests.test_stage_grpc import Stages, _forward_stream, fake_link
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from protos.model_files import LlamaArgs, read_config
+from protos.shared.model_files import LlamaArgs, read_config
 from stage_service.kv_cache import CacheShape, SessionCache
 from stage_service.model import RangeModel, Segment
 from stage_service.weights import load_range

@@ -24,9 +24,9 @@ NEW_TOKENS = 16
 STAGE_PORT = 7000
 ORCHESTRATOR_PORT = 50051
 HOSTS = ["orchestrator", "stage0", "stage1"]
-# README: "keepalive pings find a dead link within ~2 s" (protos/serving.py: a ping each 1 s and
-# 1 s for its answer, which here also bounds a step's unacknowledged bytes) and "with no live
-# replica, the request fails in about a second"; the slack is room for a loaded machine. Timed
+# README: "keepalive pings find a dead link within ~2 s" (protos/shared/serving.py: a ping each
+# 1 s and 1 s for its answer, which here also bounds a step's unacknowledged bytes) and "with no
+# live replica, the request fails in about a second"; the slack is room for a loaded machine. Timed
 # from the cut taking effect (`ip link del` has returned) to the UNAVAILABLE reaching a client
 # that was connected and waiting before the cut: starting a process is not in it.
 FIND_DEAD_LINK_S = 2.0
@@ -134,7 +134,7 @@ def test_mesh_across_namespaces(default_model, loopback_ids, tmp_path):
             f"promises keepalive pings find a dead link within ~{FIND_DEAD_LINK_S:.0f} s and a "
             f"request with no live replica fails in about {FAIL_WITHOUT_REPLICA_S:.0f} s "
             f"(bound {bound:.0f} s with {SLACK_S:.0f} s of slack), long before the 60 s step "
-            "deadline: are the orchestrator's keepalive options (protos/serving.py) in force?"
+            "deadline: are the orchestrator's keepalive options (shared/serving.py) in force?"
         )
         assert got["code"] == "UNAVAILABLE", answer
         assert f"stage 1 ({addresses[1]})" in got["message"], answer
@@ -178,7 +178,7 @@ def test_weights_over_the_wire_across_namespaces(default_model, loopback_ids, tm
     if reason:
         require_or_skip("netns", f"netns weights test: {reason}")
     from orchestrator.weight_shipping import WeightShipper
-    from protos.model_files import model_fingerprint
+    from protos.shared.model_files import model_fingerprint
 
     model = str(default_model)
     caches = {h: tmp_path / f"weights-{h}" for h in HOSTS[1:]}

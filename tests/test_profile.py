@@ -14,7 +14,7 @@ from safetensors import safe_open
 from orchestrator.plan import LayerRange
 from orchestrator.profile import ModelProfile, StageCapacity
 from protos.errors import FailedPrecondition, InvalidArgument
-from protos.model_files import LlamaArgs
+from protos.shared.model_files import LlamaArgs
 from stage_service.weights import load_range, weight_bytes
 from tests.conftest import TINY_CONFIGS, make_tiny_model
 

@@ -151,7 +151,7 @@ def test_fused_layer_equals_the_torch_path(tiny_root, name, setting, rows):
     """A quantized CPU range runs a step of one session and few rows (a decode token, or a
     token and the drafts of a verify step) with one C call per layer (fused_layers.py); its
     hidden states and cache equal the torch path's on the same weights, cache and positions."""
-    from protos.model_files import LlamaArgs, read_config
+    from protos.shared.model_files import LlamaArgs, read_config
     from stage_service.fused_layers import range_model
     from stage_service.model import Segment
     from stage_service.weights import load_range
@@ -201,7 +201,7 @@ def test_the_planner_counts_the_bytes_a_stage_holds(tiny_root, fmt):
     equal what weights.load_range holds, for a first, a middle and a last range."""
     from orchestrator.plan import LayerRange
     from orchestrator.profile import ModelProfile
-    from protos.model_files import LlamaArgs, read_config
+    from protos.shared.model_files import LlamaArgs, read_config
     from stage_service.weights import load_range, weight_bytes
 
     model_dir = make_tiny_model(tiny_root, "untied_mha")

@@ -21,7 +21,7 @@ from orchestrator.config import OrchestratorConfig
 from orchestrator.orchestrator import Orchestrator
 from orchestrator.server import build_server as build_orchestrator
 from protos import llamadist_pb2_grpc as pb_grpc
-from protos.serving import GRPC_OPTIONS
+from protos.shared.serving import GRPC_OPTIONS
 from stage_service.config import StageConfig
 from stage_service.server import build_server as build_stage
 from stage_service.stage import Stage

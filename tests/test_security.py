@@ -28,9 +28,9 @@ from orchestrator.server import build_server as build_orchestrator
 from orchestrator.stage_client import StageClient
 from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
-from protos import security
 from protos.errors import Unavailable
-from protos.knobs import ConfigError
+from protos.shared import security
+from protos.shared.knobs import ConfigError
 from stage_service.config import StageConfig
 from stage_service.server import build_server as build_stage
 from tests.conftest import (
@@ -265,7 +265,7 @@ def test_admin_key_may_do_everything(mesh, pki, model_dir):
 
 
 def test_every_orchestrator_rpc_has_a_role():
-    from protos.standard_services import HEALTH_METHODS, REFLECTION_METHOD
+    from protos.shared.standard_services import HEALTH_METHODS, REFLECTION_METHOD
 
     methods = (
         {
@@ -674,7 +674,7 @@ def test_a_call_on_a_closed_keyed_channel_raises_and_does_not_crash():
     so that a crash fails this test instead of ending the run."""
     code = (
         "from protos import llamadist_pb2 as pb, llamadist_pb2_grpc as pb_grpc\n"
-        "from protos.stage_auth import stage_channel\n"
+        "from protos.shared.stage_auth import stage_channel\n"
         "channel = stage_channel('127.0.0.1:9', key='k' * 16)\n"
         "stub = pb_grpc.StageStub(channel)\n"
         "channel.close()\n"

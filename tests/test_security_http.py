@@ -24,7 +24,7 @@ from orchestrator.server import start_http
 from orchestrator.servicer import caller_of
 from protos import llamadist_pb2 as pb
 from protos.errors import ResourceExhausted
-from protos.security import ApiKeyInterceptor
+from protos.shared.security import ApiKeyInterceptor
 from tests.conftest import in_process_mesh, make_tokenizer_model
 
 KEY = "client-key-0123456789abcdef"

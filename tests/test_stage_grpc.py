@@ -14,7 +14,7 @@ import torch
 from protos import codec
 from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
-from protos.step_link import StepLink, reply_error
+from protos.shared.step_link import StepLink, reply_error
 from stage_service.config import StageConfig
 from stage_service.server import build_server
 from tests.conftest import make_tiny_model, reference_model

@@ -102,7 +102,7 @@ def test_json_logs_are_one_object_per_line(capsys):
     import json
     import logging
 
-    from protos import logs
+    from protos.shared import logs
 
     root = logging.getLogger()
     saved = root.handlers[:], root.level

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from client.client import ClientError
 from client.commands_model import split_ranges
 from protos.errors import FailedPrecondition
-from protos.model_files import TensorIndex, model_fingerprint
-from protos.submodel import held, split
+from protos.shared.model_files import TensorIndex, model_fingerprint
+from protos.shared.submodel import held, split
 from stage_service.config import StageConfig
 from stage_service.stage import Stage
 from tests.conftest import TINY_CONFIGS, in_process_mesh, make_tiny_model, reference_greedy

@@ -30,7 +30,7 @@ def heavy_modules_after(code: str) -> list[str]:
 @pytest.mark.parametrize(
     "module",
     [
-        "protos.model_files",
+        "protos.shared.model_files",
         "orchestrator.orchestrator",
         "orchestrator.server",
         "client",

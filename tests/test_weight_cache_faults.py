@@ -24,7 +24,7 @@ from orchestrator import weight_shipping
 from orchestrator.weight_shipping import Transfer, WeightShipper
 from protos import llamadist_pb2 as pb
 from protos.errors import FailedPrecondition
-from protos.model_files import model_fingerprint, safetensors_files, safetensors_header
+from protos.shared.model_files import model_fingerprint, safetensors_files, safetensors_header
 from stage_service.config import StageConfig
 from stage_service.stage import Stage
 from stage_service.weight_cache import Entry, file_sha256

@@ -17,9 +17,9 @@ from client.client import ClientError
 from client.commands_plan import reload_with_progress
 from orchestrator import weight_shipping
 from protos.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from protos.knobs import ConfigError
-from protos.model_files import model_fingerprint
-from protos.submodel import split
+from protos.shared.knobs import ConfigError
+from protos.shared.model_files import model_fingerprint
+from protos.shared.submodel import split
 from stage_service.config import StageConfig
 from stage_service.stage import Stage
 from stage_service.weight_cache import Entry, WeightCache, file_sha256

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from protos.errors import LlamadistError
-from protos.security import check_tls_flags
+from protos.shared.default_model import default_model_dir
+from protos.shared.security import check_tls_flags
 
 REQUIRED: Any = MISSING  # knob(REQUIRED, ...): no default, the caller must give it
 GIVEN = "_knobs_given"  # namespace attribute: the dests given on the command line
@@ -139,10 +140,6 @@ def model_dir_or_none(path: str) -> str | None:
 
 
 def _default_model_dir() -> str:
-    # The default model's place is the client's to know (client/default_model.py, torch-free);
-    # imported when the default is made, so that protos imports nothing above it.
-    from client.default_model import default_model_dir
-
     return str(default_model_dir())
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import grpc
 
-from protos.standard_services import HEALTH_METHODS, REFLECTION_METHOD
+from protos.shared.standard_services import HEALTH_METHODS, REFLECTION_METHOD
 
 log = logging.getLogger(__name__)
 

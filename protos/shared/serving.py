@@ -10,9 +10,9 @@ from concurrent import futures
 
 import grpc
 
-from protos.handlers import add_service
 from protos.limits import MAX_MESSAGE_BYTES
-from protos.standard_services import ReadinessHealth, add_standard_services
+from protos.shared.handlers import add_service
+from protos.shared.standard_services import ReadinessHealth, add_standard_services
 
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -65,7 +65,7 @@ def listening_server(
 ) -> tuple[grpc.Server, int, ReadinessHealth]:
     """A server (not started) with `servicer` serving `llamadist.<service_name>` on host:port,
     and the standard Health (following `ready()`) and reflection services; port 0 picks a free
-    one. With `credentials` the port speaks TLS only (see protos/security.py), else plaintext.
+    one. With `credentials` the port speaks TLS only (protos/shared/security.py), else plaintext.
     A request message over `max_request_bytes` is refused RESOURCE_EXHAUSTED by gRPC itself,
     before it is decoded."""
     options = [o for o in GRPC_OPTIONS if o[0] != "grpc.max_receive_message_length"]

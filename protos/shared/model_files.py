@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from protos.errors import FailedPrecondition
-from protos.model_family import context_limit, family_of
+from protos.shared.model_family import context_limit, family_of
 
 # What config.json must name for LlamaArgs (the rest has defaults).
 LLAMA_KEYS = (
@@ -40,7 +40,7 @@ class LlamaArgs:
     o_bias: bool = False  # a bias on the output projection
     mlp_bias: bool = False
     qk_norm: bool = False  # RMSNorm of each q and k head before RoPE (Qwen3)
-    family: str = "llama"  # config.json's model_type (protos/model_family.py)
+    family: str = "llama"  # config.json's model_type (protos/shared/model_family.py)
 
     @classmethod
     def from_config(cls, cfg: dict) -> LlamaArgs:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protos.errors import FailedPrecondition, InvalidArgument
-from protos.model_files import LlamaArgs, TensorIndex, model_fingerprint, read_config
+from protos.shared.model_files import LlamaArgs, TensorIndex, model_fingerprint, read_config
 
 RECORD = "llamadist_submodel"
 EMBED, NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"

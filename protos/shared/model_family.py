@@ -42,14 +42,14 @@ FAMILIES = {
 }
 ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
 
-# Fields our code reads (protos.model_files.LlamaArgs.from_config) ...
+# Fields our code reads (protos.shared.model_files.LlamaArgs.from_config) ...
 IMPLEMENTED = {
     "model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size",
     "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
     "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings",
     "tie_word_embeddings", "attention_bias", "mlp_bias", "hidden_act", "sliding_window",
     "use_sliding_window", "max_window_layers", "layer_types",
-    "llamadist_submodel",  # our own record of a submodel's range (protos/submodel.py)
+    "llamadist_submodel",  # our own record of a submodel's range (protos/shared/submodel.py)
 }  # fmt: skip
 # ... and fields that leave inference's math alone (training, tokens, bookkeeping).
 HARMLESS = {

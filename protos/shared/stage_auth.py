@@ -1,6 +1,6 @@
 """The stage key: the credential of the stage RPCs when TLS is off.
 
-Every stage RPC but Health needs a credential: mutual TLS (protos/security.py), or, on a
+Every stage RPC but Health needs a credential: mutual TLS (protos/shared/security.py), or, on a
 plaintext mesh, the stage key, a secret every stage and the orchestrator of one mesh read from
 the same file (`--stage-key-file`). It is not a client API key: clients never call stages.
 Callers send it as metadata `x-llamadist-stage-key: <key>` on every call, the streams between
@@ -12,7 +12,7 @@ Over plaintext the key crosses the network as it is: it keeps out callers who ca
 mesh's traffic, not those who can (README "Security").
 
 Key file: one line of at least MIN_KEY_CHARS printable characters (`make_stage_key` writes 64
-hex digits, readable by the owner only). `python -m protos.stage_auth FILE` makes one where
+hex digits, readable by the owner only). `python -m protos.shared.stage_auth FILE` makes one where
 there is none (the compose file's stage-key service runs that).
 """
 
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import grpc
 
-from protos.security import denied
-from protos.serving import GRPC_OPTIONS
-from protos.standard_services import HEALTH_METHODS
+from protos.shared.security import denied
+from protos.shared.serving import GRPC_OPTIONS
+from protos.shared.standard_services import HEALTH_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def parse_stage_key(text: str, source: str = "--stage-key-file") -> str:
     if len(key) < MIN_KEY_CHARS:
         raise ValueError(
             f"{source}: the stage key must be at least {MIN_KEY_CHARS} characters "
-            "(`python -m protos.stage_auth FILE` makes one)"
+            "(`python -m protos.shared.stage_auth FILE` makes one)"
         )
     if not key.isprintable() or any(c.isspace() for c in key):
         raise ValueError(f"{source}: the stage key must be one word of printable characters")
@@ -197,7 +197,7 @@ class KeyedChannel(grpc.Channel):
 def stage_channel(
     address: str, tls: grpc.ChannelCredentials | None = None, key: str | None = None
 ) -> grpc.Channel:
-    """A channel to a stage: mutual TLS with `tls` (protos.security.channel_credentials), else
+    """A channel to a stage: mutual TLS with `tls` (security.channel_credentials), else
     plaintext; with `key`, every call carries the stage key."""
     if tls is None:
         channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
@@ -208,8 +208,10 @@ def stage_channel(
     return KeyedChannel(channel, key)
 
 
-if __name__ == "__main__":  # python -m protos.stage_auth FILE
+if __name__ == "__main__":  # python -m protos.shared.stage_auth FILE
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m protos.stage_auth FILE (writes a stage key there if none)")
+        sys.exit(
+            "usage: python -m protos.shared.stage_auth FILE (writes a stage key there if none)"
+        )
     made = make_stage_key(sys.argv[1])
     print(f"stage key {'made' if made else 'kept'}: {sys.argv[1]}")
