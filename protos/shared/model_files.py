@@ -16,6 +16,16 @@ from pathlib import Path
 from protos.errors import FailedPrecondition
 from protos.shared.model_family import context_limit, family_of
 
+# The checkpoint's tensor names (HF layout), the one table every service reads them from.
+EMBED, NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+LAYER_PREFIX = "model.layers."
+
+
+def layer_tensor(layer: int, part: str) -> str:
+    """The name of a layer's tensor: layer_tensor(3, "self_attn.q_proj.weight")."""
+    return f"{LAYER_PREFIX}{layer}.{part}"
+
+
 # What config.json must name for LlamaArgs (the rest has defaults).
 LLAMA_KEYS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

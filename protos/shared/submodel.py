@@ -17,10 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protos.errors import FailedPrecondition, InvalidArgument
-from protos.shared.model_files import LlamaArgs, TensorIndex, model_fingerprint, read_config
+from protos.shared.model_files import (
+    EMBED,
+    HEAD,
+    NORM,
+    LlamaArgs,
+    TensorIndex,
+    layer_tensor,
+    model_fingerprint,
+    read_config,
+)
 
 RECORD = "llamadist_submodel"
-EMBED, NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "chat_template.jinja", "generation_config.json",
@@ -102,7 +110,7 @@ def held(model_dir: Path) -> Held:
             f"{model_dir}: its range {start}-{end - 1} is not inside the model's "
             f"{args.num_layers} layers"
         )
-    expected = {f"model.layers.{i}.{s}" for i in range(start, end) for s in per_layer}
+    expected = {layer_tensor(i, s) for i in range(start, end) for s in per_layer}
     expected |= {EMBED} if start == 0 else set()
     expected |= {NORM, head} if end == args.num_layers else set()
     present = set(TensorIndex(model_dir).shapes)
