@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 from orchestrator.drafting import DraftSession
 from orchestrator.router import DraftsIgnored, Router, StepResult
+from orchestrator.session_state import GenerationRequest, SessionState
 from orchestrator.sessions_file import SessionsFile
 from orchestrator.speculation import AdaptiveK, SpeculationPolicy, StepCosts
 from orchestrator.tokenizer import Tokenizer
-from protos import llamadist_pb2 as pb
 from protos.errors import (
     Cancelled,
     InvalidArgument,
@@ -32,7 +32,7 @@ from protos.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from protos.limits import DEFAULT_MAX_NEW_TOKENS, check_session_id
+from protos.limits import check_session_id
 from protos.sampling import Sampling
 
 log = logging.getLogger(__name__)
@@ -41,17 +41,6 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256
 MAX_SUSPENDED = 1024  # sessions kept resumable after a stage failure
 SUSPEND_TTL_S = 600.0
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt_ids: list[int]
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    sampling: pb.SamplingParams = field(default_factory=pb.SamplingParams)
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-    session_id: str = ""
-    speculate: str = ""  # off, lookup, draft; '' = the orchestrator's default
 
 
 @dataclass
@@ -91,17 +80,6 @@ class Caller:
 
     def may_touch(self, owner: str) -> bool:
         return self.owns_all or owner == self.id
-
-
-@dataclass
-class SessionState:
-    """What a generation has produced so far: enough to resume it after a stage failure."""
-
-    req: GenerationRequest
-    owner: str = ""  # Caller.id of the client that started it
-    generated: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    suspended_at: float = 0.0
 
 
 @dataclass

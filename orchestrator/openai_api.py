@@ -23,9 +23,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from orchestrator.generation import Caller, Chunk, GenerationRequest
+from orchestrator.generation import Caller, Chunk
 from orchestrator.metrics import CONTENT_TYPE
 from orchestrator.orchestrator import Orchestrator
+from orchestrator.session_state import GenerationRequest
 from protos import errors
 from protos import llamadist_pb2 as pb
 from protos.shared.security import ApiKeyInterceptor

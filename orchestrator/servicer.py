@@ -7,9 +7,10 @@ from collections.abc import Iterator
 
 import grpc
 
-from orchestrator.generation import Caller, Chunk, GenerationRequest, Timings
+from orchestrator.generation import Caller, Chunk, Timings
 from orchestrator.orchestrator import Orchestrator, PlanRequest, PlanView
 from orchestrator.replicas import split_group
+from orchestrator.session_state import GenerationRequest
 from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
 from protos.errors import InvalidArgument, LlamadistError, Unauthenticated

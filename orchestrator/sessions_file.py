@@ -14,14 +14,11 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from google.protobuf import json_format
 
+from orchestrator.session_state import GenerationRequest, SessionState
 from protos import llamadist_pb2 as pb
-
-if TYPE_CHECKING:  # generation.py imports this module
-    from orchestrator.generation import SessionState
 
 log = logging.getLogger(__name__)
 VERSION = 1
@@ -59,8 +56,6 @@ class SessionsFile:
     def load(self, ttl_s: float) -> dict[str, SessionState]:
         """The sessions saved by the last shutdown that are younger than `ttl_s`; the file is
         removed once read. A missing file is no sessions; an unreadable one is logged."""
-        from orchestrator.generation import GenerationRequest, SessionState
-
         try:
             data = json.loads(self.path.read_text())
             self.path.unlink()

@@ -18,10 +18,10 @@ import pytest
 from starlette.requests import Request
 
 from client.client import ClientError
-from orchestrator.generation import GenerationRequest
 from orchestrator.openai_api import OpenAIApi
 from orchestrator.server import start_http
 from orchestrator.servicer import caller_of
+from orchestrator.session_state import GenerationRequest
 from protos import llamadist_pb2 as pb
 from protos.errors import ResourceExhausted
 from protos.shared.security import ApiKeyInterceptor
