@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from orchestrator.drafting import DraftSession
+from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.router import DraftsIgnored, Router, StepResult
 from orchestrator.session_state import GenerationRequest, SessionState
 from orchestrator.sessions_file import SessionsFile
@@ -133,6 +134,7 @@ class Generator:
         max_sessions_per_client: int,
         sessions_file: str = "",
         speculation: SpeculationPolicy | None = None,
+        metrics: OrchestratorMetrics | None = None,
     ):
         self.router = router
         self.speculation = speculation or SpeculationPolicy()
@@ -143,7 +145,7 @@ class Generator:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_positions = max_positions
-        self.metrics = None  # orchestrator/metrics.py's, set by the Orchestrator
+        self.metrics = metrics
         self._active: dict[str, Running] = {}
         self._suspended: dict[str, SessionState] = {}  # failed for want of a stage; resumable
         self._lock = threading.Lock()

@@ -1,6 +1,6 @@
 """The orchestrator's domain object: the router, the tokenizer, the generator and the planner
 (model profile + live stage capacities -> plan), with start-up, preview and live reload.
-No gRPC in here."""
+No gRPC service in here (orchestrator/servicer.py is one)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+import grpc
 
 from orchestrator.config import OrchestratorConfig
 from orchestrator.drafting import Drafter, PromptLookup, Speculate
@@ -27,7 +29,6 @@ from orchestrator.weight_shipping import WeightShipper
 from protos import llamadist_pb2 as pb
 from protos.errors import FailedPrecondition, InvalidArgument, LlamadistError, Unavailable
 from protos.shared.model_files import LlamaArgs, model_fingerprint, read_config
-from protos.shared.standard_services import ReadinessHealth
 from protos.shared.submodel import describe
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,15 @@ def speculation_policy(config: OrchestratorConfig, vocab_size: int) -> Speculati
 
 
 class Orchestrator:
-    def __init__(self, config: OrchestratorConfig):
+    def __init__(
+        self,
+        config: OrchestratorConfig,
+        *,
+        stage_credentials: grpc.ChannelCredentials | None = None,
+        stage_key: str | None = None,
+    ):
+        """`stage_credentials` (protos.shared.security.channel_credentials): mutual TLS toward
+        the stages, None = plaintext; `stage_key`: the mesh's stage key, None = none."""
         self.config = config
         self.model_dir = Path(config.model)
         self.args = LlamaArgs.from_config(read_config(self.model_dir))
@@ -147,9 +156,12 @@ class Orchestrator:
             config.prefill_tokens_in_flight,
             reassign=self.reassign,
             before_load=self._ship,
+            channel_credentials=stage_credentials,
+            stage_key=stage_key,
         )
         self.shipper = WeightShipper(self.model_dir, self.fingerprint)
         self.tokenizer = Tokenizer(self.model_dir)
+        self.metrics = OrchestratorMetrics(self)  # reads the generator when scraped
         self.generator = Generator(
             self.router,
             self.tokenizer,
@@ -158,6 +170,7 @@ class Orchestrator:
             config.max_sessions_per_client,
             config.sessions_file,
             speculation_policy(config, self.args.vocab_size),
+            self.metrics,
         )
         self.default_request = PlanRequest(
             strategy=config.strategy,
@@ -166,14 +179,11 @@ class Orchestrator:
             stages=tuple(config.stages),
         )
         self.generation_defaults = generation_defaults(self.model_dir)
-        self.metrics = OrchestratorMetrics(self)
-        self.generator.metrics = self.metrics
         self.view: PlanView | None = None
         self.startup_error = ""
         self._profiles: dict[tuple[int, str], ModelProfile] = {}
         self._reload_lock = threading.RLock()  # re-entered by _retry_start's check
         self._closed = threading.Event()
-        self.health: ReadinessHealth | None = None  # the standard Health service, once served
 
     # ------------------------------------------------------------------ planning
 
@@ -401,8 +411,6 @@ class Orchestrator:
 
     def shut_down(self, deadline: float) -> None:
         """SIGTERM: generations finish or are suspended before `deadline` (time.monotonic())."""
-        if self.health is not None:
-            self.health.shutdown()  # grpc.health.v1: NOT_SERVING from now on
         suspended = self.generator.shut_down(deadline)
         if suspended:
             log.info("suspended %d sessions still running at shutdown", suspended)

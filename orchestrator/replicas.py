@@ -59,7 +59,13 @@ class Position:
 class ReplicaPool:
     """Positions of the plan in force, session pinning, and the down-stage prober."""
 
-    def __init__(self, make_client: Callable[[str], StageClient]):
+    def __init__(
+        self,
+        make_client: Callable[[str], StageClient],
+        rejoin: Callable[[Replica], None] | None = None,
+    ):
+        """`rejoin(replica)`: run when a down replica answers again, before it counts as up
+        (the router gives it its layers; raising keeps it down)."""
         self.marked_down = 0  # replicas found down so far (each one a failover)
         self.make_client = make_client
         self.positions: list[Position] = []
@@ -69,7 +75,7 @@ class ReplicaPool:
         self._wake = threading.Event()
         self._closed = False
         self._prober: threading.Thread | None = None
-        self.rejoin: Callable[[Replica], None] | None = None  # set by the router
+        self.rejoin = rejoin
 
     def replica(self, address: str) -> Replica:
         with self._lock:

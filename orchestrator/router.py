@@ -19,6 +19,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import grpc
+
 from orchestrator.admission import TokenBudget
 from orchestrator.inflight import InFlight, Pending
 from orchestrator.plan import LayerRange, PartitionPlan
@@ -104,21 +106,24 @@ class Router:
         *,
         reassign: Callable[[int], None],
         before_load: Callable[[StageClient, int, int, pb.StageInfo], object] | None = None,
+        channel_credentials: grpc.ChannelCredentials | None = None,
+        stage_key: str | None = None,
     ):
         """`reassign(epoch)` assigns the plan in force again at an epoch above `epoch` (the
         orchestrator's, which owns plans); `before_load(client, start, end, info)` runs before
         a rejoining replica loads its range (the orchestrator ships the weights it lacks,
-        orchestrator.weight_shipping)."""
+        orchestrator.weight_shipping). `channel_credentials`: mutual TLS toward the stages
+        (None = plaintext); `stage_key`: the mesh's stage key, sent on every stage call (None =
+        none)."""
         self.step_timeout_s = step_timeout_s
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.prefill_budget = TokenBudget(prefill_tokens_in_flight)
-        self.channel_credentials = None  # TLS toward stages; set by orchestrator/server.py
-        self.stage_key: str | None = None  # the mesh's stage key; set there too
+        self.channel_credentials = channel_credentials
+        self.stage_key = stage_key
         self.plan: PartitionPlan | None = None
         self.origin = uuid.uuid4().hex  # names this orchestrator's outlets on the stages
         self.inflight = InFlight()
-        self.pool = ReplicaPool(self._make_client)
-        self.pool.rejoin = self._rejoin
+        self.pool = ReplicaPool(self._make_client, rejoin=self._rejoin)
         self.reassign = reassign
         self.before_load = before_load
         self._gate = ReadWriteLock()

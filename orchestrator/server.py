@@ -13,21 +13,24 @@ from orchestrator.servicer import OrchestratorServicer
 from protos.shared import security
 from protos.shared.serving import listening_server, run_until_signal
 from protos.shared.stage_auth import load_stage_key
+from protos.shared.standard_services import ReadinessHealth
 
 log = logging.getLogger(__name__)
 
 
-def build_server(config: OrchestratorConfig) -> tuple[grpc.Server, int, Orchestrator]:
+def build(config: OrchestratorConfig) -> tuple[grpc.Server, int, Orchestrator, ReadinessHealth]:
     """The server is not started; `Orchestrator.start` (waiting for stages) is the caller's.
     With TLS configured, clients get TLS and the stage links mutual TLS (the orchestrator's
-    certificate toward the stages); with an API keys file, calls need a key (protos/security)."""
+    certificate toward the stages); with an API keys file, calls need a key (protos/security).
+    The standard Health service comes back too: `serve` turns it NOT_SERVING on SIGTERM."""
     stage_credentials = security.channel_credentials(config.tls_ca, config.tls_cert, config.tls_key)
     keys = security.load_api_keys(config.api_keys_file) if config.api_keys_file else None
     keys_check = security.ApiKeyInterceptor(keys) if keys else None
-    orch = Orchestrator(config)
-    orch.router.channel_credentials = stage_credentials  # read by Router.client for StageClient
-    if config.stage_key_file:
-        orch.router.stage_key = load_stage_key(config.stage_key_file)
+    orch = Orchestrator(
+        config,
+        stage_credentials=stage_credentials,
+        stage_key=load_stage_key(config.stage_key_file) if config.stage_key_file else None,
+    )
     server, port, health = listening_server(
         "Orchestrator",
         OrchestratorServicer(orch, keys_check),
@@ -43,7 +46,12 @@ def build_server(config: OrchestratorConfig) -> tuple[grpc.Server, int, Orchestr
     )
     if keys and stage_credentials is None:
         log.warning("API keys without TLS: keys cross the network in plaintext")
-    orch.health = health
+    return server, port, orch, health
+
+
+def build_server(config: OrchestratorConfig) -> tuple[grpc.Server, int, Orchestrator]:
+    """`build` for callers that stop the server themselves (tests: no SIGTERM drain)."""
+    server, port, orch, _ = build(config)
     return server, port, orch
 
 
@@ -66,7 +74,12 @@ def start_http(config: OrchestratorConfig, orch: Orchestrator, port: int | None 
 
 
 def serve(config: OrchestratorConfig) -> None:
-    server, port, orch = build_server(config)
+    server, port, orch, health = build(config)
+
+    def drain(deadline: float) -> None:
+        health.shutdown()  # grpc.health.v1: NOT_SERVING from now on
+        orch.shut_down(deadline)
+
     server.start()
     http = start_http(config, orch) if config.http_port >= 0 else None
     if http is not None:
@@ -78,7 +91,7 @@ def serve(config: OrchestratorConfig) -> None:
             server,
             f"llamadist orchestrator listening on {config.host}:{port}",
             config.grace_s,
-            drain=orch.shut_down,
+            drain=drain,
         )
     finally:
         if http is not None:
