@@ -39,8 +39,9 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# The mesh against transformers' generate (bench/mesh.py; flags: $(PY) -m bench.mesh --help).
 bench: install
-	$(VENV)/bin/llamadist bench
+	$(PY) -m bench.mesh
 
 # Soak (tests/soak.py): 32 concurrent sessions against a 2-stage mesh; CI runs 30 s (test_soak).
 SOAK_SECONDS ?= 300

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Old against new in one call: `llamadist bench`'s mesh numbers for two commits (or checkouts),
+# Old against new in one call: the mesh benchmark's (bench/mesh.py) numbers for two commits (or checkouts),
 # run alternately (old, new, old, new, ... ROUNDS rounds) so that the machine's noise hits both,
 # then a table of medians and new/old ratios: 2-stage batch-1 decode tok/s, mesh overhead per
 # token at 2, 3 and 4 stages, aggregate tok/s at 64 sessions.
@@ -12,8 +12,9 @@
 # A commit is checked out with `git worktree add --detach /tmp/llamadist-old` (or -new) and gets
 # its protobuf code from `make protos` with this venv; the worktrees are removed at the end. Each
 # side runs its own services and client code (cwd and PYTHONPATH point at it); the driver is this
-# checkout's client/bench.py, copied at start, so both sides are measured by the same code (its
-# fallback computes the overhead where an old orchestrator does not report it). The overhead is
+# checkout's bench/mesh.py (with bench/speculative.py), copied at start and run through its `run`,
+# so both sides are measured by the same code (its fallback computes the overhead where an old
+# orchestrator does not report it). The overhead is
 # shown two ways, each by one formula on both sides: decode wall per token minus the stages'
 # compute per token, and the orchestrator's per step (timings.mesh_overhead_ms, or on a commit
 # from before that field hop_overhead_ms x stages, its same mean). Results stay in the printed
@@ -32,7 +33,16 @@ STAGE_COUNTS=${STAGE_COUNTS:-2,3,4}
 MODEL=${MODEL:-}
 
 TMP=$(mktemp -d /tmp/llamadist-compare.XXXXXX)
-cp "$ROOT/client/bench.py" "$TMP/bench_driver.py"  # one driver for both, fixed for the whole call
+# one driver for both, fixed for the whole call: the bench package copied, found first on the path
+mkdir -p "$TMP/driver/bench"
+cp "$ROOT"/bench/{__init__,mesh,speculative}.py "$TMP/driver/bench/"
+# `run`, not `main`: main goes through client.cli, which each side brings in its own version;
+# -P keeps the side's own bench/ (the cwd) off the path
+DRIVER='import argparse, sys
+from bench import mesh
+parser = argparse.ArgumentParser()
+mesh.add_arguments(parser)
+sys.exit(mesh.run(parser.parse_args(sys.argv[1:])))'
 WORKTREES=()
 cleanup() {
   for wt in "${WORKTREES[@]}"; do
@@ -80,7 +90,7 @@ echo "rounds $ROUNDS (old then new), $TOKENS tokens x $REPEATS per stage count (
 
 bench_one() {  # SIDE ROUND
   local dir=${DIRS[$1]} out=$TMP/$1-$2 t0=$SECONDS
-  if ! (cd "$dir" && PYTHONPATH="$dir" "$PY" "$TMP/bench_driver.py" --no-transformers \
+  if ! (cd "$dir" && PYTHONPATH="$TMP/driver:$dir" "$PY" -P -c "$DRIVER" --no-transformers \
     --contexts '' --stages 2 --stage-counts "$STAGE_COUNTS" --concurrency "$SESSIONS" \
     --tokens "$TOKENS" --repeats "$REPEATS" ${MODEL:+--model "$MODEL"} --out "$out" \
     >"$out.log" 2>&1); then

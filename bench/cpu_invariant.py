@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client.bench import PROMPT, aggregate, batch1  # noqa: E402
+from bench.mesh import PROMPT, aggregate, batch1  # noqa: E402
 from client.client import Client  # noqa: E402
 from client.default_model import fetch_default  # noqa: E402
 from client.launcher import LocalMesh  # noqa: E402

@@ -5,7 +5,7 @@ depend on weight values), serves it as two stages behind an orchestrator on loop
 cuda:{i % GPUs}: one per GPU on two, both on one), measures batch-1 decode and aggregate tok/s at
 several concurrencies; then batch 1 on meshes of 3 and 4 stages (--stage-counts) for the mesh
 overhead per token at each stage count (decode wall per token minus the stages' compute per
-token; `timings.mesh_overhead_ms` where the orchestrator reports it, see client/bench.py); checks
+token; `timings.mesh_overhead_ms` where the orchestrator reports it, see bench/mesh.py); checks
 logits and greedy parity against transformers on the same weights, then measures transformers'
 eager generate on one GPU as the baseline. Prints a table last and writes gpu_bench.json to $OUT.
 """
@@ -155,7 +155,7 @@ def stop(procs: list) -> None:
 
 
 def overhead_entry(b: dict) -> dict:
-    """The mesh-overhead numbers of a batch-1 measurement (client.bench.batch1), per token."""
+    """The mesh-overhead numbers of a batch-1 measurement (bench.mesh.batch1), per token."""
     keys = (
         "decode_tokens_per_s",
         "stage_compute_ms_per_token",
@@ -171,7 +171,7 @@ def mesh_numbers(model: Path, log_dir: Path, results: dict, stage_counts: list[i
     """The 2-stage mesh: batch 1 (128 tokens, 3 runs), greedy tokens for the parity check, and
     aggregate tok/s at 1-64 sessions; then batch 1 only on a mesh of each other stage count, for
     the mesh overhead per token (decode wall per token minus the stages' compute per token)."""
-    from client.bench import aggregate, batch1, median_per_stage
+    from bench.mesh import aggregate, batch1, median_per_stage
     from client.client import Client
 
     procs: list = []
@@ -217,7 +217,7 @@ def mesh_numbers(model: Path, log_dir: Path, results: dict, stage_counts: list[i
 def format_numbers(model: Path, log_dir: Path, results: dict, fmt: str) -> None:
     """A 2-stage mesh whose stages hold `fmt` weights (--quantize): batch 1 and aggregate tok/s
     at 1, 16 and 64 sessions, into results["weight_formats"][fmt]."""
-    from client.bench import aggregate, batch1
+    from bench.mesh import aggregate, batch1
     from client.client import Client
 
     procs: list = []
@@ -340,7 +340,7 @@ def transformers_numbers(model: Path, results: dict, ours: list[int]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from client.bench import stage_counts
+    from bench.mesh import stage_counts
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(

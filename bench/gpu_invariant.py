@@ -128,7 +128,7 @@ def tiles(model: Path, configs: list[str], results: dict) -> None:
 
 
 def mesh(model: Path, log_dir: Path, name: str, extra: tuple[str, ...], results: dict) -> None:
-    from client.bench import aggregate, batch1
+    from bench.mesh import aggregate, batch1
     from client.client import Client
 
     procs: list = []

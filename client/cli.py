@@ -1,8 +1,8 @@
 """The `llamadist` command line: services (stage, orchestrator, up), generation, chat, plans and
-the default model. Each command's flags sit next to its runner (client/commands_*.py,
-client/bench.py); this module holds the table of commands and turns every failure into one line
-on stderr and a non-zero exit code, never a traceback: 2 for a refused flag or value, 1 for a
-call or service that failed."""
+the default model. Each command's flags sit next to its runner (client/commands_*.py); this
+module holds the table of commands and turns every failure into one line on stderr and a non-zero
+exit code, never a traceback: 2 for a refused flag or value, 1 for a call or service that failed.
+The benchmark is no command: it runs from a source checkout (`make bench`, bench/mesh.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
-from client import bench
 from client import commands_generate as generate
 from client import commands_model as model
 from client import commands_plan as plan
@@ -81,9 +80,6 @@ COMMANDS = (
         model.add_certs_arguments,
         model.run_certs,
     ),
-    Command(
-        "bench", "measure a mesh against transformers' generate", bench.add_arguments, bench.run
-    ),
 )
 
 
@@ -106,9 +102,11 @@ def _fail(err: BaseException, code: int) -> int:
     return code
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Runs one command of `parser` (by default llamadist's; the benchmark, bench/mesh.py, brings
+    its own) and turns its failure into one line."""
     try:
-        args = build_parser().parse_args(argv)
+        args = (parser or build_parser()).parse_args(argv)
     except SystemExit as done:  # --help, or a usage error already printed as one line
         return done.code if isinstance(done.code, int) else 2
     logging.basicConfig(level=logging.INFO, format=TEXT_FORMAT)

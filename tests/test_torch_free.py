@@ -1,10 +1,12 @@
 """The orchestrator and the client run without torch: importing them (in a fresh interpreter, as
 their processes do) loads neither torch nor transformers, and the orchestrator's tokenizer for
 the default model loads transformers' tokenizer without torch, equal to AutoTokenizer's. Only
-the stages need torch."""
+the stages need torch: no client module imports it, at any level, but where the client runs a
+stage's or a converter's code on purpose (the benchmark lives in bench/, above the client)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -14,6 +16,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers")
+# Where a client module may import torch, transformers or the stage's code, and why.
+CLIENT_MAY_IMPORT = {
+    # `llamadist stage` runs a stage in this process; its flags (stage_service.config) load no torch
+    "commands_services.py": {"stage_service.config", "stage_service.server"},
+    # `llamadist model fetch-default` converts the GGUF with transformers, once
+    "default_model.py": {"torch", "safetensors.torch", "transformers"},
+}
 
 
 def heavy_modules_after(code: str) -> list[str]:
@@ -39,6 +48,31 @@ def heavy_modules_after(code: str) -> list[str]:
 )
 def test_importing_loads_no_torch_and_no_transformers(module):
     assert heavy_modules_after(f"import {module}") == []
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports, at the top or inside a function."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+def test_no_client_module_imports_torch_or_the_stages_code():
+    found = {}
+    for path in sorted((ROOT / "client").glob("*.py")):
+        heavy = {
+            name
+            for name in imported_modules(path)
+            if name.split(".")[0] in (*HEAVY, "stage_service") or name == "safetensors.torch"
+        }
+        unexpected = heavy - CLIENT_MAY_IMPORT.get(path.name, set())
+        if unexpected:
+            found[path.name] = sorted(unexpected)
+    assert found == {}
 
 
 def test_the_default_models_tokenizer_loads_no_torch(default_model):

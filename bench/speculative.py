@@ -1,4 +1,4 @@
-"""`llamadist bench --speculative`: batch-1 decode with speculation off against prompt lookup
+"""`python -m bench.mesh --speculative`: batch-1 decode with speculation off against prompt lookup
 (and a draft model, with --draft-model), greedy, on the fixed prompt set
 bench/prompts/speculative.json: input-grounded prompts (rewrite or continue a passage, code
 edits) and free-form chat. Every prompt runs in every mode on one mesh, --repeats times; the
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from client.client import Client
 
-PROMPTS = Path(__file__).resolve().parent.parent / "bench" / "prompts" / "speculative.json"
+PROMPTS = Path(__file__).resolve().parent / "prompts" / "speculative.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

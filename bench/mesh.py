@@ -1,5 +1,6 @@
-"""`llamadist bench`: the mesh measured against transformers' in-process generate, same weights,
-same run. Prints a table, writes JSON and (with matplotlib) a PNG plot.
+"""The mesh benchmark (`make bench`, `python -m bench.mesh`): the mesh measured against
+transformers' in-process generate, same weights, same run. Prints a table, writes JSON and (with
+matplotlib) a PNG plot.
 
 Measured: time to first token; batch-1 decode tok/s; aggregate tok/s at several numbers of
 concurrent sessions; per-stage compute ms and per-hop overhead ms per token; the decode step with
@@ -8,7 +9,8 @@ and, on a mesh of each of --stage-counts stages, batch-1 decode with its mesh ov
 the decode wall time per token minus the stages' compute per token (what the mesh adds to the
 model's own arithmetic). Medians of --repeats runs. Nothing else runs while a number is taken.
 
-bench/compare.sh runs this file against two commits (their services, this driver).
+bench/compare.sh runs this file against two commits (their services, this driver). It runs
+from a source checkout: bench/ is not part of the installed package.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from client import bench_speculative
+from bench import speculative
 from client.client import Client
 
 PROMPT = "What is the capital of France?"
@@ -61,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "tests/data/declaration.txt, computed in this process by the stages' own code",
     )
 
-    bench_speculative.add_arguments(p)
+    speculative.add_arguments(p)
 
 
 def weight_formats(text: str) -> list[str]:
@@ -280,7 +282,7 @@ def run(a: argparse.Namespace) -> int:
     if a.quality:
         return quality(model, a.quantize, out)
     if a.speculative:
-        return bench_speculative.run(a, model, out)
+        return speculative.run(a, model, out)
     formats = a.quantize
 
     def mesh_of(stages: int, sessions: int = 1, fmt: str = formats[0]) -> LocalMesh:
@@ -441,9 +443,15 @@ def quality(model: Path, formats: list[str], out: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llamadist bench", description=__doc__)
+    """Runs the benchmark as `llamadist` runs a command: a failure is one line on stderr."""
+    # here, not at the top: bench/compare.sh runs `run` against older commits' client code
+    from client.cli import Parser
+    from client.cli import main as run_command
+
+    parser = Parser(prog="python -m bench.mesh", description=__doc__)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    parser.set_defaults(run=run)
+    return run_command(argv, parser)
 
 
 if __name__ == "__main__":
