@@ -8,9 +8,8 @@ import json
 import sys
 
 from client import server_flags
-from orchestrator.drafting import SPECULATE_MODES
 from protos.limits import DEFAULT_MAX_NEW_TOKENS
-from protos.sampling import Sampling
+from protos.sampling import SPECULATE_MODES, Sampling
 from protos.shared.knobs import checked, non_negative, positive
 
 

@@ -10,7 +10,7 @@ import threading
 
 from orchestrator.config import ENV_PREFIX as ORCHESTRATOR_ENV
 from orchestrator.config import OrchestratorConfig
-from orchestrator.drafting import SPECULATE_MODES
+from protos.sampling import SPECULATE_MODES
 from protos.shared import logs
 from protos.shared.knobs import add_flags, check_value, checked, default, from_args, positive
 from stage_service.config import ENV_PREFIX as STAGE_ENV

@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.drafting import SPECULATE_MODES
 from orchestrator.strategies import (
     STRATEGIES,
     Strategy,
@@ -17,6 +16,7 @@ from orchestrator.strategies import (
 )
 from protos.errors import InvalidArgument
 from protos.limits import MAX_DRAFT_TOKENS
+from protos.sampling import SPECULATE_MODES
 from protos.shared.knobs import (
     ConfigError,
     ServiceConfig,

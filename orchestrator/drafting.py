@@ -11,17 +11,7 @@ exactly the model's.
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Protocol
-
-
-class Speculate(str, Enum):
-    OFF = "off"
-    LOOKUP = "lookup"
-    DRAFT = "draft"
-
-
-SPECULATE_MODES = tuple(m.value for m in Speculate)
 
 
 class DraftSession(Protocol):

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 
 from orchestrator.config import OrchestratorConfig
-from orchestrator.drafting import Drafter, PromptLookup, Speculate
+from orchestrator.drafting import Drafter, PromptLookup
 from orchestrator.generation import Generator
 from orchestrator.metrics import OrchestratorMetrics, outcome_of
 from orchestrator.plan import PartitionPlan
@@ -28,6 +28,7 @@ from orchestrator.tokenizer import Tokenizer
 from orchestrator.weight_shipping import WeightShipper
 from protos import llamadist_pb2 as pb
 from protos.errors import FailedPrecondition, InvalidArgument, LlamadistError, Unavailable
+from protos.sampling import Speculate
 from protos.shared.model_files import LlamaArgs, model_fingerprint, read_config
 from protos.shared.submodel import describe
 

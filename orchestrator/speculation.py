@@ -19,8 +19,9 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from orchestrator.drafting import SPECULATE_MODES, Drafter, DraftSession, Speculate
+from orchestrator.drafting import Drafter, DraftSession
 from protos.errors import FailedPrecondition, InvalidArgument
+from protos.sampling import SPECULATE_MODES, Speculate
 
 PROBE_EVERY = 8  # steps without drafts between probes when drafting does not pay
 DECAY = 0.9  # per verify step, for the acceptance counts

@@ -1,15 +1,28 @@
 """Sampling parameters as a checked value, shared by the orchestrator (which refuses bad ones
-before any stage works) and the last stage (which samples with them)."""
+before any stage works) and the last stage (which samples with them); and the speculative
+decoding modes a request may name (GenerateRequest.speculate)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 
 from protos import llamadist_pb2 as pb
 from protos.errors import InvalidArgument
 
 FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty")  # besides the seed
+
+
+class Speculate(str, Enum):
+    """GenerateRequest.speculate ('' = the orchestrator's --speculate)."""
+
+    OFF = "off"
+    LOOKUP = "lookup"  # prompt lookup: no model
+    DRAFT = "draft"  # the orchestrator's --draft-model
+
+
+SPECULATE_MODES = tuple(m.value for m in Speculate)
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ import pytest
 
 from orchestrator.config import OrchestratorConfig
 from orchestrator.draft_model import DraftModel
-from orchestrator.drafting import Speculate
 from orchestrator.orchestrator import Orchestrator
 from protos.errors import FailedPrecondition
+from protos.sampling import Speculate
 from tests.conftest import TINY_BASE, in_process_mesh, make_tiny_model, reference_greedy
 
 PROMPT = [7, 3, 99, 12, 45, 60, 2, 81, 33, 5, 18, 70]

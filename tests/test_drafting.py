@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.drafting import PromptLookup, Speculate
+from orchestrator.drafting import PromptLookup
 from orchestrator.speculation import AdaptiveK, SpeculationPolicy, StepCosts
 from protos.errors import FailedPrecondition, InvalidArgument
+from protos.sampling import Speculate
 
 
 def test_lookup_continues_the_latest_match_of_the_longest_ngram():
