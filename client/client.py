@@ -17,8 +17,8 @@ from google.protobuf.json_format import MessageToDict
 
 from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
-from protos.shared.security import bearer_metadata, channel_credentials
-from protos.shared.serving import GRPC_OPTIONS
+from protos.limits import DEFAULT_MAX_NEW_TOKENS
+from protos.shared.security import bearer_metadata, channel, channel_credentials
 
 FINISH_NAMES = {pb.EOS: "eos", pb.LENGTH: "length", pb.STOP: "stop"}
 
@@ -57,9 +57,7 @@ def _channel(address: str, tls_ca, tls_cert, tls_key) -> grpc.Channel:
         str(tls_cert) if tls_cert else None,
         str(tls_key) if tls_key else None,
     )
-    if creds is None:
-        return grpc.insecure_channel(address, options=GRPC_OPTIONS)
-    return grpc.secure_channel(address, creds, options=GRPC_OPTIONS)
+    return channel(address, creds)
 
 
 class Client:
@@ -127,7 +125,7 @@ class Client:
         *,
         token_ids: list[int] | None = None,
         messages: list[dict[str, str]] | None = None,
-        max_new_tokens: int = 128,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         temperature: float | None = 0.0,
         top_k: int | None = 0,
         top_p: float | None = 1.0,

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 from protos.errors import Cancelled
 
-POLL_S = 0.25  # how often a waiter looks at its cancellation
+POLL_S = 0.25  # how often a waiter (here, or a step in the router) looks at its cancellation
 
 
 class TokenBudget:

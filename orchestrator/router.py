@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from orchestrator.admission import TokenBudget
+from orchestrator.admission import POLL_S, TokenBudget
 from orchestrator.inflight import InFlight, Pending
 from orchestrator.plan import LayerRange, PartitionPlan
 from orchestrator.replicas import Position, Replica, ReplicaPool, split_group
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 MAX_FAILOVERS = 8  # attempts of one step across replicas before giving up
 HEALTH_TIMEOUT_S = 2.0  # a silent stage must answer Health within this to count as busy
-POLL_S = 0.25  # how often a waiting step looks at its caller's cancellation
 
 
 class ReadWriteLock:

@@ -26,13 +26,12 @@ from protos import llamadist_pb2 as pb
 from protos.errors import LlamadistError, Unavailable
 from protos.shared.model_files import LlamaArgs, read_config, safetensors_files, safetensors_header
 from protos.shared.submodel import head_tensor, range_tensors
-from protos.shared.transfer import file_digest, progress_text
+from protos.shared.transfer import PROGRESS_EVERY_S, file_digest, progress_text
 from protos.status import from_rpc_error
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 2**20  # 4 MiB measured slower here: each message is several fresh buffers
-PROGRESS_EVERY_S = 2.0
 
 
 @dataclass(frozen=True)

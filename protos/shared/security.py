@@ -24,6 +24,7 @@ from pathlib import Path
 
 import grpc
 
+from protos.shared.serving import GRPC_OPTIONS
 from protos.shared.standard_services import HEALTH_METHODS, REFLECTION_METHOD
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,15 @@ def channel_credentials(
         private_key=_read(key, "--tls-key") if key else None,
         certificate_chain=_read(cert, "--tls-cert") if cert else None,
     )
+
+
+def channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    """The one way we open a channel: TLS with `credentials` (channel_credentials), else
+    plaintext, with our channel options (message limits, keepalive). A stage's callers wrap it
+    in stage_auth.KeyedChannel to send the stage key; the client sends its API key per call."""
+    if credentials is None:
+        return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+    return grpc.secure_channel(address, credentials, options=GRPC_OPTIONS)
 
 
 # ---------------------------------------------------------------------- API keys

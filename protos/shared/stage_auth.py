@@ -28,8 +28,7 @@ from pathlib import Path
 
 import grpc
 
-from protos.shared.security import denied
-from protos.shared.serving import GRPC_OPTIONS
+from protos.shared.security import channel, denied
 from protos.shared.standard_services import HEALTH_METHODS
 
 log = logging.getLogger(__name__)
@@ -199,13 +198,8 @@ def stage_channel(
 ) -> grpc.Channel:
     """A channel to a stage: mutual TLS with `tls` (security.channel_credentials), else
     plaintext; with `key`, every call carries the stage key."""
-    if tls is None:
-        channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
-    else:
-        channel = grpc.secure_channel(address, tls, options=GRPC_OPTIONS)
-    if key is None:
-        return channel
-    return KeyedChannel(channel, key)
+    plain = channel(address, tls)
+    return plain if key is None else KeyedChannel(plain, key)
 
 
 if __name__ == "__main__":  # python -m protos.shared.stage_auth FILE

@@ -1,5 +1,6 @@
 """What both ends of weights over the wire share (no torch): hashing files, or part of one, the
-way the orchestrator names a tensor and the stage checks it, and the progress line both log."""
+way the orchestrator names a tensor and the stage checks it, and the progress line both log
+(every PROGRESS_EVERY_S)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import hashlib
 from pathlib import Path
 
 HASH_BLOCK = 8 * 2**20
+PROGRESS_EVERY_S = 2.0  # between two progress lines of one transfer
 
 
 def file_digest(path: Path, offset: int = 0, size: int | None = None):
