@@ -48,6 +48,7 @@ import psutil
 
 from client.client import Client, ClientError
 from client.launcher import LocalMesh
+from protos.shared.stage_auth import load_stage_key
 from tests.soak_kv import caches_back_to_zero, probe_slots, static_slot_args
 
 PER_CLIENT_CAP = 32  # the orchestrator's default --max-sessions-per-client
@@ -294,11 +295,12 @@ def soak(
             failures.append(f"processes died: {dead}")
             infos = []
         else:
-            infos, failure = caches_back_to_zero(stages)
+            key = load_stage_key(mesh.stage_key_file) if mesh.stage_key_file else None
+            infos, failure = caches_back_to_zero(stages, key)
             failures += [failure] if failure else []
             if slots:
                 hidden_size = json.loads((model / "config.json").read_text())["hidden_size"]
-                failures += filter(None, (probe_slots(a, hidden_size) for a in stages))
+                failures += filter(None, (probe_slots(a, hidden_size, key) for a in stages))
         rss_after = rss(mesh) if not dead else {}
 
         print(

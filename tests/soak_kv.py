@@ -12,27 +12,29 @@ from pathlib import Path
 import grpc
 
 from protos import llamadist_pb2 as pb
+from protos.shared.stage_auth import stage_channel
 
 WIRE_DTYPES = {"float32": (pb.FLOAT32, 4), "bfloat16": (pb.BFLOAT16, 2), "float16": (pb.FLOAT16, 2)}
 
 
-def stage_infos(addresses: list[str]) -> list[pb.StageInfo]:
+def stage_infos(addresses: list[str], key: str | None) -> list[pb.StageInfo]:
+    """Each stage's Info, asked with the mesh's stage key (`key`; None: an open stage)."""
     infos = []
     for address in addresses:
-        with grpc.insecure_channel(address) as channel:
+        with stage_channel(address, key=key) as channel:
             raw = channel.unary_unary("/llamadist.Stage/Info")(b"", timeout=10)
             infos.append(pb.StageInfo.FromString(raw))
     return infos
 
 
 def caches_back_to_zero(
-    stages: list[str], wait_s: float = 5.0
+    stages: list[str], key: str | None, wait_s: float = 5.0
 ) -> tuple[list[pb.StageInfo], str | None]:
     """Polls every stage's Info until kv_used_bytes and active_sessions are 0 (caches are freed
     as the last replies go out: a moment); the last Infos, and a failure when not in time."""
     deadline = time.monotonic() + wait_s
     while True:
-        infos = stage_infos(stages)
+        infos = stage_infos(stages, key)
         if all(i.kv_used_bytes == 0 and i.active_sessions == 0 for i in infos):
             return infos, None
         if time.monotonic() > deadline:
@@ -69,15 +71,15 @@ def static_slot_args(model: Path, slots: int, stage_args: list[str]) -> list[str
     ]
 
 
-def probe_slots(address: str, hidden_size: int) -> str | None:
+def probe_slots(address: str, hidden_size: int, key: str | None) -> str | None:
     """Takes every static slot of the stage at `address` with one-token sessions of its own,
     one more must be refused, then ends them. None when so, else what the stage lacks."""
-    info = stage_infos([address])[0]
+    info = stage_infos([address], key)[0]
     slots = info.kv_budget_bytes // (info.max_context * info.kv_bytes_per_token)
     wire_dtype, itemsize = WIRE_DTYPES[info.dtype]
     hidden = pb.Tensor(data=bytes(hidden_size * itemsize), shape=[1, hidden_size], dtype=wire_dtype)
     taken, refusal = [], "none"
-    with grpc.insecure_channel(address) as channel:
+    with stage_channel(address, key=key) as channel:
         forward = channel.unary_unary(
             "/llamadist.Stage/Forward",
             request_serializer=pb.StepRequest.SerializeToString,
