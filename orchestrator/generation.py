@@ -51,7 +51,7 @@ class Timings:
     total_ms: float = 0.0
     stage_compute_ms: list[float] = field(default_factory=list)
     stage_mean_batch: list[float] = field(default_factory=list)
-    steps: int = 0
+    trips: int = 0  # steps through the pipeline (Timings.trips on the wire)
     mesh_overhead_ms: float = 0.0  # mean per step: wall time not spent computing
     hop_overhead_ms: float = 0.0  # mesh_overhead_ms over the number of stages
     replays: int = 0  # caches rebuilt from the token history (after a plan reload)
@@ -451,7 +451,7 @@ class Generator:
             total_ms=(now - t_start) * 1e3,
             stage_compute_ms=[ns / 1e6 for ns in compute_ns],
             stage_mean_batch=mean_batch,
-            steps=len(steps),
+            trips=len(steps),
             mesh_overhead_ms=overhead_ms,
             hop_overhead_ms=overhead_ms / n_stages,
             replays=sum(s.replayed for s in steps),

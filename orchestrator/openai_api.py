@@ -261,7 +261,7 @@ class OpenAIApi:
             body = await self._body(request)
             ids = await run_in_threadpool(self._chat_ids if chat else self._prompt_ids, body)
             req = self._generation(body, ids)
-            meta, usage, stream = self._response_options(body, chat)
+            builder, usage, stream = self._response_options(body, chat)
         cancelled = threading.Event()
         if stream:
             chunks = self._run(req, caller, cancelled)
@@ -273,12 +273,12 @@ class OpenAIApi:
                 cancelled.set()
                 raise
             return StreamingResponse(
-                self._sse(first, chunks, meta, usage, cancelled), media_type="text/event-stream"
+                self._sse(first, chunks, builder, usage, cancelled), media_type="text/event-stream"
             )
         chunks = await run_in_threadpool(lambda: list(self._run(req, caller, cancelled)))
-        return JSONResponse(meta.whole(chunks))
+        return JSONResponse(builder.whole(chunks))
 
-    def _response_options(self, body: dict, chat: bool) -> tuple[Meta, bool, bool]:
+    def _response_options(self, body: dict, chat: bool) -> tuple[CompletionBuilder, bool, bool]:
         """What the response carries: (its builder, usage at the end of a stream, stream)."""
         if chat:
             want_logprobs = bool(_boolean(body, "logprobs"))
@@ -286,7 +286,7 @@ class OpenAIApi:
             want_logprobs = body["logprobs"]
         else:  # completions: the number of alternatives per token (0 = the chosen one only)
             want_logprobs = _integer(body, "logprobs", 0, 20) is not None
-        meta = Meta(chat, self.model_id, want_logprobs, self.orch.tokenizer.decode)
+        builder = CompletionBuilder(chat, self.model_id, want_logprobs, self.orch.tokenizer.decode)
         stream_options = body.get("stream_options")
         if stream_options is not None and not isinstance(stream_options, dict):
             raise errors.InvalidArgument(
@@ -294,21 +294,23 @@ class OpenAIApi:
                 f"got {_shown(stream_options)}"
             )
         usage = bool(_boolean(stream_options or {}, "include_usage", "stream_options."))
-        return meta, usage, bool(_boolean(body, "stream"))
+        return builder, usage, bool(_boolean(body, "stream"))
 
-    async def _sse(self, first, chunks: Iterator[Chunk], meta: Meta, usage: bool, cancelled):
+    async def _sse(
+        self, first, chunks: Iterator[Chunk], builder: CompletionBuilder, usage: bool, cancelled
+    ):
         """Server-sent events. A client that goes away ends this generator: the generation is
         cancelled and closed, which ends its session on the stages at once."""
         try:
-            yield meta.sse(meta.opening())
+            yield builder.sse(builder.opening())
             last = first
             if first is not None:
-                yield meta.sse(meta.piece(first))
+                yield builder.sse(builder.piece(first))
             async for chunk in iterate_in_threadpool(chunks):
                 last = chunk
-                yield meta.sse(meta.piece(chunk))
+                yield builder.sse(builder.piece(chunk))
             if usage and last is not None:
-                yield meta.sse(meta.usage_chunk(last))
+                yield builder.sse(builder.usage_chunk(last))
             yield "data: [DONE]\n\n"
         except Exception as err:  # noqa: BLE001 - mid-stream: an error event, then the end
             body = json.loads(error_response(err).body)
@@ -332,8 +334,9 @@ def _close(chunks, timeout_s: float = 60.0) -> None:
             time.sleep(0.02)
 
 
-class Meta:
-    """Builds the response objects of one completion."""
+class CompletionBuilder:
+    """Builds the OpenAI response bodies of one completion: whole, or streamed piece by piece
+    as server-sent events."""
 
     def __init__(self, chat: bool, model: str, logprobs: bool, decode=None):
         self.chat, self.model, self.logprobs = chat, model, logprobs

@@ -29,11 +29,11 @@ def timings_to_pb(t: Timings, addresses: list[str]) -> pb.Timings:
         hop_overhead_ms=t.hop_overhead_ms,
         mesh_overhead_ms=t.mesh_overhead_ms,
         replays=t.replays,
-        trips=t.steps,
+        trips=t.trips,
         drafted_tokens=t.drafted_tokens,
         accepted_tokens=t.accepted_tokens,
         stages=[
-            pb.StageTiming(address=a, compute_ms=ms, steps=t.steps, mean_batch_size=b)
+            pb.StageTiming(address=a, compute_ms=ms, steps=t.trips, mean_batch_size=b)
             for a, ms, b in zip(addresses, t.stage_compute_ms, t.stage_mean_batch, strict=True)
         ],
     )

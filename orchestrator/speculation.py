@@ -59,7 +59,6 @@ class AdaptiveK:
     idle: int = 0  # steps without drafts since drafting last paid or was probed
     drafted: int = 0  # tokens drafted and sent for verification
     accepted: int = 0  # of those, kept
-    trips: int = 0  # verify steps
 
     @property
     def acceptance(self) -> float:
@@ -99,7 +98,6 @@ class AdaptiveK:
             return
         self.drafted += drafted
         self.accepted += accepted
-        self.trips += 1
         self.kept = self.kept * DECAY + accepted
         self.missed = self.missed * DECAY + (accepted < drafted)
 
