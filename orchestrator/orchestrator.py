@@ -19,6 +19,7 @@ from orchestrator.drafting import Drafter, PromptLookup
 from orchestrator.generation import Generator
 from orchestrator.metrics import OrchestratorMetrics, outcome_of
 from orchestrator.plan import PartitionPlan
+from orchestrator.plan_checks import check_held_layers, check_positions, position_capacity
 from orchestrator.profile import ModelProfile, StageCapacity
 from orchestrator.replicas import split_group
 from orchestrator.router import Router
@@ -27,10 +28,9 @@ from orchestrator.strategies import PlanSpec, estimate_ms_per_token, make_plan, 
 from orchestrator.tokenizer import Tokenizer
 from orchestrator.weight_shipping import WeightShipper
 from protos import llamadist_pb2 as pb
-from protos.errors import FailedPrecondition, InvalidArgument, LlamadistError, Unavailable
+from protos.errors import FailedPrecondition, LlamadistError, Unavailable
 from protos.sampling import Speculate
 from protos.shared.model_files import LlamaArgs, model_fingerprint, read_config
-from protos.shared.submodel import describe
 
 log = logging.getLogger(__name__)
 
@@ -87,31 +87,6 @@ def generation_defaults(model_dir: Path) -> dict[str, float]:
         if isinstance(value, int | float) and not isinstance(value, bool):
             out[name] = float(value)
     return out
-
-
-def check_held_layers(plan: PartitionPlan, groups: list[list[pb.StageInfo]]) -> None:
-    """A plan must give each stage layers its model directory holds (a submodel holds a range
-    only), unless it takes what it lacks from the orchestrator (--fetch-weights): else
-    FAILED_PRECONDITION naming the stage and the layers it would need."""
-    used = groups[: len(plan.ranges)]  # num_partitions may use the first N positions only
-    for i, (address, layers, infos) in enumerate(
-        zip(plan.addresses, plan.ranges, used, strict=True)
-    ):
-        for info in infos:
-            if info.held_layer_end == 0 or info.fetches_weights:
-                continue  # from before submodels (the whole model), or shipped what it lacks
-            lacking = [
-                n for n in range(layers.start, layers.end)
-                if not info.held_layer_start <= n < info.held_layer_end
-            ]  # fmt: skip
-            if lacking:
-                raise FailedPrecondition(
-                    f"stage {i} ({address}) holds layers {info.held_layer_start}-"
-                    f"{info.held_layer_end - 1} only (a submodel); the plan gives it layers "
-                    f"{layers.start}-{layers.end - 1}, so it would need layers "
-                    f"{describe(lacking)}: plan with --strategy custom --boundaries matching "
-                    "the submodels, or start that stage on a directory holding those layers"
-                )
 
 
 def plan_spec(request: PlanRequest) -> PlanSpec:
@@ -201,43 +176,38 @@ class Orchestrator:
         """The plan a request would make, from the stages' live capacities; changes nothing."""
         spec = plan_spec(request)
         addresses = list(request.stages or self.default_request.stages)
-        for i, group in enumerate(addresses):
-            if not split_group(group):
-                raise InvalidArgument(
-                    f"stage position {i} names no address ({group!r}): give host:port, "
-                    "or host:port+host:port for replicas"
-                )
-        every = [a for group in addresses for a in split_group(group)]
-        if len(set(every)) != len(every):
-            raise InvalidArgument(f"a stage is named twice in {addresses}")
+        check_positions(addresses)
         groups = [
             self.router.infos(group, i, wait_s, self.fingerprint)
             for i, group in enumerate(addresses)
         ]
-        # A position is as strong as its weakest replica.
         capacities = [
-            StageCapacity(
-                address=group,
-                device="+".join(sorted({i.device for i in infos})),
-                memory_bytes=min(
-                    i.memory_free_bytes + i.weight_bytes + i.kv_used_bytes for i in infos
-                ),
-                kv_budget_bytes=min(i.kv_budget_bytes for i in infos),
-                gflops=max(min(i.gflops for i in infos), 1e-3),
-            )
-            for group, infos in zip(addresses, groups, strict=True)
+            position_capacity(g, infos) for g, infos in zip(addresses, groups, strict=True)
         ]
         # Each position at its own format: its first replica's (replicas serve the same range).
-        infos = [g[0] for g in groups]
-        profiles = [self.profile(DTYPE_BYTES.get(i.dtype, 4), i.quantize) for i in infos]
+        profiles = [self.profile(DTYPE_BYTES.get(g[0].dtype, 4), g[0].quantize) for g in groups]
         current = self.router.plan
         plan = make_plan(profiles, capacities, spec, epoch or (current.epoch + 1 if current else 1))
         check_held_layers(plan, groups)
+        estimates = self._estimates(plan, capacities, profiles, groups)
+        contexts = [i.max_context for g in groups for i in g if i.max_context > 0]
+        max_context = min([self.args.max_position_embeddings, *contexts])
+        stage_epoch = max(i.plan_epoch for g in groups for i in g)
+        return PlanView(plan, estimates, max_context, stage_epoch)
+
+    def _estimates(
+        self,
+        plan: PartitionPlan,
+        capacities: list[StageCapacity],
+        profiles: list[ModelProfile],
+        groups: list[list[pb.StageInfo]],
+    ) -> tuple[StageEstimate, ...]:
+        """What each position of `plan` would hold and do: weights, KV capacity, ms per token,
+        and the bytes the orchestrator would ship to it (its replicas' most)."""
         by_address = {c.address: c for c in capacities}
         estimates = []
         for i, (address, layers) in enumerate(zip(plan.addresses, plan.ranges, strict=True)):
-            cap = by_address[address]
-            profile = profiles[i]
+            cap, profile = by_address[address], profiles[i]
             first, last = i == 0, i == plan.num_stages - 1
             per_token = profile.kv_bytes_per_token_per_layer * len(layers)
             estimates.append(
@@ -246,7 +216,7 @@ class Orchestrator:
                     weight_bytes=profile.stage_weight_bytes(layers, first, last),
                     kv_capacity_tokens=cap.kv_budget_bytes // per_token,
                     ms_per_token=estimate_ms_per_token(profile, cap, layers, first, last),
-                    quantize=infos[i].quantize or "none",
+                    quantize=groups[i][0].quantize or "none",
                     fetch_bytes=max(
                         self.shipper.lacking_bytes(layers.start, layers.end, info)
                         if info.fetches_weights
@@ -255,10 +225,7 @@ class Orchestrator:
                     ),  # fmt: skip
                 )
             )
-        contexts = [i.max_context for g in groups for i in g if i.max_context > 0]
-        max_context = min([self.args.max_position_embeddings, *contexts])
-        stage_epoch = max(i.plan_epoch for g in groups for i in g)
-        return PlanView(plan, tuple(estimates), max_context, stage_epoch)
+        return tuple(estimates)
 
     def reload(self, request: PlanRequest) -> PlanView:
         """Applies a new plan while serving: steps in flight finish first, new ones wait, and
