@@ -18,11 +18,8 @@ TORCH_DTYPES: dict[int, torch.dtype] = {
     pb.FLOAT16: torch.float16,
 }
 WIRE_DTYPES: dict[torch.dtype, int] = {v: k for k, v in TORCH_DTYPES.items()}
-DTYPE_NAMES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+# float32, bfloat16, float16: the names --dtype and Info use (stage_service.config.DTYPES)
+DTYPE_NAMES: dict[str, torch.dtype] = {pb.DType.Name(k).lower(): v for k, v in TORCH_DTYPES.items()}
 
 assert sys.byteorder == "little", "the wire format is little-endian"
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from protos import llamadist_pb2 as pb
 from protos.shared.default_model import default_model_dir
 from protos.shared.knobs import ConfigError, ServiceConfig, in_range, knob, non_negative, positive
 from protos.shared.stage_auth import key_file_problem
@@ -17,7 +18,8 @@ if TYPE_CHECKING:
     import torch
 
 ENV_PREFIX = "LLAMADIST_STAGE"
-DTYPES = ("float32", "bfloat16", "float16")  # protos.codec.DTYPE_NAMES, checked by a test
+# --dtype's names: the wire's (llamadist.proto's DType, as protos.codec.DTYPE_NAMES names them)
+DTYPES = tuple(name.lower() for name, number in pb.DType.items() if number)  # not UNSPECIFIED
 QUANTIZE = ("none", "int8", "int4")  # see stage_service/quant.py
 # Inputs per scale when --quant-group is 0. int8: 64 (per output channel cost the default
 # model 1.3% perplexity, 128 0.7%, 64 0.3%); int4: 32, as llama.cpp's Q4 formats.
