@@ -339,7 +339,11 @@ def check_documented(cls: type, name: str, flag: str, shown: str) -> None:
 def test_every_flag_the_readme_names_in_its_text_exists():
     """Flags in the prose's `code spans` (code blocks are the usage lines above, or docker's)."""
     text = re.sub(r"```.*?```", "", (ROOT / "README.md").read_text(), flags=re.S)
-    known = {"--help"} | {s for _, p in all_parsers() for s in flags_of(p)}
+    from bench.mesh import add_arguments  # the benchmark's flags (python -m bench.mesh)
+
+    bench = argparse.ArgumentParser()
+    add_arguments(bench)
+    known = {"--help"} | {s for _, p in [*all_parsers(), ((), bench)] for s in flags_of(p)}
     spans = " ".join(re.findall(r"`([^`\n]+)`", text))
     named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", spans))
     assert "--session-ttl-s" in named
