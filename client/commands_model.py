@@ -50,8 +50,9 @@ def run_model(a: argparse.Namespace) -> int:
 def split_ranges(model: Path, stages: int, strategy: str, max_memory: str, boundaries: str):
     """The layer ranges of a split: --boundaries as given, or the planner's strategy over
     `stages` stages of equal speed (and each --max-memory, for memory and mixed)."""
+    from orchestrator.plan_spec import spec_from_text
     from orchestrator.profile import ModelProfile, StageCapacity
-    from orchestrator.strategies import make_plan, spec_from_text
+    from orchestrator.strategies import make_plan
 
     if boundaries:
         spec = spec_from_text("custom", 0, "", boundaries)

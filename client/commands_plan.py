@@ -10,7 +10,7 @@ import threading
 
 from client import server_flags
 from client.client import stage_health
-from orchestrator.strategies import STRATEGIES
+from orchestrator.plan_spec import STRATEGIES
 from protos.shared.knobs import checked, non_negative, split_list
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.strategies import (
+from orchestrator.plan_spec import (
     STRATEGIES,
     Strategy,
     parse_boundaries,

@@ -20,11 +20,12 @@ from orchestrator.generation import Generator
 from orchestrator.metrics import OrchestratorMetrics, outcome_of
 from orchestrator.plan import PartitionPlan
 from orchestrator.plan_checks import check_held_layers, check_positions, position_capacity
+from orchestrator.plan_spec import PlanSpec, spec_from_text
 from orchestrator.profile import ModelProfile, StageCapacity
 from orchestrator.replicas import split_group
 from orchestrator.router import Router
 from orchestrator.speculation import SpeculationPolicy
-from orchestrator.strategies import PlanSpec, estimate_ms_per_token, make_plan, spec_from_text
+from orchestrator.strategies import estimate_ms_per_token, make_plan
 from orchestrator.tokenizer import Tokenizer
 from orchestrator.weight_shipping import WeightShipper
 from protos import llamadist_pb2 as pb

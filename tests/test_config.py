@@ -17,7 +17,7 @@ import pytest
 from client.cli import build_parser, main
 from orchestrator.config import ENV_PREFIX as ORCHESTRATOR_ENV
 from orchestrator.config import OrchestratorConfig
-from orchestrator.strategies import STRATEGIES
+from orchestrator.plan_spec import STRATEGIES
 from protos.shared.knobs import (
     ConfigError,
     ServiceConfig,
