@@ -259,9 +259,9 @@ def in_process_numbers(model: Path, results: dict) -> None:
     ids = torch.tensor(PROMPT, device=dev)
     n = len(PROMPT)
     session = cache.begin_step("all", 0, n)
-    eager = ours.forward([Segment(slice(0, n), 0, session.kv)], ids, None, all_logits=True)
+    eager = ours.run([Segment(slice(0, n), 0, session.kv)], ids, None, all_logits=True)
     session = cache.begin_step("decode", 0, n - 8)
-    ours.forward([Segment(slice(0, n - 8), 0, session.kv)], ids[: n - 8], None)
+    ours.run([Segment(slice(0, n - 8), 0, session.kv)], ids[: n - 8], None)
     decoded = [
         decoder.run([session.slot], [pos], [PROMPT[pos]], None).clone() for pos in range(n - 8, n)
     ]

@@ -49,7 +49,7 @@ def in_process(model: Path, invariant: bool, results: dict) -> torch.Tensor:
     for i, slot in enumerate(slots):  # each slot's prefill: a different prompt
         ids = torch.tensor([(t + 31 * i) % 128000 for t in range(100)], device=dev)
         segment = Segment(slice(0, 100), 0, cache.pool.views(slot), slot)
-        ours.forward([segment], ids, None, pool=cache.pool)
+        ours.run([segment], ids, None, pool=cache.pool)
     alone = decoder.run(slots[:1], [100], [7], None).clone()
     crowded = decoder.run(slots, [100] * 64, [7 + i for i in range(64)], None)[:1].clone()
     results[f"{name}_alone_equals_crowded"] = bool(torch.equal(alone, crowded))
@@ -109,7 +109,7 @@ def tiles(model: Path, configs: list[str], results: dict) -> None:
         ids = torch.tensor([(t * 7 + i) % 128000 for i in range(64) for t in range(32)], device=dev)
         entry = {
             "prefill_2048_rows_ms": timed(
-                lambda: ours.forward(segments, ids, None, pool=pool)  # noqa: B023
+                lambda: ours.run(segments, ids, None, pool=pool)  # noqa: B023
             )
         }
         for rows in (1, 64):
@@ -118,10 +118,10 @@ def tiles(model: Path, configs: list[str], results: dict) -> None:
             ]
             step = torch.tensor([7] * rows, device=dev)
             entry[f"decode_{rows}_rows_ms_eager"] = timed(
-                lambda: ours.forward(segs, step, None, pool=pool)  # noqa: B023
+                lambda: ours.run(segs, step, None, pool=pool)  # noqa: B023
             )
-        one = ours.forward(segs[:1], step[:1], None, pool=pool)
-        many = ours.forward(segs, step, None, pool=pool)[:1]
+        one = ours.run(segs[:1], step[:1], None, pool=pool)
+        many = ours.run(segs, step, None, pool=pool)[:1]
         entry["alone_equals_crowded"] = bool(torch.equal(one, many))
         results.setdefault("tiles", {})[config] = entry
         print(config, json.dumps(entry), flush=True)

@@ -1,6 +1,6 @@
 """Where a GPU stage's decode step goes (bench/GPU_NOTES.md): one 16-layer bf16 range of the
 benchmark model on cuda:0 with static KV slots, no gRPC. For the decode step as it is and with
---compile: load + capture time, one step through Stage.forward (the compute thread) and through
+--compile: load + capture time, one step through Stage.run_step (the compute thread) and through
 the static decoder alone at 1 and 64 rows; then the GPU kernels of one 64-row replay of the
 last configuration by total time (torch.profiler)."""
 
@@ -50,14 +50,14 @@ def probe(model: Path, compile: bool) -> Stage:
     print(f"[{name}] load + capture {time.perf_counter() - t0:.1f} s")
     prompt = list(range(1, 33))
     for i in range(64):
-        stage.forward(StepInput(f"s{i}", 1, 0, prompt, None, Sampling()))
+        stage.run_step(StepInput(f"s{i}", 1, 0, prompt, None, Sampling()))
     length = [32]
 
     def step() -> None:
-        stage.forward(StepInput("s0", 1, length[0], [5], None, Sampling()))
+        stage.run_step(StepInput("s0", 1, length[0], [5], None, Sampling()))
         length[0] += 1
 
-    print(f"[{name}] Stage.forward, 1 row: {median_ms(step):.2f} ms")
+    print(f"[{name}] Stage.run_step, 1 row: {median_ms(step):.2f} ms")
     decoder = stage.loaded.decoder
     slots = list(range(64))
     for rows in (1, 64):

@@ -35,7 +35,7 @@ GREEDY = Sampling()
 def step(stages: list[Stage], session: str, pos: int, tokens: list[int], drafts: int):
     hidden = None
     for stage in stages:
-        out = stage.forward(StepInput(session, 1, pos, tokens, hidden, GREEDY, False, drafts))
+        out = stage.run_step(StepInput(session, 1, pos, tokens, hidden, GREEDY, False, drafts))
         hidden = out.hidden
     return out
 

@@ -79,7 +79,7 @@ class DraftModelSession:
 
     def _step(self, start: int, tokens: list[int]) -> int:
         step = StepInput(self.session_id, 1, start, tokens, None, GREEDY)
-        token = self.stage.forward(step).token_id
+        token = self.stage.run_step(step).token_id
         self.cached[start:] = tokens
         return token
 

@@ -12,10 +12,12 @@ job fails with Unavailable (and the stage's Health says NOT_SERVING): nobody wai
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from protos.errors import Cancelled, Unavailable
@@ -34,29 +36,29 @@ class Job:
 
 class Batcher:
     def __init__(
-        self, run_batch: Callable[[list[Job]], None], max_batch: int, max_batch_tokens: int
+        self,
+        run_batch: Callable[[list[Job]], None],
+        max_batch: int,
+        max_batch_tokens: int,
+        around_batch: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     ):
+        """`around_batch()`: the block each batch's run and its callbacks are in, on the
+        compute thread (forwarding.Forwarder.holding: what the callbacks forward goes on as one
+        message per next stage once the block ends)."""
         self.run_batch = run_batch
+        self.around_batch = around_batch
         self.max_batch = max_batch
         self.max_batch_tokens = max_batch_tokens
         self._queue: deque[Job] = deque()
-        self.taken = 0  # jobs taken into batches so far
-        self.dropped = 0  # jobs answered Cancelled without running
         self.died: str = ""  # why the compute thread ended, if it did other than by close()
         self._cond = threading.Condition()
         self._closed = False
-        # called on the compute thread once a batch's callbacks have all run (the forwarder
-        # sends then what they forwarded: one message per next stage for the whole batch)
-        self.after_batch: Callable[[], None] | None = None
         self._thread = threading.Thread(target=self._work, name="compute", daemon=True)
         self._thread.start()
 
     @property
     def alive(self) -> bool:
         return not self.died
-
-    def on_compute_thread(self) -> bool:
-        return threading.get_ident() == self._thread.ident
 
     def submit(self, step, cancelled: Callable[[], bool] | None = None) -> object:
         """Runs a step in the next batch and returns its output."""
@@ -133,8 +135,6 @@ class Batcher:
                 if alone:
                     break
             self._queue.extendleft(reversed(kept))
-            self.taken += len(batch)
-            self.dropped += len(gone)
             return batch, gone
 
     def _finish(self, jobs: list[Job], error: BaseException | None = None) -> None:
@@ -152,15 +152,11 @@ class Batcher:
         try:
             while (taken := self._next_batch()) is not None:
                 batch, gone = taken
-                self._finish(gone, Cancelled("the step's caller is gone"))
-                if batch:
-                    try:
-                        self.run_batch(batch)
-                        self._finish(batch)
-                    except Exception as err:  # noqa: BLE001 - handed to every waiting caller
-                        log.exception("a batch failed")
-                        self._finish(batch, err)
-                self._after_batch()
+                try:
+                    with self.around_batch():
+                        self._run(batch, gone)
+                except Exception:  # a caller's bug must not end the compute thread
+                    log.exception("the block around a batch failed")
                 batch = []
         except BaseException as err:
             # SystemExit, KeyboardInterrupt, MemoryError...: this thread ends. Fail what waits
@@ -173,12 +169,15 @@ class Batcher:
             self._finish(batch + pending, Unavailable(f"the stage's compute thread died ({err!r})"))
             raise
 
-    def _after_batch(self) -> None:
-        if self.after_batch is not None:
+    def _run(self, batch: list[Job], gone: list[Job]) -> None:
+        self._finish(gone, Cancelled("the step's caller is gone"))
+        if batch:
             try:
-                self.after_batch()
-            except Exception:  # a caller's bug must not end the compute thread
-                log.exception("the after-batch callback failed")
+                self.run_batch(batch)
+                self._finish(batch)
+            except Exception as err:  # noqa: BLE001 - handed to every waiting caller
+                log.exception("a batch failed")
+                self._finish(batch, err)
 
     def close(self) -> None:
         with self._cond:

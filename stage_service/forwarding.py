@@ -17,10 +17,11 @@ origin drops answers it no longer waits for.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -77,17 +78,12 @@ class Forwarder:
         self,
         channel_credentials: grpc.ChannelCredentials | None = None,
         stage_key: str | None = None,
-        in_batch: Callable[[], bool] = lambda: False,
     ):
         """Links to next stages use `channel_credentials` (mutual TLS; None = plaintext) and
-        send `stage_key` on every call (None: none). `in_batch()`: whether the calling thread
-        is handing out a compute batch's results. What it forwards or answers is then held
-        until `flush()` (called once the batch is handed out), so that the steps of one batch
-        go to each next stage, and their answers to each origin, as one message; from any
-        other thread it goes at once."""
+        send `stage_key` on every call (None: none)."""
         self.channel_credentials = channel_credentials
         self.stage_key = stage_key
-        self.in_batch = in_batch
+        self._holding: int | None = None  # the thread inside holding(), if any
         self._held_steps: dict[StepLink, list[pb.StepRequest]] = {}
         self._held_answers: dict[str, list[pb.StepReply]] = {}
         self._outlets: dict[str, Send] = {}
@@ -95,6 +91,22 @@ class Forwarder:
         self._channels: dict[str, grpc.Channel] = {}
         self._recent: dict[StepLink, collections.deque[_Sent]] = {}
         self._lock = threading.Lock()  # the dicts above: reader, compute and link threads
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """The compute thread hands out a batch's results inside this block: what that thread
+        sends on or delivers in it is held, and sent when the block ends, so that the steps of
+        one batch go to each next stage, and their answers to each origin, as one message.
+        From any other thread it goes at once."""
+        self._holding = threading.get_ident()
+        try:
+            yield
+        finally:
+            self._holding = None
+            self._flush()
+
+    def _holds(self) -> bool:
+        return self._holding == threading.get_ident()
 
     # ---------------------------------------------------------------- outlets
 
@@ -112,7 +124,7 @@ class Forwarder:
         """Sends each reply to its origin's outlet here; returns those that have none."""
         by_outlet: dict[str, list[pb.StepReply]] = {}
         left = []
-        hold = self.in_batch()
+        hold = self._holds()
         with self._lock:
             for reply in replies:
                 if reply.origin in self._outlets:
@@ -128,7 +140,7 @@ class Forwarder:
             send(pack(group))
         return left
 
-    def flush(self) -> None:
+    def _flush(self) -> None:
         """Sends what a batch's results held: steps per next stage, then answers per origin."""
         with self._lock:
             steps, self._held_steps = self._held_steps, {}
@@ -150,14 +162,14 @@ class Forwarder:
 
     # ---------------------------------------------------------------- successors
 
-    def forward(self, steps: list[pb.StepRequest]) -> list[pb.StepReply]:
+    def send_on(self, steps: list[pb.StepRequest]) -> list[pb.StepReply]:
         """Sends each step (hop already advanced) to route[hop], one link per successor; returns
         the answers of those whose successor cannot be reached (UNAVAILABLE naming it)."""
         by_address: dict[str, list[pb.StepRequest]] = {}
         for step in steps:
             by_address.setdefault(step.route[step.hop], []).append(step)
         failed: list[pb.StepReply] = []
-        hold = self.in_batch()
+        hold = self._holds()
         for address, group in by_address.items():
             try:
                 link = self._link(address, group[0].hop)

@@ -170,12 +170,6 @@ class SessionCache:
             raise NotFound(f"session {session_id!r} is not cached on this stage")
         return session.capacity * self.shape.bytes_per_token
 
-    def clear(self) -> None:
-        with self._lock:
-            for session in self._sessions.values():
-                self._release_locked(session)
-            self._sessions.clear()
-
     def sweep(self) -> list[str]:
         with self._lock:
             return self._sweep_locked()

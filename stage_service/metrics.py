@@ -4,6 +4,8 @@ when scraped, its KV cache (bytes used, budget), sessions, weight bytes and plan
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
@@ -12,7 +14,8 @@ COMPUTE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 
 class StageMetrics:
-    def __init__(self, stage):
+    def __init__(self, info: Callable[[], dict]):
+        """`info()`: the stage's Info fields, read at each scrape."""
         self.registry = r = CollectorRegistry()
         self.batch = Histogram(
             "llamadist_stage_batch_size", "Sessions per forward", buckets=BATCH_BUCKETS,
@@ -22,7 +25,7 @@ class StageMetrics:
             "llamadist_stage_step_compute_seconds", "Compute time per forward",
             buckets=COMPUTE_BUCKETS, registry=r,
         )  # fmt: skip
-        r.register(_Live(stage))
+        r.register(_Live(info))
 
     def observe(self, sessions: int, compute_s: float) -> None:
         self.batch.observe(sessions)
@@ -35,11 +38,11 @@ class StageMetrics:
 
 
 class _Live:
-    def __init__(self, stage):
-        self.stage = stage
+    def __init__(self, info: Callable[[], dict]):
+        self.info = info
 
     def collect(self):
-        info = self.stage.info()
+        info = self.info()
         for name, key, doc in (
             ("llamadist_stage_kv_used_bytes", "kv_used_bytes", "KV cache bytes in use"),
             ("llamadist_stage_kv_budget_bytes", "kv_budget_bytes", "KV cache budget"),

@@ -321,7 +321,7 @@ class RangeModel:
         self.rope = RopeTable(self.inv_freq)
 
     @torch.inference_mode()
-    def forward(
+    def run(
         self,
         segments: list[Segment],
         token_ids: torch.Tensor,
@@ -386,12 +386,12 @@ class RangeModel:
     ) -> torch.Tensor:
         """One decode token per row over a kv_cache.SlotPool, with fixed shapes (see
         decode_layer). inputs: token ids [B] on the first stage, else hidden states [B, hidden];
-        attention reads the first `context` positions of each slot. Returns as forward."""
+        attention reads the first `context` positions of each slot. Returns as `run`."""
         w = self.weights
         x = embedding(inputs, w.embed, self.dtype) if w.is_first else inputs
         if (
             self.gpu_invariant is not None
-        ):  # as forward computes them: RoPE from the table, these kernels
+        ):  # as `run` computes them: RoPE from the table, these kernels
             cos, sin = self.rope.lookup(positions, pool.k[0].shape[2], x.dtype)
             for i, layer in enumerate(w.layers):
                 x = self.gpu_invariant.layer(

@@ -34,7 +34,7 @@ def perplexity(model_dir: Path, ids: list[int], quant: Quantization, window: int
         n = len(chunk)
         shape = (args.num_kv_heads, n, args.head_dim)
         kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(args.num_layers)]
-        logits = model.forward([Segment(slice(0, n), 0, kv)], chunk, None, all_logits=True)
+        logits = model.run([Segment(slice(0, n), 0, kv)], chunk, None, all_logits=True)
         nll += F.cross_entropy(logits[:-1], chunk[1:], reduction="sum").item()
         count += n - 1
     return math.exp(nll / count)

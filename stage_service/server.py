@@ -2,12 +2,12 @@
 
 Its credential: mutual TLS (callers need a certificate of --tls-ca) and/or the mesh's stage key
 (protos/shared/stage_auth.py), which the stage also sends on its links to next stages. Without
-either
-it refuses to start, unless --insecure-open-stage; then it warns at every start."""
+either it refuses to start, unless --insecure-open-stage; then it warns at every start."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -15,10 +15,12 @@ import torch
 from protos.shared.security import channel_credentials, server_credentials
 from protos.shared.serving import listening_server, run_until_signal
 from protos.shared.stage_auth import StageKeyInterceptor, load_stage_key
+from protos.shared.standard_services import ReadinessHealth
 from stage_service.config import StageConfig
 from stage_service.forwarding import Forwarder
 from stage_service.servicer import StageServicer
 from stage_service.stage import Stage
+from stage_service.step_streams import StepStreams
 
 log = logging.getLogger(__name__)
 
@@ -30,24 +32,39 @@ OPEN_WARNING = (
 )
 
 
-def build(config: StageConfig) -> tuple[grpc.Server, int, StageServicer]:
+@dataclass(frozen=True)
+class BuiltStage:
+    """A stage's server, built and not started, with what serving and stopping it need."""
+
+    server: grpc.Server
+    port: int
+    servicer: StageServicer
+    health: ReadinessHealth  # the standard grpc.health.v1 service
+
+    @property
+    def stage(self) -> Stage:
+        return self.servicer.stage
+
+    def drain(self, deadline: float) -> None:
+        """Shutting down: Health says NOT_SERVING from now on, then the open streams end once
+        what they took is settled (StepStreams.drain)."""
+        self.health.shutdown()
+        self.servicer.streams.drain(deadline)
+
+
+def build(config: StageConfig) -> BuiltStage:
     config.check_credential()  # before anything is loaded
     credentials = server_credentials(  # mutual TLS: callers need a certificate of tls_ca
         config.tls_cert, config.tls_key, config.tls_ca, require_client_cert=True
     )
     key = load_stage_key(config.key_file) if config.key_file else None
     torch.set_num_threads(config.threads)
-    stage = Stage(config)
     # toward the next stage of a route: the stage's own certificate, trusting the same CA, and
     # the mesh's stage key
-    forwarder = Forwarder(
-        channel_credentials(config.tls_ca, config.tls_cert, config.tls_key),
-        key,
-        in_batch=stage.batcher.on_compute_thread,
-    )
-    stage.batcher.after_batch = forwarder.flush
-    servicer = StageServicer(stage, forwarder)
-    server, port, servicer.health = listening_server(
+    forwarder = Forwarder(channel_credentials(config.tls_ca, config.tls_cert, config.tls_key), key)
+    stage = Stage(config, around_batch=forwarder.holding)
+    servicer = StageServicer(stage, StepStreams(stage, forwarder))
+    server, port, health = listening_server(
         "Stage",
         servicer,
         config.host,
@@ -59,25 +76,25 @@ def build(config: StageConfig) -> tuple[grpc.Server, int, StageServicer]:
     )
     if config.insecure_open_stage:
         log.warning(OPEN_WARNING, config.host, port)
-    return server, port, servicer
+    return BuiltStage(server, port, servicer, health)
 
 
 def build_server(config: StageConfig) -> tuple[grpc.Server, int, Stage]:
-    server, port, servicer = build(config)
-    return server, port, servicer.stage
+    built = build(config)
+    return built.server, built.port, built.stage
 
 
 def serve(config: StageConfig) -> None:
-    server, port, servicer = build(config)
-    stage = servicer.stage
-    server.start()
-    log.info("stage on %s, model %s (%s)", stage.device, config.model, stage.fingerprint)
+    built = build(config)
+    stage = built.stage
+    built.server.start()
+    log.info("stage on %s, model %s (%s)", stage.holder.device, config.model, stage.fingerprint)
     if config.metrics_port:
         stage.metrics.serve(config.host, config.metrics_port)
         log.info("metrics at http://%s:%d/metrics", config.host, config.metrics_port)
     run_until_signal(
-        server,
-        f"llamadist stage listening on {config.host}:{port}",
+        built.server,
+        f"llamadist stage listening on {config.host}:{built.port}",
         config.grace_s,
-        drain=servicer.drain,
+        drain=built.drain,
     )

@@ -21,7 +21,7 @@ from protos.shared.model_files import LlamaArgs, TensorIndex
 from protos.shared.submodel import EMBED, layer_of
 from protos.shared.transfer import progress_text
 from stage_service.weight_cache import Entry, OfferAnswer, WeightCache
-from stage_service.weights import WIRE_DTYPES, Blob, TensorSource
+from stage_service.weights import SAFETENSORS_DTYPES, Blob, TensorSource
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,12 @@ def kept_text(n: int) -> str:
 
 
 def check_entry(e: Entry) -> None:
-    itemsize = {"F32": 4, "BF16": 2, "F16": 2}.get(e.dtype)
-    if itemsize is None:
+    dtype = SAFETENSORS_DTYPES.get(e.dtype)
+    if dtype is None:
         raise InvalidArgument(
-            f"tensor {e.name}: dtype {e.dtype!r} is not one of {', '.join(WIRE_DTYPES)}"
+            f"tensor {e.name}: dtype {e.dtype!r} is not one of {', '.join(SAFETENSORS_DTYPES)}"
         )
+    itemsize = dtype.itemsize
     if any(d < 0 for d in e.shape) or math.prod(e.shape) * itemsize != e.size:
         raise InvalidArgument(
             f"tensor {e.name}: {e.size} bytes do not make a {e.dtype} tensor of shape "

@@ -21,7 +21,7 @@ from stage_service.model import LayerWeights, RangeWeights
 from stage_service.quant import key, quantize_matrix, quantize_rows, tensor_bytes
 
 # safetensors' dtype names, as the orchestrator's manifest gives them (weights over the wire)
-WIRE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Blob:
 
     sha256: str
     size: int
-    dtype: str  # a WIRE_DTYPES key
+    dtype: str  # a SAFETENSORS_DTYPES key
     shape: tuple[int, ...]
 
 
@@ -92,8 +92,8 @@ class TensorSource:
             data = self.read_blob(blob.sha256, blob.size)
         except LlamadistError as err:
             raise type(err)(f"tensor {name}: {err}") from None
-        wire = WIRE_DTYPES[blob.dtype]
-        t = torch.frombuffer(data, dtype=wire) if data else torch.empty(0, dtype=wire)
+        dtype = SAFETENSORS_DTYPES[blob.dtype]
+        t = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
         return t.view(blob.shape)
 
 
@@ -261,31 +261,3 @@ def weight_bytes(weights: RangeWeights) -> int:
         if t is not None:
             seen[key(t)] = tensor_bytes(t)
     return sum(seen.values())
-
-
-def write_dequantized(model_dir: Path, out: Path, quant: Quantization) -> None:
-    """A copy of the model whose matrices are what `quant` makes of them, dequantized to
-    float32: the model that quantized stages compute, for transformers to run (tests, quality).
-    config.json and the tokenizer files are copied as they are."""
-    import shutil
-
-    from safetensors.torch import save_file
-
-    source = TensorSource.of(model_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name in source.names():
-        (w,) = source.load([name], torch.float32, torch.device("cpu"))
-        if name in ("model.embed_tokens.weight", "lm_head.weight"):
-            w = quant.rows(name, w)
-        elif name.startswith("model.layers.") and w.dim() == 2:
-            w = quant.matrix(name, w)
-        tensors[name] = w if isinstance(w, torch.Tensor) else w.dequantize()
-    save_file(tensors, str(out / "model.safetensors"))
-    for f in model_dir.iterdir():
-        if (
-            f.is_file()
-            and not f.name.endswith(".safetensors")
-            and f.name != "model.safetensors.index.json"
-        ):
-            shutil.copy(f, out / f.name)

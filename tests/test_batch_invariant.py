@@ -55,7 +55,7 @@ class Range:
             segments.append(Segment(slice(row, row + len(tokens)), start, kv))
             ids += tokens
             row += len(tokens)
-        logits = self.model.forward(segments, torch.tensor(ids), None, all_logits=True)
+        logits = self.model.run(segments, torch.tensor(ids), None, all_logits=True)
         return [logits[s.rows] for s in segments]
 
 
@@ -258,7 +258,7 @@ def test_gpu_rows_are_the_same_as_prefill_decode_graphs_and_crowded(tiny_root, n
             segments.append(Segment(rows, start, pool.views(slot), slot))
             ids += tokens
             row += len(tokens)
-        out = model.forward(segments, torch.tensor(ids, device=dev), None, True, pool=pool)
+        out = model.run(segments, torch.tensor(ids, device=dev), None, True, pool=pool)
         return [out[s.rows].cpu() for s in segments]
 
     seq = PROMPT + [11, 4, 9, 60, 1]

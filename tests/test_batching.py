@@ -15,6 +15,7 @@ import torch
 from protos.sampling import Sampling
 from stage_service.config import StageConfig
 from stage_service.stage import Stage, StepInput
+from tests.batches import count_taken
 from tests.conftest import make_tiny_model, require_or_skip
 
 SESSIONS = 8
@@ -48,24 +49,24 @@ def test_concurrent_decode_steps_are_batched_and_exact(tmp_path, static_kv):
     stage.load_layers(0, 4, epoch=1)
     alone = {}
     for i, p in enumerate(prompts()):  # one at a time: prefill, then two decode steps
-        first = stage.forward(step(f"alone{i}", 0, p))
-        second = stage.forward(step(f"alone{i}", len(p), [first.token_id]))
+        first = stage.run_step(step(f"alone{i}", 0, p))
+        second = stage.run_step(step(f"alone{i}", len(p), [first.token_id]))
         alone[i] = (first, second)
 
     for i, p in enumerate(prompts()):
-        stage.forward(step(f"s{i}", 0, p))
+        stage.run_step(step(f"s{i}", 0, p))
     results: dict[int, object] = {}
 
     def decode(i: int, p: list[int]) -> None:
-        results[i] = stage.forward(step(f"s{i}", len(p), [alone[i][0].token_id]))
+        results[i] = stage.run_step(step(f"s{i}", len(p), [alone[i][0].token_id]))
 
     # Hold the compute thread on a first step, let the other steps queue up behind it, then let
     # it take them as one batch.
     threads = [threading.Thread(target=decode, args=(i, p)) for i, p in enumerate(prompts())]
-    with stage._compute:
-        taken = stage.batcher.taken
+    taken = count_taken(stage)
+    with stage.holder.compute_lock:
         threads[0].start()
-        wait_for(lambda: stage.batcher.taken == taken + 1)  # the compute thread waits on the lock
+        wait_for(lambda: taken() == 1)  # the compute thread waits on the lock
         for t in threads[1:]:
             t.start()
         wait_for(lambda: len(stage.batcher._queue) == SESSIONS - 1)
@@ -97,17 +98,17 @@ def test_one_sessions_failure_does_not_fail_its_batch(tmp_path, monkeypatch):
 
     def run(name: str, first: int) -> None:
         try:
-            outcomes[name] = stage.forward(StepInput(name, 1, 0, [first, 2, 3], None, sampled))
+            outcomes[name] = stage.run_step(StepInput(name, 1, 0, [first, 2, 3], None, sampled))
         except RuntimeError as err:
             outcomes[name] = err
 
     first = threading.Thread(target=run, args=("first", 9))
     threads = [threading.Thread(target=run, args=(n, f)) for n, f in
                (("a", 5), ("bad", 66), ("b", 7))]  # fmt: skip
-    with stage._compute:  # queue the three behind a first step, then run them as one batch
-        taken = stage.batcher.taken
+    taken = count_taken(stage)
+    with stage.holder.compute_lock:  # queue the three behind a first step, then run them as one
         first.start()
-        wait_for(lambda: stage.batcher.taken == taken + 1)
+        wait_for(lambda: taken() == 1)
         for t in threads:
             t.start()
         wait_for(lambda: len(stage.batcher._queue) == 3)
@@ -140,11 +141,11 @@ def test_compiled_decode_parts_give_the_same_tokens(tmp_path):
         stage = Stage(config)
         stage.load_layers(0, 4, epoch=1)
         for i, p in enumerate(prompts()[:4]):
-            stage.forward(step(f"s{i}", 0, p))
+            stage.run_step(step(f"s{i}", 0, p))
         answers, outs[compile] = queue.SimpleQueue(), []
         for k in range(3):  # three decode steps of the four sessions, each batch one forward
             steps = [step(f"s{i}", len(p) + k, [7 + k]) for i, p in enumerate(prompts()[:4])]
-            stage.forward_many(steps, answers.put)
+            stage.run_steps(steps, answers.put)
             outs[compile].append(answers.get(timeout=60))
         stage.batcher.close()
     for eager_jobs, compiled_jobs in zip(outs[False], outs[True], strict=True):

@@ -28,9 +28,7 @@ def setup(tmp_path, sessions: int):
     for i, prompt in enumerate(prompts):
         for cache in (static, growable):
             session = cache.begin_step(f"s{i}", 0, len(prompt))
-            model.forward(
-                [Segment(slice(0, len(prompt)), 0, session.kv)], torch.tensor(prompt), None
-            )
+            model.run([Segment(slice(0, len(prompt)), 0, session.kv)], torch.tensor(prompt), None)
             session.length = len(prompt)
     return model, static, growable, prompts
 
@@ -41,7 +39,7 @@ def reference(model, growable, picks, prompts, tokens):
     for row, i in enumerate(picks):
         session = growable.begin_step(f"s{i}", len(prompts[i]), 1)
         segments.append(Segment(slice(row, row + 1), len(prompts[i]), session.kv))
-    return model.forward(segments, torch.tensor(tokens), None)
+    return model.run(segments, torch.tensor(tokens), None)
 
 
 def decode(decoder, static, picks, prompts, tokens):

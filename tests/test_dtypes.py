@@ -133,7 +133,7 @@ def test_last_stage_logits_in_a_16_bit_dtype_are_within_the_tolerance(tiny_root,
     try:
         stage.load_layers(0, stage.args.num_layers, 1)
         step = StepInput("s", 1, 0, sequence, None, Sampling(), return_logits=True)
-        got = stage.forward(step).logits
+        got = stage.run_step(step).logits
     finally:
         stage.batcher.close()
     assert got.dtype == torch.float32 and got.shape == want.shape
@@ -144,7 +144,7 @@ def test_last_stage_logits_in_a_16_bit_dtype_are_within_the_tolerance(tiny_root,
 def test_a_cpu_without_half_instructions_refuses_the_slow_dtype(gqa, dtype):
     from protos.errors import FailedPrecondition
     from stage_service import cpu_kernels
-    from stage_service.stage import HALF_INSTRUCTIONS
+    from stage_service.device_checks import HALF_INSTRUCTIONS
 
     if set(HALF_INSTRUCTIONS[getattr(torch, dtype)]) & cpu_kernels.cpu_flags():
         pytest.skip(f"this CPU has instructions for {dtype}: it is not refused here")
@@ -159,7 +159,7 @@ def test_a_cpu_without_half_instructions_refuses_the_slow_dtype(gqa, dtype):
 def test_int8_on_a_gpu_is_refused_unless_allowed(gqa):
     """The check itself (this machine has no GPU): int8 on CUDA is refused with what pays."""
     from protos.errors import FailedPrecondition
-    from stage_service.stage import check_cuda_quantize
+    from stage_service.device_checks import check_cuda_quantize
 
     cuda = torch.device("cuda")
     with pytest.raises(FailedPrecondition, match="int4.*--allow-slow-dtype"):

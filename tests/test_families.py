@@ -17,8 +17,9 @@ from protos.errors import FailedPrecondition
 from protos.shared.model_files import LlamaArgs, read_config
 from stage_service.config import StageConfig
 from stage_service.stage import Stage
-from stage_service.weights import Quantization, write_dequantized
+from stage_service.weights import Quantization
 from tests.conftest import TINY_BASE, in_process_mesh, reference_greedy
+from tests.dequantize import write_dequantized
 
 PROMPT = [7, 3, 99, 12, 45, 60, 2, 81, 33, 5, 18, 70]
 NEW_TOKENS = 16

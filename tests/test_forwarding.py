@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.batches import count_taken
 from tests.conftest import in_process_mesh, make_tiny_model, reference_greedy
 
 PROMPT = [7, 3, 99, 12, 45, 60, 2, 81]
@@ -64,10 +65,10 @@ def test_steps_batched_at_one_stage_travel_to_the_next_as_one_batch(model_dir, m
             results[i] = mesh.client.generate(token_ids=[*PROMPT, i + 1], max_new_tokens=4)
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-        with stage0._compute:  # stage 0 is busy: the first prompt waits taken, the rest queue
-            taken = stage0.batcher.taken
-            threads[0].start()
-            while stage0.batcher.taken == taken:
+        taken = count_taken(stage0)
+        with stage0.holder.compute_lock:  # stage 0 is busy: the first prompt waits taken, the
+            threads[0].start()  # rest queue
+            while taken() == 0:
                 time.sleep(0.01)
             for t in threads[1:]:
                 t.start()

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 import stage_service.forwarding as forwarding
-import stage_service.stage as stage_module
+import stage_service.steps as steps_module
 from protos import llamadist_pb2 as pb
 from protos.errors import InvalidArgument
 from protos.limits import split_by_size
@@ -62,7 +62,7 @@ def test_a_stage_splits_its_replies_under_the_limit(first_stage, monkeypatch):
 
 
 def test_a_step_whose_answer_cannot_fit_is_refused_naming_the_limit(first_stage, monkeypatch):
-    monkeypatch.setattr(stage_module, "MAX_BATCH_BYTES", 8000)
+    monkeypatch.setattr(steps_module, "MAX_BATCH_BYTES", 8000)
     with pytest.raises(grpc.RpcError) as err:
         first_stage.stubs[0].Forward(step(0, 40), timeout=10)  # 40 x 256 bytes of answer
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -29,7 +29,7 @@ def run_chain(models, caches, session: str, start: int, ids: list[int]) -> torch
     for model, cache in zip(models, caches, strict=True):
         s = cache.begin_step(session, start, len(ids))
         segment = Segment(slice(0, len(ids)), start, s.kv)
-        hidden = model.forward([segment], torch.tensor(ids), hidden, all_logits=True)
+        hidden = model.run([segment], torch.tensor(ids), hidden, all_logits=True)
         s.length = start + len(ids)
     return hidden
 

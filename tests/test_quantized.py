@@ -1,6 +1,6 @@
 """Quantized stages (--quantize int8|int4) compute what the quantized model means: greedy ids
 through 2- and 3-stage meshes equal transformers' LlamaForCausalLM run on the dequantized
-weights (written to a tmp safetensors directory by weights.write_dequantized)."""
+weights (written to a tmp safetensors directory by tests/dequantize.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from stage_service import cpu_kernels
 from stage_service.quant import Int4Weight, Int8Weight
-from stage_service.weights import Quantization, write_dequantized
+from stage_service.weights import Quantization
 from tests.conftest import TINY_CONFIGS, in_process_mesh, make_tiny_model, reference_greedy
+from tests.dequantize import write_dequantized
 
 NEW_TOKENS = 24
 # int8 at its default group (64: tiny matrices of 48 inputs are one partial group); int4 at 32.
@@ -168,12 +169,12 @@ def test_fused_layer_equals_the_torch_path(tiny_root, name, setting, rows):
     kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(2)]
     prompt = torch.tensor([5, 17, 3, 99, 42, 7, 8, 61, 2, 30])
     model.fused = None
-    model.forward([Segment(slice(0, 10), 0, kv)], prompt, None)  # the torch path
+    model.run([Segment(slice(0, 10), 0, kv)], prompt, None)  # the torch path
     twin = [(k.clone(), v.clone()) for k, v in kv]
     step = torch.tensor([11, 4, 9, 60, 1, 13, 21, 8][:rows])
-    eager = model.forward([Segment(slice(0, rows), 10, twin)], step, None, True)
+    eager = model.run([Segment(slice(0, rows), 10, twin)], step, None, True)
     model.fused = fused_path
-    fused = model.forward([Segment(slice(0, rows), 10, kv)], step, None, True)
+    fused = model.run([Segment(slice(0, rows), 10, kv)], step, None, True)
     torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
     for (k, v), (k2, v2) in zip(kv, twin, strict=True):
         torch.testing.assert_close(k, k2, rtol=1e-5, atol=1e-5)

@@ -191,7 +191,8 @@ def test_quantized_and_static_stages_verify_exactly(tiny_root, tmp_path, options
     """int8/int4 stages (verify steps in the fused C path) equal transformers on the
     dequantized weights; static KV slots (one-token steps in the fixed-shape decoder, verify
     steps in the general path) equal transformers on the model."""
-    from stage_service.weights import Quantization, write_dequantized
+    from stage_service.weights import Quantization
+    from tests.dequantize import write_dequantized
 
     model_dir = make_tiny_model(tiny_root, "gqa")
     reference = model_dir
@@ -229,16 +230,16 @@ def test_a_last_stage_that_ignores_drafts_turns_speculation_off(tiny_root, monke
     """A stage from before verification ignores draft_tokens (an unknown field to it): it runs
     the drafts as input and answers the token after them, echoing no draft count. The
     orchestrator notices, runs the step again without drafts and stops drafting."""
-    from stage_service.servicer import StageServicer
+    from stage_service.steps import StepInput
 
-    real_step = StageServicer._step
+    real_step = StepInput.from_pb
 
     def old_stage(request):
         step = real_step(request)
         step.draft_tokens = 0
         return step
 
-    monkeypatch.setattr(StageServicer, "_step", staticmethod(old_stage))
+    monkeypatch.setattr(StepInput, "from_pb", staticmethod(old_stage))
     model_dir = make_tiny_model(tiny_root, "gqa")
     expected = reference_greedy(model_dir, PROMPT, NEW_TOKENS)
     with in_process_mesh(model_dir, 2, speculate="lookup") as mesh:

@@ -514,13 +514,14 @@ def test_a_stopping_stage_ends_its_open_streams_instead_of_waiting_out_its_grace
     once their work is settled, so the server stops at once rather than after grace_s."""
     from stage_service.server import build
 
-    server, port, servicer = build(StageConfig(model=str(tiny), kv_cache_mb=16, **OPEN))
+    built = build(StageConfig(model=str(tiny), kv_cache_mb=16, **OPEN))
+    server, port = built.server, built.port
     server.start()
-    servicer.stage.load_layers(0, 4, epoch=1)
+    built.stage.load_layers(0, 4, epoch=1)
     link = Link(f"127.0.0.1:{port}", origin="o")
     reply = link.step(pb.StepRequest(session_id="d", plan_epoch=1, token_ids=[1], request_id=1))
     assert not reply.error_code
     t0 = time.monotonic()
-    servicer.drain(time.monotonic() + 30)
+    built.drain(time.monotonic() + 30)
     assert server.stop(30).wait(30)
     assert time.monotonic() - t0 < 10 and link.link.broken

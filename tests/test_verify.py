@@ -22,7 +22,7 @@ def plain_run(stage: Stage, session: str, sampling: Sampling) -> list[int]:
     """Non-speculative: prefill, then one token per step."""
     out, pos, step_input = [], 0, list(PROMPT)
     while len(out) < NEW:
-        reply = stage.forward(StepInput(session, 1, pos, step_input, None, sampling))
+        reply = stage.run_step(StepInput(session, 1, pos, step_input, None, sampling))
         pos += len(step_input)
         out.append(reply.token_id)
         step_input = [reply.token_id]
@@ -34,13 +34,13 @@ def speculative_run(
 ) -> tuple[list[int], int, int]:
     """Drafts k tokens per step with guess(position in the output, generated so far): returns
     the output, how many tokens were drafted and how many of them kept."""
-    first = stage.forward(StepInput(session, 1, 0, PROMPT, None, sampling))
+    first = stage.run_step(StepInput(session, 1, 0, PROMPT, None, sampling))
     out, drafted, kept = [first.token_id], 0, 0
     pos = len(PROMPT)  # the position of out[-1], not cached yet
     while len(out) < NEW:
         drafts = [guess(len(out) + i, out) for i in range(min(k, NEW - len(out) - 1))]
         step = StepInput(session, 1, pos, [out[-1], *drafts], None, sampling, False, len(drafts))
-        reply = stage.forward(step)
+        reply = stage.run_step(step)
         assert 0 <= reply.accepted_drafts <= len(drafts)
         assert len(reply.draft_logprobs) == reply.accepted_drafts
         new = drafts[: reply.accepted_drafts] + [reply.token_id]
@@ -112,9 +112,9 @@ def test_two_stages_pass_drafts_to_the_last(tiny_root):
     first.load_layers(0, 2, epoch=1)
     last.load_layers(2, 4, epoch=1)
     ids = [*PROMPT, truth[0], truth[1], (truth[2] + 1) % 101]  # two right, one wrong
-    hidden = first.forward(StepInput("s", 1, 0, ids, None, Sampling(), False, 3)).hidden
+    hidden = first.run_step(StepInput("s", 1, 0, ids, None, Sampling(), False, 3)).hidden
     assert hidden.shape == (len(ids), 64)
-    reply = last.forward(StepInput("s", 1, 0, ids, hidden, Sampling(), False, 3))
+    reply = last.run_step(StepInput("s", 1, 0, ids, hidden, Sampling(), False, 3))
     assert (reply.accepted_drafts, reply.token_id) == (2, truth[2])
 
 
@@ -124,7 +124,7 @@ def test_full_logits_with_drafts(tiny_root):
     stage = Stage(StageConfig(model=str(model_dir), max_context=128))
     stage.load_layers(0, 4, epoch=1)
     ids = [*PROMPT, truth[0]]
-    reply = stage.forward(StepInput("s", 1, 0, ids, None, Sampling(), True, 1))
+    reply = stage.run_step(StepInput("s", 1, 0, ids, None, Sampling(), True, 1))
     assert reply.logits.shape == (len(ids), 101)
     assert (reply.accepted_drafts, reply.token_id) == (1, truth[1])
     assert int(torch.argmax(reply.logits[-1])) == truth[1]
@@ -137,7 +137,7 @@ def test_bad_draft_counts_are_refused(tiny_root, drafts):
     stage.load_layers(0, 4, epoch=1)
     tokens = PROMPT if drafts != 17 else PROMPT * 3
     with pytest.raises(InvalidArgument, match="draft_tokens must be in"):
-        stage.forward(StepInput("s", 1, 0, tokens, None, Sampling(), False, drafts))
+        stage.run_step(StepInput("s", 1, 0, tokens, None, Sampling(), False, drafts))
 
 
 def test_accept_keeps_the_agreeing_prefix():
