@@ -7,18 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from protos.errors import InvalidArgument
-
-
-@dataclass(frozen=True)
-class LayerRange:
-    start: int  # inclusive
-    end: int  # exclusive
-
-    def __len__(self) -> int:
-        return self.end - self.start
-
-    def __str__(self) -> str:
-        return f"{self.start}-{self.end - 1}"
+from protos.shared.layer_range import LayerRange
 
 
 def check_contiguous(ranges: Sequence[LayerRange], num_layers: int, name: str) -> None:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from enum import Enum
 
-from orchestrator.plan import LayerRange
 from protos.errors import InvalidArgument
+from protos.shared.layer_range import LayerRange
 
 
 class Strategy(str, Enum):

@@ -18,8 +18,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.plan import LayerRange
 from protos.errors import FailedPrecondition, InvalidArgument
+from protos.shared.layer_range import LayerRange
 from protos.shared.model_files import LlamaArgs, TensorIndex, read_config
 
 _LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(.+)$")

@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from orchestrator.plan import LayerRange
 from orchestrator.stage_client import StageClient
 from protos.errors import Unavailable
+from protos.shared.layer_range import LayerRange
 
 log = logging.getLogger(__name__)
 

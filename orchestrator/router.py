@@ -23,11 +23,12 @@ import grpc
 
 from orchestrator.admission import POLL_S, TokenBudget
 from orchestrator.inflight import InFlight, Pending
-from orchestrator.plan import LayerRange, PartitionPlan
+from orchestrator.plan import PartitionPlan
 from orchestrator.replicas import Position, Replica, ReplicaPool, split_group
 from orchestrator.stage_client import StageClient
 from protos import llamadist_pb2 as pb
 from protos.errors import Cancelled, FailedPrecondition, LlamadistError, NotFound, Unavailable
+from protos.shared.layer_range import LayerRange
 from protos.shared.step_link import reply_error
 
 log = logging.getLogger(__name__)

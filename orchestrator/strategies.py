@@ -28,10 +28,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from itertools import accumulate
 
-from orchestrator.plan import LayerRange, PartitionPlan, check_contiguous
+from orchestrator.plan import PartitionPlan, check_contiguous
 from orchestrator.plan_spec import PlanSpec, Strategy
 from orchestrator.profile import ModelProfile, StageCapacity
 from protos.errors import InvalidArgument
+from protos.shared.layer_range import LayerRange
 
 # ---------------------------------------------------------------- the legacy entry point
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from protos.errors import FailedPrecondition, InvalidArgument
+from protos.shared.layer_range import LayerRange
 from protos.shared.model_files import TensorIndex, read_config
 from protos.shared.submodel import Held, describe, held, layer_of
 from stage_service.config import StageConfig
@@ -65,7 +66,7 @@ class RangeHolder:
         # No model directory (--fetch-weights): the model's config comes with the first offer.
         self.model_dir = Path(config.model) if config.model else None
         self.args: LlamaArgs | None = None
-        self.held = Held(0, 0, 0, "")  # the layers the model directory holds
+        self.held = Held(LayerRange(0, 0), 0, "")  # the layers the model directory holds
         if self.model_dir is not None:
             self.args = LlamaArgs.from_config(read_config(self.model_dir))
             self.held = held(self.model_dir)  # all layers, or a submodel's range (checked)
@@ -143,8 +144,8 @@ class RangeHolder:
         missing = self.held.missing(start, end)
         if missing and self.shipped is None:
             raise FailedPrecondition(
-                f"this stage's model directory holds layers {self.held.start}-"
-                f"{self.held.end - 1} only (a submodel); the plan gives it {start}-{end - 1}: "
+                f"this stage's model directory holds layers {self.held.layers} "
+                f"only (a submodel); the plan gives it {start}-{end - 1}: "
                 f"it lacks layers {describe(missing)} (start it with --fetch-weights to take "
                 "them from the orchestrator)"
             )
@@ -209,7 +210,7 @@ class RangeHolder:
         the range in force is dropped: a range the stage cannot read leaves it serving)."""
         local = TensorIndex(self.model_dir) if self.model_dir is not None else None
         missing = self.held.missing(start, end)
-        own = "local" if self.held.end - self.held.start == self.args.num_layers else "submodel"
+        own = "local" if len(self.held.layers) == self.args.num_layers else "submodel"
         kinds = [own] if len(missing) < end - start else []  # some layers are its own
         if not missing:
             return TensorSource(local), kinds

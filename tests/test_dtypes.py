@@ -21,9 +21,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 from client.client import ClientError
-from orchestrator.plan import LayerRange
 from orchestrator.profile import ModelProfile
 from protos.sampling import Sampling
+from protos.shared.layer_range import LayerRange
 from stage_service.config import StageConfig
 from stage_service.stage import Stage, StepInput
 from tests.conftest import TINY_CONFIGS, in_process_mesh, make_tiny_model

@@ -1,8 +1,9 @@
 import pytest
 
-from orchestrator.plan import LayerRange, PartitionPlan
+from orchestrator.plan import PartitionPlan
 from orchestrator.strategies import uniform
 from protos.errors import InvalidArgument
+from protos.shared.layer_range import LayerRange
 
 
 @pytest.mark.parametrize("layers, stages", [(30, 2), (30, 4), (5, 3), (7, 7), (1, 1), (31, 8)])

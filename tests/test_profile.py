@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from orchestrator.plan import LayerRange
 from orchestrator.profile import ModelProfile, StageCapacity
 from protos.errors import FailedPrecondition, InvalidArgument
+from protos.shared.layer_range import LayerRange
 from protos.shared.model_files import LlamaArgs
 from stage_service.weights import load_range, weight_bytes
 from tests.conftest import TINY_CONFIGS, make_tiny_model

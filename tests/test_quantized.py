@@ -200,8 +200,8 @@ def test_static_kv_decode_path_with_quantized_weights(tiny_root, tmp_path, setti
 def test_the_planner_counts_the_bytes_a_stage_holds(tiny_root, fmt):
     """orchestrator/profile.py's packed sizes, per format (the GPU's -float-head included),
     equal what weights.load_range holds, for a first, a middle and a last range."""
-    from orchestrator.plan import LayerRange
     from orchestrator.profile import ModelProfile
+    from protos.shared.layer_range import LayerRange
     from protos.shared.model_files import LlamaArgs, read_config
     from stage_service.weights import load_range, weight_bytes
 

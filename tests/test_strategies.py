@@ -9,11 +9,12 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.plan import LayerRange, PartitionPlan
+from orchestrator.plan import PartitionPlan
 from orchestrator.plan_spec import STRATEGIES, PlanSpec, Strategy, parse_boundaries, parse_memory
 from orchestrator.profile import ModelProfile, StageCapacity
 from orchestrator.strategies import estimate_ms_per_token, make_plan, uniform
 from protos.errors import InvalidArgument
+from protos.shared.layer_range import LayerRange
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 AUTOMATIC = [Strategy.UNIFORM, Strategy.MEMORY, Strategy.COMPUTE, Strategy.MIXED]

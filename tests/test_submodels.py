@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from client.client import ClientError
 from client.commands_model import split_ranges
 from protos.errors import FailedPrecondition
+from protos.shared.layer_range import LayerRange
 from protos.shared.model_files import TensorIndex, model_fingerprint
 from protos.shared.submodel import held, split
 from stage_service.config import StageConfig
@@ -35,7 +36,7 @@ def test_stages_on_submodels_generate_as_transformers(tiny_root, tmp_path, name,
     full = TensorIndex(model_dir)
     for d, (start, end) in zip(dirs, ranges, strict=True):
         h = held(d)
-        assert (h.start, h.end, h.fingerprint) == (start, end, model_fingerprint(model_dir))
+        assert (h.layers, h.fingerprint) == (LayerRange(start, end), model_fingerprint(model_dir))
         own = set(TensorIndex(d).shapes)
         layer_of = {int(n.split(".")[2]) for n in own if n.startswith("model.layers.")}
         assert layer_of == set(range(start, end)) and own <= set(full.shapes)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protos.errors import FailedPrecondition, InvalidArgument
+from protos.shared.layer_range import LayerRange
 from protos.shared.model_files import (
     EMBED,
     HEAD,
@@ -39,14 +40,13 @@ TOKENIZER_FILES = (
 class Held:
     """The layers a model directory holds: all of them, or a submodel's range."""
 
-    start: int
-    end: int
+    layers: LayerRange
     num_layers: int
     fingerprint: str  # the full model's
 
     def missing(self, start: int, end: int) -> list[int]:
         """The layers of [start, end) this directory lacks."""
-        return [i for i in range(start, end) if not self.start <= i < self.end]
+        return self.layers.missing(LayerRange(start, end))
 
 
 def describe(layers: list[int]) -> str:
@@ -96,7 +96,7 @@ def held(model_dir: Path) -> Held:
     args = LlamaArgs.from_config(config)
     record = config.get(RECORD)
     if record is None:
-        return Held(0, args.num_layers, args.num_layers, model_fingerprint(model_dir))
+        return Held(LayerRange(0, args.num_layers), args.num_layers, model_fingerprint(model_dir))
     try:
         start, end = int(record["layer_start"]), int(record["layer_end"])
         fingerprint, digest = str(record["model_fingerprint"]), str(record["files_digest"])
@@ -128,7 +128,7 @@ def held(model_dir: Path) -> Held:
             f"{model_dir}: its files changed since `llamadist model split` wrote them (they "
             f"do not match the digest in config.json's {RECORD}): split the model again"
         )
-    return Held(start, end, args.num_layers, fingerprint)
+    return Held(LayerRange(start, end), args.num_layers, fingerprint)
 
 
 def _few(names: list[str]) -> str:
