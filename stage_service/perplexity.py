@@ -1,6 +1,6 @@
 """Perplexity of a model on a text, computed by the stage's own code (weights.load_range and
 RangeModel, the kernels a quantized stage runs), the whole model as one range in this process.
-What `llamadist bench --quality` prints and the quality test checks: how much a weight format
+What `python -m bench.mesh --quality` prints and the quality test checks: how much a weight format
 (--quantize) costs against float32."""
 
 from __future__ import annotations

@@ -19,13 +19,11 @@ from dataclasses import dataclass
 from protos.errors import FailedPrecondition, InvalidArgument, LlamadistError
 from protos.shared.model_files import LlamaArgs, TensorIndex
 from protos.shared.submodel import EMBED, layer_of
-from protos.shared.transfer import progress_text
+from protos.shared.transfer import PROGRESS_EVERY_S, progress_text
 from stage_service.weight_cache import Entry, OfferAnswer, WeightCache
 from stage_service.weights import SAFETENSORS_DTYPES, Blob, TensorSource
 
 log = logging.getLogger(__name__)
-
-PROGRESS_EVERY_S = 2.0
 
 
 @dataclass

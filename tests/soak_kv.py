@@ -14,7 +14,8 @@ import grpc
 from protos import llamadist_pb2 as pb
 from protos.shared.stage_auth import stage_channel
 
-WIRE_DTYPES = {"float32": (pb.FLOAT32, 4), "bfloat16": (pb.BFLOAT16, 2), "float16": (pb.FLOAT16, 2)}
+# a stage dtype name -> (its wire enum, bytes per value)
+DTYPE_BYTES = {"float32": (pb.FLOAT32, 4), "bfloat16": (pb.BFLOAT16, 2), "float16": (pb.FLOAT16, 2)}
 
 
 def stage_infos(addresses: list[str], key: str | None) -> list[pb.StageInfo]:
@@ -60,7 +61,7 @@ def static_slot_args(model: Path, slots: int, stage_args: list[str]) -> list[str
     dtype = known.dtype or ("float32" if known.device == "cpu" else "bfloat16")
     layers = -(-config["num_hidden_layers"] // 2)
     per_token = 2 * layers * config.get("num_key_value_heads", heads) * head_dim
-    per_slot = per_token * WIRE_DTYPES[dtype][1] * context
+    per_slot = per_token * DTYPE_BYTES[dtype][1] * context
     return [
         "--static-kv",
         "on",
@@ -76,7 +77,7 @@ def probe_slots(address: str, hidden_size: int, key: str | None) -> str | None:
     one more must be refused, then ends them. None when so, else what the stage lacks."""
     info = stage_infos([address], key)[0]
     slots = info.kv_budget_bytes // (info.max_context * info.kv_bytes_per_token)
-    wire_dtype, itemsize = WIRE_DTYPES[info.dtype]
+    wire_dtype, itemsize = DTYPE_BYTES[info.dtype]
     hidden = pb.Tensor(data=bytes(hidden_size * itemsize), shape=[1, hidden_size], dtype=wire_dtype)
     taken, refusal = [], "none"
     with stage_channel(address, key=key) as channel:
