@@ -10,7 +10,8 @@ import sys
 from client import server_flags
 from protos.limits import DEFAULT_MAX_NEW_TOKENS
 from protos.sampling import SPECULATE_MODES, Sampling
-from protos.shared.knobs import checked, non_negative, positive
+from protos.shared.knob_checks import non_negative, positive
+from protos.shared.knobs import checked
 
 
 def _sampling_arguments(p: argparse.ArgumentParser) -> None:

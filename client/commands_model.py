@@ -7,7 +7,8 @@ import argparse
 import os
 from pathlib import Path
 
-from protos.shared.knobs import checked, positive
+from protos.shared.knob_checks import positive
+from protos.shared.knobs import checked
 
 
 def _writable_target(path: str) -> None:

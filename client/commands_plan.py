@@ -11,7 +11,8 @@ import threading
 from client import server_flags
 from client.client import stage_health
 from orchestrator.plan_spec import STRATEGIES
-from protos.shared.knobs import checked, non_negative, split_list
+from protos.shared.knob_checks import non_negative
+from protos.shared.knobs import checked, split_list
 
 
 def _strategy_arguments(p: argparse.ArgumentParser) -> None:

@@ -12,7 +12,8 @@ from orchestrator.config import ENV_PREFIX as ORCHESTRATOR_ENV
 from orchestrator.config import OrchestratorConfig
 from protos.sampling import SPECULATE_MODES
 from protos.shared import logs
-from protos.shared.knobs import add_flags, check_value, checked, default, from_args, positive
+from protos.shared.knob_checks import positive
+from protos.shared.knobs import add_flags, check_value, checked, default, from_args
 from stage_service.config import ENV_PREFIX as STAGE_ENV
 from stage_service.config import QUANTIZE, StageConfig
 

@@ -8,7 +8,8 @@ import argparse
 import os
 
 from client.client import Client
-from protos.shared.knobs import checked, host_port, readable_file
+from protos.shared.knob_checks import host_port, readable_file
+from protos.shared.knobs import checked
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 

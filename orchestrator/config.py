@@ -17,16 +17,8 @@ from orchestrator.plan_spec import (
 from protos.errors import InvalidArgument
 from protos.limits import MAX_DRAFT_TOKENS
 from protos.sampling import SPECULATE_MODES
-from protos.shared.knobs import (
-    ConfigError,
-    ServiceConfig,
-    host_port,
-    in_range,
-    knob,
-    positive,
-    readable_file,
-    split_list,
-)
+from protos.shared.knob_checks import host_port, in_range, positive, readable_file
+from protos.shared.knobs import ConfigError, ServiceConfig, knob, split_list
 from protos.shared.stage_auth import key_file_problem
 
 ENV_PREFIX = "LLAMADIST_ORCHESTRATOR"

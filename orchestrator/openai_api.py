@@ -13,7 +13,6 @@ import json
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 
 import grpc
@@ -25,6 +24,8 @@ from starlette.routing import Route
 
 from orchestrator.generation import Caller, Chunk
 from orchestrator.metrics import CONTENT_TYPE
+from orchestrator.openai_fields import INT32_MAX, boolean, integer, number, shown
+from orchestrator.openai_responses import CompletionBuilder
 from orchestrator.orchestrator import Orchestrator
 from orchestrator.session_state import GenerationRequest
 from protos import errors
@@ -35,7 +36,6 @@ from protos.status import code_of
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256
-FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 OPENAI_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
 # HTTP status and OpenAI error type per gRPC status (protos/status.py maps our errors to those).
 HTTP_OF = {
@@ -168,7 +168,7 @@ class OpenAIApi:
         if n != 1:
             raise errors.InvalidArgument(f"n must be 1 (one choice per request), got {n!r}")
         name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        max_tokens = _integer(body, name, 1, INT32_MAX)
+        max_tokens = integer(body, name, 1, INT32_MAX)
         max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
@@ -177,12 +177,12 @@ class OpenAIApi:
         # What the request leaves out: the model's defaults, else OpenAI's (temperature 1).
         sampling = self.orch.with_defaults(pb.SamplingParams())
         for name, openai_default in OPENAI_SAMPLING.items():
-            value = _integer(body, name, 0, INT32_MAX) if name == "top_k" else _number(body, name)
+            value = integer(body, name, 0, INT32_MAX) if name == "top_k" else number(body, name)
             if value is not None:
                 setattr(sampling, name, value)
             elif not sampling.HasField(name):
                 setattr(sampling, name, openai_default)
-        seed = _integer(body, "seed", 0, 2**64 - 1)
+        seed = integer(body, "seed", 0, 2**64 - 1)
         if seed is not None:
             sampling.seed = seed
         return GenerationRequest(
@@ -281,20 +281,20 @@ class OpenAIApi:
     def _response_options(self, body: dict, chat: bool) -> tuple[CompletionBuilder, bool, bool]:
         """What the response carries: (its builder, usage at the end of a stream, stream)."""
         if chat:
-            want_logprobs = bool(_boolean(body, "logprobs"))
+            want_logprobs = bool(boolean(body, "logprobs"))
         elif isinstance(body.get("logprobs"), bool):  # completions: as chat takes it, too
             want_logprobs = body["logprobs"]
         else:  # completions: the number of alternatives per token (0 = the chosen one only)
-            want_logprobs = _integer(body, "logprobs", 0, 20) is not None
+            want_logprobs = integer(body, "logprobs", 0, 20) is not None
         builder = CompletionBuilder(chat, self.model_id, want_logprobs, self.orch.tokenizer.decode)
         stream_options = body.get("stream_options")
         if stream_options is not None and not isinstance(stream_options, dict):
             raise errors.InvalidArgument(
                 f'stream_options must be an object such as {{"include_usage": true}}, '
-                f"got {_shown(stream_options)}"
+                f"got {shown(stream_options)}"
             )
-        usage = bool(_boolean(stream_options or {}, "include_usage", "stream_options."))
-        return builder, usage, bool(_boolean(body, "stream"))
+        usage = bool(boolean(stream_options or {}, "include_usage", "stream_options."))
+        return builder, usage, bool(boolean(body, "stream"))
 
     async def _sse(
         self, first, chunks: Iterator[Chunk], builder: CompletionBuilder, usage: bool, cancelled
@@ -332,130 +332,3 @@ def _close(chunks, timeout_s: float = 60.0) -> None:
             if time.monotonic() > deadline:
                 return
             time.sleep(0.02)
-
-
-class CompletionBuilder:
-    """Builds the OpenAI response bodies of one completion: whole, or streamed piece by piece
-    as server-sent events."""
-
-    def __init__(self, chat: bool, model: str, logprobs: bool, decode=None):
-        self.chat, self.model, self.logprobs = chat, model, logprobs
-        self.decode = decode or (lambda ids: "")  # token ids -> text, for logprobs' tokens
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        self.created = int(time.time())
-        self.generated = 0
-
-    def _object(self, stream: bool) -> str:
-        if self.chat:
-            return "chat.completion.chunk" if stream else "chat.completion"
-        return "text_completion"
-
-    def _base(self, stream: bool) -> dict:
-        return {
-            "id": self.id, "object": self._object(stream), "created": self.created,
-            "model": self.model,
-        }  # fmt: skip
-
-    def _logprobs(self, chunk: Chunk) -> dict | None:
-        if not self.logprobs:
-            return None
-        if self.chat:
-            return {
-                "content": [
-                    {"token": self.decode([t]), "logprob": lp, "bytes": None, "top_logprobs": []}
-                    for t, lp in zip(chunk.token_ids, chunk.logprobs, strict=False)
-                ]
-            }
-        tokens = [self.decode([t]) for t in chunk.token_ids]
-        return {"tokens": tokens, "token_logprobs": chunk.logprobs}
-
-    def _choice(self, text: str, finish: str | None, logprobs, stream: bool, role: bool = False):
-        choice = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
-        if not self.chat:
-            return choice | {"text": text}
-        if stream:
-            delta = {"role": "assistant"} if role else {}
-            return choice | {"delta": delta | ({"content": text} if text or not role else {})}
-        return choice | {"message": {"role": "assistant", "content": text}}
-
-    def usage(self, prompt: int, completion: int) -> dict:
-        return {
-            "prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        }  # fmt: skip
-
-    def whole(self, chunks: list[Chunk]) -> dict:
-        text = "".join(c.text for c in chunks)
-        ids = [t for c in chunks for t in c.token_ids]
-        lps = [lp for c in chunks for lp in c.logprobs]
-        merged = Chunk(ids, lps, text, chunks[-1].session_id if chunks else "")
-        finish = FINISH.get(chunks[-1].finish_reason if chunks else "", "stop")
-        prompt = chunks[-1].prompt_tokens if chunks else 0
-        return self._base(False) | {
-            "choices": [self._choice(text, finish, self._logprobs(merged), stream=False)],
-            "usage": self.usage(prompt, len(ids)),
-        }
-
-    def opening(self) -> dict:
-        if not self.chat:
-            return self._base(True) | {"choices": [self._choice("", None, None, True)]}
-        return self._base(True) | {"choices": [self._choice("", None, None, True, role=True)]}
-
-    def piece(self, chunk: Chunk) -> dict:
-        self.generated += len(chunk.token_ids)
-        finish = FINISH.get(chunk.finish_reason) if chunk.finish_reason else None
-        choice = self._choice(chunk.text, finish, self._logprobs(chunk), stream=True)
-        return self._base(True) | {"choices": [choice]}
-
-    def usage_chunk(self, last: Chunk) -> dict:
-        return self._base(True) | {
-            "choices": [], "usage": self.usage(last.prompt_tokens, self.generated),
-        }  # fmt: skip
-
-    @staticmethod
-    def sse(obj: dict) -> str:
-        return f"data: {json.dumps(obj)}\n\n"
-
-
-# ---------------------------------------------------------------- field checks
-# Each names its field and what it takes; a value JSON allows but the wire cannot carry (an
-# integer past 64 bits, a float past float32) is refused here, not met as an error later.
-
-INT32_MAX = 2**31 - 1
-FLOAT32_MAX = 3.4028234663852886e38
-
-
-def _shown(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _number(body: dict, name: str) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise errors.InvalidArgument(f"{name} must be a number, got {_shown(value)}")
-    if not abs(value) <= FLOAT32_MAX:  # also NaN
-        raise errors.InvalidArgument(f"{name} must be a finite number, got {_shown(value)}")
-    return float(value)
-
-
-def _integer(body: dict, name: str, low: int, high: int) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
-        value = int(value)  # 4.0 is 4
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise errors.InvalidArgument(
-            f"{name} must be an integer in [{low}, {high}], got {_shown(value)}"
-        )
-    return value
-
-
-def _boolean(body: dict, name: str, prefix: str = "") -> bool | None:
-    value = body.get(name)
-    if value is not None and not isinstance(value, bool):
-        raise errors.InvalidArgument(f"{prefix}{name} must be true or false, got {_shown(value)}")
-    return value

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 from protos import llamadist_pb2 as pb
 from protos.shared.default_model import default_model_dir
-from protos.shared.knobs import ConfigError, ServiceConfig, in_range, knob, non_negative, positive
+from protos.shared.knob_checks import in_range, non_negative, positive
+from protos.shared.knobs import ConfigError, ServiceConfig, knob
 from protos.shared.stage_auth import key_file_problem
 
 if TYPE_CHECKING:

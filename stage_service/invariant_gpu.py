@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from protos.shared.model_files import LlamaArgs
-from stage_service.model import LayerWeights, apply_rope
+from stage_service.model import LayerWeights
+from stage_service.rope import apply_rope
 
 # One configuration per kernel for every shape (changing it per shape would break invariance).
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 32, 128

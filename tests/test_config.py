@@ -18,6 +18,7 @@ from client.cli import build_parser, main
 from orchestrator.config import ENV_PREFIX as ORCHESTRATOR_ENV
 from orchestrator.config import OrchestratorConfig
 from orchestrator.plan_spec import STRATEGIES
+from protos.shared.knob_checks import positive
 from protos.shared.knobs import (
     ConfigError,
     ServiceConfig,
@@ -28,7 +29,6 @@ from protos.shared.knobs import (
     from_args,
     knob,
     knobs,
-    positive,
 )
 from stage_service.config import DTYPES, StageConfig
 from stage_service.config import ENV_PREFIX as STAGE_ENV

@@ -20,11 +20,19 @@ import os
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, dataclass
-from pathlib import Path
 from typing import Any
 
 from protos.errors import LlamadistError
 from protos.shared.default_model import default_model_dir
+from protos.shared.knob_checks import (
+    Check,
+    in_range,
+    model_dir_or_none,
+    non_empty,
+    non_negative,
+    positive,
+    readable_file,
+)
 from protos.shared.security import check_tls_flags
 
 REQUIRED: Any = MISSING  # knob(REQUIRED, ...): no default, the caller must give it
@@ -33,7 +41,6 @@ GIVEN = "_knobs_given"  # namespace attribute: the dests given on the command li
 # A check returns None when the value is fine, else what is wrong ("must be positive, got 0");
 # it may also raise ValueError (or a LlamadistError) whose message says what is wrong. Whatever
 # else it returns is ignored, so a parser that returns a value or raises serves as a check.
-Check = Callable[[Any], "str | None"]
 
 
 class ConfigError(ValueError):
@@ -73,70 +80,6 @@ def knob(
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
-
-
-# ---------------------------------------------------------------------- checks
-
-
-def in_range(low: float, high: float) -> Check:
-    return lambda v: None if low <= v <= high else f"must be {low}..{high}, got {v!r}"
-
-
-def positive(v: float) -> str | None:
-    return None if v > 0 else f"must be positive, got {v!r}"
-
-
-def non_negative(v: float) -> str | None:
-    return None if v >= 0 else f"must be >= 0, got {v!r}"
-
-
-def non_empty(v: str) -> str | None:
-    return None if v.strip() else "must not be empty"
-
-
-def host_port(address: str) -> str | None:
-    """HOST:PORT, port 1..65535 (IPv6 hosts in brackets: [::1]:7001)."""
-    host, _, port = address.rpartition(":")
-    if host.strip() and port.isdigit() and 0 < int(port) < 65536:
-        return None
-    return f"{address!r} is not host:port (port 1..65535)"
-
-
-def readable_file(path: str) -> str | None:
-    """Empty = not given; else a file this process can read."""
-    if not path:
-        return None
-    p = Path(path)
-    if not p.exists():
-        return f"{path}: no such file"
-    if not p.is_file():
-        return f"{path}: not a file"
-    try:
-        with p.open("rb"):
-            pass
-    except OSError as err:
-        return f"{path}: cannot read it ({err.strerror or err})"
-    return None
-
-
-def model_dir(path: str) -> str | None:
-    """An HF-layout model directory: it must at least hold config.json."""
-    p = Path(path)
-    if not p.is_dir():
-        problem = "does not exist" if not p.exists() else "is not a directory"
-    elif not (p / "config.json").is_file():
-        problem = "has no config.json"
-    else:
-        return None
-    return (
-        f"{path} {problem}: give an HF-layout model directory (config.json, *.safetensors, "
-        "tokenizer files); `llamadist model fetch-default` makes the default one"
-    )
-
-
-def model_dir_or_none(path: str) -> str | None:
-    """'' (no model directory: a stage with --fetch-weights; see ServiceConfig) or model_dir."""
-    return None if path == "" else model_dir(path)
 
 
 def _default_model_dir() -> str:
