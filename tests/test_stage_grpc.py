@@ -19,7 +19,7 @@ from stage_service.config import StageConfig
 from stage_service.server import build_server
 from tests.conftest import make_tiny_model, reference_model
 
-# Unit-level servers: open stages (tests/test_security.py covers their credentials).
+# Unit-level servers: open stages (tests/test_security_stage_key.py covers their credentials).
 OPEN = dict(insecure_open_stage=True)
 DOWN = "127.0.0.1:1"  # a stage of the plan that is down: nothing listens there
 
