@@ -150,6 +150,15 @@ def _root_logging_restored():
 
 
 @pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """The security tests' development CAs (tests/secure_mesh.py): `good` (the mesh's) and
+    `rogue`, and the API keys file."""
+    from tests.secure_mesh import make_pki
+
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny-models")
 

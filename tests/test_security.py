@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -28,13 +27,7 @@ from tests.conftest import (
     make_tiny_model,
     reference_greedy,
 )
-from tests.secure_mesh import ADMIN_KEY, CLIENT_KEY, SecureMesh, make_pki, tls
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> SimpleNamespace:
-    """Two unrelated development CAs: `good` (the mesh's) and `rogue`, and the API keys file."""
-    return make_pki(tmp_path_factory.mktemp("pki"))
+from tests.secure_mesh import ADMIN_KEY, CLIENT_KEY, SecureMesh, tls
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -35,13 +34,7 @@ from tests.conftest import (
     stage_key,
     stage_key_file,
 )
-from tests.secure_mesh import CLIENT_KEY, make_pki
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> SimpleNamespace:
-    """Two unrelated development CAs: `good` (the mesh's) and `rogue`, and the API keys file."""
-    return make_pki(tmp_path_factory.mktemp("pki"))
+from tests.secure_mesh import CLIENT_KEY
 
 
 @pytest.fixture(scope="module")
