@@ -203,7 +203,7 @@ class BatchRunner:
             if dtype == "float32"
             else f"an overflow in {dtype}? try --dtype float32"
         )
-        return OutOfRange(f"layers {w.start}-{w.end - 1} produced a {what} with NaN or Inf ({why})")
+        return OutOfRange(f"layers {w.span} produced a {what} with NaN or Inf ({why})")
 
 
 def _output(verdict: Verdict, drafts: int, logits: torch.Tensor | None) -> StepOutput:

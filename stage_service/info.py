@@ -43,8 +43,8 @@ def stage_info(holder: RangeHolder) -> dict:
         loaded.cache.sweep()
         w = loaded.model.weights
         out |= {
-            "layer_start": w.start,
-            "layer_end": w.end,
+            "layer_start": w.span.start,
+            "layer_end": w.span.end,
             "has_embeddings": w.is_first,
             "has_head": w.is_last,
             "weight_bytes": loaded.weight_bytes,

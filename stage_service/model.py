@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from protos.shared.layer_range import LayerRange
 from protos.shared.model_files import LlamaArgs
 from stage_service.quant import QuantWeight, embedding, linear
 from stage_service.rope import RopeTable, apply_rope, rope_cos_sin, rope_inv_freq
@@ -203,11 +204,10 @@ def decode_layer(
 
 @dataclass
 class RangeWeights:
-    """Everything a stage holds for layers [start, end): embeddings on the first stage, the
+    """Everything a stage holds for its span of layers: embeddings on the first stage, the
     final norm and head on the last."""
 
-    start: int
-    end: int
+    span: LayerRange
     layers: list[LayerWeights]
     embed: torch.Tensor | QuantWeight | None = None  # [vocab, hidden]
     final_norm: torch.Tensor | None = None

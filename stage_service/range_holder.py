@@ -152,7 +152,7 @@ class RangeHolder:
         with self._admin:
             loaded = self.loaded
             w = loaded.model.weights if loaded is not None else None
-            same = w is not None and (w.start, w.end) == (start, end) and peers == self.peers
+            same = w is not None and w.span == LayerRange(start, end) and peers == self.peers
             if self._check_epoch(epoch, same):
                 self._load(start, end, epoch)
                 self.peers = peers

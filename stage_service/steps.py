@@ -101,7 +101,7 @@ def check_step(
         return
     expected = (len(step.token_ids), args.hidden_size)
     if step.hidden is None:
-        raise InvalidArgument(f"stage for layers {weights.start}.. needs a hidden state")
+        raise InvalidArgument(f"stage for layers {weights.span.start}.. needs a hidden state")
     if tuple(step.hidden.shape) != expected or step.hidden.dtype != dtype:
         raise InvalidArgument(
             f"hidden state must be {list(expected)} {dtype}, got "

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from protos.errors import FailedPrecondition, InvalidArgument, LlamadistError
+from protos.shared.layer_range import LayerRange
 from protos.shared.model_files import LlamaArgs, TensorIndex
 from stage_service.model import LayerWeights, RangeWeights
 from stage_service.quant import key, quantize_matrix, quantize_rows, tensor_bytes
@@ -219,8 +220,7 @@ def load_range(
         )
     source = model if isinstance(model, TensorSource) else TensorSource.of(model)
     weights = RangeWeights(
-        start=start,
-        end=end,
+        span=LayerRange(start, end),
         layers=[_load_layer(source, i, args, dtype, device, quant) for i in range(start, end)],
     )
     rows_dtype = dtype if quant.mode == "none" or not quant.rows_too else torch.float32

@@ -95,7 +95,7 @@ def attacks(mesh, victim: str) -> dict:
 def test_stage_rpcs_refuse_a_caller_without_the_stage_key(keyed, model_dir):
     with user(keyed) as c:
         before = c.plan()
-    held = [(s.epoch, s.loaded.model.weights.start) for s in keyed.stages]
+    held = [(s.epoch, s.loaded.model.weights.span.start) for s in keyed.stages]
     for address in keyed.addresses:
         for name, (method, request) in attacks(keyed, "victim").items():
             err = refused(getattr(anonymous(address), method), request)
@@ -103,7 +103,7 @@ def test_stage_rpcs_refuse_a_caller_without_the_stage_key(keyed, model_dir):
             assert "stage key" in err.details() and "x-llamadist-stage-key" in err.details()
         health = anonymous(address).Health(pb.HealthRequest(), timeout=10)  # stays open
         assert health.status == pb.HealthReply.SERVING
-    assert [(s.epoch, s.loaded.model.weights.start) for s in keyed.stages] == held
+    assert [(s.epoch, s.loaded.model.weights.span.start) for s in keyed.stages] == held
     with user(keyed) as c:
         assert c.plan() == before  # nothing changed: same plan, same layers
         out = c.generate(token_ids=VICTIM_PROMPT, max_new_tokens=4)
