@@ -27,6 +27,7 @@ from orchestrator.server import build_server as build_orchestrator
 from protos.shared.stage_auth import HEADER, load_stage_key, make_stage_key, stage_channel
 from stage_service.config import StageConfig
 from stage_service.server import build_server as build_stage
+from tests.stage_servers import Stages
 
 torch.set_num_threads(1)
 
@@ -161,6 +162,20 @@ def pki(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture
+def tiny(tiny_root) -> Path:
+    """The tiny model with grouped-query attention (4 layers) the stage tests serve."""
+    return make_tiny_model(tiny_root, "gqa")
+
+
+@pytest.fixture
+def two_stages(tiny) -> Iterator[Stages]:
+    """`tiny` as two open stages on port 0, layers 0-1 and 2-3."""
+    stages = Stages(tiny, [0, 2, 4])
+    yield stages
+    stages.stop()
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from protos import llamadist_pb2 as pb
 from protos.errors import InvalidArgument
 from protos.limits import split_by_size
 from protos.shared.step_link import StepLink
-from tests.test_stage_grpc import Stages, _forward_stream, fake_link
+from tests.stage_servers import Stages, fake_link, forward_stream
 
 
 def step(i: int, tokens: int) -> pb.StepRequest:
@@ -54,7 +54,7 @@ def test_a_stage_splits_its_replies_under_the_limit(first_stage, monkeypatch):
     # the first stage answers 256 bytes of hidden state per token to a few bytes of token ids
     monkeypatch.setattr(forwarding, "MAX_BATCH_BYTES", 8000)
     steps = [step(i, 20) for i in range(4)]  # 4 x 5,120 bytes of hidden state
-    replies = _forward_stream(first_stage.addresses[0], [pb.StepBatch(steps=steps)])
+    replies = forward_stream(first_stage.addresses[0], [pb.StepBatch(steps=steps)])
     assert len(replies) > 1 and all(r.ByteSize() <= 8000 + 16 for r in replies)
     answered = [r for m in replies for r in m.replies]
     assert sorted(r.request_id for r in answered) == [0, 1, 2, 3]
