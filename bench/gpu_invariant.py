@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bench import PROMPT, make_model, start_mesh, stop  # noqa: E402
+from gpu_bench import start_mesh, stop  # noqa: E402
+from gpu_model import PROMPT, make_model  # noqa: E402
 
 
 def in_process(model: Path, invariant: bool, results: dict) -> torch.Tensor:

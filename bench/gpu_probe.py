@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu_bench import make_model  # noqa: E402
+from bench.gpu_model import make_model  # noqa: E402
 from protos.sampling import Sampling  # noqa: E402
 from stage_service.config import StageConfig  # noqa: E402
 from stage_service.stage import Stage, StepInput  # noqa: E402

@@ -1,6 +1,6 @@
 """What a speculative verify step costs on a GPU against a one-token step (issue 15), run on a
 lent machine by the device tool: `python3 bench/gpu_verify.py` after bench/gpu.sh's protobuf
-step. Makes the Llama-3-8B-shaped random bf16 model of bench/gpu_bench.py, loads it as two
+step. Makes the Llama-3-8B-shaped random bf16 model of bench/gpu_model.py, loads it as two
 in-process stages on cuda:0 (static KV, CUDA graphs, as served) and times one session's steps
 of 1, 2, 3, 5 and 8 rows (a token and 0..7 drafts) through both stages, median of 30 each, at
 a context of ~512. Random weights say nothing about acceptance (that is the model's and the
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.gpu_bench import make_model  # noqa: E402
+from bench.gpu_model import make_model  # noqa: E402
 from protos.sampling import Sampling  # noqa: E402
 from stage_service.config import StageConfig  # noqa: E402
 from stage_service.stage import Stage, StepInput  # noqa: E402

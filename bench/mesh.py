@@ -25,6 +25,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from bench import speculative
+from bench.mesh_report import plot, report
 from client.client import Client
 
 PROMPT = "What is the capital of France?"
@@ -222,47 +223,6 @@ def transformers_generate(model: Path, tokens: int, repeats: int, threads: int) 
     return statistics.median(speeds)
 
 
-def plot(results: dict, path: Path) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: no plot (pip install matplotlib)"
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    conc = results["aggregate_tokens_per_s"]
-    ctx = results["cache_vs_recompute"]
-    if conc:  # --concurrency '' or --contexts '' (bench/compare.sh) leaves a panel empty
-        a.plot([int(k) for k in conc], list(conc.values()), "o-", label="llamadist")
-        for i, (name, value) in enumerate(results.get("transformers_tokens_per_s", {}).items()):
-            label = f"transformers generate ({name})"
-            a.axhline(value, linestyle="--", color=f"C{i + 1}", label=label)
-        a.set(xscale="log", xlabel="concurrent sessions", ylabel="aggregate tok/s")
-        a.set_title("throughput")
-        a.legend()
-    else:
-        a.set_axis_off()
-    if ctx:
-        b.plot([c["context"] for c in ctx], [c["kv_cache_ms"] for c in ctx], "o-", label="KV cache")
-        b.plot(
-            [c["context"] for c in ctx], [c["recompute_ms"] for c in ctx], "o-", label="recompute"
-        )
-        b.set(
-            xscale="log",
-            yscale="log",
-            xlabel="context tokens",
-            ylabel="ms per decode step",
-            title="decode step",
-        )
-        b.legend()
-    else:
-        b.set_axis_off()
-    fig.tight_layout()
-    fig.savefig(path)
-    return f"plot: {path}"
-
-
 def run(a: argparse.Namespace) -> int:
     from client.default_model import fetch_default
     from client.launcher import LocalMesh
@@ -362,54 +322,6 @@ def run(a: argparse.Namespace) -> int:
     report(results)
     print(f"json: {out / 'bench.json'}; {plot(results, out / 'bench.png')}")
     return 0
-
-
-def report(r: dict) -> None:
-    b = r["batch1"]
-    print(f"model {r['model']}, {r['stages']} stages, medians")
-    print(f"  time to first token        {b['ttft_ms']:8.1f} ms")
-    print(f"  batch-1 decode             {b['decode_tokens_per_s']:8.1f} tok/s")
-    stage_ms = ", ".join(f"{ms:.2f}" for ms in b["stage_compute_ms_per_token"])
-    print(f"  stage compute per token    {stage_ms} ms")
-    print(f"  per-hop overhead           {b['hop_overhead_ms']:8.3f} ms")
-    for n, tps in r["aggregate_tokens_per_s"].items():
-        batch = r.get("aggregate_mean_batch_per_stage", {}).get(n, [])
-        rows = f"  (mean batch per stage {', '.join(f'{b:.1f}' for b in batch)})" if batch else ""
-        print(f"  {n:>3} concurrent sessions    {tps:8.1f} tok/s aggregate{rows}")
-    for c in r["cache_vs_recompute"]:
-        print(
-            f"  context {c['context']:>5}: KV cache {c['kv_cache_ms']:7.1f} ms/step, "
-            f"recompute {c['recompute_ms']:8.1f} ms/step ({c['speedup']:.1f}x)"
-        )
-    if r["mesh_overhead"]:
-        print(
-            "  mesh overhead per token, batch 1 (decode wall per token - stage compute per token)"
-        )
-    for n, o in r["mesh_overhead"].items():
-        compute = o["stage_compute_ms_per_token"]
-        source = (
-            f"timings; wall - compute {o['overhead_ms_per_token_computed']:.2f}"
-            if o["overhead_from_timings"]
-            else f"wall - compute; per step {o['overhead_ms_per_step']:.2f}"
-        )
-        print(
-            f"  {n:>3} stages {o['decode_tokens_per_s']:8.1f} tok/s, compute "
-            f"{' + '.join(f'{ms:.2f}' for ms in compute)} = {sum(compute):.2f} ms, "
-            f"overhead {o['overhead_ms_per_token']:.2f} ms ({source})"
-        )
-    for name, tps in r.get("transformers_tokens_per_s", {}).items():
-        ratio = b["decode_tokens_per_s"] / tps
-        print(f"  transformers generate, {name}: {tps:.1f} tok/s (llamadist batch-1 {ratio:.2f}x)")
-    formats = r.get("weight_formats", {})
-    if len(formats) > 1:
-        base = r.get("transformers_tokens_per_s", {}).get("1 thread")
-        print(f"  weight formats, {r['stages']} stages (batch 1; aggregate at each concurrency)")
-        for fmt, f in formats.items():
-            tps = f["batch1"]["decode_tokens_per_s"]
-            vs = f" = {tps / base:.2f}x transformers 1 thread" if base else ""
-            agg = ", ".join(f"{n}: {v:.0f}" for n, v in f["aggregate_tokens_per_s"].items())
-            compute = " + ".join(f"{ms:.2f}" for ms in f["batch1"]["stage_compute_ms_per_token"])
-            print(f"    {fmt:5s} {tps:7.1f} tok/s{vs}; compute {compute} ms; aggregate {agg}")
 
 
 def quality(model: Path, formats: list[str], out: Path) -> int:

@@ -1,8 +1,9 @@
 """Requests for the fuzz test (tests/test_fuzz.py): which RPCs it calls and how often, what it
 knows of the mesh (the stages' epochs, the sessions the answers showed, aliases for server-made
-session ids), and from that the hypothesis strategies of whole requests: random well-formed ones
-per RPC, and valid ones mutated byte by byte. `canonical` is each request as every run with the
-seed sends it (ports and server-made ids replaced by names): what the replay digest hashes."""
+session ids), and from that the hypothesis strategies of random well-formed requests per RPC
+(tests/fuzz_mutations.py mutates valid ones byte by byte). `canonical` is each request as every
+run with the seed sends it (ports and server-made ids replaced by names): what the replay digest
+hashes."""
 
 from __future__ import annotations
 
@@ -10,24 +11,20 @@ import collections
 import re
 from dataclasses import dataclass, field
 
-import torch
 from hypothesis import strategies as st
 
 from protos import llamadist_pb2 as pb
 from tests.fuzz_values import (
-    HIDDEN,
     I32,
     I64,
     LAYERS,
     MAX_NEW_TOKENS,
-    PROMPT,
     PROMPT_TEXT,
     SESSION,
     STOP,
     TEXT,
     TOKENS,
     U64,
-    mutate,
     sampling_params,
     tensors,
     weighted,
@@ -298,109 +295,6 @@ class Requests:
             boundaries=boundaries,
             stages=self.plan_stages(),
         )
-
-    def seeds(self, service: str, method: str) -> list[tuple[str, bytes]]:
-        """Valid serialized requests to mutate, with their addresses."""
-        s0, s1 = self.stages
-        if service == "Stage" and method == "Forward":
-            hidden = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(0))
-            first = pb.StepRequest(
-                session_id="seed-0", plan_epoch=self.epoch(s0), token_ids=[1, 2, 3]
-            )
-            second = pb.StepRequest(
-                session_id="seed-0",
-                plan_epoch=self.epoch(s1),
-                token_ids=[1, 2, 3],
-                hidden=pb.Tensor(
-                    data=hidden.view(torch.uint8).numpy().tobytes(),
-                    shape=[3, HIDDEN],
-                    dtype=pb.FLOAT32,
-                ),
-                sampling=pb.SamplingParams(temperature=0.8, top_k=5, seed=3),
-            )
-            return [(s0, first.SerializeToString()), (s1, second.SerializeToString())]
-        if service == "Stage" and method == "ForwardStream":
-            return [
-                (
-                    address,
-                    pb.StepBatch(steps=[pb.StepRequest.FromString(raw)] * n).SerializeToString(),
-                )
-                for address, raw in self.seeds("Stage", "Forward")
-                for n in (1, 3)
-            ]
-        if method == "EndSession":
-            return [
-                (a, pb.EndSessionRequest(session_id=self.known(stage)[-1]).SerializeToString())
-                for a, stage in (
-                    [(s0, s0), (s1, s1)] if service == "Stage" else [(self.orchestrator, "")]
-                )
-            ]
-        if method == "LoadLayers":  # a retry of what the stage holds, a newer range, a drop
-            msgs = [
-                (s0, pb.LoadLayersRequest(layer_start=0, layer_end=2, plan_epoch=self.epoch(s0))),
-                (s1, pb.LoadLayersRequest(layer_start=2, layer_end=4, plan_epoch=self.epoch(s1))),
-                (s1, pb.LoadLayersRequest(layer_start=1, layer_end=4, plan_epoch=self.epoch(s1))),
-                (s0, pb.LoadLayersRequest(hold_nothing=True, plan_epoch=self.epoch(s0) + 1)),
-            ]
-            return [(a, m.SerializeToString()) for a, m in msgs]
-        if method in ("Generate", "GenerateStream"):
-            msgs = [
-                pb.GenerateRequest(token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=3),
-                pb.GenerateRequest(
-                    token_ids=pb.TokenIds(ids=[5, 6]),
-                    max_new_tokens=4,
-                    sampling=pb.SamplingParams(temperature=0.7, top_p=0.9, seed=1),
-                    ignore_eos=True,
-                    session_id="fuzz-gen",
-                ),
-                pb.GenerateRequest(prompt="Once upon a time", max_new_tokens=6, stop=["e", "."]),
-                pb.GenerateRequest(
-                    chat=pb.Chat(messages=[pb.ChatMessage(role="user", content="Hi there!")]),
-                    max_new_tokens=5,
-                ),
-            ]
-            return [(self.orchestrator, m.SerializeToString()) for m in msgs]
-        if method in ("PreviewPlan", "ReloadPlan"):
-            msgs = [
-                pb.PlanRequest(strategy="uniform"),
-                pb.PlanRequest(strategy="custom", boundaries="0-0,1-3"),
-                pb.PlanRequest(strategy="memory", max_memory="4GB", num_partitions=2),
-            ]
-            return [(self.orchestrator, m.SerializeToString()) for m in msgs]
-        address = self.orchestrator if service == "Orchestrator" else s0
-        return [(address, b""), (s1 if service == "Stage" else address, b"")]
-
-    def mutated(self, service: str, method: str) -> st.SearchStrategy:
-        """A valid request, mutated 1-4 times. Every draw is made whatever the seed's bytes (its
-        length depends on live state), so hypothesis sees the same choices on every run."""
-        ops = ["flip", "flip", "truncate", "insert", "delete", "set", "field", "concat"]
-        edit = st.fixed_dictionaries(
-            dict(
-                op=st.sampled_from(ops),
-                at=st.integers(0, 2**16),
-                bit=st.integers(0, 7),
-                blob=st.binary(min_size=1, max_size=12),
-                n=st.integers(1, 8),
-                byte=st.sampled_from([0, 0x7F, 0x80, 0xFF]),
-                tag=st.integers(1, 40).map(lambda f: f << 3),  # field number; bit: wire type
-                other=st.integers(0, 15),
-            )
-        )
-
-        @st.composite
-        def build(draw) -> tuple[str, bytes, bytes]:
-            """(address, bytes, the same edits made to the seed's canonical bytes)."""
-            seeds = self.seeds(service, method)
-            pick = draw(st.integers(0, 15)) % len(seeds)
-            edits = draw(st.lists(edit, min_size=1, max_size=4))
-            address = seeds[pick][0]
-            sent, canonical = (
-                mutate([raw for _, raw in versions], pick, edits)
-                for versions in (seeds, [(a, self.alias(raw)) for a, raw in seeds])
-            )
-            return address, sent, canonical
-
-        return build()
 
     def alias(self, raw: bytes) -> bytes:
         """`raw` with each session id the orchestrator made replaced by its alias: the bytes

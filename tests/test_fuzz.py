@@ -26,8 +26,8 @@ Afterwards a valid request is served correctly: the layout restored, a greedy Ge
 transformers' own. A summary of the statuses per RPC is printed (`-s`).
 
 This file is the driver (it sends each request and keeps the layout in view) and the test; the
-requests are drawn by tests/fuzz_requests.py from the values of tests/fuzz_values.py, and each
-answer is judged by tests/fuzz_judge.py.
+requests are drawn by tests/fuzz_requests.py and tests/fuzz_mutations.py from the values of
+tests/fuzz_values.py, and each answer is judged by tests/fuzz_judge.py.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from protos.shared.serving import GRPC_OPTIONS
 from protos.shared.stage_auth import load_stage_key, stage_channel
 from tests.conftest import make_tokenizer_model, reference_greedy
 from tests.fuzz_judge import Judge
+from tests.fuzz_mutations import mutated
 from tests.fuzz_requests import RPCS, Requests
 from tests.fuzz_values import HIDDEN, LAYERS, PROMPT, VOCAB
 
@@ -309,7 +310,7 @@ def test_fuzz_every_rpc_of_both_services(mesh, model_dir):
                 address, msg = data.draw(fz.requests.well_formed(method, service))
                 raw, canonical = msg.SerializeToString(), fz.requests.canonical(msg)
             else:
-                address, raw, canonical = data.draw(fz.requests.mutated(service, method))
+                address, raw, canonical = data.draw(mutated(fz.requests, service, method))
             fz.call(service, method, reply_type, address, raw, canonical)
 
         try:
