@@ -1,6 +1,7 @@
-"""No import cycle between our modules, counting every import: those inside functions and under
-TYPE_CHECKING too (a cycle hidden by a local import is still a cycle: the two modules cannot be
-read, tested or moved apart). Read from the source, nothing is imported."""
+"""No import cycle between our modules and no import of a higher floor, counting every import:
+those inside functions and under TYPE_CHECKING too (a cycle hidden by a local import is still a
+cycle: the two modules cannot be read, tested or moved apart). Read from the source, nothing is
+imported."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("protos", "stage_service", "orchestrator", "client")
+# The floors, lowest first (README, Architecture): a module imports from its own floor or below.
+FLOORS = ("protos", "protos.shared", "stage_service", "orchestrator", "client")
 
 
 def module_files() -> dict[str, Path]:
@@ -83,3 +86,23 @@ def test_no_module_of_ours_imports_itself_through_others():
     graph = import_graph()
     assert "orchestrator.generation" in graph and "client.cli" in graph  # the walk found them
     assert cycles(graph) == []
+
+
+def floor_of(module: str) -> int:
+    """The index in FLOORS of the longest floor that is `module` or holds it."""
+    return max(i for i, f in enumerate(FLOORS) if module == f or module.startswith(f + "."))
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{a} -> {b}" for a, bs in graph.items() for b in bs if floor_of(b) > floor_of(a))
+
+
+def test_the_floor_check_sees_an_upward_import():
+    graph = {"protos.shared.knobs": {"client.default_model"}, "client.cli": {"protos.codec"}}
+    assert upward_imports(graph) == ["protos.shared.knobs -> client.default_model"]
+
+
+def test_no_module_of_ours_imports_a_higher_floor():
+    graph = import_graph()
+    assert "protos.shared.knobs" in graph and "protos.codec" in graph
+    assert upward_imports(graph) == []
