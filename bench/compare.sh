@@ -12,7 +12,7 @@
 # A commit is checked out with `git worktree add --detach /tmp/llamadist-old` (or -new) and gets
 # its protobuf code from `make protos` with this venv; the worktrees are removed at the end. Each
 # side runs its own services and client code (cwd and PYTHONPATH point at it); the driver is this
-# checkout's bench/mesh.py (with bench/speculative.py), copied at start and run through its `run`,
+# checkout's bench/mesh.py (with mesh_report.py and speculative.py), copied at start and run through its `run`,
 # so both sides are measured by the same code (its fallback computes the overhead where an old
 # orchestrator does not report it). The overhead is
 # shown two ways, each by one formula on both sides: decode wall per token minus the stages'
@@ -35,7 +35,7 @@ MODEL=${MODEL:-}
 TMP=$(mktemp -d /tmp/llamadist-compare.XXXXXX)
 # one driver for both, fixed for the whole call: the bench package copied, found first on the path
 mkdir -p "$TMP/driver/bench"
-cp "$ROOT"/bench/{__init__,mesh,speculative}.py "$TMP/driver/bench/"
+cp "$ROOT"/bench/{__init__,mesh,mesh_report,speculative}.py "$TMP/driver/bench/"
 # `run`, not `main`: main goes through client.cli, which each side brings in its own version;
 # -P keeps the side's own bench/ (the cwd) off the path
 DRIVER='import argparse, sys
