@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import threading
@@ -202,14 +203,18 @@ def cache_vs_recompute(client: Client, context: int, vocab: int) -> dict:
     }
 
 
-def transformers_generate(model: Path, tokens: int, repeats: int, threads: int) -> float:
+def transformers_generate(
+    model: Path, tokens: int, repeats: int, threads: int, batch: int = 1
+) -> float:
+    """transformers' greedy generate of `batch` copies of PROMPT as one batch in this process:
+    generated tok/s over the whole call, prefill included (as `aggregate` counts the mesh)."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(str(model))
     ref = LlamaForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
-    ids = torch.tensor([tok(PROMPT)["input_ids"]])
+    ids = torch.tensor([tok(PROMPT)["input_ids"]] * batch)
     config = ref.generation_config
     config.eos_token_id, config.pad_token_id = None, 0
     config.max_new_tokens, config.do_sample = tokens, False
@@ -219,7 +224,8 @@ def transformers_generate(model: Path, tokens: int, repeats: int, threads: int) 
             t0 = time.perf_counter()
             out = ref.generate(ids, generation_config=config)
             if i:
-                speeds.append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - t0))
+                new = out.shape[0] * (out.shape[1] - ids.shape[1])
+                speeds.append(new / (time.perf_counter() - t0))
     return statistics.median(speeds)
 
 
@@ -317,6 +323,12 @@ def run(a: argparse.Namespace) -> int:
                 model, a.tokens, a.repeats, t
             )
             for t in (1, 2)
+        }
+        threads = os.cpu_count() or 1  # the mesh's stages share the machine's cores
+        results["transformers_batch_tokens_per_s"] = {
+            str(n): transformers_generate(model, a.concurrent_tokens, a.repeats, threads, n)
+            for n in concurrency
+            if n > 1
         }
     (out / "bench.json").write_text(json.dumps(results, indent=2))
     report(results)

@@ -18,6 +18,12 @@ def report(r: dict) -> None:
         batch = r.get("aggregate_mean_batch_per_stage", {}).get(n, [])
         rows = f"  (mean batch per stage {', '.join(f'{b:.1f}' for b in batch)})" if batch else ""
         print(f"  {n:>3} concurrent sessions    {tps:8.1f} tok/s aggregate{rows}")
+        one_batch = r.get("transformers_batch_tokens_per_s", {}).get(n)
+        if one_batch:
+            print(
+                f"      transformers, {n} prompts as one batch: {one_batch:.1f} tok/s "
+                f"(llamadist {tps / one_batch:.2f}x)"
+            )
     for c in r["cache_vs_recompute"]:
         print(
             f"  context {c['context']:>5}: KV cache {c['kv_cache_ms']:7.1f} ms/step, "

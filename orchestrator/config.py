@@ -17,7 +17,7 @@ from orchestrator.plan_spec import (
 from protos.errors import InvalidArgument
 from protos.limits import MAX_DRAFT_TOKENS
 from protos.sampling import SPECULATE_MODES
-from protos.shared.knob_checks import host_port, in_range, positive, readable_file
+from protos.shared.knob_checks import host_port, in_range, non_negative, positive, readable_file
 from protos.shared.knobs import ConfigError, ServiceConfig, knob, split_list
 from protos.shared.stage_auth import key_file_problem
 
@@ -95,6 +95,12 @@ class OrchestratorConfig(ServiceConfig):
         "most tokens one step carries: longer prompts and replays go in chunks of this many, "
         "so that no step holds a stage long",
         check=positive,
+    )
+    cohorts: int = knob(
+        0,
+        "decode batches in flight at once, each a cohort of the sessions (0 = auto: one when "
+        "the stages share a GPU, one per stage on separate devices)",
+        check=non_negative,
     )
     prefill_tokens_in_flight: int = knob(
         2048,

@@ -311,7 +311,8 @@ class Generator:
         req = state.req
         drafts = self.speculation.session(self.speculation.mode(req.speculate), req.prompt_ids)
         try:
-            yield from self._steps(state, cancelled, drafts)
+            with self.router.scheduler.member(req.session_id):  # its decode steps go by cohort
+                yield from self._steps(state, cancelled, drafts)
         finally:
             if drafts is not None:
                 drafts.close()

@@ -49,6 +49,14 @@ class InFlight:
             pending.reply = reply
             pending.done.set()
 
+    def fail(self, request_id: int, hop: int, error: LlamadistError) -> None:
+        """The step could not be sent to the stage at `hop` of its route."""
+        with self._lock:
+            pending = self._pending.pop(request_id, None)
+        if pending is not None:
+            pending.broken_hop, pending.error = hop, error
+            pending.done.set()
+
     def fail_through(self, address: str, error: LlamadistError) -> None:
         """The link to `address` broke: every step routed through it fails with `error`."""
         with self._lock:

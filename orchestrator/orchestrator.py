@@ -131,6 +131,7 @@ class Orchestrator:
             config.step_timeout_s,
             config.prefill_chunk_tokens,
             config.prefill_tokens_in_flight,
+            cohorts=config.cohorts,
             reassign=self.reassign,
             before_load=self._ship,
             channel_credentials=stage_credentials,

@@ -25,6 +25,7 @@ from orchestrator.admission import POLL_S, TokenBudget
 from orchestrator.inflight import InFlight, Pending
 from orchestrator.plan import PartitionPlan
 from orchestrator.replicas import Position, Replica, ReplicaPool, split_group
+from orchestrator.scheduler import Scheduler, cohorts_for
 from orchestrator.stage_client import StageClient
 from protos import llamadist_pb2 as pb
 from protos.errors import Cancelled, FailedPrecondition, LlamadistError, NotFound, Unavailable
@@ -103,6 +104,7 @@ class Router:
         step_timeout_s: float = 60.0,
         prefill_chunk_tokens: int = 512,
         prefill_tokens_in_flight: int = 2048,
+        cohorts: int = 0,
         *,
         reassign: Callable[[int], None],
         before_load: Callable[[StageClient, int, int, pb.StageInfo], object] | None = None,
@@ -112,17 +114,22 @@ class Router:
         """`reassign(epoch)` assigns the plan in force again at an epoch above `epoch` (the
         orchestrator's, which owns plans); `before_load(client, start, end, info)` runs before
         a rejoining replica loads its range (the orchestrator ships the weights it lacks,
-        orchestrator.weight_shipping). `channel_credentials`: mutual TLS toward the stages
+        orchestrator.weight_shipping). `cohorts`: decode batches in flight (0: the route's
+        devices, scheduler.cohorts_for). `channel_credentials`: mutual TLS toward the stages
         (None = plaintext); `stage_key`: the mesh's stage key, sent on every stage call (None =
         none)."""
         self.step_timeout_s = step_timeout_s
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.prefill_budget = TokenBudget(prefill_tokens_in_flight)
+        self.cohorts = cohorts
         self.channel_credentials = channel_credentials
         self.stage_key = stage_key
         self.plan: PartitionPlan | None = None
         self.origin = uuid.uuid4().hex  # names this orchestrator's outlets on the stages
         self.inflight = InFlight()
+        self.scheduler = Scheduler(
+            lambda request, err: self.inflight.fail(request.request_id, 0, err)
+        )
         self.pool = ReplicaPool(self._make_client, rejoin=self._rejoin)
         self.reassign = reassign
         self.before_load = before_load
@@ -199,7 +206,7 @@ class Router:
         Stages left out of the plan drop their layers. Call inside `exclusive()`."""
         with self._plan_lock:
             old = {r.client.address for p in self.pool.positions for r in p.replicas}
-            positions = []
+            positions, first_infos = [], []
             for i, (group, layers) in enumerate(zip(plan.addresses, plan.ranges, strict=True)):
                 replicas = [self.pool.replica(a) for a in split_group(group)]
                 position = Position(i, group, layers, replicas)
@@ -210,9 +217,11 @@ class Router:
                         "%s: loading layers %s (epoch %d)", replica.client.name, layers, plan.epoch
                     )
                     try:
-                        replica.client.load_layers(
+                        info = replica.client.load_layers(
                             layers.start, layers.end, plan.epoch, plan_peers(plan)
                         )
+                        if loaded == 0:
+                            first_infos.append((info, replica.client.address))
                         replica.down_since = None
                         loaded += 1
                     except Unavailable as err:
@@ -227,6 +236,7 @@ class Router:
                     self.client(address).drop_layers(plan.epoch)
             self.pool.set_positions(positions)
             self.plan = plan
+            self.scheduler.set_cohorts(self.cohorts or cohorts_for(first_infos))
 
     def _rejoin(self, replica: Replica) -> None:
         """A down replica answers again: give it its layers under the plan in force (raises
@@ -361,23 +371,29 @@ class Router:
                 origin=self.origin,
                 draft_tokens=drafts if last else 0,
             )
+            decode = len(piece) - request.draft_tokens == 1
             admitted = (
-                self.prefill_budget.hold(len(piece), cancelled)
-                if len(piece) - request.draft_tokens > 1
-                else contextlib.nullcontext()
+                contextlib.nullcontext()
+                if decode
+                else self.prefill_budget.hold(len(piece), cancelled)
             )
             with admitted:
                 t0 = time.perf_counter_ns()
-                reply = self._run_step(route, request, cancelled)
+                reply = self._run_step(route, request, cancelled, decode)
                 wall += time.perf_counter_ns() - t0
             stage_ns = [a + b for a, b in zip(stage_ns, reply.route_compute_ns, strict=True)]
         return reply, wall, stage_ns
 
     def _run_step(
-        self, route: list[Replica], request: pb.StepRequest, cancelled: threading.Event | None
+        self,
+        route: list[Replica],
+        request: pb.StepRequest,
+        cancelled: threading.Event | None,
+        decode: bool = False,
     ) -> pb.StepReply:
         """One step down the route: sent to its first stage, answered by the last one (or by the
-        one that failed it). Raises _StageFailed naming the replica at fault."""
+        one that failed it); a `decode` step goes with its session's cohort (scheduler.py).
+        Raises _StageFailed naming the replica at fault."""
         links = []
         for replica in route:  # each is this orchestrator's outlet for the answers it gives
             try:
@@ -388,7 +404,10 @@ class Router:
         request.request_id = pending.request_id
         try:
             try:
-                links[0].send([request])
+                if decode:
+                    self.scheduler.send(request.session_id, links[0], request)
+                else:
+                    links[0].send([request])
             except Unavailable as err:
                 raise _StageFailed(route[0], err) from None
             self._wait(pending, route, cancelled)
@@ -462,6 +481,7 @@ class Router:
         return freed
 
     def close(self) -> None:
+        self.scheduler.close()
         self.pool.close()
 
 
