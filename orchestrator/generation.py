@@ -311,8 +311,7 @@ class Generator:
         req = state.req
         drafts = self.speculation.session(self.speculation.mode(req.speculate), req.prompt_ids)
         try:
-            with self.router.scheduler.member(req.session_id):  # its decode steps go by cohort
-                yield from self._steps(state, cancelled, drafts)
+            yield from self._steps(state, cancelled, drafts)
         finally:
             if drafts is not None:
                 drafts.close()
@@ -342,56 +341,93 @@ class Generator:
         cached_epoch = 0  # nothing cached yet
         first_token_at = t_start
         produced, first_step_tokens = 0, 0
+        stop_ids = frozenset() if req.ignore_eos else frozenset(self.tokenizer.eos_ids)
         while True:
             if cancelled.is_set():
                 raise Cancelled(f"session {session_id!r} was ended")
             draft = self._draft(drafts, adaptive, history + step_input, req, len(generated))
+            stream = None
+            if not draft and len(step_input) == 1 and self.router.can_stream(cached_epoch):
+                # the scheduler loop makes this session's steps until it ends the stream
+                stream = self.router.decode(
+                    session_id, len(history), step_input[0], req.sampling, cached_epoch,
+                    req.max_new_tokens - len(generated), stop_ids,
+                    lambda: not self._wants_drafts(drafts), cancelled,
+                )  # fmt: skip
+                results = iter(stream)
+            else:
+                result, draft = self._one_step(state, history, step_input, cached_epoch, cancelled,
+                                               draft)  # fmt: skip
+                results = iter([result])
             try:
-                result = self.router.step(
-                    session_id, history, step_input, req.sampling, cached_epoch, cancelled, draft
-                )
-            except DraftsIgnored as err:
-                log.warning("speculation off until a restart: %s", err)
-                self.drafts_ignored = str(err)
-                draft = []
-                result = self.router.step(
-                    session_id, history, step_input, req.sampling, cached_epoch, cancelled
-                )
-            steps.append(result)
-            kept = draft[: result.accepted_drafts]
-            decode = len(step_input) == 1 and not result.replayed  # a step to time
-            adaptive.record(len(draft), len(kept), result.wall_ns / 1e6 if decode else None)
-            history += step_input + kept
-            cached_epoch = result.epoch
-            new_ids, new_logprobs = (
-                [*kept, result.token_id],
-                [
-                    *result.draft_logprobs[: len(kept)],
-                    result.logprob,
-                ],
+                for result in results:
+                    steps.append(result)
+                    kept = draft[: result.accepted_drafts]
+                    decode = len(step_input) == 1 and not result.replayed  # a step to time
+                    adaptive.record(len(draft), len(kept), result.wall_ns / 1e6 if decode else None)
+                    history += step_input + kept
+                    cached_epoch = result.epoch
+                    chunk = self._chunk(state, text, kept, result)
+                    produced += len(chunk.token_ids)
+                    if len(steps) == 1:
+                        first_token_at = time.perf_counter()
+                        first_step_tokens = produced
+                    if chunk.finish_reason:
+                        chunk.timings = self._timings(
+                            steps, t_start, first_token_at, produced - first_step_tokens, adaptive
+                        )
+                        yield chunk
+                        return
+                    yield chunk
+                    step_input = [result.token_id]
+            finally:
+                if stream is not None:
+                    results.close()
+            if stream is not None and stream.lost_cache:
+                cached_epoch = 0  # the next step replays the history
+
+    def _one_step(self, state, history, step_input, cached_epoch, cancelled, draft):
+        """One step through Router.step (prefill, replay, drafts): (its result, the drafts it
+        carried: none when the stages turned out not to verify drafts)."""
+        req = state.req
+        try:
+            result = self.router.step(
+                req.session_id, history, step_input, req.sampling, cached_epoch, cancelled, draft
             )
-            chunk = Chunk([], [], "", session_id, len(req.prompt_ids))
-            for token, logprob in zip(new_ids, new_logprobs, strict=True):
-                generated.append(token)
-                state.logprobs.append(logprob)
-                chunk.token_ids.append(token)
-                chunk.logprobs.append(logprob)
-                chunk.finish_reason, new_text = self._finish(text, generated, req)
-                chunk.text += new_text
-                if chunk.finish_reason:
-                    break
-            produced += len(chunk.token_ids)
-            if len(steps) == 1:
-                first_token_at = time.perf_counter()
-                first_step_tokens = produced
+        except DraftsIgnored as err:
+            log.warning("speculation off until a restart: %s", err)
+            self.drafts_ignored = str(err)
+            draft = []
+            result = self.router.step(
+                req.session_id, history, step_input, req.sampling, cached_epoch, cancelled
+            )
+        return result, draft
+
+    def _chunk(self, state: SessionState, text: TextStream, kept: list[int], result) -> Chunk:
+        """The chunk of a step's new tokens (the kept drafts, then the sampled one), up to
+        where the generation finishes."""
+        req = state.req
+        new_ids = [*kept, result.token_id]
+        new_logprobs = [*result.draft_logprobs[: len(kept)], result.logprob]
+        chunk = Chunk([], [], "", req.session_id, len(req.prompt_ids))
+        for token, logprob in zip(new_ids, new_logprobs, strict=True):
+            state.generated.append(token)
+            state.logprobs.append(logprob)
+            chunk.token_ids.append(token)
+            chunk.logprobs.append(logprob)
+            chunk.finish_reason, new_text = self._finish(text, state.generated, req)
+            chunk.text += new_text
             if chunk.finish_reason:
-                chunk.timings = self._timings(
-                    steps, t_start, first_token_at, produced - first_step_tokens, adaptive
-                )
-                yield chunk
-                return
-            yield chunk
-            step_input = [result.token_id]
+                break
+        return chunk
+
+    def _wants_drafts(self, drafts: DraftSession | None) -> bool:
+        """Whether the session would draft now (then it makes its own steps again)."""
+        return (
+            drafts is not None
+            and not self.drafts_ignored
+            and len(self._active) <= self.speculation.max_sessions
+        )
 
     def _draft(
         self,
@@ -403,9 +439,7 @@ class Generator:
     ) -> list[int]:
         """The tokens the next step carries as guesses (none when the session does not
         speculate, or when more sessions decode together than speculation pays for)."""
-        if drafts is None or self.drafts_ignored:
-            return []
-        if len(self._active) > self.speculation.max_sessions:
+        if not self._wants_drafts(drafts):
             return []
         k = adaptive.next_k(req.max_new_tokens - generated)
         return drafts.propose(tokens, k)[:k] if k > 0 else []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protos import llamadist_pb2 as pb
@@ -24,6 +25,12 @@ class Pending:
     broken_hop: int = -1  # the hop whose link broke, with `error`
     error: LlamadistError | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    on_done: Callable[[Pending], None] | None = None  # called once settled, where it settles
+
+    def settle(self) -> None:
+        self.done.set()
+        if self.on_done is not None:
+            self.on_done(self)
 
 
 class InFlight:
@@ -32,9 +39,11 @@ class InFlight:
         self._pending: dict[int, Pending] = {}
         self._lock = threading.Lock()
 
-    def add(self, route: tuple[str, ...]) -> Pending:
+    def add(
+        self, route: tuple[str, ...], on_done: Callable[[Pending], None] | None = None
+    ) -> Pending:
         with self._lock:
-            pending = Pending(next(self._ids), route)
+            pending = Pending(next(self._ids), route, on_done=on_done)
             self._pending[pending.request_id] = pending
         return pending
 
@@ -47,7 +56,7 @@ class InFlight:
             pending = self._pending.pop(reply.request_id, None)
         if pending is not None:
             pending.reply = reply
-            pending.done.set()
+            pending.settle()
 
     def fail(self, request_id: int, hop: int, error: LlamadistError) -> None:
         """The step could not be sent to the stage at `hop` of its route."""
@@ -55,7 +64,7 @@ class InFlight:
             pending = self._pending.pop(request_id, None)
         if pending is not None:
             pending.broken_hop, pending.error = hop, error
-            pending.done.set()
+            pending.settle()
 
     def fail_through(self, address: str, error: LlamadistError) -> None:
         """The link to `address` broke: every step routed through it fails with `error`."""
@@ -65,4 +74,4 @@ class InFlight:
                 del self._pending[pending.request_id]
         for pending in hit:
             pending.broken_hop, pending.error = pending.route.index(address), error
-            pending.done.set()
+            pending.settle()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -25,7 +26,7 @@ from orchestrator.admission import POLL_S, TokenBudget
 from orchestrator.inflight import InFlight, Pending
 from orchestrator.plan import PartitionPlan
 from orchestrator.replicas import Position, Replica, ReplicaPool, split_group
-from orchestrator.scheduler import Scheduler, cohorts_for
+from orchestrator.scheduler import Scheduler, Stream, cohorts_for
 from orchestrator.stage_client import StageClient
 from protos import llamadist_pb2 as pb
 from protos.errors import Cancelled, FailedPrecondition, LlamadistError, NotFound, Unavailable
@@ -127,9 +128,7 @@ class Router:
         self.plan: PartitionPlan | None = None
         self.origin = uuid.uuid4().hex  # names this orchestrator's outlets on the stages
         self.inflight = InFlight()
-        self.scheduler = Scheduler(
-            lambda request, err: self.inflight.fail(request.request_id, 0, err)
-        )
+        self.scheduler = Scheduler(self.inflight, lambda: self.plan.epoch if self.plan else 0)
         self.pool = ReplicaPool(self._make_client, rejoin=self._rejoin)
         self.reassign = reassign
         self.before_load = before_load
@@ -197,7 +196,7 @@ class Router:
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         """No step runs while this is held (and none is in flight when it starts)."""
-        with self._gate.write():
+        with self.scheduler.paused(), self._gate.write():
             yield
 
     def apply(self, plan: PartitionPlan) -> None:
@@ -371,29 +370,23 @@ class Router:
                 origin=self.origin,
                 draft_tokens=drafts if last else 0,
             )
-            decode = len(piece) - request.draft_tokens == 1
             admitted = (
-                contextlib.nullcontext()
-                if decode
-                else self.prefill_budget.hold(len(piece), cancelled)
+                self.prefill_budget.hold(len(piece), cancelled)
+                if len(piece) - request.draft_tokens > 1
+                else contextlib.nullcontext()
             )
             with admitted:
                 t0 = time.perf_counter_ns()
-                reply = self._run_step(route, request, cancelled, decode)
+                reply = self._run_step(route, request, cancelled)
                 wall += time.perf_counter_ns() - t0
             stage_ns = [a + b for a, b in zip(stage_ns, reply.route_compute_ns, strict=True)]
         return reply, wall, stage_ns
 
     def _run_step(
-        self,
-        route: list[Replica],
-        request: pb.StepRequest,
-        cancelled: threading.Event | None,
-        decode: bool = False,
+        self, route: list[Replica], request: pb.StepRequest, cancelled: threading.Event | None
     ) -> pb.StepReply:
         """One step down the route: sent to its first stage, answered by the last one (or by the
-        one that failed it); a `decode` step goes with its session's cohort (scheduler.py).
-        Raises _StageFailed naming the replica at fault."""
+        one that failed it). Raises _StageFailed naming the replica at fault."""
         links = []
         for replica in route:  # each is this orchestrator's outlet for the answers it gives
             try:
@@ -404,15 +397,17 @@ class Router:
         request.request_id = pending.request_id
         try:
             try:
-                if decode:
-                    self.scheduler.send(request.session_id, links[0], request)
-                else:
-                    links[0].send([request])
+                links[0].send([request])
             except Unavailable as err:
                 raise _StageFailed(route[0], err) from None
             self._wait(pending, route, cancelled)
         finally:
             self.inflight.forget(pending.request_id)
+        return self._outcome(route, pending)
+
+    @staticmethod
+    def _outcome(route: list[Replica], pending: Pending) -> pb.StepReply:
+        """A settled step's reply, or _StageFailed naming the replica at fault."""
         if pending.error is not None:  # a link of the route broke
             raise _StageFailed(route[pending.broken_hop], pending.error)
         reply = pending.reply
@@ -460,6 +455,30 @@ class Router:
             )
         log.info("%s is busy: no answer to a step for %.0f s", replica.client.name, timeout_s)
 
+    def can_stream(self, cached_epoch: int) -> bool:
+        """Whether a session whose caches belong to `cached_epoch` may decode by stream."""
+        plan = self.plan
+        return plan is not None and plan.epoch == cached_epoch
+
+    def decode(
+        self,
+        session_id: str,
+        position: int,
+        token: int,
+        sampling: pb.SamplingParams,
+        epoch: int,
+        left: int,
+        stop_ids: frozenset[int],
+        keep_going: Callable[[], bool],
+        cancelled: threading.Event | None = None,
+    ) -> DecodeStream:
+        """The session's decode steps from `token` at `position` on, made by the scheduler
+        loop (at most `left`, ending after a token of `stop_ids`), as StepResults."""
+        return DecodeStream(
+            self, session_id, position, token, sampling, epoch, left, stop_ids, keep_going,
+            cancelled,
+        )  # fmt: skip
+
     def end_session(self, session_id: str) -> int:
         """Frees the session on the stages that served it."""
         route = self.pool.unpin(session_id)
@@ -483,6 +502,79 @@ class Router:
     def close(self) -> None:
         self.scheduler.close()
         self.pool.close()
+
+
+class DecodeStream:
+    """Router.decode's steps. Iterating ends when the loop ends the stream; `lost_cache` then
+    says whether a step failed (marked down where a stage is at fault, like Router.step): the
+    session replays its history on its next step."""
+
+    def __init__(self, router: Router, session_id, position, token, sampling, epoch, left,
+                 stop_ids, keep_going, cancelled):  # fmt: skip
+        self.router = router
+        self.session_id = session_id
+        self.epoch = epoch
+        self.cancelled = cancelled
+        self.lost_cache = False
+        self._start = (position, token, sampling, left, stop_ids, keep_going)
+
+    def __iter__(self) -> Iterator[StepResult]:
+        router = self.router
+        position, token, sampling, left, stop_ids, keep_going = self._start
+        route = router.pool.route(self.session_id)
+        try:
+            links = []
+            for replica in route:
+                try:
+                    links.append(replica.client.link())
+                except Unavailable as err:
+                    raise _StageFailed(replica, err) from None
+            template = pb.StepRequest(
+                session_id=self.session_id,
+                plan_epoch=self.epoch,
+                sampling=sampling,
+                route=[r.client.address for r in route],
+                origin=router.origin,
+            )
+            stream = router.scheduler.open(
+                Stream(self.session_id, links[0], template, position, token, left, stop_ids,
+                       keep_going)
+            )  # fmt: skip
+            try:
+                while (answer := self._next(stream, route)) is not None:
+                    pending, queued_ns, settled_ns = answer
+                    router.scheduler.consumed(stream)
+                    reply = router._outcome(route, pending)
+                    yield StepResult(
+                        reply.token_id, reply.logprob, settled_ns - queued_ns, self.epoch,
+                        stage_ns=list(reply.route_compute_ns),
+                        stage_batch=list(reply.route_batch_sizes),
+                    )  # fmt: skip
+            finally:
+                router.scheduler.close_stream(stream)
+        except _StageFailed as failed:
+            if isinstance(failed.error, Unavailable | FailedPrecondition):
+                router.pool.mark_down(failed.replica, str(failed.error))
+            elif not isinstance(failed.error, NotFound):  # NotFound: the stage lost the cache
+                raise failed.error from None
+            self.lost_cache = True
+
+    def _next(self, stream: Stream, route: list[Replica]):
+        """The stream's next answer (None: it ended). Silence for step_timeout_s is checked as
+        Router._wait checks it; Cancelled soon after `cancelled` is set."""
+        timeout_s = self.router.step_timeout_s
+        quiet_since = time.monotonic()
+        while True:
+            try:
+                return stream.answers.get(timeout=POLL_S)
+            except queue.Empty:
+                pass
+            if self.cancelled is not None and self.cancelled.is_set():
+                raise Cancelled("the request was cancelled")
+            if time.monotonic() - quiet_since >= timeout_s:
+                for replica in route:
+                    self.router._check_alive(replica, timeout_s)
+                quiet_since = time.monotonic()
 
 
 class DraftsIgnored(FailedPrecondition):

@@ -1,28 +1,35 @@
-"""The scheduler loop: which decode steps go down the mesh together.
+"""The scheduler loop: it makes the decode steps of every streaming session and decides which go
+down the mesh together.
 
-Every decoding session is a member of one cohort. A cohort goes as one batch: the loop waits
-until each of its members has queued its next step (a member that missed a tick, busy with a
-replay or gone quiet, is not waited for again until it queues), or until the oldest queued step
-has waited `max_wait_s`, and then sends the cohort's steps, one StepBatch per first-stage link.
-Sessions join a cohort when they start decoding and leave when they finish, between ticks.
+A session that decodes without drafts opens a `Stream`: from then on its next step is made here
+the moment its answer arrives (the sampled token at the next position), not by the session's own
+thread, which only consumes the answers (text, stop strings, chunks to its caller) off the
+critical path. The session's thread stops its stream when it finishes; the loop ends a stream
+itself at eos, at its token limit, when the plan's epoch moves, when its session wants drafts
+again, or at the first failed step (the session's thread then handles the failure as a step of
+its own would).
+
+Every stream is a member of one cohort. A cohort goes as one batch: the loop waits until each of
+its members has its next step queued (a member that missed a tick is not waited for again until
+it queues), or until the oldest queued step has waited `max_wait_s`, then sends the cohort's
+steps, one StepBatch per first-stage link. Members join and leave between ticks.
 
 How many cohorts: one when the stages of the route share a device (a batch of every session
-reads the weights once per token); as many as the route has devices when they are separate (a
-cohort per stage keeps every stage busy). `cohorts_for` decides from the stages' Info.
-
-The session's own thread prepares its step (draft, history) and consumes its answer (text, stop
-strings); only this loop sends decode steps.
+reads the weights once per token); one per device when they are separate (a cohort per stage
+keeps every stage busy). `cohorts_for` decides from the stages' Info, `--cohorts` overrides it.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from orchestrator.inflight import InFlight, Pending
 from protos import llamadist_pb2 as pb
 from protos.errors import LlamadistError
 from protos.shared.step_link import StepLink
@@ -30,6 +37,7 @@ from protos.shared.step_link import StepLink
 log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 0.002  # the longest a queued step waits for the rest of its cohort
+LOOKAHEAD = 4  # answers a stream may make ahead of its consumer
 
 
 def cohorts_for(stages: list[tuple[pb.StageInfo, str]]) -> int:
@@ -44,97 +52,208 @@ def cohorts_for(stages: list[tuple[pb.StageInfo, str]]) -> int:
 
 
 @dataclass
-class _Queued:
-    link: StepLink
-    request: pb.StepRequest
-    at: float = field(default_factory=time.monotonic)
+class Stream:
+    """One session's decode steps, made by the loop. `answers` brings (settled step, when it
+    was queued, when it settled, both in perf_counter_ns), then None once the stream ended."""
+
+    session_id: str
+    link: StepLink  # to the route's first stage
+    template: pb.StepRequest  # session, epoch, sampling, route, origin
+    position: int  # start_pos of the next step
+    token: int  # the next step's input token
+    left: int  # steps the stream may still make
+    stop_ids: frozenset[int]  # tokens that end it (eos)
+    keep_going: Callable[[], bool]  # False: its session wants its own steps again
+    answers: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    pending: Pending | None = None  # its step queued or in flight, with:
+    request: pb.StepRequest | None = None
+    queued_ns: int = 0  # when it was queued (time.perf_counter_ns)
+    sent: bool = False  # that step is on its way
+    made: int = 0  # steps answered
+    unconsumed: int = 0
+    parked: bool = False  # LOOKAHEAD answers unconsumed: continued once one is taken
+    ended: bool = False
 
 
 @dataclass
 class _Cohort:
     members: set[str] = field(default_factory=set)
     late: set[str] = field(default_factory=set)  # members not waited for until they queue
-    queued: dict[str, _Queued] = field(default_factory=dict)
+    queued: dict[str, tuple[Stream, float]] = field(default_factory=dict)  # at time.monotonic
 
     def due(self, now: float, max_wait_s: float) -> bool:
         if not self.queued:
             return False
-        waited_for = self.members - self.late
-        if waited_for <= self.queued.keys():
+        if self.members - self.late <= self.queued.keys():
             return True
-        return now - min(q.at for q in self.queued.values()) >= max_wait_s
+        return now - min(at for _, at in self.queued.values()) >= max_wait_s
 
 
 class Scheduler:
     def __init__(
         self,
-        on_send_failed: Callable[[pb.StepRequest, LlamadistError], None],
+        inflight: InFlight,
+        epoch_now: Callable[[], int],
         max_wait_s: float = MAX_WAIT_S,
     ):
-        """`on_send_failed(request, error)`: a queued step could not go on its link (it broke
-        meanwhile); its sender learns it there (the router's in-flight table)."""
-        self.on_send_failed = on_send_failed
+        """`inflight`: where steps wait for their answers (the router's); `epoch_now()`: the
+        plan epoch in force (a stream of another epoch ends)."""
+        self.inflight = inflight
+        self.epoch_now = epoch_now
         self.max_wait_s = max_wait_s
         self.cohorts: list[_Cohort] = [_Cohort()]
         self._cohort_of: dict[str, _Cohort] = {}
+        self._streams: dict[str, Stream] = {}
+        self._by_request: dict[int, Stream] = {}  # request id of a stream's step
         self._cond = threading.Condition()
         self._closed = False
+        self._paused = 0
+        self._sent_unsettled = 0  # loop steps on their way
         self.ticks = 0
-        self.sent_steps = 0
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self._thread.start()
 
+    # ---- what sessions and the router call
+
+    def open(self, stream: Stream) -> Stream:
+        """Starts a stream (its first step queued at once)."""
+        with self._cond:
+            if stream.session_id in self._streams:
+                raise RuntimeError(f"session {stream.session_id!r} already streams")
+            self._streams[stream.session_id] = stream
+            cohort = min(self.cohorts, key=lambda c: len(c.members))
+            cohort.members.add(stream.session_id)
+            self._cohort_of[stream.session_id] = cohort
+            self._continue(stream)
+        return stream
+
+    def consumed(self, stream: Stream) -> None:
+        """Its session took an answer: a parked stream goes on."""
+        with self._cond:
+            stream.unconsumed -= 1
+            if stream.parked and not stream.ended:
+                stream.parked = False
+                self._continue(stream)
+
+    def close_stream(self, stream: Stream) -> None:
+        """Its session is done with it: a step still queued or in flight is forgotten (its
+        answer, if one comes, is dropped)."""
+        with self._cond:
+            self._end(stream)
+            if stream.pending is not None:
+                self.inflight.forget(stream.pending.request_id)
+                self._by_request.pop(stream.pending.request_id, None)
+                if stream.sent:
+                    self._sent_unsettled -= 1
+                stream.pending = None
+            self._streams.pop(stream.session_id, None)
+            cohort = self._cohort_of.pop(stream.session_id, None)
+            if cohort is not None:
+                cohort.members.discard(stream.session_id)
+                cohort.late.discard(stream.session_id)
+                cohort.queued.pop(stream.session_id, None)
+            self._cond.notify_all()
+
     def set_cohorts(self, n: int) -> None:
-        """Spreads the members over `n` cohorts (a plan's route decides how many pay)."""
+        """Spreads the members over `n` cohorts."""
         with self._cond:
             if n == len(self.cohorts):
                 return
-            members = [s for c in self.cohorts for s in c.members]
             queued = {s: q for c in self.cohorts for s, q in c.queued.items()}
             self.cohorts = [_Cohort() for _ in range(max(1, n))]
-            self._cohort_of.clear()
-            for session_id in members:
-                self._place(session_id)
-            for session_id, q in queued.items():
-                self._cohort_of[session_id].queued[session_id] = q
-            self._cond.notify()
+            for i, session_id in enumerate(self._cohort_of):
+                cohort = self.cohorts[i % len(self.cohorts)]
+                if not self._streams[session_id].ended:
+                    cohort.members.add(session_id)
+                self._cohort_of[session_id] = cohort
+                if session_id in queued:
+                    cohort.queued[session_id] = queued[session_id]
+            self._cond.notify_all()
 
     @contextmanager
-    def member(self, session_id: str) -> Iterator[None]:
-        """The block in which a session decodes: its steps go with its cohort's."""
+    def paused(self) -> Iterator[None]:
+        """No loop step is on its way while this is held (a reload); queued ones wait."""
         with self._cond:
-            self._place(session_id)
+            self._paused += 1
+            self._cond.wait_for(lambda: self._sent_unsettled == 0)
         try:
             yield
         finally:
             with self._cond:
-                cohort = self._cohort_of.pop(session_id, None)
-                if cohort is not None:
-                    cohort.members.discard(session_id)
-                    cohort.late.discard(session_id)
-                self._cond.notify()
-
-    def send(self, session_id: str, link: StepLink, request: pb.StepRequest) -> None:
-        """Queues a member's decode step for its cohort's next batch (a session that is no
-        member goes at once, raising what the link raises)."""
-        with self._cond:
-            cohort = self._cohort_of.get(session_id)
-            if cohort is not None:
-                cohort.queued[session_id] = _Queued(link, request)
-                cohort.late.discard(session_id)
-                self._cond.notify()
-                return
-        link.send([request])
+                self._paused -= 1
+                self._cond.notify_all()
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            self._cond.notify()
+            self._cond.notify_all()
 
-    def _place(self, session_id: str) -> None:
-        cohort = min(self.cohorts, key=lambda c: len(c.members))
-        cohort.members.add(session_id)
-        self._cohort_of[session_id] = cohort
+    # ---- the loop
+
+    def _continue(self, stream: Stream) -> None:
+        """Queues the stream's next step, or ends or parks it. Holds the lock."""
+        if stream.ended:
+            return
+        if (
+            stream.left <= 0
+            or stream.template.plan_epoch != self.epoch_now()
+            or (stream.made and not stream.keep_going())  # the first step is always made
+        ):
+            self._end(stream)
+            return
+        if stream.unconsumed >= LOOKAHEAD:
+            stream.parked = True
+            return
+        request = pb.StepRequest()
+        request.CopyFrom(stream.template)
+        request.start_pos = stream.position
+        request.token_ids.append(stream.token)
+        pending = self.inflight.add(tuple(request.route), on_done=self._settled)
+        request.request_id = pending.request_id
+        self._by_request[pending.request_id] = stream
+        stream.pending, stream.request, stream.sent = pending, request, False
+        stream.queued_ns = time.perf_counter_ns()
+        cohort = self._cohort_of[stream.session_id]
+        cohort.queued[stream.session_id] = (stream, time.monotonic())
+        cohort.late.discard(stream.session_id)
+        self._cond.notify_all()
+
+    def _end(self, stream: Stream) -> None:
+        """No more steps: its cohort stops waiting for it, its session reads None last."""
+        if not stream.ended:
+            stream.ended = True
+            stream.answers.put(None)
+            cohort = self._cohort_of.get(stream.session_id)
+            if cohort is not None:
+                cohort.members.discard(stream.session_id)
+                cohort.late.discard(stream.session_id)
+            self._cond.notify_all()
+
+    def _settled(self, pending: Pending) -> None:
+        """A loop step's answer (or failure) arrived, on a link's reader thread: the session
+        gets it, and the stream's next step is queued right away."""
+        with self._cond:
+            stream = self._by_request.pop(pending.request_id, None)
+            if stream is None or stream.pending is not pending:
+                return  # forgotten: the stream was closed meanwhile
+            stream.pending = None
+            if stream.sent:
+                self._sent_unsettled -= 1
+            stream.answers.put((pending, stream.queued_ns, time.perf_counter_ns()))
+            stream.unconsumed += 1
+            stream.made += 1
+            reply = pending.reply
+            if pending.error is not None or reply is None or reply.error_code:
+                self._end(stream)  # its session handles the failure
+            else:
+                stream.position += 1
+                stream.token = reply.token_id
+                stream.left -= 1
+                if reply.token_id in stream.stop_ids:
+                    self._end(stream)
+                else:
+                    self._continue(stream)
+            self._cond.notify_all()
 
     def _loop(self) -> None:
         while True:
@@ -146,8 +265,16 @@ class Scheduler:
                 for cohort in due:
                     missing = cohort.members - cohort.late - cohort.queued.keys()
                     cohort.late |= missing  # not waited for until they queue again
-                    batches.append(list(cohort.queued.values()))
+                    batch = []
+                    for stream, _ in cohort.queued.values():
+                        if stream.template.plan_epoch != self.epoch_now():
+                            self._drop_queued(stream)  # a reload came between
+                            continue
+                        stream.sent = True
+                        self._sent_unsettled += 1
+                        batch.append(stream)
                     cohort.queued.clear()
+                    batches.append(batch)
                 self.ticks += 1
             for batch in batches:
                 try:
@@ -155,27 +282,41 @@ class Scheduler:
                 except Exception:  # a bug here must not stop every session's steps
                     log.exception("sending a cohort failed")
 
+    def _drop_queued(self, stream: Stream) -> None:
+        if stream.pending is not None:
+            self.inflight.forget(stream.pending.request_id)
+            self._by_request.pop(stream.pending.request_id, None)
+            stream.pending = None
+        self._end(stream)
+
     def _wait_for_due(self) -> list[_Cohort] | None:
         """The cohorts due now (waits until one is); None once closed."""
         while not self._closed:
             now = time.monotonic()
-            due = [c for c in self.cohorts if c.due(now, self.max_wait_s)]
-            if due:
-                return due
-            oldest = [q.at for c in self.cohorts for q in c.queued.values()]
-            timeout = max(0.0, min(oldest) + self.max_wait_s - now) if oldest else None
+            if not self._paused:
+                due = [c for c in self.cohorts if c.due(now, self.max_wait_s)]
+                if due:
+                    return due
+            oldest = [at for c in self.cohorts for _, at in c.queued.values()]
+            timeout = None
+            if oldest and not self._paused:
+                timeout = max(0.0, min(oldest) + self.max_wait_s - now)
             self._cond.wait(timeout)
         return None
 
-    def _send(self, batch: list[_Queued]) -> None:
+    def _send(self, batch: list[Stream]) -> None:
         """One message per first-stage link (replicas of the first position get their own)."""
-        by_link: dict[int, list[_Queued]] = {}
-        for q in batch:
-            by_link.setdefault(id(q.link), []).append(q)
-        for group in by_link.values():
+        by_link: dict[int, list[pb.StepRequest]] = {}
+        links: dict[int, StepLink] = {}
+        for stream in batch:
+            pending = stream.pending
+            if pending is None:
+                continue  # closed since it was taken
+            by_link.setdefault(id(stream.link), []).append(stream.request)
+            links[id(stream.link)] = stream.link
+        for key, requests in by_link.items():
             try:
-                group[0].link.send([q.request for q in group])
+                links[key].send(requests)
             except LlamadistError as err:
-                for q in group:
-                    self.on_send_failed(q.request, err)
-            self.sent_steps += len(group)
+                for request in requests:
+                    self.inflight.fail(request.request_id, 0, err)

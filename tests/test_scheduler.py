@@ -1,6 +1,8 @@
-"""The scheduler loop (orchestrator/scheduler.py) against links that record what they are sent:
-a cohort goes as one message once every member queued, a member that lags is waited for once at
-most, cohorts are sent apart, and a link that breaks fails its steps through the callback."""
+"""The scheduler loop (orchestrator/scheduler.py) against a link that records what it is sent,
+answered by the test through the router's in-flight table, as a stage's answers arrive: the loop
+makes each stream's next step from its answer, sends a cohort as one message, waits for a
+laggard once, parks a stream its consumer does not read, holds its steps for a reload, and ends
+a stream at eos, at its limit, at a failure and at a new epoch."""
 
 from __future__ import annotations
 
@@ -10,120 +12,175 @@ import time
 
 import pytest
 
-from orchestrator.scheduler import Scheduler, cohorts_for
+from orchestrator.inflight import InFlight
+from orchestrator.scheduler import LOOKAHEAD, Scheduler, Stream, cohorts_for
 from protos import llamadist_pb2 as pb
-from protos.errors import Unavailable
 
 
-class RecordingLink:
-    def __init__(self, error: Exception | None = None):
+class Link:
+    """Records each message (a list of steps) it is sent."""
+
+    def __init__(self):
         self.messages: queue.SimpleQueue = queue.SimpleQueue()
-        self.error = error
 
     def send(self, steps: list[pb.StepRequest]) -> None:
-        if self.error is not None:
-            raise self.error
-        self.messages.put(sorted(s.session_id for s in steps))
+        self.messages.put(list(steps))
 
-    def next(self, timeout_s: float = 5) -> list[str]:
+    def next(self, timeout_s: float = 5) -> list[pb.StepRequest]:
         return self.messages.get(timeout=timeout_s)
 
+    def quiet(self, wait_s: float = 0.2) -> bool:
+        time.sleep(wait_s)
+        return self.messages.empty()
 
-def step(session_id: str) -> pb.StepRequest:
-    return pb.StepRequest(session_id=session_id, token_ids=[1])
+
+class Mesh:
+    def __init__(self, max_wait_s: float = 10.0):
+        self.inflight = InFlight()
+        self.epoch = 1
+        self.scheduler = Scheduler(self.inflight, lambda: self.epoch, max_wait_s)
+        self.link = Link()
+
+    def stream(self, session_id: str, left: int = 100, stop_ids=(), position: int = 5,
+               keep_going=lambda: True) -> Stream:  # fmt: skip
+        template = pb.StepRequest(session_id=session_id, plan_epoch=self.epoch, route=["a"])
+        return self.scheduler.open(
+            Stream(session_id, self.link, template, position, 7, left, frozenset(stop_ids),
+                   keep_going)
+        )  # fmt: skip
+
+    def answer(self, steps: list[pb.StepRequest], token: int = 8, **reply) -> None:
+        for step in steps:
+            self.inflight.complete(
+                pb.StepReply(request_id=step.request_id, token_id=token, **reply)
+            )
+
+
+def taken(stream: Stream, scheduler: Scheduler, timeout_s: float = 5):
+    """The stream's next answer as its session takes it: a StepReply, or None once it ended."""
+    item = stream.answers.get(timeout=timeout_s)
+    if item is None:
+        return None
+    scheduler.consumed(stream)
+    return item[0].reply
 
 
 @pytest.fixture
-def scheduler():
-    failed = []
-    s = Scheduler(lambda request, err: failed.append((request.session_id, str(err))), 10.0)
-    s.failed = failed
-    yield s
-    s.close()
+def mesh():
+    m = Mesh()
+    yield m
+    m.scheduler.close()
 
 
-def test_a_cohort_goes_as_one_message_once_every_member_queued(scheduler):
-    link = RecordingLink()
-    members = [scheduler.member(f"s{i}") for i in range(3)]
-    for m in members:
-        m.__enter__()
-    scheduler.send("s0", link, step("s0"))
-    scheduler.send("s1", link, step("s1"))
-    time.sleep(0.2)
-    assert link.messages.empty()  # s2 has not queued: the cohort waits (max wait 10 s)
-    scheduler.send("s2", link, step("s2"))
-    assert link.next() == ["s0", "s1", "s2"]
-    for m in members:
-        m.__exit__(None, None, None)
+def test_the_loop_makes_each_next_step_from_the_answer_until_the_limit(mesh):
+    s = mesh.stream("s", left=3)
+    for i, token in enumerate((10, 11, 12)):
+        (step,) = mesh.link.next()
+        assert (step.start_pos, list(step.token_ids)) == (5 + i, [10 + i - 1 if i else 7])
+        mesh.answer([step], token)
+        assert taken(s, mesh.scheduler).token_id == token
+    assert taken(s, mesh.scheduler) is None and mesh.link.quiet()
 
 
-def test_a_lagging_member_is_waited_for_once_then_not_until_it_queues():
-    s = Scheduler(lambda request, err: None, max_wait_s=0.2)
-    link = RecordingLink()
+def test_eos_and_a_failed_step_end_the_stream_after_their_answer(mesh):
+    s = mesh.stream("eos", stop_ids={2})
+    mesh.answer(mesh.link.next(), token=2)
+    assert taken(s, mesh.scheduler).token_id == 2 and taken(s, mesh.scheduler) is None
+    f = mesh.stream("fails")
+    mesh.answer(mesh.link.next(), error_code=14, error_message="stage 1 is gone")
+    assert taken(f, mesh.scheduler).error_code == 14 and taken(f, mesh.scheduler) is None
+    assert mesh.link.quiet()
+
+
+def names(steps: list[pb.StepRequest]) -> list[str]:
+    return sorted(s.session_id for s in steps)
+
+
+def test_a_cohort_goes_as_one_message_once_every_member_queued(mesh):
+    mesh.stream("s0")
+    first = mesh.link.next()  # s0 alone: the only member when it queued
+    mesh.stream("s1"), mesh.stream("s2")
+    assert mesh.link.quiet()  # s1 and s2 wait for s0, whose step is out (max wait 10 s)
+    mesh.answer(first)
+    together = mesh.link.next()
+    assert names(together) == ["s0", "s1", "s2"]
+    mesh.answer(together)  # one reply message: the next steps go as one again
+    assert names(mesh.link.next()) == ["s0", "s1", "s2"]
+
+
+def test_a_laggard_is_waited_for_once_then_not_until_it_queues():
+    m = Mesh(max_wait_s=0.3)
     try:
-        with s.member("fast"), s.member("slow"):
-            t0 = time.monotonic()
-            s.send("fast", link, step("fast"))
-            assert link.next() == ["fast"]
-            assert time.monotonic() - t0 >= 0.2  # waited for "slow" up to max_wait_s
-            t0 = time.monotonic()
-            s.send("fast", link, step("fast"))
-            assert link.next() == ["fast"] and time.monotonic() - t0 < 0.15  # "slow" is late
-            s.send("slow", link, step("slow"))  # queues again: waited for from now on
-            assert link.next() == ["slow"]
-            s.send("fast", link, step("fast"))
-            time.sleep(0.05)
-            s.send("slow", link, step("slow"))
-            assert link.next() == ["fast", "slow"]
+        m.stream("a")
+        m.answer(m.link.next())
+        m.stream("b")
+        pair = m.link.next()
+        step_a, step_b = sorted(pair, key=lambda s: s.session_id)
+        t0 = time.monotonic()
+        m.answer([step_a])  # b's step stays out: a's next waits for b up to max_wait_s
+        again = m.link.next()
+        assert names(again) == ["a"] and time.monotonic() - t0 >= 0.3
+        t0 = time.monotonic()
+        m.answer(again)  # b is late now: a goes at once
+        assert names(m.link.next()) == ["a"] and time.monotonic() - t0 < 0.25
     finally:
-        s.close()
+        m.scheduler.close()
 
 
-def test_members_spread_over_cohorts_and_each_cohort_goes_apart(scheduler):
-    scheduler.set_cohorts(2)
-    link = RecordingLink()
-    sessions = [f"s{i}" for i in range(4)]
-    members = [scheduler.member(s) for s in sessions]
-    for m in members:
-        m.__enter__()
-    assert sorted(len(c.members) for c in scheduler.cohorts) == [2, 2]
-    first = sorted(scheduler.cohorts[0].members)
-    for s in first:
-        scheduler.send(s, link, step(s))
-    assert link.next() == first  # the other cohort did not hold it back
-    second = sorted(scheduler.cohorts[1].members)
-    for s in second:
-        scheduler.send(s, link, step(s))
-    assert link.next() == second
-    members[0].__exit__(None, None, None)
-    scheduler.set_cohorts(1)  # a new plan: the three left share one cohort
-    assert [len(c.members) for c in scheduler.cohorts] == [3]
-    for m in members[1:]:
-        m.__exit__(None, None, None)
-    assert not scheduler.cohorts[0].members
+def test_members_spread_over_cohorts_and_each_goes_apart(mesh):
+    mesh.stream("s0")
+    first = mesh.link.next()
+    for i in (1, 2, 3):
+        mesh.stream(f"s{i}")
+    mesh.scheduler.set_cohorts(2)  # s0, s2 | s1, s3
+    assert names(mesh.link.next()) == ["s1", "s3"]  # not held back by s0's cohort
+    mesh.answer(first)
+    assert names(mesh.link.next()) == ["s0", "s2"]
 
 
-def test_steps_for_two_first_stage_links_go_to_each(scheduler):
-    a, b = RecordingLink(), RecordingLink()
-    with scheduler.member("x"), scheduler.member("y"):
-        scheduler.send("x", a, step("x"))
-        scheduler.send("y", b, step("y"))
-        assert (a.next(), b.next()) == (["x"], ["y"])
+def test_a_stream_its_session_does_not_read_parks_after_the_lookahead(mesh):
+    s = mesh.stream("slow")
+    for _ in range(LOOKAHEAD):
+        mesh.answer(mesh.link.next())
+    assert mesh.link.quiet()  # LOOKAHEAD answers unread: no further step
+    taken(s, mesh.scheduler)
+    assert len(mesh.link.next()) == 1
 
 
-def test_a_session_that_is_no_member_goes_at_once_and_a_broken_link_fails_through(scheduler):
-    link = RecordingLink()
-    scheduler.send("alone", link, step("alone"))
-    assert link.next() == ["alone"]
-    broken = RecordingLink(Unavailable("stage 0: the step stream is broken"))
-    with pytest.raises(Unavailable):
-        scheduler.send("alone", broken, step("alone"))  # no member: the caller sees it
-    done = threading.Event()
-    scheduler.on_send_failed = lambda request, err: (scheduler.failed.append(str(err)), done.set())
-    with scheduler.member("m"):
-        scheduler.send("m", broken, step("m"))
-        assert done.wait(5)
-    assert scheduler.failed == ["stage 0: the step stream is broken"]
+def test_a_reload_waits_for_the_steps_out_and_a_new_epoch_ends_the_streams(mesh):
+    s = mesh.stream("s")
+    out = mesh.link.next()
+    entered = queue.SimpleQueue()
+
+    def reload():
+        with mesh.scheduler.paused():
+            entered.put(True)
+            mesh.epoch = 2
+            time.sleep(0.2)
+
+    t = threading.Thread(target=reload)
+    t.start()
+    time.sleep(0.2)
+    assert entered.empty()  # the step is still out
+    mesh.answer(out)
+    assert entered.get(timeout=5)
+    t.join(5)
+    assert taken(s, mesh.scheduler).token_id == 8
+    assert taken(s, mesh.scheduler) is None and mesh.link.quiet()  # its next was epoch 1
+
+
+def test_a_closed_stream_forgets_its_step_and_drops_a_late_answer(mesh):
+    s = mesh.stream("gone")
+    out = mesh.link.next()
+    mesh.scheduler.close_stream(s)
+    mesh.answer(out)
+    assert s.answers.get(timeout=5) is None and s.answers.empty() and mesh.link.quiet()
+
+
+def test_the_first_step_is_made_even_when_the_session_wants_its_own_next(mesh):
+    s = mesh.stream("drafts", keep_going=lambda: False)
+    mesh.answer(mesh.link.next())
+    assert taken(s, mesh.scheduler) is not None and taken(s, mesh.scheduler) is None
 
 
 def info(device: str) -> pb.StageInfo:
