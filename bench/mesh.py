@@ -113,6 +113,7 @@ def per_token(t: dict) -> dict:
         "overhead_ms_per_token_computed": computed,
         "overhead_ms_per_step": reported or t["hop_overhead_ms"] * len(stage_ms),
         "overhead_from_timings": bool(reported),
+        "cohorts": t.get("cohorts", 0),  # the scheduler's (0: an orchestrator without one)
     }
 
 
@@ -141,6 +142,7 @@ def batch1(client: Client, tokens: int, repeats: int, **request) -> dict:
         statistics.median(r["stage_compute_ms_per_token"][i] for r in runs) for i in range(stages)
     ]
     result["stages"] = stages
+    result["cohorts"] = runs[-1]["cohorts"]
     result["overhead_from_timings"] = all(r["overhead_from_timings"] for r in runs)
     result["runs"] = runs
     return result

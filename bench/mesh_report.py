@@ -14,6 +14,8 @@ def report(r: dict) -> None:
     stage_ms = ", ".join(f"{ms:.2f}" for ms in b["stage_compute_ms_per_token"])
     print(f"  stage compute per token    {stage_ms} ms")
     print(f"  per-hop overhead           {b['hop_overhead_ms']:8.3f} ms")
+    if b.get("cohorts"):
+        print(f"  decode cohorts in flight   {b['cohorts']:8d}")
     for n, tps in r["aggregate_tokens_per_s"].items():
         batch = r.get("aggregate_mean_batch_per_stage", {}).get(n, [])
         rows = f"  (mean batch per stage {', '.join(f'{b:.1f}' for b in batch)})" if batch else ""

@@ -57,6 +57,7 @@ class Timings:
     replays: int = 0  # caches rebuilt from the token history (after a plan reload)
     drafted_tokens: int = 0  # speculative decoding: tokens drafted and verified
     accepted_tokens: int = 0  # of those, kept
+    cohorts: int = 0  # decode batches the scheduler kept in flight at once (at the end)
 
 
 @dataclass
@@ -492,4 +493,5 @@ class Generator:
             replays=sum(s.replayed for s in steps),
             drafted_tokens=adaptive.drafted,
             accepted_tokens=adaptive.accepted,
+            cohorts=len(self.router.scheduler.cohorts),
         )

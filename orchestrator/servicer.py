@@ -32,6 +32,7 @@ def timings_to_pb(t: Timings, addresses: list[str]) -> pb.Timings:
         trips=t.trips,
         drafted_tokens=t.drafted_tokens,
         accepted_tokens=t.accepted_tokens,
+        cohorts=t.cohorts,
         stages=[
             pb.StageTiming(address=a, compute_ms=ms, steps=t.trips, mean_batch_size=b)
             for a, ms, b in zip(addresses, t.stage_compute_ms, t.stage_mean_batch, strict=True)

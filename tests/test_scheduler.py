@@ -194,3 +194,28 @@ def test_cohorts_are_the_routes_distinct_devices():
     assert cohorts_for([(info("cuda:0"), "a:1"), (info("cuda:0"), "b:1")]) == 2
     assert cohorts_for([(info("cpu"), "a:1"), (info("cpu"), "a:2"), (info("cpu"), "a:3")]) == 3
     assert cohorts_for([]) == 1
+
+
+def test_a_mesh_reports_its_cohorts_and_streams_equal_transformers(tiny):
+    """Through real stages: CPU stages are a cohort each (auto), `cohorts` overrides it, and
+    sessions decoding together by stream get transformers' greedy tokens."""
+    from tests.conftest import in_process_mesh, reference_greedy
+
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
+    for cohorts, expected in ((0, 2), (1, 1)):
+        with in_process_mesh(tiny, 2, cohorts=cohorts, speculate="off") as mesh:
+            replies = [None] * len(prompts)
+
+            def one(i, replies=replies, mesh=mesh):
+                replies[i] = mesh.client.generate(
+                    token_ids=prompts[i], max_new_tokens=12, ignore_eos=True
+                )
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            for prompt, reply in zip(prompts, replies, strict=True):
+                assert reply.token_ids == reference_greedy(tiny, prompt, 12)
+                assert int(reply.timings["cohorts"]) == expected
