@@ -109,7 +109,6 @@ class Scheduler:
         self._closed = False
         self._paused = 0
         self._sent_unsettled = 0  # loop steps on their way
-        self.ticks = 0
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self._thread.start()
 
@@ -148,9 +147,7 @@ class Scheduler:
                 stream.pending = None
             self._streams.pop(stream.session_id, None)
             cohort = self._cohort_of.pop(stream.session_id, None)
-            if cohort is not None:
-                cohort.members.discard(stream.session_id)
-                cohort.late.discard(stream.session_id)
+            if cohort is not None:  # _end took it off the members
                 cohort.queued.pop(stream.session_id, None)
             self._cond.notify_all()
 
@@ -275,7 +272,6 @@ class Scheduler:
                         batch.append(stream)
                     cohort.queued.clear()
                     batches.append(batch)
-                self.ticks += 1
             for batch in batches:
                 try:
                     self._send(batch)
