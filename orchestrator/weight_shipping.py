@@ -115,10 +115,13 @@ class WeightShipper:
             return hexdigest
 
     def _save_hashes(self) -> None:
+        # a temporary name of its own: threads shipping to several stages at once, and other
+        # orchestrators of this home, save the same file
+        tmp = self._hash_file.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             self._hash_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._hash_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self._hashes))
+            with self._hash_lock:
+                tmp.write_text(json.dumps(self._hashes))
             os.replace(tmp, self._hash_file)
         except OSError as err:  # a read-only home: hashes are recomputed next time
             log.warning("cannot keep tensor hashes in %s: %s", self._hash_file, err)

@@ -112,13 +112,17 @@ class ShippedWeights:
                         last = now
                         log.info("weights: %s", progress_text(done, total, now - t0))
             except LlamadistError as err:
-                self.cache.settle()
-                # Counted on disk, not from the chunks: a write refused halfway kept part of one.
-                kept = self.cache.held(offer.needed) - offer.had_bytes
-                said = f"{err}; {kept_text(kept)}"
+                said = f"{err}; {self._kept(offer)}"
                 log.warning("weights: the transfer stopped after %s: %s",
                             progress_text(done, total, time.monotonic() - t0), said)  # fmt: skip
                 raise type(err)(said) from None
+            else:
+                if 0 < done < total:  # grpcio may end a cancelled stream as if it were complete
+                    log.warning(
+                        "weights: the transfer was cut after %s: the stream ended short of the "
+                        "offer; %s", progress_text(done, total, time.monotonic() - t0),
+                        self._kept(offer),
+                    )  # fmt: skip
             finally:
                 self.cache.settle()
                 if done:
@@ -127,6 +131,12 @@ class ShippedWeights:
                         progress_text(done, total, time.monotonic() - t0), completed,
                     )  # fmt: skip
             return done, completed
+
+    def _kept(self, offer: Offer) -> str:
+        """What a stopped transfer kept. Counted on disk, not from the chunks: a write refused
+        halfway kept part of one."""
+        self.cache.settle()
+        return kept_text(self.cache.held(offer.needed) - offer.had_bytes)
 
     def source(
         self, local: TensorIndex | None, names_needed: list[str]

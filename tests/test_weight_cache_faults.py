@@ -6,6 +6,7 @@ recovery once the disk is writable again)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -103,8 +104,11 @@ def test_a_corruption_that_keeps_size_mtime_and_inode_is_found_at_restart(tiny_r
     assert result.token_ids == expected
 
 
-def ship_range(stage: Stage, model_dir: Path, hashes: Path, start: int, end: int) -> None:
-    """What the orchestrator does before it assigns [start, end): offer, then send what lacks."""
+def ship_range(
+    stage: Stage, model_dir: Path, hashes: Path, start: int, end: int, chunks_sent: int = -1
+) -> None:
+    """What the orchestrator does before it assigns [start, end): offer, then send what lacks
+    (or only its first `chunks_sent` chunks, a stream that ends early)."""
     shipper = WeightShipper(model_dir, model_fingerprint(model_dir), hashes)
     manifest = shipper.manifest(shipper.lacking(start, end, pb.StageInfo(**stage.info())))
     entries = [
@@ -114,6 +118,8 @@ def ship_range(stage: Stage, model_dir: Path, hashes: Path, start: int, end: int
     needs = [pb.WeightNeed(sha256=s, have_bytes=h) for s, h in answer.needs.items()]
     by_sha = {t.sha256: shipper.stored[t.name] for t in manifest.tensors}
     chunks = shipper._chunks(needs, by_sha, Transfer(1), "test")
+    if chunks_sent >= 0:
+        chunks = itertools.islice(chunks, chunks_sent)
     stage.receive_weights((c.sha256, c.offset, c.data) for c in chunks)
 
 
@@ -191,6 +197,33 @@ def test_a_cut_transfer_is_logged_as_cut_not_as_an_internal_error(
     kept = re.search(r"kept (\d+) bytes|kept nothing", said)
     assert kept, said
     assert int(kept.group(1) or 0) == kept_then, said  # the truth, as the disk has it
+
+
+def test_a_stream_that_ends_short_of_its_offer_is_logged_as_cut(
+    tiny_root, tmp_path, monkeypatch, caplog
+):
+    """grpcio may end a stream its caller cancelled as if the caller had finished it: the stage
+    then sees fewer bytes than it asked for, and says so."""
+    model_dir = make_tiny_model(tiny_root, "gqa")
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(weight_shipping, "CHUNK_BYTES", 4096)
+    stage = Stage(StageConfig(model="", fetch_weights=True, weights_cache=str(cache)))
+    try:
+        with caplog.at_level(logging.INFO):
+            ship_range(stage, model_dir, tmp_path / "hashes", 0, 4, chunks_sent=3)
+        (said,) = stage_warnings(caplog)
+        assert "cut" in said and "ended short" in said, said
+        kept = re.search(r"kept (\d+) bytes", said)
+        assert kept and int(kept.group(1)) == kept_on_disk(cache, set()) == 3 * 4096, said
+        with pytest.raises(FailedPrecondition, match="neither in this stage's model directory"):
+            stage.load_layers(0, 4, 1)
+        caplog.clear()
+        ship_range(stage, model_dir, tmp_path / "hashes", 0, 4)  # resumes and completes
+        assert not stage_warnings(caplog)
+        stage.load_layers(0, 4, 1)
+        assert stage.ready() == (True, "")
+    finally:
+        stage.close()
 
 
 @contextmanager
