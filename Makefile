@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PROTO_OUT := protos/llamadist_pb2.py
 
-.PHONY: install protos run test test-all lint format bench clean
+.PHONY: install protos run test test-grpc-hop test-all lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ run: install
 test: install
 	$(PY) -m pytest -q -rfEs -m "not slow" tests
 	$(PY) -m pytest -q -rfEs -m slow tests
+
+# The contract suites with every step link on gRPC (ForwardStream), the hop socket's fallback
+# (--hop grpc); `make test` runs them on the hop socket, the default.
+test-grpc-hop: install
+	LLAMADIST_HOP=grpc $(PY) -m pytest -q -rfEs tests/test_mesh_exactness.py tests/test_failover.py \
+		tests/test_forwarding.py tests/test_reload.py tests/test_security.py \
+		tests/test_security_stage_key.py tests/test_replicas.py tests/test_fuzz.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -31,6 +31,7 @@ from orchestrator.weight_shipping import WeightShipper
 from protos import llamadist_pb2 as pb
 from protos.errors import FailedPrecondition, LlamadistError, Unavailable
 from protos.sampling import Speculate
+from protos.shared.hop import HopDialer
 from protos.shared.model_files import LlamaArgs, model_fingerprint, read_config
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,9 @@ class Orchestrator:
             before_load=self._ship,
             channel_credentials=stage_credentials,
             stage_key=stage_key,
+            hop=HopDialer.from_flags(
+                config.hop, config.tls_ca, config.tls_cert, config.tls_key, stage_key
+            ),
         )
         self.shipper = WeightShipper(self.model_dir, self.fingerprint)
         self.tokenizer = Tokenizer(self.model_dir)

@@ -30,6 +30,7 @@ from orchestrator.scheduler import Scheduler, Stream, cohorts_for
 from orchestrator.stage_client import StageClient
 from protos import llamadist_pb2 as pb
 from protos.errors import Cancelled, FailedPrecondition, LlamadistError, NotFound, Unavailable
+from protos.shared.hop import HopDialer
 from protos.shared.layer_range import LayerRange
 from protos.shared.step_link import reply_error
 
@@ -111,6 +112,7 @@ class Router:
         before_load: Callable[[StageClient, int, int, pb.StageInfo], object] | None = None,
         channel_credentials: grpc.ChannelCredentials | None = None,
         stage_key: str | None = None,
+        hop: HopDialer | None = None,
     ):
         """`reassign(epoch)` assigns the plan in force again at an epoch above `epoch` (the
         orchestrator's, which owns plans); `before_load(client, start, end, info)` runs before
@@ -125,6 +127,7 @@ class Router:
         self.cohorts = cohorts
         self.channel_credentials = channel_credentials
         self.stage_key = stage_key
+        self.hop = hop  # opens the step links (None: ForwardStream)
         self.plan: PartitionPlan | None = None
         self.origin = uuid.uuid4().hex  # names this orchestrator's outlets on the stages
         self.inflight = InFlight()
@@ -142,6 +145,7 @@ class Router:
             self.step_timeout_s,
             channel_credentials=self.channel_credentials,
             stage_key=self.stage_key,
+            hop=self.hop,
             origin=self.origin,
             on_reply=self.inflight.complete,
             on_broken=self.inflight.fail_through,

@@ -12,6 +12,7 @@ import grpc
 from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
 from protos.errors import Unavailable
+from protos.shared.hop import HopDialer
 from protos.shared.stage_auth import stage_channel
 from protos.shared.step_link import OnReply, StepLink
 from protos.status import from_rpc_error
@@ -29,6 +30,7 @@ class StageClient:
         *,
         channel_credentials: grpc.ChannelCredentials | None = None,
         stage_key: str | None = None,
+        hop: HopDialer | None = None,
         origin: str = "",
         on_reply: OnReply | None = None,
         on_broken: Callable[[str, Exception], None] | None = None,
@@ -42,6 +44,7 @@ class StageClient:
         self.step_timeout_s = step_timeout_s
         self.channel = stage_channel(address, channel_credentials, stage_key)
         self.stub = pb_grpc.StageStub(self.channel)
+        self.hop = hop or HopDialer()  # opens the step link: the hop socket, or ForwardStream
         self.origin = origin
         self.on_reply = on_reply or (lambda reply: None)
         self.on_broken = on_broken
@@ -66,7 +69,7 @@ class StageClient:
         with self._link_lock:
             if self._link is None or self._link.broken:
                 self._link = StepLink(
-                    self.stub.ForwardStream,
+                    self.hop.opener(self.address, self.stub, self.name),
                     self.name,
                     self.on_reply,
                     self._broken,

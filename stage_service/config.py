@@ -62,6 +62,11 @@ class StageConfig(ServiceConfig):
     weights_cache_mb: int = knob(
         65536, "most MiB the weights cache may hold (least recently used go first)", check=positive
     )
+    hop_port: int = knob(
+        0,
+        "TCP port of the hop socket with --hop socket (0 = any free one; Info advertises it)",
+        check=in_range(0, 65535),
+    )
     device: str = knob("cpu", "cpu, cuda or cuda:N", check=_device)
     dtype: str = knob(
         "",

@@ -31,6 +31,7 @@ from protos import llamadist_pb2 as pb
 from protos import llamadist_pb2_grpc as pb_grpc
 from protos.errors import InvalidArgument, LlamadistError, PermissionDenied, Unavailable
 from protos.limits import MAX_BATCH_BYTES, split_by_size
+from protos.shared.hop import HopDialer
 from protos.shared.stage_auth import stage_channel
 from protos.shared.step_link import StepLink
 from protos.status import code_of
@@ -78,11 +79,13 @@ class Forwarder:
         self,
         channel_credentials: grpc.ChannelCredentials | None = None,
         stage_key: str | None = None,
+        hop: HopDialer | None = None,
     ):
         """Links to next stages use `channel_credentials` (mutual TLS; None = plaintext) and
-        send `stage_key` on every call (None: none)."""
+        send `stage_key` on every call (None: none); `hop` opens them (None: ForwardStream)."""
         self.channel_credentials = channel_credentials
         self.stage_key = stage_key
+        self.hop = hop or HopDialer()
         self._holding: int | None = None  # the thread inside holding(), if any
         self._held_steps: dict[StepLink, list[pb.StepRequest]] = {}
         self._held_answers: dict[str, list[pb.StepReply]] = {}
@@ -203,14 +206,16 @@ class Forwarder:
                 except Exception as err:  # noqa: BLE001 - an address grpc cannot parse
                     raise Unavailable(f"no channel to {address!r}: {err}") from None
                 self._channels[address] = channel
-            link = StepLink(
-                pb_grpc.StageStub(channel).ForwardStream,
-                f"stage {hop} ({address})",
-                on_reply=self._from_successor,
-                on_broken=self._broken,
-            )
+        name = f"stage {hop} ({address})"  # opened outside the lock: it asks the stage (Info)
+        opener = self.hop.opener(address, pb_grpc.StageStub(channel), name)
+        link = StepLink(opener, name, on_reply=self._from_successor, on_broken=self._broken)
+        with self._lock:
+            current = self._links.get(address)
+            if current is not None and not current.broken:
+                link.close()
+                return current
             self._links[address] = link
-            return link
+        return link
 
     def _prune(self) -> None:
         """Keeps at most MAX_SUCCESSORS channels: those without a live link go first (plans

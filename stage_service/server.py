@@ -9,15 +9,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import grpc
 import torch
 
+from protos.shared.hop import HopDialer, tls_server_context
 from protos.shared.security import channel_credentials, server_credentials
 from protos.shared.serving import listening_server, run_until_signal
 from protos.shared.stage_auth import StageKeyInterceptor, load_stage_key
 from protos.shared.standard_services import ReadinessHealth
 from stage_service.config import StageConfig
 from stage_service.forwarding import Forwarder
+from stage_service.hop_server import HopServer, ServerWithHop
 from stage_service.servicer import StageServicer
 from stage_service.stage import Stage
 from stage_service.step_streams import StepStreams
@@ -36,7 +37,7 @@ OPEN_WARNING = (
 class BuiltStage:
     """A stage's server, built and not started, with what serving and stopping it need."""
 
-    server: grpc.Server
+    server: ServerWithHop  # the gRPC server and the hop socket's
     port: int
     servicer: StageServicer
     health: ReadinessHealth  # the standard grpc.health.v1 service
@@ -61,10 +62,21 @@ def build(config: StageConfig) -> BuiltStage:
     torch.set_num_threads(config.threads)
     # toward the next stage of a route: the stage's own certificate, trusting the same CA, and
     # the mesh's stage key
-    forwarder = Forwarder(channel_credentials(config.tls_ca, config.tls_cert, config.tls_key), key)
+    forwarder = Forwarder(
+        channel_credentials(config.tls_ca, config.tls_cert, config.tls_key),
+        key,
+        HopDialer.from_flags(config.hop, config.tls_ca, config.tls_cert, config.tls_key, key),
+    )
     stage = Stage(config, around_batch=forwarder.holding)
-    servicer = StageServicer(stage, StepStreams(stage, forwarder))
-    server, port, health = listening_server(
+    streams = StepStreams(stage, forwarder)
+    hop = None
+    if config.hop == "socket":
+        tls = None  # the gRPC service's mutual TLS, on the socket too
+        if credentials is not None:
+            tls = tls_server_context(config.tls_ca, config.tls_cert, config.tls_key)
+        hop = HopServer(streams, config.host, config.hop_port, key, tls)
+    servicer = StageServicer(stage, streams, hop.info() if hop else {})
+    grpc_server, port, health = listening_server(
         "Stage",
         servicer,
         config.host,
@@ -74,12 +86,13 @@ def build(config: StageConfig) -> BuiltStage:
         credentials=credentials,
         interceptors=[StageKeyInterceptor(key)] if key else [],
     )
+    server = ServerWithHop(grpc_server, hop)
     if config.insecure_open_stage:
         log.warning(OPEN_WARNING, config.host, port)
     return BuiltStage(server, port, servicer, health)
 
 
-def build_server(config: StageConfig) -> tuple[grpc.Server, int, Stage]:
+def build_server(config: StageConfig) -> tuple[ServerWithHop, int, Stage]:
     built = build(config)
     return built.server, built.port, built.stage
 

@@ -18,9 +18,11 @@ from stage_service.weight_cache import Entry
 
 
 class StageServicer(pb_grpc.StageServicer):
-    def __init__(self, stage: Stage, streams: StepStreams):
+    def __init__(self, stage: Stage, streams: StepStreams, hop_info: dict | None = None):
+        """`hop_info`: the StageInfo fields of the stage's hop socket (HopServer.info)."""
         self.stage = stage
         self.streams = streams
+        self.hop_info = hop_info or {}
 
     @grpc_errors
     def Forward(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepReply:
@@ -44,7 +46,7 @@ class StageServicer(pb_grpc.StageServicer):
 
     @grpc_errors
     def Info(self, request: pb.InfoRequest, context) -> pb.StageInfo:
-        return pb.StageInfo(**self.stage.info())
+        return pb.StageInfo(**self.stage.info(), **self.hop_info)
 
     @grpc_errors
     def LoadLayers(self, request: pb.LoadLayersRequest, context) -> pb.StageInfo:
@@ -59,7 +61,7 @@ class StageServicer(pb_grpc.StageServicer):
                 request.plan_epoch,
                 frozenset(request.peer_addresses),
             )
-        return pb.StageInfo(**self.stage.info())
+        return pb.StageInfo(**self.stage.info(), **self.hop_info)
 
     @grpc_errors
     def Health(self, request: pb.HealthRequest, context) -> pb.HealthReply:

@@ -112,6 +112,14 @@ class ServiceConfig:
     log_format: str = knob(
         "text", "logs as text lines, or json: one JSON object per line", choices=("text", "json")
     )
+    hop: str = knob(
+        default_factory=lambda: os.environ.get("LLAMADIST_HOP", "socket"),
+        help="the per-token step links to stages: socket (the stages' hop socket, "
+        "protos/shared/hop.py; a stage without one is linked over gRPC) or grpc (the "
+        "ForwardStream RPC; a stage then opens no hop socket). LLAMADIST_HOP sets it for "
+        "every service",
+        choices=("socket", "grpc"),
+    )
     tls_cert: str = knob(
         "", "this service's certificate (PEM): TLS on", check=readable_file, metavar="PEM"
     )

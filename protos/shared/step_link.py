@@ -110,6 +110,8 @@ class StepLink:
             error: LlamadistError = Unavailable(f"{self.name} closed the step stream")
         except grpc.RpcError as err:
             error = from_rpc_error(err, self.name)
+        except LlamadistError as err:  # the hop socket's (its messages name the link)
+            error = err
         self.broken = True
         self.registered.set()  # nobody waits for a registration that cannot come
         if self.on_broken is not None:
