@@ -167,6 +167,35 @@ def test_a_silent_peer_is_gone_within_the_keepalive_window():
         left.close()
 
 
+def test_a_big_message_to_a_slow_reader_waits_for_it_rather_than_failing():
+    """A send that fills the socket's buffers blocks until the peer reads (a big prefill on a
+    slow link takes seconds), however long past BEAT_S that is."""
+    left, right = socket.socketpair()
+    sender, receiver = Conn(left, "sender"), Conn(right, "receiver")
+    for conn in (sender, receiver):
+        conn.heartbeat_mode()
+    payload = bytes(range(256)) * (64 << 10)  # 16 MiB, far over a socketpair's buffer
+    errors: list[Exception] = []
+
+    def send() -> None:
+        try:
+            sender.send(MESSAGE, payload)
+        except Gone as err:
+            errors.append(err)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    time.sleep(3 * hop_wire.BEAT_S)  # the reader is busy elsewhere
+    assert thread.is_alive()  # still sending
+    try:
+        assert receiver.recv() == (MESSAGE, payload)
+        thread.join(5)
+        assert not thread.is_alive() and errors == []
+    finally:
+        sender.close()
+        receiver.close()
+
+
 def test_a_stall_of_this_process_is_not_taken_for_a_silent_peer():
     """A thread that holds the GIL for 3 s stops this process's heartbeat and its readers
     alike: when it lets go, the link is still up (the peer was not silent, we were)."""

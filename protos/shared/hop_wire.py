@@ -20,6 +20,7 @@ SSL object; `_send_lock` keeps frames whole and in order on the wire (taken firs
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import ssl
 import struct
@@ -86,6 +87,7 @@ class Conn:
         self._send_lock = threading.Lock()
         self.sent_at = self._heard_at = time.monotonic()
         self._quiet = 0  # the reader's waits of BEAT_S since it last heard the peer
+        self._poll: select.poll | None = None  # the reader's, after the handshake
         self.closed = False
         sock.settimeout(CONNECT_S)
         if sock.family != socket.AF_UNIX:
@@ -147,9 +149,13 @@ class Conn:
             self.send(PING)
 
     def heartbeat_mode(self) -> None:
-        """After the handshake: pinged by the heartbeat, and the reader wakes every BEAT_S to
-        see whether the peer went silent."""
-        self.sock.settimeout(BEAT_S)
+        """After the handshake: pinged by the heartbeat, and the reader waits BEAT_S at a time
+        (poll) to see whether the peer went silent. Sends block as long as the peer reads: a
+        big message on a slow link is not a silent peer; one that is gone is found by the
+        reader, whose close() fails the send."""
+        self.sock.settimeout(None)
+        self._poll = select.poll()
+        self._poll.register(self.sock, select.POLLIN)
         HEART.add(self)
 
     def recv(self) -> tuple[int, bytes]:
@@ -175,19 +181,23 @@ class Conn:
         end = HEADER.size + length
         if len(buffer) < end:
             return None
-        payload = bytes(buffer[HEADER.size : end])
+        with memoryview(buffer) as view:
+            payload = bytes(view[HEADER.size : end])
         del buffer[:end]
         return kind, payload
 
     def _fill(self) -> None:
-        try:
-            data = self.sock.recv(READ_BYTES)
-        except TimeoutError:  # a wait of BEAT_S found nothing
+        if self._poll is not None and not self._poll.poll(BEAT_S * 1000):  # nothing in BEAT_S
             self._quiet += 1
             if self._quiet >= QUIET_WAITS and time.monotonic() - self._heard_at >= DEAD_S:
                 self.close()
-                raise Gone(f"{self.name}: the peer said nothing for {DEAD_S:.0f} s") from None
+                raise Gone(f"{self.name}: the peer said nothing for {DEAD_S:.0f} s")
             return
+        try:
+            data = self.sock.recv(READ_BYTES)
+        except TimeoutError:  # in the handshake
+            self.close()
+            raise Gone(f"{self.name}: no answer within {CONNECT_S:.0f} s") from None
         except (OSError, ValueError) as err:
             if self.closed:
                 raise Gone(f"{self.name}: the connection was closed") from None
