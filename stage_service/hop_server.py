@@ -131,9 +131,13 @@ class HopServer:
 
     def _stream(self, conn: Conn) -> None:
         """As a ForwardStream call: the replies StepStreams gives, then a HopEnd saying why."""
+
+        def write(reply: pb.StepBatchReply) -> None:
+            conn.send(MESSAGE, reply.SerializeToString())
+
         try:
-            for reply in self.streams.serve(_batches(conn), lambda: conn.closed):
-                conn.send(MESSAGE, reply.SerializeToString())
+            for reply in self.streams.serve(_batches(conn), lambda: conn.closed, write):
+                write(reply)  # none: the threads that make the answers write them
             conn.send(END, end_frame(grpc.StatusCode.OK, ""))
         except Gone:
             pass  # the caller went away

@@ -33,13 +33,17 @@ class StepStreams:
         self._closing = False
 
     def serve(
-        self, batches: Iterator[pb.StepBatch], gone: Callable[[], bool]
+        self,
+        batches: Iterator[pb.StepBatch],
+        gone: Callable[[], bool],
+        write: Callable[[pb.StepBatchReply], None] | None = None,
     ) -> Iterator[pb.StepBatchReply]:
         """One stream: a reader thread queues each batch for the compute thread as it arrives;
         this thread writes what is put on the outbox. It ends when the caller has stopped
         sending and every batch is settled. `gone()`: the caller closed the stream (what it
-        queued is dropped)."""
-        stream = _Stream(self, gone)
+        queued is dropped). With `write` (the hop socket's) answers are written by the thread
+        that makes them, and this one only waits for the end."""
+        stream = _Stream(self, gone, write)
         with self._lock:
             self._outboxes.add(stream.outbox)
             ending = self._closing
@@ -129,18 +133,35 @@ def answer(request: pb.StepRequest, out: StepOutput) -> pb.StepReply:
 class _Stream:
     """One ForwardStream call: its outbox, the origins it declared, the batches it submitted."""
 
-    def __init__(self, streams: StepStreams, gone: Callable[[], bool]):
+    def __init__(
+        self,
+        streams: StepStreams,
+        gone: Callable[[], bool],
+        write: Callable[[pb.StepBatchReply], None] | None,
+    ):
         self.streams = streams
         self.gone = gone
+        self.write = write
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.origins: list[str] = []
         self.submitted = 0  # batches with steps taken from this stream so far
 
     def settle(self, messages: list[pb.StepBatchReply]) -> None:
-        self.outbox.put((BATCH, messages))
+        self.outbox.put((BATCH, self._written(messages)))
 
     def outlet(self, messages: list[pb.StepBatchReply]) -> None:
-        self.outbox.put((OUTLET, messages))
+        self.outbox.put((OUTLET, self._written(messages)))
+
+    def _written(self, messages: list[pb.StepBatchReply]) -> list[pb.StepBatchReply]:
+        """What is left for the serving thread: nothing when this thread writes them."""
+        if self.write is None:
+            return messages
+        try:
+            for message in messages:
+                self.write(message)
+        except LlamadistError:
+            pass  # the connection broke: its reader ends the stream
+        return []
 
     def read(self, batches: Iterator[pb.StepBatch]) -> None:
         """The reader thread: takes the caller's batches in until it stops sending."""

@@ -130,7 +130,7 @@ def test_bytes_that_are_not_the_hop_protocol_get_invalid_argument_and_harm_nothi
         conn = dialer.connect(address, info, "test hop")
         conn.send(MESSAGE, b"\xff\xfe not a StepBatch")
         with pytest.raises(InvalidArgument, match="not a StepBatch"):
-            list(HopCall(conn, iter(())))
+            list(HopCall(conn))
         assert mesh.client.generate(token_ids=[4, 2], max_new_tokens=4).token_ids == before
         assert before == reference_greedy(tiny, [4, 2], 4)
 

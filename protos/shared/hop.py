@@ -22,7 +22,6 @@ import ipaddress
 import logging
 import socket
 import ssl
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from google.protobuf.message import DecodeError
 
 from protos import llamadist_pb2 as pb
 from protos.errors import InvalidArgument, LlamadistError, Unavailable
-from protos.shared.hop_wire import CONNECT_S, END, HELLO, MESSAGE, Conn, Gone
+from protos.shared.hop_wire import CONNECT_S, END, HELLO, MESSAGE, Conn
 from protos.status import ERRORS, from_rpc_error
 
 log = logging.getLogger(__name__)
@@ -59,20 +58,16 @@ class Unreachable(Unavailable):
 
 class HopCall:
     """What StepLink needs of a stream call: iterating gives the replies (a LlamadistError when
-    the stream fails), cancel() ends it. A writer thread sends what `batches` yields."""
+    the stream fails), cancel() ends it. Unlike a gRPC stream it is written directly: `write`
+    sends a StepBatch on the caller's thread (StepLink takes it for that), with no writer thread
+    to hand each message to."""
 
-    def __init__(self, conn: Conn, batches: Iterator[pb.StepBatch]):
+    def __init__(self, conn: Conn):
         self._conn = conn
-        threading.Thread(
-            target=self._write, args=(batches,), name=f"{conn.name} writer", daemon=True
-        ).start()
 
-    def _write(self, batches: Iterator[pb.StepBatch]) -> None:
-        try:
-            for batch in batches:
-                self._conn.send(MESSAGE, batch.SerializeToString())
-        except Gone:
-            pass  # the reader says so
+    def write(self, batch: pb.StepBatch) -> None:
+        """Gone (Unavailable) when the connection is down."""
+        self._conn.send(MESSAGE, batch.SerializeToString())
 
     def __iter__(self) -> Iterator[pb.StepBatchReply]:
         try:
@@ -167,7 +162,7 @@ class HopDialer:
         except Unreachable as err:  # a port not published, a firewall: gRPC still reaches it
             log.warning("%s; linking over gRPC (ForwardStream) instead", err)
             return stub.ForwardStream
-        return lambda batches: HopCall(conn, batches)
+        return lambda batches: HopCall(conn)  # written directly, not from `batches`
 
     def connect(self, address: str, info: pb.StageInfo, name: str) -> Conn:
         host, _ = split_address(address)

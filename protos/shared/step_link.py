@@ -3,7 +3,10 @@ through, and a stage's link to each successor. Used the same way on both sides.
 
 - Sending: `send(steps)` queues steps; whatever is queued when the stream is ready to write goes
   out as one StepBatch (under the message limit). This is the link's coalescer: with many
-  sessions a link carries a few messages per step of the mesh, not one per session.
+  sessions a link carries a few messages per step of the mesh, not one per session. On the hop
+  socket (a call with `write`, protos/shared/hop.py) `send` writes the StepBatch itself, on the
+  sender's thread: the senders (the scheduler loop, a stage's compute thread) already send a
+  batch at a time, and a hand-off to a writer thread costs a thread wake-up a message.
 - Receiving: one reader thread hands every StepReply that arrives to `on_reply`, and when the
   stream ends, says why to `on_broken` once. Whom a reply belongs to is the owner's business.
 - With an `origin`, the first message declares the stream that origin's outlet on the stage
@@ -58,11 +61,13 @@ class StepLink:
         self.broken = False
         self.registered = threading.Event()  # set by the first reply (origin links)
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._call = open_stream(self._batches())
+        self._write = getattr(self._call, "write", None)  # the hop socket's: sends write
+        self._write_lock = threading.Lock()
         if origin:
-            self._outbox.put([pb.StepBatch(origin=origin)])
+            self._put([pb.StepBatch(origin=origin)])
         else:
             self.registered.set()
-        self._call = open_stream(self._batches())
         threading.Thread(target=self._read, name=f"link {name}", daemon=True).start()
 
     def send(self, steps: list[pb.StepRequest]) -> None:
@@ -77,7 +82,25 @@ class StepLink:
                 )
         if self.broken:
             raise Unavailable(f"{self.name}: the step stream is broken")
-        self._outbox.put(steps)
+        self._put(steps)
+
+    def _put(self, items: list) -> None:
+        """Steps (or the origin declaration) onto the stream: written now on the hop socket,
+        else queued for grpc's writer."""
+        if self._write is None:
+            self._outbox.put(items)
+            return
+        if isinstance(items[0], pb.StepBatch):
+            batches = items
+        else:
+            batches = [pb.StepBatch(steps=g) for g in split_by_size(items, self.max_batch_bytes)]
+        try:
+            with self._write_lock:
+                for batch in batches:
+                    self._write(batch)
+        except LlamadistError as err:  # the reader sees the break and says so (on_broken)
+            self.broken = True
+            raise Unavailable(f"{self.name}: the step stream is broken: {err}") from None
 
     def _batches(self) -> Iterator[pb.StepBatch]:
         """What grpc writes: everything queued by now, in as few messages as fit (None ends)."""
