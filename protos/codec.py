@@ -27,14 +27,20 @@ MAX_DIMS = 8
 MAX_DIM = 2**31 - 1
 
 
-def to_pb(tensor: torch.Tensor) -> pb.Tensor:
+def to_pb(tensor: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
+    """The tensor as a message: a new one, or written into `out` (a field of a message being
+    made: no copy of the bytes from a temporary)."""
     if tensor.dtype not in WIRE_DTYPES:
         raise InvalidArgument(
             f"dtype {tensor.dtype} cannot be sent; use one of {list(DTYPE_NAMES)}"
         )
     flat = tensor.detach().contiguous().cpu().reshape(-1)
     data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-    return pb.Tensor(data=data, shape=list(tensor.shape), dtype=WIRE_DTYPES[tensor.dtype])
+    if out is None:
+        return pb.Tensor(data=data, shape=list(tensor.shape), dtype=WIRE_DTYPES[tensor.dtype])
+    out.data, out.dtype = data, WIRE_DTYPES[tensor.dtype]
+    out.shape[:] = tensor.shape
+    return out
 
 
 def from_pb(msg: pb.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:

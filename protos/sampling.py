@@ -4,6 +4,7 @@ decoding modes a request may name (GenerateRequest.speculate)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -64,6 +65,13 @@ class Sampling:
     def from_pb(cls, msg: pb.SamplingParams) -> Sampling:
         """An unset field is off (the dataclass default); a field set to a value outside its
         range is refused, 0 included: top_p 0 or repetition_penalty 0 is not read as "off"
-        (for greedy decoding send temperature 0)."""
-        given = {f: getattr(msg, f) for f in FIELDS if msg.HasField(f)}
-        return cls(**given, seed=msg.seed if msg.HasField("seed") else None)
+        (for greedy decoding send temperature 0). The sessions of a batch mostly share their
+        parameters: each distinct message is checked once (~20 us a step otherwise)."""
+        return _from_wire(msg.SerializeToString(deterministic=True))
+
+
+@functools.lru_cache(maxsize=4096)
+def _from_wire(data: bytes) -> Sampling:
+    msg = pb.SamplingParams.FromString(data)
+    given = {f: getattr(msg, f) for f in FIELDS if msg.HasField(f)}
+    return Sampling(**given, seed=msg.seed if msg.HasField("seed") else None)

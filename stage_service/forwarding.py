@@ -319,20 +319,11 @@ def check_route(request: pb.StepRequest, holds_head: bool, peers: frozenset[str]
 def routed_onward(
     request: pb.StepRequest, hidden, compute_ns: int, batch_size: int
 ) -> pb.StepRequest:
-    """The step as the next stage of its route gets it: this stage's hidden state and timing."""
-    return pb.StepRequest(
-        session_id=request.session_id,
-        plan_epoch=request.plan_epoch,
-        start_pos=request.start_pos,
-        token_ids=request.token_ids,
-        hidden=codec.to_pb(hidden),
-        sampling=request.sampling,
-        return_logits=request.return_logits,
-        draft_tokens=request.draft_tokens,
-        request_id=request.request_id,
-        route=request.route,
-        hop=request.hop + 1,
-        origin=request.origin,
-        route_compute_ns=[*request.route_compute_ns, compute_ns],
-        route_batch_sizes=[*request.route_batch_sizes, batch_size],
-    )
+    """The step as the next stage of its route gets it: this stage's hidden state and timing.
+    Made in place (this stage is done with the request): a copy of each step's fields cost
+    ~50 us a step, a few ms a batch of 64."""
+    codec.to_pb(hidden, out=request.hidden)
+    request.hop += 1
+    request.route_compute_ns.append(compute_ns)
+    request.route_batch_sizes.append(batch_size)
+    return request
