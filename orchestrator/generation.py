@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 
 from orchestrator.drafting import DraftSession
 from orchestrator.metrics import OrchestratorMetrics
-from orchestrator.router import DraftsIgnored, Router, StepResult
+from orchestrator.router import Router
 from orchestrator.session_state import GenerationRequest, SessionState
 from orchestrator.sessions_file import SessionsFile
 from orchestrator.speculation import AdaptiveK, SpeculationPolicy, StepCosts
+from orchestrator.step_outcome import DraftsIgnored, StepResult
 from orchestrator.tokenizer import Tokenizer
 from protos.errors import (
     Cancelled,

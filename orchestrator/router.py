@@ -13,80 +13,30 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import grpc
 
 from orchestrator.admission import POLL_S, TokenBudget
+from orchestrator.decode_stream import DecodeStream
 from orchestrator.inflight import InFlight, Pending
 from orchestrator.plan import PartitionPlan
 from orchestrator.replicas import Position, Replica, ReplicaPool, split_group
-from orchestrator.scheduler import Scheduler, Stream, cohorts_for
+from orchestrator.rw_lock import ReadWriteLock
+from orchestrator.scheduler import Scheduler, cohorts_for
 from orchestrator.stage_client import StageClient
+from orchestrator.step_outcome import DraftsIgnored, StageFailed, StepResult, check_alive, outcome
 from protos import llamadist_pb2 as pb
 from protos.errors import Cancelled, FailedPrecondition, LlamadistError, NotFound, Unavailable
 from protos.shared.hop import HopDialer
 from protos.shared.layer_range import LayerRange
-from protos.shared.step_link import reply_error
 
 log = logging.getLogger(__name__)
 
 MAX_FAILOVERS = 8  # attempts of one step across replicas before giving up
-HEALTH_TIMEOUT_S = 2.0  # a silent stage must answer Health within this to count as busy
-
-
-class ReadWriteLock:
-    """Many readers or one writer; a waiting writer goes before new readers."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-
-    @contextlib.contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._writer and not self._writers_waiting)
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
-            self._cond.wait_for(lambda: not self._writer and self._readers == 0)
-            self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
-@dataclass
-class StepResult:
-    token_id: int
-    logprob: float
-    wall_ns: int
-    epoch: int  # the plan epoch the session's caches now belong to
-    replayed: bool = False
-    stage_ns: list[int] = field(default_factory=list)
-    stage_batch: list[int] = field(default_factory=list)  # each stage's batch, last chunk
-    accepted_drafts: int = 0  # a step with drafts: the leading ones kept (token_id follows)
-    draft_logprobs: list[float] = field(default_factory=list)
 
 
 def holds(info: pb.StageInfo, layers: LayerRange, epoch: int) -> bool:
@@ -324,7 +274,7 @@ class Router:
                         route, plan, session_id, start_pos, tokens, len(draft or []), sampling,
                         cancelled,
                     )  # fmt: skip
-                except _StageFailed as failed:
+                except StageFailed as failed:
                     if isinstance(failed.error, Unavailable | FailedPrecondition):
                         # unreachable, or restarted without its layers: fail over to a replica
                         self.pool.mark_down(failed.replica, str(failed.error))
@@ -390,45 +340,29 @@ class Router:
         self, route: list[Replica], request: pb.StepRequest, cancelled: threading.Event | None
     ) -> pb.StepReply:
         """One step down the route: sent to its first stage, answered by the last one (or by the
-        one that failed it). Raises _StageFailed naming the replica at fault."""
+        one that failed it). Raises StageFailed naming the replica at fault."""
         links = []
         for replica in route:  # each is this orchestrator's outlet for the answers it gives
             try:
                 links.append(replica.client.link())
             except Unavailable as err:
-                raise _StageFailed(replica, err) from None
+                raise StageFailed(replica, err) from None
         pending = self.inflight.add(tuple(request.route))
         request.request_id = pending.request_id
         try:
             try:
                 links[0].send([request])
             except Unavailable as err:
-                raise _StageFailed(route[0], err) from None
+                raise StageFailed(route[0], err) from None
             self._wait(pending, route, cancelled)
         finally:
             self.inflight.forget(pending.request_id)
-        return self._outcome(route, pending)
-
-    @staticmethod
-    def _outcome(route: list[Replica], pending: Pending) -> pb.StepReply:
-        """A settled step's reply, or _StageFailed naming the replica at fault."""
-        if pending.error is not None:  # a link of the route broke
-            raise _StageFailed(route[pending.broken_hop], pending.error)
-        reply = pending.reply
-        hop = reply.failed_hop if 0 <= reply.failed_hop < len(route) else 0
-        error = reply_error(reply, route[hop].client.name)
-        if error is None:
-            if len(reply.route_compute_ns) != len(route):
-                raise Unavailable(f"{route[-1].client.name} answered a step without its timings")
-            return reply
-        if isinstance(error, Unavailable | FailedPrecondition | NotFound):
-            raise _StageFailed(route[hop], error)
-        raise error
+        return outcome(route, pending)
 
     def _wait(self, pending: Pending, route: list[Replica], cancelled) -> None:
         """Waits for a step's answer. Silence for step_timeout_s is checked: if every stage of
         the route answers Health SERVING they are busy (a long queue, a long prefill) and the
-        wait goes on; one that does not is down (_StageFailed). Ends early, with Cancelled, soon
+        wait goes on; one that does not is down (StageFailed). Ends early, with Cancelled, soon
         after `cancelled` is set (the caller is gone)."""
         timeout_s = self.step_timeout_s
         quiet_since = time.monotonic()
@@ -440,24 +374,8 @@ class Router:
                 raise Cancelled("the request was cancelled")
             if time.monotonic() - quiet_since >= timeout_s:
                 for replica in route:
-                    self._check_alive(replica, timeout_s)
+                    check_alive(replica, timeout_s)
                 quiet_since = time.monotonic()
-
-    @staticmethod
-    def _check_alive(replica: Replica, timeout_s: float) -> None:
-        try:
-            serving, detail = replica.client.health(timeout_s=HEALTH_TIMEOUT_S)
-        except LlamadistError as err:
-            serving, detail = False, str(err)
-        if not serving:
-            raise _StageFailed(
-                replica,
-                Unavailable(
-                    f"{replica.client.name}: a step got no answer within {timeout_s:.0f} s and "
-                    f"the stage is not serving ({detail})"
-                ),
-            )
-        log.info("%s is busy: no answer to a step for %.0f s", replica.client.name, timeout_s)
 
     def can_stream(self, cached_epoch: int) -> bool:
         """Whether a session whose caches belong to `cached_epoch` may decode by stream."""
@@ -506,88 +424,3 @@ class Router:
     def close(self) -> None:
         self.scheduler.close()
         self.pool.close()
-
-
-class DecodeStream:
-    """Router.decode's steps. Iterating ends when the loop ends the stream; `lost_cache` then
-    says whether a step failed (marked down where a stage is at fault, like Router.step): the
-    session replays its history on its next step."""
-
-    def __init__(self, router: Router, session_id, position, token, sampling, epoch, left,
-                 stop_ids, keep_going, cancelled):  # fmt: skip
-        self.router = router
-        self.session_id = session_id
-        self.epoch = epoch
-        self.cancelled = cancelled
-        self.lost_cache = False
-        self._start = (position, token, sampling, left, stop_ids, keep_going)
-
-    def __iter__(self) -> Iterator[StepResult]:
-        router = self.router
-        position, token, sampling, left, stop_ids, keep_going = self._start
-        route = router.pool.route(self.session_id)
-        try:
-            links = []
-            for replica in route:
-                try:
-                    links.append(replica.client.link())
-                except Unavailable as err:
-                    raise _StageFailed(replica, err) from None
-            template = pb.StepRequest(
-                session_id=self.session_id,
-                plan_epoch=self.epoch,
-                sampling=sampling,
-                route=[r.client.address for r in route],
-                origin=router.origin,
-            )
-            stream = router.scheduler.open(
-                Stream(self.session_id, links[0], template, position, token, left, stop_ids,
-                       keep_going)
-            )  # fmt: skip
-            try:
-                while (answer := self._next(stream, route)) is not None:
-                    pending, queued_ns, settled_ns = answer
-                    router.scheduler.consumed(stream)
-                    reply = router._outcome(route, pending)
-                    yield StepResult(
-                        reply.token_id, reply.logprob, settled_ns - queued_ns, self.epoch,
-                        stage_ns=list(reply.route_compute_ns),
-                        stage_batch=list(reply.route_batch_sizes),
-                    )  # fmt: skip
-            finally:
-                router.scheduler.close_stream(stream)
-        except _StageFailed as failed:
-            if isinstance(failed.error, Unavailable | FailedPrecondition):
-                router.pool.mark_down(failed.replica, str(failed.error))
-            elif not isinstance(failed.error, NotFound):  # NotFound: the stage lost the cache
-                raise failed.error from None
-            self.lost_cache = True
-
-    def _next(self, stream: Stream, route: list[Replica]):
-        """The stream's next answer (None: it ended). Silence for step_timeout_s is checked as
-        Router._wait checks it; Cancelled soon after `cancelled` is set."""
-        timeout_s = self.router.step_timeout_s
-        quiet_since = time.monotonic()
-        while True:
-            try:
-                return stream.answers.get(timeout=POLL_S)
-            except queue.Empty:
-                pass
-            if self.cancelled is not None and self.cancelled.is_set():
-                raise Cancelled("the request was cancelled")
-            if time.monotonic() - quiet_since >= timeout_s:
-                for replica in route:
-                    self.router._check_alive(replica, timeout_s)
-                quiet_since = time.monotonic()
-
-
-class DraftsIgnored(FailedPrecondition):
-    """The last stage answered a step with drafts as an ordinary one (its token follows every
-    input token, drafts included): it predates verification. The caller retries the step
-    without drafts (its start position cuts them out of the caches)."""
-
-
-class _StageFailed(Exception):
-    def __init__(self, replica: Replica, error: LlamadistError):
-        self.replica = replica
-        self.error = error

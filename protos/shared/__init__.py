@@ -8,6 +8,7 @@ its codec, errors and their statuses, limits, sampling values).
 - submodel.py: a stage's own slice of a model (`llamadist model split`), layer-range helpers.
 - security.py: TLS credentials, API keys and their interceptor; stage_auth.py: the stage key.
 - serving.py, handlers.py, standard_services.py: building and running a gRPC server, health,
-  reflection; step_link.py: the long-lived step stream between services.
+  reflection; step_link.py: the long-lived step stream between services; hop.py and
+  hop_wire.py: the hop socket it runs on (frames, heartbeats, TLS, dialing a stage).
 - transfer.py: what both ends of weights over the wire share; logs.py: service log formats.
 """
