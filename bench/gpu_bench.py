@@ -122,11 +122,21 @@ def mesh_numbers(model: Path, log_dir: Path, results: dict, stage_counts: list[i
         results["mesh_stage_ms_per_token"] = b["stage_compute_ms_per_token"]
         overhead[2] = overhead_entry(b)
         batches: dict[int, list] = {n: [] for n in (1, 4, 16, 64)}
+        step_ms: dict[int, list] = {n: [] for n in batches}
         results["mesh_aggregate_tok_s"] = {
             n: aggregate(
-                lambda: Client(address, timeout_s=600), n, 128, batches[n], token_ids=PROMPT
+                lambda: Client(address, timeout_s=600),
+                n,
+                128,
+                batches[n],
+                step_ms[n],
+                token_ids=PROMPT,
             )
             for n in batches
+        }
+        # each stage's compute per step: the cohort step's time is theirs plus the mesh's
+        results["mesh_aggregate_stage_ms_per_step"] = {
+            n: median_per_stage(runs) for n, runs in step_ms.items()
         }
         # each stage's batch, to tell a slow forward from fragmented batches
         results["mesh_aggregate_mean_batch_per_stage"] = {

@@ -149,11 +149,17 @@ def batch1(client: Client, tokens: int, repeats: int, **request) -> dict:
 
 
 def aggregate(
-    client_factory, sessions: int, tokens: int, batches: list | None = None, **request
+    client_factory,
+    sessions: int,
+    tokens: int,
+    batches: list | None = None,
+    step_ms: list | None = None,
+    **request,
 ) -> float:
     """Aggregate generated tok/s with `sessions` generations running at once (`request`: the
     input, PROMPT by default). `batches`, when given, gets each generation's mean batch size
-    per stage (where the orchestrator reports it)."""
+    per stage (where the orchestrator reports it); `step_ms` each stage's compute per step
+    (the batch's wall time inside the stage's compute thread)."""
     request = request or {"prompt": PROMPT}
     counts: list[int] = []
     errors: list[Exception] = []
@@ -163,8 +169,11 @@ def aggregate(
             with client_factory() as c:
                 reply = c.generate(max_new_tokens=tokens, ignore_eos=True, **request)
                 counts.append(len(reply.token_ids))
+                stages = reply.timings.get("stages", [])
                 if batches is not None:
-                    batches.append([s.get("mean_batch_size", 0.0) for s in reply.timings["stages"]])
+                    batches.append([s.get("mean_batch_size", 0.0) for s in stages])
+                if step_ms is not None:
+                    step_ms.append([s["compute_ms"] / max(s.get("steps", 1), 1) for s in stages])
         except Exception as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
@@ -180,7 +189,7 @@ def aggregate(
 
 
 def median_per_stage(runs: list[list[float]]) -> list[float]:
-    """The median over generations of each stage's mean batch size ([] without any)."""
+    """The median over generations of each stage's value (mean batch, ms a step; [] if none)."""
     if not runs or not runs[0]:
         return []
     return [statistics.median(r[i] for r in runs) for i in range(len(runs[0]))]
