@@ -31,13 +31,14 @@ from dataclasses import dataclass, field
 
 from orchestrator.inflight import InFlight, Pending
 from protos import llamadist_pb2 as pb
-from protos.errors import LlamadistError
+from protos.errors import LlamadistError, Unavailable
 from protos.shared.step_link import StepLink
 
 log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 0.002  # the longest a queued step waits for the rest of its cohort
 LOOKAHEAD = 4  # answers a stream may make ahead of its consumer
+SETTLE_S = 10.0  # a reload waits this long for the loop's steps on their way
 
 
 def cohorts_for(stages: list[tuple[pb.StageInfo, str]]) -> int:
@@ -169,16 +170,28 @@ class Scheduler:
 
     @contextmanager
     def paused(self) -> Iterator[None]:
-        """No loop step is on its way while this is held (a reload); queued ones wait."""
+        """No loop step is on its way while this is held (a reload); queued ones wait. A step
+        whose answer has not come within SETTLE_S (lost with a stage that died) fails as
+        unavailable, so that its session fails over, and a reload never waits forever."""
         with self._cond:
             self._paused += 1
-            self._cond.wait_for(lambda: self._sent_unsettled == 0)
+            self._cond.wait_for(lambda: not self._on_their_way(), SETTLE_S)
+            lost = self._on_their_way()
+        error = Unavailable(f"no answer to a decode step within {SETTLE_S:.0f} s (a reload)")
+        for pending in lost:
+            self.inflight.fail(pending.request_id, 0, error)  # its session fails over
+        with self._cond:
+            self._cond.wait_for(lambda: not self._on_their_way(), SETTLE_S)
         try:
             yield
         finally:
             with self._cond:
                 self._paused -= 1
                 self._cond.notify_all()
+
+    def _on_their_way(self) -> list[Pending]:
+        """The loop steps sent and not settled (of streams still open). Holds the lock."""
+        return [s.pending for s in self._streams.values() if s.sent and s.pending is not None]
 
     def close(self) -> None:
         with self._cond:

@@ -79,6 +79,8 @@ class HopServer:
             listener.close()
         with contextlib.suppress(OSError):
             os.unlink(self.unix_path)
+        for conn in conns:  # first: a step cut off by one close is not answered on another
+            conn.refuse_sends()
         for conn in conns:
             conn.close()
 

@@ -196,6 +196,23 @@ def test_a_big_message_to_a_slow_reader_waits_for_it_rather_than_failing():
         receiver.close()
 
 
+def test_a_connection_refusing_sends_sends_nothing_more():
+    """What a stopping stage does to every connection before it closes any (so that a step cut
+    off by one close is not answered on another)."""
+    left, right = socket.socketpair()
+    conn = Conn(left, "stopping")
+    try:
+        conn.refuse_sends()
+        with pytest.raises(Gone, match="closing"):
+            conn.send(MESSAGE, b"an answer")
+        right.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            right.recv(16)  # nothing went out
+    finally:
+        conn.close()
+        right.close()
+
+
 def test_a_stall_of_this_process_is_not_taken_for_a_silent_peer():
     """A thread that holds the GIL for 3 s stops this process's heartbeat and its readers
     alike: when it lets go, the link is still up (the peer was not silent, we were)."""

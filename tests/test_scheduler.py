@@ -169,6 +169,22 @@ def test_a_reload_waits_for_the_steps_out_and_a_new_epoch_ends_the_streams(mesh)
     assert taken(s, mesh.scheduler) is None and mesh.link.quiet()  # its next was epoch 1
 
 
+def test_a_reload_fails_a_step_whose_answer_never_comes_rather_than_wait_forever(mesh, monkeypatch):
+    """An answer lost with a stage that died: after SETTLE_S the step fails as unavailable
+    (its session fails over) and the reload goes ahead."""
+    monkeypatch.setattr("orchestrator.scheduler.SETTLE_S", 0.5)
+    s = mesh.stream("lost")
+    mesh.link.next()  # never answered
+    t0 = time.monotonic()
+    with mesh.scheduler.paused():
+        waited = time.monotonic() - t0
+        mesh.epoch = 2
+    assert 0.5 <= waited < 5
+    answer = s.answers.get(timeout=5)
+    assert answer[0].error is not None and "no answer to a decode step" in str(answer[0].error)
+    assert s.answers.get(timeout=5) is None  # the stream ended with the failure
+
+
 def test_a_closed_stream_forgets_its_step_and_drops_a_late_answer(mesh):
     s = mesh.stream("gone")
     out = mesh.link.next()

@@ -88,6 +88,7 @@ class Conn:
         self.sent_at = self._heard_at = time.monotonic()
         self._quiet = 0  # the reader's waits of BEAT_S since it last heard the peer
         self._poll: select.poll | None = None  # the reader's, after the handshake
+        self._refusing = False  # refuse_sends(): nothing more goes out
         self.closed = False
         sock.settimeout(CONNECT_S)
         if sock.family != socket.AF_UNIX:
@@ -124,10 +125,12 @@ class Conn:
     # ---------------------------------------------------------------- sending
 
     def send(self, kind: int, payload: bytes = b"") -> None:
-        """One frame; Gone when the connection is down."""
+        """One frame; Gone when the connection is down or sends are refused."""
         frame = HEADER.pack(len(payload), kind) + payload
         try:
             with self._send_lock:
+                if self._refusing:
+                    raise Gone(f"{self.name}: the connection is closing")
                 if self._tls is not None:
                     with self._lock:
                         self._tls.write(frame)
@@ -227,6 +230,11 @@ class Conn:
                     data = self._outgoing.read()
                 with contextlib.suppress(OSError):  # the next read finds the break
                     self.sock.sendall(data)
+
+    def refuse_sends(self) -> None:
+        """Nothing more is sent (a send under way finishes): a stage that stops closes every
+        connection, and an answer must not leave on one while another's closing fails it."""
+        self._refusing = True  # not under the send lock: a send stuck on a peer holds it
 
     def close(self) -> None:
         if self.closed:
