@@ -181,14 +181,20 @@ def test_a_session_is_bit_identical_alone_crowded_speculative_and_replayed(gqa, 
         batches = record_batches(mesh.stages[1])  # the last of the first plan
         runs["beside 5 others"] = crowded(mesh, PROMPT, "off")
         runs["beside 5 others, lookup"] = crowded(mesh, PROMPT, "lookup")
-        stream = client.stream(token_ids=PROMPT, max_new_tokens=NEW_TOKENS, speculate="off")
-        pieces = [next(stream) for _ in range(NEW_TOKENS // 2)]  # then a reload: a replay
-        client.reload_plan(strategy="custom", boundaries="0-1,2,3", stages=mesh.addresses)
-        pieces += list(stream)
+        # a reload mid-stream: the session replays its history on the new plan. The stream
+        # may finish before the reload lands (the orchestrator runs ahead of its client), so
+        # up to 3 tries, each one's output checked below
+        for attempt, boundaries in enumerate(["0-1,2,3", "0,1-2,3", "0-1,2,3"]):
+            stream = client.stream(token_ids=PROMPT, max_new_tokens=NEW_TOKENS, speculate="off")
+            pieces = [next(stream) for _ in range(2)]
+            client.reload_plan(strategy="custom", boundaries=boundaries, stages=mesh.addresses)
+            pieces += list(stream)
+            runs[f"reload try {attempt}"] = pieces
+            if pieces[-1].timings["replays"] >= 1:
+                break
     assert max(batches) > 1  # sessions really shared steps
     assert int(runs["alone, lookup"].timings["drafted_tokens"]) > 0  # verify steps ran
     assert pieces[-1].timings["replays"] >= 1
-    runs["replayed after a reload"] = pieces
     for way, got in runs.items():
         ids = [t for p in got for t in p.token_ids] if isinstance(got, list) else got.token_ids
         logprobs = [x for p in got for x in p.logprobs] if isinstance(got, list) else got.logprobs
