@@ -109,7 +109,6 @@ class Scheduler:
         self._cond = threading.Condition()
         self._closed = False
         self._paused = 0
-        self._sent_unsettled = 0  # loop steps on their way
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self._thread.start()
 
@@ -143,8 +142,6 @@ class Scheduler:
             if stream.pending is not None:
                 self.inflight.forget(stream.pending.request_id)
                 self._by_request.pop(stream.pending.request_id, None)
-                if stream.sent:
-                    self._sent_unsettled -= 1
                 stream.pending = None
             self._streams.pop(stream.session_id, None)
             cohort = self._cohort_of.pop(stream.session_id, None)
@@ -247,8 +244,6 @@ class Scheduler:
             if stream is None or stream.pending is not pending:
                 return  # forgotten: the stream was closed meanwhile
             stream.pending = None
-            if stream.sent:
-                self._sent_unsettled -= 1
             stream.answers.put((pending, stream.queued_ns, time.perf_counter_ns()))
             stream.unconsumed += 1
             stream.made += 1
@@ -281,7 +276,6 @@ class Scheduler:
                             self._drop_queued(stream)  # a reload came between
                             continue
                         stream.sent = True
-                        self._sent_unsettled += 1
                         batch.append(stream)
                     cohort.queued.clear()
                     batches.append(batch)

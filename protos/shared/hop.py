@@ -35,7 +35,6 @@ from protos.shared.hop_wire import CONNECT_S, END, HELLO, MESSAGE, Conn
 from protos.status import ERRORS, from_rpc_error
 
 log = logging.getLogger(__name__)
-MODES = ("socket", "grpc")
 STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
