@@ -82,10 +82,14 @@ class _Cohort:
     late: set[str] = field(default_factory=set)  # members not waited for until they queue
     queued: dict[str, tuple[Stream, float]] = field(default_factory=dict)  # at time.monotonic
 
+    def complete(self) -> bool:
+        """Every member it waits for has its step queued."""
+        return bool(self.queued) and self.members - self.late <= self.queued.keys()
+
     def due(self, now: float, max_wait_s: float) -> bool:
         if not self.queued:
             return False
-        if self.members - self.late <= self.queued.keys():
+        if self.complete():
             return True
         return now - min(at for _, at in self.queued.values()) >= max_wait_s
 
@@ -130,9 +134,12 @@ class Scheduler:
         """Its session took an answer: a parked stream goes on."""
         with self._cond:
             stream.unconsumed -= 1
-            if stream.parked and not stream.ended:
-                stream.parked = False
-                self._continue(stream)
+            if not stream.parked or stream.ended:
+                return
+            stream.parked = False
+            self._continue(stream)
+            batches = self._complete(stream)
+        self._send_all(batches)
 
     def close_stream(self, stream: Stream) -> None:
         """Its session is done with it: a step still queued or in flight is forgotten (its
@@ -238,7 +245,10 @@ class Scheduler:
 
     def _settled(self, pending: Pending) -> None:
         """A loop step's answer (or failure) arrived, on a link's reader thread: the session
-        gets it, and the stream's next step is queued right away."""
+        gets it, and the stream's next step is queued right away. The answer that completes
+        its cohort sends the cohort from this thread: waking the loop for it cost a thread
+        hand-off a tick, behind every session thread its answers woke."""
+        batches: list[list[Stream]] = []
         with self._cond:
             stream = self._by_request.pop(pending.request_id, None)
             if stream is None or stream.pending is not pending:
@@ -258,7 +268,9 @@ class Scheduler:
                     self._end(stream)
                 else:
                     self._continue(stream)
+                    batches = self._complete(stream)
             self._cond.notify_all()
+        self._send_all(batches)
 
     def _loop(self) -> None:
         while True:
@@ -266,24 +278,37 @@ class Scheduler:
                 due = self._wait_for_due()
                 if due is None:
                     return
-                batches = []
-                for cohort in due:
-                    missing = cohort.members - cohort.late - cohort.queued.keys()
-                    cohort.late |= missing  # not waited for until they queue again
-                    batch = []
-                    for stream, _ in cohort.queued.values():
-                        if stream.template.plan_epoch != self.epoch_now():
-                            self._drop_queued(stream)  # a reload came between
-                            continue
-                        stream.sent = True
-                        batch.append(stream)
-                    cohort.queued.clear()
-                    batches.append(batch)
-            for batch in batches:
-                try:
-                    self._send(batch)
-                except Exception:  # a bug here must not stop every session's steps
-                    log.exception("sending a cohort failed")
+                batches = [self._take(cohort) for cohort in due]
+            self._send_all(batches)
+
+    def _complete(self, stream: Stream) -> list[list[Stream]]:
+        """The stream's cohort, taken to be sent, when every member it waits for has queued
+        (and no reload holds the loop). Holds the lock."""
+        cohort = self._cohort_of.get(stream.session_id)
+        if self._paused or self._closed or cohort is None or not cohort.complete():
+            return []
+        return [self._take(cohort)]
+
+    def _take(self, cohort: _Cohort) -> list[Stream]:
+        """The cohort's queued steps, marked on their way. Holds the lock."""
+        missing = cohort.members - cohort.late - cohort.queued.keys()
+        cohort.late |= missing  # not waited for until they queue again
+        batch = []
+        for stream, _ in cohort.queued.values():
+            if stream.template.plan_epoch != self.epoch_now():
+                self._drop_queued(stream)  # a reload came between
+                continue
+            stream.sent = True
+            batch.append(stream)
+        cohort.queued.clear()
+        return batch
+
+    def _send_all(self, batches: list[list[Stream]]) -> None:
+        for batch in batches:
+            try:
+                self._send(batch)
+            except Exception:  # a bug here must not stop every session's steps
+                log.exception("sending a cohort failed")
 
     def _drop_queued(self, stream: Stream) -> None:
         if stream.pending is not None:

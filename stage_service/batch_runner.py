@@ -18,7 +18,7 @@ from stage_service.metrics import StageMetrics
 from stage_service.model import Segment
 from stage_service.range_holder import LoadedRange, RangeHolder
 from stage_service.sampling import NonFiniteLogits, sample_rows
-from stage_service.steps import StepInput, StepOutput
+from stage_service.steps import StepInput, StepOutput, finite_rows
 from stage_service.verify import RowInputs, Verdict, accept, add_rows
 
 Admitted = list[tuple[Job, Session]]  # the jobs of a batch that run, with their sessions
@@ -145,7 +145,7 @@ class BatchRunner:
         """A middle stage: each job's hidden rows, on the host; a job whose rows are not finite
         (an overflow inside the range) fails rather than pass NaN or Inf on."""
         rows = result.cpu()  # one copy for the batch; the graph's output is reused
-        finite = torch.isfinite(rows).all(dim=-1).tolist()
+        finite = finite_rows(rows)
         outputs: list[StepOutput | Exception] = []
         row = 0
         for job, _ in admitted:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
+import torch
 
 from protos import codec
 from protos import llamadist_pb2 as pb
@@ -39,6 +40,7 @@ from protos.status import code_of
 log = logging.getLogger(__name__)
 
 Send = Callable[[list[pb.StepBatchReply]], None]  # puts answers on one stream
+Onward = tuple[pb.StepRequest, torch.Tensor]  # a step for the next stage, with its hidden rows
 MAX_SUCCESSORS = 64  # channels to next stages one stage keeps
 RECENT_S = 5.0  # how long a forwarded step counts as in flight on its link (for a break)
 
@@ -66,6 +68,32 @@ def pack(replies: list[pb.StepReply]) -> list[pb.StepBatchReply]:
     return [pb.StepBatchReply(replies=g) for g in split_by_size(replies, MAX_BATCH_BYTES)]
 
 
+def step_batches(group: list[Onward], max_bytes: int = MAX_BATCH_BYTES) -> list[pb.StepBatch]:
+    """Steps for one successor as messages under the limit, each with its steps' hidden rows
+    as one tensor (StepBatch.hidden): one encoding a message, not one a step (~25 us each)."""
+    batches: list[pb.StepBatch] = []
+    steps: list[pb.StepRequest] = []
+    rows: list[torch.Tensor] = []
+    size = 0
+    for step, hidden in group:
+        n = step.ByteSize() + 8 + hidden.numel() * hidden.element_size()
+        if steps and size + n > max_bytes:
+            batches.append(_message(steps, rows))
+            steps, rows, size = [], [], 0
+        steps.append(step)
+        rows.append(hidden)
+        size += n
+    if steps:
+        batches.append(_message(steps, rows))
+    return batches
+
+
+def _message(steps: list[pb.StepRequest], rows: list[torch.Tensor]) -> pb.StepBatch:
+    batch = pb.StepBatch(steps=steps)
+    codec.to_pb(rows[0] if len(rows) == 1 else torch.cat(rows), out=batch.hidden)
+    return batch
+
+
 @dataclass
 class _Sent:
     at: float
@@ -87,7 +115,7 @@ class Forwarder:
         self.stage_key = stage_key
         self.hop = hop or HopDialer()
         self._holding: int | None = None  # the thread inside holding(), if any
-        self._held_steps: dict[StepLink, list[pb.StepRequest]] = {}
+        self._held_steps: dict[StepLink, list[Onward]] = {}
         self._held_answers: dict[str, list[pb.StepReply]] = {}
         self._outlets: dict[str, Send] = {}
         self._links: dict[str, StepLink] = {}
@@ -149,11 +177,7 @@ class Forwarder:
             steps, self._held_steps = self._held_steps, {}
         failed = []
         for link, group in steps.items():
-            try:
-                self._remember(link, group)
-                link.send(group)
-            except LlamadistError as err:
-                failed += [error_reply(s, self._unreachable(s, err), s.hop) for s in group]
+            failed += self._send(link, group)
         with self._lock:
             for reply in failed:
                 self._held_answers.setdefault(reply.origin, []).append(reply)
@@ -165,26 +189,37 @@ class Forwarder:
 
     # ---------------------------------------------------------------- successors
 
-    def send_on(self, steps: list[pb.StepRequest]) -> list[pb.StepReply]:
-        """Sends each step (hop already advanced) to route[hop], one link per successor; returns
-        the answers of those whose successor cannot be reached (UNAVAILABLE naming it)."""
-        by_address: dict[str, list[pb.StepRequest]] = {}
-        for step in steps:
-            by_address.setdefault(step.route[step.hop], []).append(step)
+    def send_on(self, steps: list[Onward]) -> list[pb.StepReply]:
+        """Sends each step (hop already advanced) with its hidden rows to route[hop], one link
+        per successor; returns the answers of those whose successor cannot be reached
+        (UNAVAILABLE naming it)."""
+        by_address: dict[str, list[Onward]] = {}
+        for step, rows in steps:
+            by_address.setdefault(step.route[step.hop], []).append((step, rows))
         failed: list[pb.StepReply] = []
         hold = self._holds()
         for address, group in by_address.items():
             try:
-                link = self._link(address, group[0].hop)
-                if hold:
-                    with self._lock:
-                        self._held_steps.setdefault(link, []).extend(group)
-                    continue
-                self._remember(link, group)
-                link.send(group)
+                link = self._link(address, group[0][0].hop)
             except LlamadistError as err:
-                failed += [error_reply(s, self._unreachable(s, err), s.hop) for s in group]
+                failed += [error_reply(s, self._unreachable(s, err), s.hop) for s, _ in group]
+                continue
+            if hold:
+                with self._lock:
+                    self._held_steps.setdefault(link, []).extend(group)
+            else:
+                failed += self._send(link, group)
         return failed
+
+    def _send(self, link: StepLink, group: list[Onward]) -> list[pb.StepReply]:
+        """The steps on `link`, their rows as one tensor a message; the failures' answers."""
+        steps = [step for step, _ in group]
+        try:
+            self._remember(link, steps)
+            link.send_batches(step_batches(group))
+        except LlamadistError as err:
+            return [error_reply(s, self._unreachable(s, err), s.hop) for s in steps]
+        return []
 
     @staticmethod
     def _unreachable(step: pb.StepRequest, err: LlamadistError) -> Unavailable:
@@ -316,13 +351,10 @@ def check_route(request: pb.StepRequest, holds_head: bool, peers: frozenset[str]
             )
 
 
-def routed_onward(
-    request: pb.StepRequest, hidden, compute_ns: int, batch_size: int
-) -> pb.StepRequest:
-    """The step as the next stage of its route gets it: this stage's hidden state and timing.
-    Made in place (this stage is done with the request): a copy of each step's fields cost
-    ~50 us a step, a few ms a batch of 64."""
-    codec.to_pb(hidden, out=request.hidden)
+def routed_onward(request: pb.StepRequest, compute_ns: int, batch_size: int) -> pb.StepRequest:
+    """The step as the next stage of its route gets it, but for its hidden rows (they go in
+    their message's StepBatch.hidden): this stage's timing, the next hop. Made in place (this
+    stage is done with the request): a copy of each step's fields cost ~50 us a step."""
     request.hop += 1
     request.route_compute_ns.append(compute_ns)
     request.route_batch_sizes.append(batch_size)

@@ -9,7 +9,7 @@ import contextlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
-from protos.errors import NotFound
+from protos.errors import InvalidArgument, NotFound
 from protos.shared.model_files import LlamaArgs
 from stage_service.batch_runner import BatchRunner
 from stage_service.batcher import Batcher, Job
@@ -17,8 +17,12 @@ from stage_service.config import StageConfig
 from stage_service.info import stage_info
 from stage_service.metrics import StageMetrics
 from stage_service.range_holder import LoadedRange, RangeHolder
-from stage_service.steps import StepInput, StepOutput, check_step
+from stage_service.steps import StepInput, StepOutput, check_step, non_finite
 from stage_service.weight_cache import Entry, OfferAnswer
+
+
+def non_finite_error() -> InvalidArgument:
+    return InvalidArgument("hidden state contains NaN or Inf")
 
 
 class Stage:
@@ -88,6 +92,8 @@ class Stage:
         """Validates the step and runs it in the next batch of the compute thread (unless
         `cancelled()` says its caller is gone by then)."""
         self._check(step, self.holder.require_loaded())
+        if non_finite([step])[0]:
+            raise non_finite_error()
         return self.batcher.submit(step, cancelled)
 
     def run_steps(
@@ -110,6 +116,10 @@ class Stage:
                 queued.append(job)
             except Exception as err:  # noqa: BLE001 - that step's own failure
                 job.error = err
+        bad = non_finite([job.step for job in queued])
+        for job in (j for j, b in zip(queued, bad, strict=True) if b):
+            job.error = non_finite_error()
+        queued = [j for j, b in zip(queued, bad, strict=True) if not b]
         if queued:
             self.batcher.submit_many(queued, lambda: on_done(jobs))
         else:

@@ -11,11 +11,11 @@ import time
 from collections.abc import Callable, Iterator
 
 from protos import llamadist_pb2 as pb
-from protos.errors import LlamadistError
+from protos.errors import InvalidArgument, LlamadistError
 from stage_service.batcher import Job
 from stage_service.forwarding import Forwarder, Send, check_route, error_reply, pack, routed_onward
 from stage_service.stage import Stage
-from stage_service.steps import StepInput, StepOutput
+from stage_service.steps import StepInput, StepOutput, batch_rows
 
 # What a stream's outbox carries: (kind, item).
 BATCH = "batch"  # one of its batches is settled: the answers given on this stream (maybe none)
@@ -82,10 +82,17 @@ class StepStreams:
         requests = list(batch.steps)
         answers: list[pb.StepReply | None] = [None] * len(requests)  # None: sent on
         steps, queued = [], []
+        refused: InvalidArgument | None = None  # the message's rows: none of its steps run
+        try:
+            rows = batch_rows(batch)
+        except InvalidArgument as err:
+            rows, refused = [None] * len(requests), err
         for i, request in enumerate(requests):
             try:
+                if refused is not None:
+                    raise refused
                 check_route(request, self.stage.holder.holds_head, self.stage.holder.peers)
-                steps.append(StepInput.from_pb(request))
+                steps.append(StepInput.from_pb(request, rows[i]))
                 queued.append(i)
             except Exception as err:  # noqa: BLE001 - a step that does not decode
                 answers[i] = error_reply(request, err, request.hop)
@@ -99,7 +106,7 @@ class StepStreams:
                 elif request.hop < len(request.route) - 1:
                     out = job.out
                     onward.append(
-                        routed_onward(request, out.hidden, out.compute_ns, out.batch_size)
+                        (routed_onward(request, out.compute_ns, out.batch_size), out.hidden)
                     )
                 else:
                     answers[i] = answer(request, job.out)

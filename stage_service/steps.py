@@ -28,13 +28,21 @@ class StepInput:
     draft_tokens: int = 0  # the last ones of token_ids are drafted: verify them (verify.py)
 
     @classmethod
-    def from_pb(cls, request: pb.StepRequest) -> StepInput:
+    def from_pb(cls, request: pb.StepRequest, rows: torch.Tensor | None = None) -> StepInput:
+        """`rows`: the step's hidden rows when its message carried them (StepBatch.hidden)."""
+        if request.HasField("hidden"):
+            if rows is not None:
+                raise InvalidArgument(
+                    "a step with a hidden state of its own in a StepBatch that carries its "
+                    "steps' hidden rows: send one or the other"
+                )
+            rows = codec.from_pb(request.hidden)
         return cls(
             session_id=request.session_id,
             plan_epoch=request.plan_epoch,
             start_pos=request.start_pos,
             token_ids=list(request.token_ids),
-            hidden=codec.from_pb(request.hidden) if request.HasField("hidden") else None,
+            hidden=rows,
             sampling=Sampling.from_pb(request.sampling),
             return_logits=request.return_logits,
             draft_tokens=request.draft_tokens,
@@ -74,7 +82,8 @@ def check_step(
     step: StepInput, epoch: int, weights: RangeWeights, args: LlamaArgs, dtype: torch.dtype
 ) -> None:
     """A step the range in force (`weights`, loaded under plan `epoch`) can run, or the
-    precise reason it cannot (InvalidArgument, FailedPrecondition for another epoch)."""
+    precise reason it cannot (InvalidArgument, FailedPrecondition for another epoch). Its
+    hidden state's values are checked apart, for a batch at once (non_finite)."""
     check_session_id(step.session_id)
     if step.plan_epoch != epoch:
         raise FailedPrecondition(
@@ -107,8 +116,48 @@ def check_step(
             f"hidden state must be {list(expected)} {dtype}, got "
             f"{list(step.hidden.shape)} {step.hidden.dtype}"
         )
-    if not torch.isfinite(step.hidden).all():
-        raise InvalidArgument("hidden state contains NaN or Inf")
+
+
+def batch_rows(batch: pb.StepBatch) -> list[torch.Tensor | None]:
+    """Each step's share of the batch's hidden rows (views of one tensor; None for all when the
+    batch carries none). A tensor that does not decode, or whose rows are not its steps' token
+    count, is InvalidArgument."""
+    if not batch.HasField("hidden"):
+        return [None] * len(batch.steps)
+    rows = codec.from_pb(batch.hidden)
+    counts = [len(step.token_ids) for step in batch.steps]
+    if rows.dim() != 2 or rows.shape[0] != sum(counts):
+        raise InvalidArgument(
+            f"StepBatch.hidden must be [{sum(counts)}, hidden_size], a row per token id of "
+            f"its steps; got {list(rows.shape)}"
+        )
+    return list(rows.split(counts))
+
+
+def finite_rows(rows: torch.Tensor) -> list[bool]:
+    """Which rows of a [n, width] tensor hold only finite values. NaN and Inf carry through a
+    sum, so a row whose float32 sum is finite is; only the others (or a sum that overflowed)
+    are checked value by value: one op over the batch instead of one per row (~35 us each)."""
+    finite = torch.isfinite(rows.sum(dim=-1, dtype=torch.float32))
+    if bool(finite.all()):
+        return [True] * rows.shape[0]
+    suspect = (~finite).nonzero().flatten()
+    finite[suspect] = torch.isfinite(rows[suspect]).all(dim=-1)
+    return finite.tolist()
+
+
+def non_finite(steps: list[StepInput]) -> list[bool]:
+    """Which of these steps (checked by check_step: hidden None or [n, hidden_size]) have a
+    hidden state that holds NaN or Inf, checked for them all at once."""
+    held = [s.hidden for s in steps if s.hidden is not None]
+    if not held:
+        return [False] * len(steps)
+    finite, row, bad = finite_rows(torch.cat(held)), 0, []
+    for step in steps:
+        n = 0 if step.hidden is None else step.hidden.shape[0]
+        bad.append(not all(finite[row : row + n]))
+        row += n
+    return bad
 
 
 def check_reply_size(step: StepInput, is_last: bool, args: LlamaArgs, dtype: torch.dtype) -> None:

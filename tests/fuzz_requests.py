@@ -127,14 +127,7 @@ class Requests:
             if method == "Forward":
                 return stage.flatmap(lambda a: st.tuples(st.just(a), self.step_requests(a)))
             if method == "ForwardStream":
-                return stage.flatmap(
-                    lambda a: st.tuples(
-                        st.just(a),
-                        st.lists(self.step_requests(a), max_size=5).map(
-                            lambda steps: pb.StepBatch(steps=steps)
-                        ),
-                    )
-                )
+                return stage.flatmap(lambda a: st.tuples(st.just(a), self.step_batches(a)))
             if method == "EndSession":
                 return stage.flatmap(
                     lambda a: st.tuples(st.just(a), self.end_session_requests(stage=a))
@@ -187,6 +180,20 @@ class Requests:
                 )
             )
         )
+
+    def step_batches(self, address: str) -> st.SearchStrategy:
+        """Steps as one message; sometimes with their rows packed in StepBatch.hidden (as a
+        stage sends them on), often of the row count the steps need."""
+
+        @st.composite
+        def build(draw) -> pb.StepBatch:
+            batch = pb.StepBatch(steps=draw(st.lists(self.step_requests(address), max_size=5)))
+            if not draw(st.integers(0, 3)):
+                rows = sum(len(step.token_ids) for step in batch.steps)
+                batch.hidden.CopyFrom(draw(tensors(rows=rows)))
+            return batch
+
+        return build()
 
     def step_requests(self, address: str) -> st.SearchStrategy:
         @st.composite

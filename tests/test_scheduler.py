@@ -102,6 +102,8 @@ def test_a_cohort_goes_as_one_message_once_every_member_queued(mesh):
     mesh.stream("s1"), mesh.stream("s2")
     assert mesh.link.quiet()  # s1 and s2 wait for s0, whose step is out (max wait 10 s)
     mesh.answer(first)
+    # the answer that completed the cohort sent it on the answering thread, not the loop's
+    assert mesh.link.messages.qsize() == 1
     together = mesh.link.next()
     assert names(together) == ["s0", "s1", "s2"]
     mesh.answer(together)  # one reply message: the next steps go as one again
@@ -112,8 +114,9 @@ def test_a_laggard_is_waited_for_once_then_not_until_it_queues():
     m = Mesh(max_wait_s=0.3)
     try:
         m.stream("a")
-        m.answer(m.link.next())
-        m.stream("b")
+        first = m.link.next()
+        m.stream("b")  # waits for a's next step: a's answer comes at once
+        m.answer(first)
         pair = m.link.next()
         step_a, step_b = sorted(pair, key=lambda s: s.session_id)
         t0 = time.monotonic()

@@ -173,6 +173,93 @@ def test_one_bad_step_in_a_batch_fails_only_itself(two_stages):
     assert second.replies[0].request_id == 6 and not second.replies[0].error_code
 
 
+def test_a_batch_carries_its_steps_rows_as_one_tensor(two_stages):
+    """A StepBatch whose hidden holds its steps' rows (as a stage sends them on) answers as the
+    same steps with their own hidden states; rows that do not add up fail every step of the
+    message, a step with a hidden of its own beside them fails alone, and so does a step whose
+    rows hold NaN (the others run)."""
+    ids = {"p0": [1, 2], "p1": [3], "p2": [4, 5, 6]}
+    first = {s: two_stages.stubs[0].Forward(pb.StepRequest(session_id=s, plan_epoch=1,
+                                                           token_ids=t))
+             for s, t in ids.items()}  # fmt: skip
+    rows = {s: codec.from_pb(r.hidden) for s, r in first.items()}
+
+    def batch(prefix: str, start: int = 0, **hidden) -> pb.StepBatch:
+        steps = [pb.StepRequest(session_id=prefix + s, plan_epoch=1, token_ids=t,
+                                request_id=i + 1)
+                 for i, (s, t) in enumerate(ids.items())]  # fmt: skip
+        return pb.StepBatch(steps=steps, **hidden)
+
+    packed = codec.to_pb(torch.cat(list(rows.values())))
+    (answer,) = forward_stream(two_stages.addresses[1], [batch("packed-", hidden=packed)])
+    own = batch("own-")
+    for step, session in zip(own.steps, ids, strict=True):
+        step.hidden.CopyFrom(first[session].hidden)
+    (expected,) = forward_stream(two_stages.addresses[1], [own])
+    assert [r.error_code for r in answer.replies] == [0, 0, 0]
+    assert [(r.token_id, r.logprob) for r in answer.replies] == [
+        (r.token_id, r.logprob) for r in expected.replies
+    ]
+    assert all(r.batch_size == 3 for r in answer.replies)
+
+    invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    short = codec.to_pb(torch.cat(list(rows.values()))[:-1])
+    (answer,) = forward_stream(two_stages.addresses[1], [batch("short-", hidden=short)])
+    assert [r.error_code for r in answer.replies] == [invalid] * 3
+    assert all("StepBatch.hidden must be [6, hidden_size]" in r.error_message
+               for r in answer.replies)  # fmt: skip
+
+    both = batch("both-", hidden=packed)
+    both.steps[1].hidden.CopyFrom(first["p1"].hidden)
+    (answer,) = forward_stream(two_stages.addresses[1], [both])
+    assert [r.error_code for r in answer.replies] == [0, invalid, 0]
+    assert "one or the other" in answer.replies[1].error_message
+
+    poisoned = torch.cat(list(rows.values()))
+    poisoned[4, 7] = float("nan")  # p2's second row
+    nan = batch("nan-", hidden=codec.to_pb(poisoned))
+    (answer,) = forward_stream(two_stages.addresses[1], [nan])
+    assert [r.error_code for r in answer.replies] == [0, 0, invalid]
+    assert "NaN or Inf" in answer.replies[2].error_message
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_finite_rows_agrees_with_a_value_by_value_check(dtype):
+    from stage_service.steps import finite_rows
+
+    big = torch.finfo(dtype).max
+    rows = torch.randn(9, 300).to(dtype)
+    rows[1, 3] = float("nan")
+    rows[2, 0] = float("inf")
+    rows[3, 5], rows[3, 6] = float("inf"), float("-inf")  # a sum of NaN
+    rows[4] = big  # every value finite, the sum overflows: checked value by value
+    rows[5, :2] = torch.tensor([big, -big], dtype=dtype)
+    rows[6, -1] = float("-inf")
+    expected = torch.isfinite(rows).all(dim=-1).tolist()
+    assert expected == [True, False, False, False, True, True, False, True, True]
+    assert finite_rows(rows) == expected
+    assert finite_rows(rows[7:]) == [True, True]
+
+
+def test_a_successors_steps_go_as_messages_under_the_limit_with_their_rows():
+    from stage_service.forwarding import step_batches
+
+    rows = [torch.randn(n, 64) for n in (1, 3, 2, 1)]
+    group = [(pb.StepRequest(session_id=f"s{i}", token_ids=[1] * len(r)), r)
+             for i, r in enumerate(rows)]  # fmt: skip
+    (one,) = step_batches(group)
+    assert [s.session_id for s in one.steps] == ["s0", "s1", "s2", "s3"]
+    assert not any(s.HasField("hidden") for s in one.steps)
+    torch.testing.assert_close(codec.from_pb(one.hidden), torch.cat(rows), rtol=0, atol=0)
+    limit = 3 * 64 * 4 + 100  # room for three rows a message
+    split = step_batches(group, max_bytes=limit)
+    assert [[s.session_id for s in b.steps] for b in split] == [["s0"], ["s1"], ["s2", "s3"]]
+    assert all(b.ByteSize() <= limit for b in split)
+    torch.testing.assert_close(
+        torch.cat([codec.from_pb(b.hidden) for b in split]), torch.cat(rows), rtol=0, atol=0
+    )
+
+
 def test_step_batches_without_layers_answer_every_step_with_the_reason(tiny):
     server, port, _ = build_server(StageConfig(model=str(tiny), kv_cache_mb=16, **OPEN))
     server.start()

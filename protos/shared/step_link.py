@@ -1,7 +1,8 @@
 """One long-lived ForwardStream to a stage: the orchestrator's link to each stage it routes
 through, and a stage's link to each successor. Used the same way on both sides.
 
-- Sending: `send(steps)` queues steps; whatever is queued when the stream is ready to write goes
+- Sending: `send(steps)` queues steps (`send_batches` messages a stage made, its steps'
+  hidden rows packed in each); whatever is queued when the stream is ready to write goes
   out as one StepBatch (under the message limit). This is the link's coalescer: with many
   sessions a link carries a few messages per step of the mesh, not one per session. On the hop
   socket (a call with `write`, protos/shared/hop.py) `send` writes the StepBatch itself, on the
@@ -84,9 +85,23 @@ class StepLink:
             raise Unavailable(f"{self.name}: the step stream is broken")
         self._put(steps)
 
+    def send_batches(self, batches: list[pb.StepBatch]) -> None:
+        """Sends messages made by the caller (a stage's steps with their rows packed), each
+        under the limit, as they are."""
+        for batch in batches:
+            size = batch.ByteSize()
+            if size > self.max_batch_bytes:
+                raise InvalidArgument(
+                    f"a message of {len(batch.steps)} steps is {size:,} bytes, over the "
+                    f"{self.max_batch_bytes:,}-byte limit"
+                )
+        if self.broken:
+            raise Unavailable(f"{self.name}: the step stream is broken")
+        self._put(batches)
+
     def _put(self, items: list) -> None:
-        """Steps (or the origin declaration) onto the stream: written now on the hop socket,
-        else queued for grpc's writer."""
+        """Steps (or made messages: the origin declaration, send_batches') onto the stream:
+        written now on the hop socket, else queued for grpc's writer."""
         if self._write is None:
             self._outbox.put(items)
             return
@@ -108,8 +123,11 @@ class StepLink:
         while True:
             item, steps = get(), []
             while item is not None:
-                if isinstance(item[0], pb.StepBatch):  # the origin declaration, first of all
-                    yield item[0]
+                if isinstance(item[0], pb.StepBatch):  # made messages (the origin's first)
+                    for group in split_by_size(steps, self.max_batch_bytes):  # in order
+                        yield pb.StepBatch(steps=group)
+                    steps = []
+                    yield from item
                 else:
                     steps.extend(item)
                 try:
