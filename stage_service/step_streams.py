@@ -87,11 +87,16 @@ class StepStreams:
             rows = batch_rows(batch)
         except InvalidArgument as err:
             rows, refused = [None] * len(requests), err
+        routes: dict[tuple, LlamadistError | None] = {}  # checked once per distinct route
         for i, request in enumerate(requests):
             try:
                 if refused is not None:
                     raise refused
-                check_route(request, self.stage.holder.holds_head, self.stage.holder.peers)
+                key = (tuple(request.route), request.hop, bool(request.origin))
+                if key not in routes:
+                    routes[key] = self._route_error(request)
+                if routes[key] is not None:
+                    raise routes[key]
                 steps.append(StepInput.from_pb(request, rows[i]))
                 queued.append(i)
             except Exception as err:  # noqa: BLE001 - a step that does not decode
@@ -124,6 +129,13 @@ class StepStreams:
                 answers[i] = error_reply(requests[i], err, requests[i].hop)
             queued.clear()
             done([])
+
+    def _route_error(self, request: pb.StepRequest) -> LlamadistError | None:
+        try:
+            check_route(request, self.stage.holder.holds_head, self.stage.holder.peers)
+        except LlamadistError as err:
+            return err
+        return None
 
 
 def answer(request: pb.StepRequest, out: StepOutput) -> pb.StepReply:
