@@ -10,9 +10,15 @@ again, or at the first failed step (the session's thread then handles the failur
 its own would).
 
 Every stream is a member of one cohort. A cohort goes as one batch: the loop waits until each of
-its members has its next step queued (a member that missed a tick is not waited for again until
-it queues), or until the oldest queued step has waited `max_wait_s`, then sends the cohort's
-steps, one StepBatch per first-stage link. Members join and leave between ticks.
+its members has its next step queued, then sends the cohort's steps, one StepBatch per
+first-stage link. Members join and leave between ticks. How long a queued step waits for the
+others:
+- for a member whose step is on its way (its answer will queue it), up to 1.5 cohort rounds
+  as measured (at most MAX_MERGE_WAIT_S): pieces of a cohort that drifted apart (a session
+  that joined while the others were out) merge again, so that one batch reads the weights once
+  per token instead of once per piece;
+- for a member that is neither queued nor on its way (its session has not taken its answers),
+  `max_wait_s`; then it is late: not waited for until it queues.
 
 How many cohorts: one when the stages of the route share a device (a batch of every session
 reads the weights once per token); one per device when they are separate (a cohort per stage
@@ -36,7 +42,8 @@ from protos.shared.step_link import StepLink
 
 log = logging.getLogger(__name__)
 
-MAX_WAIT_S = 0.002  # the longest a queued step waits for the rest of its cohort
+MAX_WAIT_S = 0.002  # the longest a queued step waits for members that are not on their way
+MAX_MERGE_WAIT_S = 0.1  # the longest it waits for members whose steps are on their way
 LOOKAHEAD = 4  # answers a stream may make ahead of its consumer
 SETTLE_S = 10.0  # a reload waits this long for the loop's steps on their way
 
@@ -70,6 +77,7 @@ class Stream:
     request: pb.StepRequest | None = None
     queued_ns: int = 0  # when it was queued (time.perf_counter_ns)
     sent: bool = False  # that step is on its way
+    sent_at: float = 0.0  # since when (time.monotonic)
     made: int = 0  # steps answered
     unconsumed: int = 0
     parked: bool = False  # LOOKAHEAD answers unconsumed: continued once one is taken
@@ -81,17 +89,25 @@ class _Cohort:
     members: set[str] = field(default_factory=set)
     late: set[str] = field(default_factory=set)  # members not waited for until they queue
     queued: dict[str, tuple[Stream, float]] = field(default_factory=dict)  # at time.monotonic
+    on_way: set[str] = field(default_factory=set)  # members whose step is sent, not settled
 
     def complete(self) -> bool:
         """Every member it waits for has its step queued."""
         return bool(self.queued) and self.members - self.late <= self.queued.keys()
 
-    def due(self, now: float, max_wait_s: float) -> bool:
+    def deadline(self, max_wait_s: float, merge_wait_s: float) -> float | None:
+        """When its queued steps go without the members still missing (None: none queued)."""
         if not self.queued:
-            return False
+            return None
+        oldest = min(at for _, at in self.queued.values())
+        coming = self.on_way & self.members  # their answers queue them: worth waiting for
+        return oldest + (max(merge_wait_s, max_wait_s) if coming else max_wait_s)
+
+    def due(self, now: float, max_wait_s: float, merge_wait_s: float) -> bool:
         if self.complete():
             return True
-        return now - min(at for _, at in self.queued.values()) >= max_wait_s
+        deadline = self.deadline(max_wait_s, merge_wait_s)
+        return deadline is not None and now >= deadline
 
 
 class Scheduler:
@@ -106,6 +122,7 @@ class Scheduler:
         self.inflight = inflight
         self.epoch_now = epoch_now
         self.max_wait_s = max_wait_s
+        self.round_s = 0.0  # a cohort step's round trip, sent to answered (a moving average)
         self.cohorts: list[_Cohort] = [_Cohort()]
         self._cohort_of: dict[str, _Cohort] = {}
         self._streams: dict[str, Stream] = {}
@@ -165,8 +182,11 @@ class Scheduler:
             self.cohorts = [_Cohort() for _ in range(max(1, n))]
             for i, session_id in enumerate(self._cohort_of):
                 cohort = self.cohorts[i % len(self.cohorts)]
-                if not self._streams[session_id].ended:
+                stream = self._streams[session_id]
+                if not stream.ended:
                     cohort.members.add(session_id)
+                    if stream.sent and stream.pending is not None:
+                        cohort.on_way.add(session_id)
                 self._cohort_of[session_id] = cohort
                 if session_id in queued:
                     cohort.queued[session_id] = queued[session_id]
@@ -241,6 +261,7 @@ class Scheduler:
             if cohort is not None:
                 cohort.members.discard(stream.session_id)
                 cohort.late.discard(stream.session_id)
+                cohort.on_way.discard(stream.session_id)
             self._cond.notify_all()
 
     def _settled(self, pending: Pending) -> None:
@@ -254,6 +275,11 @@ class Scheduler:
             if stream is None or stream.pending is not pending:
                 return  # forgotten: the stream was closed meanwhile
             stream.pending = None
+            cohort = self._cohort_of.get(stream.session_id)
+            if cohort is not None:
+                cohort.on_way.discard(stream.session_id)
+            if stream.sent:
+                self.round_s += 0.1 * (time.monotonic() - stream.sent_at - self.round_s)
             stream.answers.put((pending, stream.queued_ns, time.perf_counter_ns()))
             stream.unconsumed += 1
             stream.made += 1
@@ -291,14 +317,16 @@ class Scheduler:
 
     def _take(self, cohort: _Cohort) -> list[Stream]:
         """The cohort's queued steps, marked on their way. Holds the lock."""
-        missing = cohort.members - cohort.late - cohort.queued.keys()
+        missing = cohort.members - cohort.late - cohort.queued.keys() - cohort.on_way
         cohort.late |= missing  # not waited for until they queue again
         batch = []
+        now = time.monotonic()
         for stream, _ in cohort.queued.values():
             if stream.template.plan_epoch != self.epoch_now():
                 self._drop_queued(stream)  # a reload came between
                 continue
-            stream.sent = True
+            stream.sent, stream.sent_at = True, now
+            cohort.on_way.add(stream.session_id)
             batch.append(stream)
         cohort.queued.clear()
         return batch
@@ -317,18 +345,25 @@ class Scheduler:
             stream.pending = None
         self._end(stream)
 
+    @property
+    def merge_wait_s(self) -> float:
+        """How long queued steps wait for members whose steps are on their way: 1.5 rounds."""
+        return min(MAX_MERGE_WAIT_S, 1.5 * self.round_s)
+
     def _wait_for_due(self) -> list[_Cohort] | None:
         """The cohorts due now (waits until one is); None once closed."""
         while not self._closed:
             now = time.monotonic()
+            timeout = None
             if not self._paused:
-                due = [c for c in self.cohorts if c.due(now, self.max_wait_s)]
+                merge = self.merge_wait_s
+                due = [c for c in self.cohorts if c.due(now, self.max_wait_s, merge)]
                 if due:
                     return due
-            oldest = [at for c in self.cohorts for _, at in c.queued.values()]
-            timeout = None
-            if oldest and not self._paused:
-                timeout = max(0.0, min(oldest) + self.max_wait_s - now)
+                deadlines = [c.deadline(self.max_wait_s, merge) for c in self.cohorts]
+                deadlines = [d for d in deadlines if d is not None]
+                if deadlines:
+                    timeout = max(0.0, min(deadlines) - now)
             self._cond.wait(timeout)
         return None
 

@@ -110,22 +110,44 @@ def test_a_cohort_goes_as_one_message_once_every_member_queued(mesh):
     assert names(mesh.link.next()) == ["s0", "s1", "s2"]
 
 
-def test_a_laggard_is_waited_for_once_then_not_until_it_queues():
+def test_a_member_not_on_its_way_is_waited_for_once_then_not_until_it_queues():
     m = Mesh(max_wait_s=0.3)
+    try:
+        m.stream("p")
+        for _ in range(LOOKAHEAD):
+            m.answer(m.link.next())  # p's answers stay unread: it parks, no step queued or out
+        t0 = time.monotonic()
+        a = m.stream("a")
+        (step,) = m.link.next()  # waited for p once
+        assert step.session_id == "a" and time.monotonic() - t0 >= 0.3
+        t0 = time.monotonic()
+        m.answer([step])  # p is late now: a's next goes at once
+        assert taken(a, m.scheduler).token_id == 8
+        assert names(m.link.next()) == ["a"] and time.monotonic() - t0 < 0.25
+    finally:
+        m.scheduler.close()
+
+
+def test_steps_wait_for_members_on_their_way_so_that_pieces_merge(monkeypatch):
+    """A session that joins while the cohort is out waits for the cohort's answers (not just
+    max_wait_s), and they go on as one batch; a step whose answer never comes holds the others
+    back at most MAX_MERGE_WAIT_S a tick."""
+    monkeypatch.setattr("orchestrator.scheduler.MAX_MERGE_WAIT_S", 0.4)
+    m = Mesh(max_wait_s=0.01)
+    m.scheduler.round_s = 1.0  # as measured: the merge wait is its cap
     try:
         m.stream("a")
         first = m.link.next()
-        m.stream("b")  # waits for a's next step: a's answer comes at once
+        m.stream("b")  # a is out: b waits for it
+        time.sleep(0.1)  # ten times max_wait_s
+        assert m.link.messages.empty()
         m.answer(first)
-        pair = m.link.next()
-        step_a, step_b = sorted(pair, key=lambda s: s.session_id)
+        together = m.link.next()
+        assert names(together) == ["a", "b"]
         t0 = time.monotonic()
-        m.answer([step_a])  # b's step stays out: a's next waits for b up to max_wait_s
-        again = m.link.next()
-        assert names(again) == ["a"] and time.monotonic() - t0 >= 0.3
-        t0 = time.monotonic()
-        m.answer(again)  # b is late now: a goes at once
-        assert names(m.link.next()) == ["a"] and time.monotonic() - t0 < 0.25
+        m.answer([s for s in together if s.session_id == "b"])  # a's answer never comes
+        assert names(m.link.next()) == ["b"]
+        assert 0.4 <= time.monotonic() - t0 < 2
     finally:
         m.scheduler.close()
 

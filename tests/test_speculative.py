@@ -234,8 +234,8 @@ def test_a_last_stage_that_ignores_drafts_turns_speculation_off(tiny_root, monke
 
     real_step = StepInput.from_pb
 
-    def old_stage(request):
-        step = real_step(request)
+    def old_stage(request, rows=None):
+        step = real_step(request, rows)
         step.draft_tokens = 0
         return step
 
