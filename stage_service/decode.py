@@ -59,12 +59,19 @@ class StaticDecoder:
         self.device = model.device
         self.context = pool.k[0].shape[2] if pool.k else 0
         self.max_rows = bucket(max_rows)
-        self._meta = torch.zeros(3, self.max_rows, dtype=torch.long, device=self.device)
+        # rows: token ids, positions, slots (the graphs' inputs), and the step's slots in its
+        # order (where its rows sit when dense)
+        self._meta = torch.zeros(4, self.max_rows, dtype=torch.long, device=self.device)
         self._hidden = None
+        shape = (self.max_rows, model.args.hidden_size)
         if not model.weights.is_first:
-            dtype = model.dtype
-            shape = (self.max_rows, model.args.hidden_size)
-            self._hidden = torch.zeros(shape, dtype=dtype, device=self.device)
+            self._hidden = torch.zeros(shape, dtype=model.dtype, device=self.device)
+        if graphs:  # a step's inputs go up from pinned buffers, one async copy each
+            self._meta_host = torch.zeros(self._meta.shape, dtype=torch.long, pin_memory=True)
+            if self._hidden is not None:
+                self._hidden_host = torch.zeros(shape, dtype=model.dtype, pin_memory=True)
+                self._hidden_up = torch.zeros_like(self._hidden)  # the rows before placing
+            self._copied = torch.cuda.Event()  # the last step's copies out of them are done
         self._captured: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._mempool = torch.cuda.graph_pool_handle() if graphs else None
 
@@ -122,13 +129,34 @@ class StaticDecoder:
                 inputs = self._place(torch.zeros_like(self._hidden[:rows]), hidden, slots, dense)
             out = self.model.decode(self.pool, inputs, meta[1], meta[2], context, self.parts, dense)
             return self._rows(out, slots, dense)
+        permuted = dense and slots != list(range(n))  # rows not already at their slots
         with torch.cuda.device(self.device):
-            self._meta[:, :rows].copy_(torch.tensor([pad_ids, pad_pos, pad_slots]))
-            if hidden is not None:
-                self._place(self._hidden[:rows], hidden, slots, dense)
+            order = self._upload(rows, [pad_ids, pad_pos, pad_slots, slots], hidden, permuted)
+            if hidden is not None and permuted:
+                self._hidden[:rows].index_copy_(0, order, self._hidden_up[:n])
             graph, out = self._graph(rows, context, dense)
             graph.replay()
-        return self._rows(out, slots, dense)
+            return out.index_select(0, order) if permuted else out[:n]
+
+    def _upload(
+        self, rows: int, meta: list[list[int]], hidden: torch.Tensor | None, permuted: bool
+    ) -> torch.Tensor:
+        """The graph's inputs onto the device without a synchronous copy: written into the
+        pinned buffers (once the last step's copies out of them are done), then one async copy
+        each; hidden rows to be permuted into their slots go to a staging buffer. Returns the
+        step's slots, in its order, on the device."""
+        n = len(meta[3])
+        self._copied.synchronize()
+        host = self._meta_host
+        host[:3, :rows] = torch.tensor(meta[:3])
+        host[3, :n] = torch.tensor(meta[3])
+        self._meta.copy_(host, non_blocking=True)
+        if hidden is not None:
+            self._hidden_host[:n].copy_(hidden)
+            up = self._hidden_up if permuted else self._hidden
+            up[:n].copy_(self._hidden_host[:n], non_blocking=True)
+        self._copied.record()
+        return self._meta[3, :n]
 
     def _place(
         self, static: torch.Tensor, hidden: torch.Tensor, slots: list[int], dense: bool

@@ -4,6 +4,7 @@ rows come back in the step's order, and slots outside the step are left untouche
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from protos.shared.model_files import LlamaArgs, read_config
@@ -79,3 +80,44 @@ def test_dense_step_leaves_the_slots_of_other_sessions_alone(tmp_path):
         for slot in (1,):  # in the dense step's rows, but not one of its sessions
             assert torch.equal(k[slot], snapshot[layer][0][slot])
             assert torch.equal(v[slot], snapshot[layer][1][slot])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("start", [0, 2])
+def test_graph_steps_on_a_gpu_equal_the_eager_steps(tmp_path, start):
+    """The graphs' inputs go up from pinned buffers by async copies; every kind of step
+    (dense with rows in slot order or permuted into their slots, gathered; tokens on a first
+    stage, hidden rows on the others) gives what the eager step gives on the same device."""
+    dev = torch.device("cuda")
+    model_dir = make_tiny_model(tmp_path, "gqa")
+    args = LlamaArgs.from_config(read_config(model_dir))
+    model = RangeModel(args, load_range(model_dir, args, start, 4, torch.float32, dev), dev)
+    shape = CacheShape(4 - start, args.num_kv_heads, args.head_dim, torch.float32, dev, 64)
+    caches = [SessionCache(shape, 8 * 64 * shape.bytes_per_token, 60, static=True)
+              for _ in range(2)]  # fmt: skip
+    g = torch.Generator().manual_seed(2)
+    lengths = [3 + 2 * i for i in range(6)]
+    for i, n in enumerate(lengths):
+        ids = torch.randint(0, 101, (n,), generator=g)
+        hidden = None if start == 0 else torch.randn(n, args.hidden_size, generator=g).to(dev)
+        for cache in caches:
+            session = cache.begin_step(f"s{i}", 0, n)
+            model.run([Segment(slice(0, n), 0, session.kv)], ids.to(dev), hidden)
+            session.length = n
+    graphed = StaticDecoder(model, caches[0].pool, 8, graphs=True)
+    graphed.capture_all()
+    eager = StaticDecoder(model, caches[1].pool, 8, graphs=False)
+    # dense in slot order, dense permuted, gathered, gathered of three, dense permuted of four
+    for picks in ([0, 1], [3, 1], [5], [0, 2, 4], [1, 0, 3, 2]):
+        tokens = torch.randint(0, 101, (len(picks),), generator=g).tolist()
+        hidden = None if start == 0 else torch.randn(len(picks), args.hidden_size, generator=g)
+        outs = []
+        for decoder, cache in ((graphed, caches[0]), (eager, caches[1])):
+            sessions = [cache.begin_step(f"s{i}", lengths[i], 1) for i in picks]
+            slots = [session.slot for session in sessions]
+            outs.append(decoder.run(slots, [lengths[i] for i in picks], tokens, hidden).clone())
+            for session, i in zip(sessions, picks, strict=True):
+                session.length = lengths[i] + 1
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+        for i in picks:
+            lengths[i] += 1
