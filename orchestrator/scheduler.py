@@ -13,10 +13,10 @@ Every stream is a member of one cohort. A cohort goes as one batch: the loop wai
 its members has its next step queued, then sends the cohort's steps, one StepBatch per
 first-stage link. Members join and leave between ticks. How long a queued step waits for the
 others:
-- for a member whose step is on its way (its answer will queue it), up to 1.5 cohort rounds
-  as measured (at most MAX_MERGE_WAIT_S): pieces of a cohort that drifted apart (a session
-  that joined while the others were out) merge again, so that one batch reads the weights once
-  per token instead of once per piece;
+- for a member whose step is on its way (its answer will queue it), until 1.5 measured rounds
+  after the cohort last went (at most MAX_MERGE_WAIT_S): a session that joins while the others
+  are out waits for their answers, and pieces of a cohort that drifted apart merge again, so
+  that one batch reads the weights once per token instead of once per piece;
 - for a member that is neither queued nor on its way (its session has not taken its answers),
   `max_wait_s`; then it is late: not waited for until it queues.
 
@@ -90,6 +90,7 @@ class _Cohort:
     late: set[str] = field(default_factory=set)  # members not waited for until they queue
     queued: dict[str, tuple[Stream, float]] = field(default_factory=dict)  # at time.monotonic
     on_way: set[str] = field(default_factory=set)  # members whose step is sent, not settled
+    sent_at: float = 0.0  # when it last went (time.monotonic)
 
     def complete(self) -> bool:
         """Every member it waits for has its step queued."""
@@ -100,8 +101,11 @@ class _Cohort:
         if not self.queued:
             return None
         oldest = min(at for _, at in self.queued.values())
-        coming = self.on_way & self.members  # their answers queue them: worth waiting for
-        return oldest + (max(merge_wait_s, max_wait_s) if coming else max_wait_s)
+        if not self.on_way & self.members:
+            return oldest + max_wait_s
+        # members on their way: their answers queue them, about a round after the cohort went
+        merged = min(self.sent_at + merge_wait_s, oldest + MAX_MERGE_WAIT_S)
+        return max(oldest + max_wait_s, merged)
 
     def due(self, now: float, max_wait_s: float, merge_wait_s: float) -> bool:
         if self.complete():
@@ -324,7 +328,7 @@ class Scheduler:
         missing = cohort.members - cohort.late - cohort.queued.keys() - cohort.on_way
         cohort.late |= missing  # not waited for until they queue again
         batch = []
-        now = time.monotonic()
+        now = cohort.sent_at = time.monotonic()
         for stream, _ in cohort.queued.values():
             if stream.template.plan_epoch != self.epoch_now():
                 self._drop_queued(stream)  # a reload came between
@@ -351,8 +355,8 @@ class Scheduler:
 
     @property
     def merge_wait_s(self) -> float:
-        """How long queued steps wait for members whose steps are on their way: 1.5 rounds."""
-        return min(MAX_MERGE_WAIT_S, 1.5 * self.round_s)
+        """Until when after a cohort went its queued steps wait for its members on their way."""
+        return 1.5 * self.round_s
 
     def _wait_for_due(self) -> list[_Cohort] | None:
         """The cohorts due now (waits until one is); None once closed."""

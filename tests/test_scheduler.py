@@ -152,6 +152,25 @@ def test_steps_wait_for_members_on_their_way_so_that_pieces_merge(monkeypatch):
         m.scheduler.close()
 
 
+def test_a_joiner_waits_for_the_rest_of_the_cohorts_round_only(monkeypatch):
+    """The cohort's answers are due about a round after it went: a session that joins late in
+    that round waits for what is left of it (1.5 rounds after the cohort went), not a whole
+    round of its own."""
+    monkeypatch.setattr("orchestrator.scheduler.MAX_MERGE_WAIT_S", 5.0)
+    m = Mesh(max_wait_s=0.01)
+    m.scheduler.round_s = 0.4  # as measured: the cohort's answers are due 0.6 s after it went
+    try:
+        m.stream("a")
+        m.link.next()  # a's step goes at once (never answered here)
+        time.sleep(0.45)
+        t0 = time.monotonic()
+        m.stream("b")
+        assert names(m.link.next()) == ["b"]  # after the rest of a's 0.6 s, not 0.6 s more
+        assert 0.05 <= time.monotonic() - t0 < 0.45
+    finally:
+        m.scheduler.close()
+
+
 def test_members_spread_over_cohorts_and_each_goes_apart(mesh):
     mesh.stream("s0")
     first = mesh.link.next()
