@@ -82,22 +82,20 @@ class StepStreams:
         requests = list(batch.steps)
         answers: list[pb.StepReply | None] = [None] * len(requests)  # None: sent on
         steps, queued = [], []
-        refused: InvalidArgument | None = None  # the message's rows: none of its steps run
         try:
             rows = batch_rows(batch)
-        except InvalidArgument as err:
-            rows, refused = [None] * len(requests), err
+        except InvalidArgument as err:  # the message's rows: none of its steps runs
+            answers = [error_reply(request, err, request.hop) for request in requests]
+            rows = []
         routes: dict[tuple, LlamadistError | None] = {}  # checked once per distinct route
-        for i, request in enumerate(requests):
+        for i, (request, hidden) in enumerate(zip(requests, rows, strict=False)):
             try:
-                if refused is not None:
-                    raise refused
                 key = (tuple(request.route), request.hop, bool(request.origin))
                 if key not in routes:
                     routes[key] = self._route_error(request)
                 if routes[key] is not None:
                     raise routes[key]
-                steps.append(StepInput.from_pb(request, rows[i]))
+                steps.append(StepInput.from_pb(request, hidden))
                 queued.append(i)
             except Exception as err:  # noqa: BLE001 - a step that does not decode
                 answers[i] = error_reply(request, err, request.hop)

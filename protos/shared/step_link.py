@@ -73,31 +73,25 @@ class StepLink:
 
     def send(self, steps: list[pb.StepRequest]) -> None:
         """Queues steps to go out together (with whatever else is queued by then)."""
-        for step in steps:
-            size = step.ByteSize()
-            if size > self.max_batch_bytes:
-                raise InvalidArgument(
-                    f"a step of {len(step.token_ids)} tokens is {size:,} bytes, over the "
-                    f"{self.max_batch_bytes:,}-byte limit of one message: send fewer tokens "
-                    "per step"
-                )
-        if self.broken:
-            raise Unavailable(f"{self.name}: the step stream is broken")
-        self._put(steps)
+        self._put_checked(steps, lambda s: f"a step of {len(s.token_ids)} tokens", "tokens")
 
     def send_batches(self, batches: list[pb.StepBatch]) -> None:
         """Sends messages made by the caller (a stage's steps with their rows packed), each
         under the limit, as they are."""
-        for batch in batches:
-            size = batch.ByteSize()
+        self._put_checked(batches, lambda b: f"a message of {len(b.steps)} steps", "steps")
+
+    def _put_checked(self, items: list, what: Callable, fewer: str) -> None:
+        """`items` onto the stream, unless one is over the message limit or the link broke."""
+        for item in items:
+            size = item.ByteSize()
             if size > self.max_batch_bytes:
                 raise InvalidArgument(
-                    f"a message of {len(batch.steps)} steps is {size:,} bytes, over the "
-                    f"{self.max_batch_bytes:,}-byte limit"
+                    f"{what(item)} is {size:,} bytes, over the {self.max_batch_bytes:,}-byte "
+                    f"limit of one message: send fewer {fewer} per message"
                 )
         if self.broken:
             raise Unavailable(f"{self.name}: the step stream is broken")
-        self._put(batches)
+        self._put(items)
 
     def _put(self, items: list) -> None:
         """Steps (or made messages: the origin declaration, send_batches') onto the stream:
