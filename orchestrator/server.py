@@ -11,6 +11,7 @@ from orchestrator.config import OrchestratorConfig
 from orchestrator.orchestrator import Orchestrator
 from orchestrator.servicer import OrchestratorServicer
 from protos.shared import security
+from protos.shared.allocator import keep_freed_buffers
 from protos.shared.serving import listening_server, run_until_signal
 from protos.shared.stage_auth import load_stage_key
 from protos.shared.standard_services import ReadinessHealth
@@ -74,6 +75,7 @@ def start_http(config: OrchestratorConfig, orch: Orchestrator, port: int | None 
 
 
 def serve(config: OrchestratorConfig) -> None:
+    keep_freed_buffers()  # a step's buffers reuse freed pages (allocator.py)
     server, port, orch, health = build(config)
 
     def drain(deadline: float) -> None:

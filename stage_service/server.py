@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from protos.shared.allocator import keep_freed_buffers
 from protos.shared.hop import HopDialer, tls_server_context
 from protos.shared.security import channel_credentials, server_credentials
 from protos.shared.serving import listening_server, run_until_signal
@@ -98,6 +99,7 @@ def build_server(config: StageConfig) -> tuple[ServerWithHop, int, Stage]:
 
 
 def serve(config: StageConfig) -> None:
+    keep_freed_buffers()  # a step's buffers reuse freed pages (allocator.py)
     built = build(config)
     stage = built.stage
     built.server.start()
