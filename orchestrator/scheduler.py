@@ -4,12 +4,10 @@ down the mesh together.
 A session that decodes without drafts opens a `Stream`: from then on its next step is made here
 the moment its answer arrives (the sampled token at the next position), not by the session's own
 thread, which only consumes the answers (text, stop strings, chunks to its caller) off the
-critical path. It gets an answer when the step made from it goes: the answers that complete a
-cohort are settled one after another on one thread, and waking each session's thread among them
-made them wait for the GIL and the loop's lock. The session's thread stops its stream when it
-finishes; the loop ends a stream itself at eos, at its token limit, when the plan's epoch moves,
-when its session wants drafts again, or at the first failed step (the session's thread then
-handles the failure as a step of its own would).
+critical path. The session's thread stops its stream when it finishes; the loop ends a stream
+itself at eos, at its token limit, when the plan's epoch moves, when its session wants drafts
+again, or at the first failed step (the session's thread then handles the failure as a step of
+its own would).
 
 Every stream is a member of one cohort. A cohort goes as one batch: the loop waits until each of
 its members has its next step queued, then sends the cohort's steps, one StepBatch per
@@ -82,10 +80,6 @@ class Stream:
     sent_at: float = 0.0  # since when (time.monotonic)
     made: int = 0  # steps answered
     unconsumed: int = 0
-    # its latest answer while its next step is queued: given to its session when that step
-    # goes (Scheduler._give), so that the answers completing a cohort are settled without ~64
-    # session threads woken among them, each taking the GIL and the loop's lock
-    held: tuple | None = None
     parked: bool = False  # LOOKAHEAD answers unconsumed: continued once one is taken
     ended: bool = False
 
@@ -210,8 +204,6 @@ class Scheduler:
         unavailable, so that its session fails over, and a reload never waits forever."""
         with self._cond:
             self._paused += 1
-            for stream in self._streams.values():  # queued steps wait: their answers do not
-                self._give(stream)
             self._cond.wait_for(lambda: not self._on_their_way(), SETTLE_S)
             lost = self._on_their_way()
         error = Unavailable(f"no answer to a decode step within {SETTLE_S:.0f} s (a reload)")
@@ -238,8 +230,7 @@ class Scheduler:
     # ---- the loop
 
     def _continue(self, stream: Stream) -> None:
-        """Queues the stream's next step (its answer held until the step goes), or ends or
-        parks it (its answer given now). Holds the lock."""
+        """Queues the stream's next step, or ends or parks it. Holds the lock."""
         if stream.ended:
             return
         if (
@@ -251,7 +242,6 @@ class Scheduler:
             return
         if stream.unconsumed >= LOOKAHEAD:
             stream.parked = True
-            self._give(stream)
             return
         request = pb.StepRequest()
         request.CopyFrom(stream.template)
@@ -265,20 +255,11 @@ class Scheduler:
         cohort = self._cohort_of[stream.session_id]
         cohort.queued[stream.session_id] = (stream, time.monotonic())
         cohort.late.discard(stream.session_id)
-        if self._paused:  # a reload: the step waits, its answer does not
-            self._give(stream)
-
-    def _give(self, stream: Stream) -> None:
-        """Its session gets the answer held for it, if any. Holds the lock."""
-        if stream.held is not None:
-            stream.answers.put(stream.held)
-            stream.held = None
 
     def _end(self, stream: Stream) -> None:
         """No more steps: its cohort stops waiting for it, its session reads None last."""
         if not stream.ended:
             stream.ended = True
-            self._give(stream)
             stream.answers.put(None)
             cohort = self._cohort_of.get(stream.session_id)
             if cohort is not None:
@@ -288,9 +269,8 @@ class Scheduler:
             self._cond.notify_all()
 
     def _settled(self, pending: Pending) -> None:
-        """A loop step's answer (or failure) arrived, on a link's reader thread: the stream's
-        next step is queued right away, and its session gets the answer when that step goes
-        (at once if the stream ends or parks)."""
+        """A loop step's answer (or failure) arrived, on a link's reader thread: the session
+        gets it, and the stream's next step is queued right away."""
         with self._cond:
             stream = self._by_request.pop(pending.request_id, None)
             if stream is None or stream.pending is not pending:
@@ -301,7 +281,7 @@ class Scheduler:
                 cohort.on_way.discard(stream.session_id)
             if stream.sent:
                 self.round_s += 0.1 * (time.monotonic() - stream.sent_at - self.round_s)
-            stream.held = (pending, stream.queued_ns, time.perf_counter_ns())
+            stream.answers.put((pending, stream.queued_ns, time.perf_counter_ns()))
             stream.unconsumed += 1
             stream.made += 1
             reply = pending.reply
@@ -356,7 +336,6 @@ class Scheduler:
             stream.sent, stream.sent_at = True, now
             cohort.on_way.add(stream.session_id)
             batch.append(stream)
-            self._give(stream)
         cohort.queued.clear()
         return batch
 

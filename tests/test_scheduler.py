@@ -110,50 +110,6 @@ def test_a_cohort_goes_as_one_message_once_every_member_queued(mesh):
     assert names(mesh.link.next()) == ["s0", "s1", "s2"]
 
 
-def test_an_answer_is_given_when_the_step_made_from_it_goes(mesh):
-    s0 = mesh.stream("s0")
-    first = mesh.link.next()
-    s1 = mesh.stream("s1")  # joins while s0's step is out: from then on they go together
-    mesh.answer(first)
-    assert taken(s0, mesh.scheduler).token_id == 8
-    both = mesh.link.next()
-    assert names(both) == ["s0", "s1"]
-    mesh.answer([st for st in both if st.session_id == "s0"], token=20)
-    time.sleep(0.2)
-    # s0's next step waits for s1's answer, and s0's answer waits with it
-    assert s0.answers.empty() and mesh.link.quiet(0)
-    mesh.answer([st for st in both if st.session_id == "s1"], token=21)
-    assert names(mesh.link.next()) == ["s0", "s1"]
-    assert taken(s0, mesh.scheduler).token_id == 20
-    assert taken(s1, mesh.scheduler).token_id == 21
-
-
-def test_a_reload_gives_the_answers_of_the_steps_it_holds(mesh):
-    s0, _ = mesh.stream("s0"), mesh.stream("s1")
-    out = mesh.link.next()
-    if len(out) == 1:  # s1 joined after s0's step went: both go together from now on
-        mesh.answer(out)
-        taken(s0, mesh.scheduler)
-        out = mesh.link.next()
-    mesh.answer([st for st in out if st.session_id == "s0"], token=30)
-    time.sleep(0.1)
-    assert s0.answers.empty()
-    entered, leave = threading.Event(), threading.Event()
-
-    def reload():
-        with mesh.scheduler.paused():
-            entered.set()
-            leave.wait(5)
-
-    t = threading.Thread(target=reload)
-    t.start()  # it waits for s1's step, out; s0's answer need not wait with it
-    assert taken(s0, mesh.scheduler).token_id == 30 and not entered.is_set()
-    mesh.answer([st for st in out if st.session_id == "s1"])
-    assert entered.wait(5)
-    leave.set()
-    t.join(5)
-
-
 def test_a_member_not_on_its_way_is_waited_for_once_then_not_until_it_queues():
     m = Mesh(max_wait_s=0.3)
     try:
