@@ -74,7 +74,10 @@ class Stream:
     keep_going: Callable[[], bool]  # False: its session wants its own steps again
     answers: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     pending: Pending | None = None  # its step queued or in flight, with:
+    # the step, made once and rewritten for each next one: a step's answer comes only after
+    # its link has serialized it (a copy cost ~3 us a step)
     request: pb.StepRequest | None = None
+    route: tuple[str, ...] = ()  # the template's
     queued_ns: int = 0  # when it was queued (time.perf_counter_ns)
     sent: bool = False  # that step is on its way
     sent_at: float = 0.0  # since when (time.monotonic)
@@ -93,8 +96,11 @@ class _Cohort:
     sent_at: float = 0.0  # when it last went (time.monotonic)
 
     def complete(self) -> bool:
-        """Every member it waits for has its step queued."""
-        return bool(self.queued) and self.members - self.late <= self.queued.keys()
+        """Every member it waits for has its step queued (asked at every step settled: the
+        count first, the sets only once it can be true)."""
+        if not self.queued or len(self.queued) < len(self.members) - len(self.late):
+            return False
+        return self.members - self.late <= self.queued.keys()
 
     def deadline(self, max_wait_s: float, merge_wait_s: float) -> float | None:
         """When its queued steps go without the members still missing (None: none queued)."""
@@ -243,14 +249,18 @@ class Scheduler:
         if stream.unconsumed >= LOOKAHEAD:
             stream.parked = True
             return
-        request = pb.StepRequest()
-        request.CopyFrom(stream.template)
+        request = stream.request
+        if request is None:
+            request = stream.request = pb.StepRequest()
+            request.CopyFrom(stream.template)
+            request.token_ids.append(stream.token)
+            stream.route = tuple(request.route)
         request.start_pos = stream.position
-        request.token_ids.append(stream.token)
-        pending = self.inflight.add(tuple(request.route), on_done=self._settled)
+        request.token_ids[0] = stream.token
+        pending = self.inflight.add(stream.route, on_done=self._settled)
         request.request_id = pending.request_id
         self._by_request[pending.request_id] = stream
-        stream.pending, stream.request, stream.sent = pending, request, False
+        stream.pending, stream.sent = pending, False
         stream.queued_ns = time.perf_counter_ns()
         cohort = self._cohort_of[stream.session_id]
         cohort.queued[stream.session_id] = (stream, time.monotonic())

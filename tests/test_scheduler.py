@@ -18,13 +18,14 @@ from protos import llamadist_pb2 as pb
 
 
 class Link:
-    """Records each message (a list of steps) it is sent."""
+    """Records each message (a list of steps) it is sent, as a copy: a real link serializes
+    the steps as it sends them, and the loop rewrites a stream's step for its next one."""
 
     def __init__(self):
         self.messages: queue.SimpleQueue = queue.SimpleQueue()
 
     def send(self, steps: list[pb.StepRequest]) -> None:
-        self.messages.put(list(steps))
+        self.messages.put([pb.StepRequest.FromString(s.SerializeToString()) for s in steps])
 
     def next(self, timeout_s: float = 5) -> list[pb.StepRequest]:
         return self.messages.get(timeout=timeout_s)
