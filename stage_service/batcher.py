@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 INLINE_MAX_ROWS = 8  # the most input tokens a batch may hold to run on the thread that brings it
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: its fields hold tensors
 class Job:
     step: object  # stage.StepInput
     out: object = None  # stage.StepOutput once done
@@ -123,14 +123,15 @@ class Batcher:
         )
 
     def _run_inline(self, jobs: list[Job]) -> None:
-        gone = [j for j in jobs if j.cancelled is not None and j.cancelled()]
-        batch = [j for j in jobs if j not in gone]
         try:
+            batch, gone = [], []
+            for job in jobs:
+                (gone if job.cancelled is not None and job.cancelled() else batch).append(job)
             with self.around_batch():
                 self._run(batch, gone)
         except Exception:  # a caller's bug must not end the calling thread
             log.exception("the block around a batch failed")
-        finally:
+        finally:  # whatever happened, the compute thread takes the queue again
             with self._cond:
                 self._running = False
                 if self._queue:

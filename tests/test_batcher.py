@@ -8,6 +8,7 @@ import threading
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 
 from protos.errors import Cancelled, Unavailable
 from stage_service.batcher import INLINE_MAX_ROWS, Batcher, Job
@@ -199,5 +200,24 @@ def test_a_small_batch_that_comes_while_one_runs_is_queued_and_batched_with_the_
         assert first.wait(5) and all(e.wait(5) for e in later)
         assert run.ran == [["a"], ["b", "c"]]
         assert threading.get_ident() not in run.threads
+    finally:
+        batcher.close()
+
+
+@dataclass
+class RowsStep(Step):
+    hidden: torch.Tensor = field(default_factory=lambda: torch.ones(1, 4))
+
+
+def test_an_inline_batch_with_a_step_whose_caller_is_gone_answers_it_and_the_stage_goes_on():
+    run = ThreadRecorder()
+    batcher = Batcher(run, max_batch=8, max_batch_tokens=64)
+    try:
+        jobs = [Job(RowsStep("gone"), cancelled=lambda: True), Job(RowsStep("here"))]
+        done = threading.Event()
+        batcher.submit_many(jobs, done.set, inline=True)
+        assert done.is_set() and run.ran == [["here"]]
+        assert isinstance(jobs[0].error, Cancelled) and jobs[1].out == "here"
+        assert batcher.submit(RowsStep("next")) == "next"  # the compute thread still takes work
     finally:
         batcher.close()

@@ -66,6 +66,11 @@ DEADLINE_S = 5.0  # every fuzzed call; past it the call fails as a hang
 # Plan requests: the orchestrator itself waits up to 5 s for a stage that does not answer (a junk
 # address) and then answers UNAVAILABLE naming it; give it the time to say so.
 PLAN_DEADLINE_S = 12.0
+# Generations also get this much a token asked (up to the mesh's context): a sampled one with a
+# repetition penalty takes ~12 ms a token on a 2-core AVX2 machine, so 249 tokens were ~3 s idle
+# and past 5 s under CI's load, without any hang.
+TOKEN_S = 0.04
+MAX_TOKENS = 1024
 TOTAL_REQUESTS = 4100  # README: "the fuzz test sends 4,000 random and mutated requests"
 MIN_TOTAL = 4000
 MIN_PER_RPC = 120  # the lightest RPC (weight 4 of 108) gets 156
@@ -228,6 +233,8 @@ class Fuzzer:
         self.digest.update(f"{rpc} {self.where(address)} {len(canonical)} ".encode() + canonical)
         path = f"/llamadist.{service}/{method}"
         timeout_s = PLAN_DEADLINE_S if method in ("PreviewPlan", "ReloadPlan") else DEADLINE_S
+        if method in ("Generate", "GenerateStream"):
+            timeout_s += TOKEN_S * min(max(asked_tokens(raw), 0), MAX_TOKENS)
         detail = ""
         t0 = time.monotonic()
         try:
@@ -277,6 +284,14 @@ def model_dir(tmp_path_factory, default_model):
 def mesh(model_dir, tmp_path_factory):
     with LocalMesh(str(model_dir), 2, log_dir=tmp_path_factory.mktemp("fuzz-logs")) as m:
         yield m
+
+
+def asked_tokens(raw: bytes) -> int:
+    """The new tokens a GenerateRequest's bytes ask for (0 if they are not one)."""
+    try:
+        return pb.GenerateRequest.FromString(raw).max_new_tokens
+    except DecodeError:
+        return 0
 
 
 def test_fuzz_every_rpc_of_both_services(mesh, model_dir):
