@@ -138,8 +138,7 @@ class HopServer:
             conn.send(MESSAGE, reply.SerializeToString())
 
         try:
-            replies = self.streams.serve(_batches(conn), lambda: conn.closed, write, conn.pending)
-            for reply in replies:
+            for reply in self.streams.serve(_batches(conn), lambda: conn.closed, write):
                 write(reply)  # none: the threads that make the answers write them
             conn.send(END, end_frame(grpc.StatusCode.OK, ""))
         except Gone:
