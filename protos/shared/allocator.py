@@ -3,9 +3,9 @@
 A decode step's hidden rows (64 rows of an 8B model: 512 KiB) pass through several buffers on
 each side of a hop: the tensor's bytes, the message's, the serialized message, the socket's.
 By default glibc serves each from fresh pages (mmap above 128 KiB, or a heap it trims as soon
-as its top is free), and the kernel faults every page in again: in a VM ~4 us a page, ~1.7 ms
-for one 64-row step on the dev machine, against ~0.25 ms once the freed memory is kept
-(`python -m bench.malloc_probe`). So a serving process keeps what it frees for reuse:
+as its top is free), and the kernel faults every page in again: in a VM ~4 us a page. One
+64-row message's work took 2.2 ms on the dev machine (~480 faults), 0.6 ms once the freed memory
+is kept (`python -m bench.malloc_probe`). So a serving process keeps what it frees for reuse:
 - buffers up to MMAP_THRESHOLD come from the heap, not from their own mmap;
 - the heap gives memory back only once more than TRIM_THRESHOLD of it is free at its top.
 Loading a range still hands everything freed back at once (range_holder.release_freed_memory).
