@@ -86,6 +86,7 @@ def build(config: StageConfig) -> BuiltStage:
         stage.ready,
         credentials=credentials,
         interceptors=[StageKeyInterceptor(key)] if key else [],
+        stopped=stage.close,
     )
     server = ServerWithHop(grpc_server, hop)
     if config.insecure_open_stage:

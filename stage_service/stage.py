@@ -61,6 +61,9 @@ class Stage:
         return stage_info(self.holder)
 
     def close(self) -> None:
+        """Ends the compute thread (what is queued is answered Unavailable) and releases the
+        weights cache: for a stage stopped in a process that goes on (tests)."""
+        self.batcher.close()
         self.holder.close()
 
     @property

@@ -4,6 +4,9 @@ readiness our own Health RPC reports, and server reflection lists and describes 
 
 from __future__ import annotations
 
+import threading
+import time
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -130,3 +133,31 @@ def test_with_api_keys_health_is_open_and_reflection_needs_a_key(tiny_root, tmp_
             with pytest.raises(grpc.RpcError) as err:
                 ProtoReflectionDescriptorDatabase(channel).get_services()
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def threads_left(before: set[threading.Thread], wait_s: float = 5.0) -> list[str]:
+    """The threads started since `before` that are still alive after up to `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+def test_stopped_servers_leave_no_thread_behind(tiny_root):
+    """A process that goes on after stopping a stage or an orchestrator (tests, an embedding
+    application) keeps none of their threads: the compute thread and the health watcher end
+    with their server."""
+    model_dir = make_tiny_model(tiny_root, "gqa")
+    before = set(threading.enumerate())
+    server, port, stage = build_stage(StageConfig(model=str(model_dir), port=0, **stage_key()))
+    server.start()
+    stage.load_layers(0, 4, epoch=1)
+    assert check(f"127.0.0.1:{port}") == SERVING
+    assert {"compute", "health-watch"} <= {t.name for t in threading.enumerate()}
+    server.stop(0).wait()  # the stage itself is not closed by hand
+    assert threads_left(before) == []
+    with in_process_mesh(model_dir, 2) as mesh:
+        assert mesh.client.generate(token_ids=[1, 2, 3], max_new_tokens=3).token_ids
+    assert threads_left(before) == []

@@ -62,15 +62,17 @@ def listening_server(
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     max_request_bytes: int = MAX_MESSAGE_BYTES,
-) -> tuple[grpc.Server, int, ReadinessHealth]:
+    stopped: Callable[[], None] = lambda: None,
+) -> tuple[ServerWithHealth, int, ReadinessHealth]:
     """A server (not started) with `servicer` serving `llamadist.<service_name>` on host:port,
     and the standard Health (following `ready()`) and reflection services; port 0 picks a free
     one. With `credentials` the port speaks TLS only (protos/shared/security.py), else plaintext.
     A request message over `max_request_bytes` is refused RESOURCE_EXHAUSTED by gRPC itself,
-    before it is decoded."""
+    before it is decoded. `stopped()` runs once the server has stopped (ServerWithHealth)."""
     options = [o for o in GRPC_OPTIONS if o[0] != "grpc.max_receive_message_length"]
+    workers = futures.ThreadPoolExecutor(max_workers=max_workers)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers),
+        workers,
         options=[*options, ("grpc.max_receive_message_length", max_request_bytes)],
         interceptors=list(interceptors),
     )
@@ -82,4 +84,37 @@ def listening_server(
         bound = server.add_secure_port(f"{host}:{port}", credentials)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
-    return server, bound, health
+    return ServerWithHealth(server, health, workers, stopped), bound, health
+
+
+class ServerWithHealth:
+    """A grpc.Server that leaves nothing running once stopped, for a process that goes on
+    (tests, reloads): stop() ends its Health's watcher (NOT_SERVING from then on) and, once the
+    calls have ended, its worker threads and `stopped()` (a stage's compute thread). Anything
+    else is the server's."""
+
+    def __init__(
+        self,
+        server: grpc.Server,
+        health: ReadinessHealth,
+        workers: futures.ThreadPoolExecutor,
+        stopped: Callable[[], None],
+    ):
+        self._server = server
+        self._health = health
+        self._workers = workers
+        self._stopped = stopped
+
+    def stop(self, grace):
+        self._health.shutdown()
+        done = self._server.stop(grace)
+        threading.Thread(target=self._after, args=(done,), name="stopping", daemon=True).start()
+        return done
+
+    def _after(self, done: threading.Event) -> None:
+        done.wait()
+        self._workers.shutdown(wait=False)
+        self._stopped()
+
+    def __getattr__(self, name: str):
+        return getattr(self._server, name)
