@@ -5,6 +5,12 @@ sessions (and prefills) share each matmul, one segment per session (model.Segmen
 waits for a batch to fill, so a lone session pays no extra latency; under load the batch grows
 with the queue. A step that asks for full logits runs alone (they are per row of its batch).
 
+A small batch that arrives while the compute thread is idle, with nothing else waiting for it on
+its way in, runs on the thread that brought it (`inline`): waking the compute thread cost a
+thread hand-off a step, ~0.1-0.2 ms, and a lone session pays it at every stage. Larger batches,
+and any that come while one runs, are queued: the thread that brings them goes back to reading,
+so the next ones are decoded while this one runs.
+
 Queued work whose caller is gone (`Job.cancelled`) or whose session was ended (`drop`) is
 answered Cancelled instead of computed. If the compute thread ever dies, every waiting and later
 job fails with Unavailable (and the stage's Health says NOT_SERVING): nobody waits forever.
@@ -24,8 +30,10 @@ from protos.errors import Cancelled, Unavailable
 
 log = logging.getLogger(__name__)
 
+INLINE_MAX_ROWS = 8  # the most input tokens a batch may hold to run on the thread that brings it
 
-@dataclass
+
+@dataclass(eq=False)  # a job is itself: its fields hold tensors
 class Job:
     step: object  # stage.StepInput
     out: object = None  # stage.StepOutput once done
@@ -53,6 +61,7 @@ class Batcher:
         self.died: str = ""  # why the compute thread ended, if it did other than by close()
         self._cond = threading.Condition()
         self._closed = False
+        self._running = False  # a batch is running (on the compute thread, or inline)
         self._thread = threading.Thread(target=self._work, name="compute", daemon=True)
         self._thread.start()
 
@@ -69,10 +78,14 @@ class Batcher:
             raise job.error
         return job.out
 
-    def submit_many(self, jobs: list[Job], on_done: Callable[[], None]) -> None:
+    def submit_many(
+        self, jobs: list[Job], on_done: Callable[[], None], inline: bool = False
+    ) -> None:
         """Queues `jobs` together, so that those that fit (distinct sessions, within max_batch
         and max_batch_tokens) run in one forward; `on_done()` runs once, on the compute thread,
-        when the last of them is done."""
+        when the last of them is done. `inline`: the caller has nothing else waiting (its
+        stream holds no more messages); if the jobs are one small batch and the compute thread
+        is idle, they run here and now, and on_done too."""
         left = [len(jobs)]
         lock = threading.Lock()  # the compute thread and close() may finish jobs of one group
 
@@ -90,8 +103,39 @@ class Batcher:
                 raise Unavailable(f"the stage's compute thread died ({self.died})")
             if self._closed:
                 raise Unavailable("the stage is shutting down")
-            self._queue.extend(jobs)
-            self._cond.notify()
+            here = inline and not self._running and not self._queue and self._one_small(jobs)
+            if here:
+                self._running = True
+            else:
+                self._queue.extend(jobs)
+                self._cond.notify()
+        if here:
+            self._run_inline(jobs)
+
+    def _one_small(self, jobs: list[Job]) -> bool:
+        """The jobs make one batch of at most INLINE_MAX_ROWS input tokens."""
+        steps = [job.step for job in jobs]
+        return (
+            len(steps) <= self.max_batch
+            and sum(len(s.token_ids) for s in steps) <= min(INLINE_MAX_ROWS, self.max_batch_tokens)
+            and len({s.session_id for s in steps}) == len(steps)
+            and (len(steps) == 1 or not any(s.return_logits for s in steps))
+        )
+
+    def _run_inline(self, jobs: list[Job]) -> None:
+        try:
+            batch, gone = [], []
+            for job in jobs:
+                (gone if job.cancelled is not None and job.cancelled() else batch).append(job)
+            with self.around_batch():
+                self._run(batch, gone)
+        except Exception:  # a caller's bug must not end the calling thread
+            log.exception("the block around a batch failed")
+        finally:  # whatever happened, the compute thread takes the queue again
+            with self._cond:
+                self._running = False
+                if self._queue:
+                    self._cond.notify()  # what came meanwhile
 
     def drop(self, session_id: str) -> int:
         """Answers the session's queued (not yet running) jobs Cancelled; returns how many."""
@@ -106,9 +150,10 @@ class Batcher:
         """The next batch (maybe empty), and the queued jobs nobody waits for any more; None
         once closed."""
         with self._cond:
-            self._cond.wait_for(lambda: self._queue or self._closed)
+            self._cond.wait_for(lambda: (self._queue and not self._running) or self._closed)
             if self._closed:
                 return None
+            self._running = True
             batch: list[Job] = []
             gone: list[Job] = []
             sessions: set[str] = set()
@@ -157,6 +202,9 @@ class Batcher:
                         self._run(batch, gone)
                 except Exception:  # a caller's bug must not end the compute thread
                     log.exception("the block around a batch failed")
+                finally:
+                    with self._cond:
+                        self._running = False
                 batch = []
         except BaseException as err:
             # SystemExit, KeyboardInterrupt, MemoryError...: this thread ends. Fail what waits

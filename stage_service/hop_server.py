@@ -138,7 +138,8 @@ class HopServer:
             conn.send(MESSAGE, reply.SerializeToString())
 
         try:
-            for reply in self.streams.serve(_batches(conn), lambda: conn.closed, write):
+            replies = self.streams.serve(_batches(conn), lambda: conn.closed, write, conn.pending)
+            for reply in replies:
                 write(reply)  # none: the threads that make the answers write them
             conn.send(END, end_frame(grpc.StatusCode.OK, ""))
         except Gone:

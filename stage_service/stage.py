@@ -104,12 +104,14 @@ class Stage:
         steps: list[StepInput],
         on_done: Callable[[list[Job]], None],
         cancelled: Callable[[], bool] | None = None,
+        inline: bool = False,
     ) -> None:
         """Queues the valid steps together (one batch where they fit) without waiting;
         `on_done(jobs)` runs once, on the compute thread, when all are done: one job per step in
         order, each with its out or its error (a step that fails validation is never queued; if
         none is queued, on_done runs here). No layers or shutting down raise here. Steps still
-        queued when `cancelled()` turns true are dropped (answered Cancelled)."""
+        queued when `cancelled()` turns true are dropped (answered Cancelled). `inline`: the
+        caller has nothing else for this stage now (Batcher.submit_many)."""
         loaded = self.holder.require_loaded()
         jobs = [Job(step, cancelled=cancelled) for step in steps]
         queued = []
@@ -124,7 +126,7 @@ class Stage:
             job.error = non_finite_error()
         queued = [j for j, b in zip(queued, bad, strict=True) if not b]
         if queued:
-            self.batcher.submit_many(queued, lambda: on_done(jobs))
+            self.batcher.submit_many(queued, lambda: on_done(jobs), inline)
         else:
             on_done(jobs)
 

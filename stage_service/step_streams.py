@@ -37,13 +37,16 @@ class StepStreams:
         batches: Iterator[pb.StepBatch],
         gone: Callable[[], bool],
         write: Callable[[pb.StepBatchReply], None] | None = None,
+        more: Callable[[], bool] | None = None,
     ) -> Iterator[pb.StepBatchReply]:
         """One stream: a reader thread queues each batch for the compute thread as it arrives;
         this thread writes what is put on the outbox. It ends when the caller has stopped
         sending and every batch is settled. `gone()`: the caller closed the stream (what it
         queued is dropped). With `write` (the hop socket's) answers are written by the thread
-        that makes them, and this one only waits for the end."""
-        stream = _Stream(self, gone, write)
+        that makes them, and this one only waits for the end. `more()`: whether the caller's
+        next message is already on its way in (the hop socket's; without it no small batch runs
+        on the reader thread, Batcher.submit_many)."""
+        stream = _Stream(self, gone, write, more)
         with self._lock:
             self._outboxes.add(stream.outbox)
             ending = self._closing
@@ -74,11 +77,14 @@ class StepStreams:
             time.sleep(0.05)
         self.forwarder.close()
 
-    def submit(self, batch: pb.StepBatch, settle: Send, gone: Callable[[], bool]) -> None:
+    def submit(
+        self, batch: pb.StepBatch, settle: Send, gone: Callable[[], bool], inline: bool = False
+    ) -> None:
         """Queues a batch's steps together (one batch of the compute thread where they fit).
         When all are done (on the compute thread, or here when none could be queued), each goes
         on to the next stage of its route or is answered. `settle` gets, once per batch, the
-        answers that go back on the batch's own stream (maybe none)."""
+        answers that go back on the batch's own stream (maybe none). `inline`: nothing else
+        waits behind it on its stream (Batcher.submit_many)."""
         requests = list(batch.steps)
         answers: list[pb.StepReply | None] = [None] * len(requests)  # None: sent on
         steps, queued = [], []
@@ -121,7 +127,7 @@ class StepStreams:
             settle(pack(here))
 
         try:
-            self.stage.run_steps(steps, done, gone)
+            self.stage.run_steps(steps, done, gone, inline)
         except Exception as err:  # noqa: BLE001 - no layers, shutting down: every step fails
             for i in queued:
                 answers[i] = error_reply(requests[i], err, requests[i].hop)
@@ -156,10 +162,12 @@ class _Stream:
         streams: StepStreams,
         gone: Callable[[], bool],
         write: Callable[[pb.StepBatchReply], None] | None,
+        more: Callable[[], bool] | None = None,
     ):
         self.streams = streams
         self.gone = gone
         self.write = write
+        self.more = more
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.origins: list[str] = []
         self.submitted = 0  # batches with steps taken from this stream so far
@@ -191,7 +199,8 @@ class _Stream:
                     self.origins.append(batch.origin)
                 if batch.steps:
                     self.submitted += 1
-                    self.streams.submit(batch, self.settle, self.gone)
+                    alone = self.more is not None and not self.more()
+                    self.streams.submit(batch, self.settle, self.gone, alone)
                 else:  # a ping, or an origin's declaration: in force once answered
                     self.outlet([pb.StepBatchReply()])
         except Exception as err:  # noqa: BLE001 - a bad message or a broken stream

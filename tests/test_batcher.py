@@ -8,9 +8,10 @@ import threading
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 
 from protos.errors import Cancelled, Unavailable
-from stage_service.batcher import Batcher, Job
+from stage_service.batcher import INLINE_MAX_ROWS, Batcher, Job
 from stage_service.config import StageConfig
 from stage_service.stage import Stage
 from tests.conftest import make_tiny_model
@@ -143,3 +144,80 @@ def test_queued_work_of_an_ended_session_or_a_gone_caller_is_dropped():
     assert outcomes["first"] == "first" and outcomes["kept"] == "kept"
     assert run.ran == [["first"], ["kept"]]  # neither dropped job was computed
     batcher.close()
+
+
+class ThreadRecorder(Recorder):
+    """Also records the thread each batch ran on."""
+
+    def __init__(self):
+        super().__init__()
+        self.threads: list[int] = []
+
+    def __call__(self, jobs: list[Job]) -> None:
+        self.threads.append(threading.get_ident())
+        super().__call__(jobs)
+
+
+def test_a_small_batch_for_an_idle_compute_thread_runs_on_the_thread_that_brings_it():
+    run = ThreadRecorder()
+    batcher = Batcher(run, max_batch=8, max_batch_tokens=64)
+    done = threading.Event()
+    try:
+        batcher.submit_many([Job(Step("a")), Job(Step("b"))], done.set, inline=True)
+        assert done.is_set()  # ran and answered before submit_many returned
+        assert run.ran == [["a", "b"]] and run.threads == [threading.get_ident()]
+        # not asked to (a message behind it), too many rows, or one session twice: queued
+        many = Step("c", token_ids=list(range(INLINE_MAX_ROWS + 1)))
+        for jobs, inline in (
+            ([Job(Step("x"))], False),
+            ([Job(many)], True),
+            ([Job(Step("d")), Job(Step("d"))], True),
+        ):
+            queued = threading.Event()
+            batcher.submit_many(jobs, queued.set, inline=inline)
+            assert queued.wait(5)
+            assert run.threads[-1] != threading.get_ident()
+    finally:
+        batcher.close()
+
+
+def test_a_small_batch_that_comes_while_one_runs_is_queued_and_batched_with_the_rest():
+    run = ThreadRecorder()
+    batcher = Batcher(run, max_batch=8, max_batch_tokens=64)
+    try:
+        run.hold.clear()
+        first = threading.Event()
+        batcher.submit_many([Job(Step("a"))], first.set)  # the compute thread runs it, held
+        for _ in range(1000):
+            if batcher._running:
+                break
+            threading.Event().wait(0.005)
+        later = [threading.Event(), threading.Event()]
+        batcher.submit_many([Job(Step("b"))], later[0].set, inline=True)
+        batcher.submit_many([Job(Step("c"))], later[1].set, inline=True)
+        assert not later[0].is_set()  # queued, not run here: submit_many returned at once
+        run.hold.set()
+        assert first.wait(5) and all(e.wait(5) for e in later)
+        assert run.ran == [["a"], ["b", "c"]]
+        assert threading.get_ident() not in run.threads
+    finally:
+        batcher.close()
+
+
+@dataclass
+class RowsStep(Step):
+    hidden: torch.Tensor = field(default_factory=lambda: torch.ones(1, 4))
+
+
+def test_an_inline_batch_with_a_step_whose_caller_is_gone_answers_it_and_the_stage_goes_on():
+    run = ThreadRecorder()
+    batcher = Batcher(run, max_batch=8, max_batch_tokens=64)
+    try:
+        jobs = [Job(RowsStep("gone"), cancelled=lambda: True), Job(RowsStep("here"))]
+        done = threading.Event()
+        batcher.submit_many(jobs, done.set, inline=True)
+        assert done.is_set() and run.ran == [["here"]]
+        assert isinstance(jobs[0].error, Cancelled) and jobs[1].out == "here"
+        assert batcher.submit(RowsStep("next")) == "next"  # the compute thread still takes work
+    finally:
+        batcher.close()

@@ -196,6 +196,25 @@ def test_a_big_message_to_a_slow_reader_waits_for_it_rather_than_failing():
         receiver.close()
 
 
+def test_a_reader_knows_whether_the_peers_next_message_is_already_in():
+    """Conn.pending: what lets a stage run a small batch on its reader thread only when no
+    message waits behind it (Batcher.submit_many's inline)."""
+    left, right = socket.socketpair()
+    sender, receiver = Conn(left, "sender"), Conn(right, "receiver")
+    receiver.heartbeat_mode()
+    try:
+        assert not receiver.pending()
+        sender.send(MESSAGE, b"one")
+        sender.send(MESSAGE, b"two")
+        assert receiver.recv() == (MESSAGE, b"one")
+        assert receiver.pending()  # "two" came in with it, or waits in the socket
+        assert receiver.recv() == (MESSAGE, b"two")
+        assert not receiver.pending()
+    finally:
+        sender.close()
+        receiver.close()
+
+
 def test_a_connection_refusing_sends_sends_nothing_more():
     """What a stopping stage does to every connection before it closes any (so that a step cut
     off by one close is not answered on another)."""

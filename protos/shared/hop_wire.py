@@ -171,6 +171,17 @@ class Conn:
             elif frame[0] != PING:
                 return frame
 
+    def pending(self) -> bool:
+        """Bytes of the peer's are here or on their way in (the reading thread's question)."""
+        if self._buffer:
+            return True
+        if self._poll is None:
+            return True  # not in heartbeat mode: cannot tell
+        try:
+            return bool(self._poll.poll(0))
+        except (OSError, ValueError):
+            return True
+
     def _frame(self) -> tuple[int, bytes] | None:
         buffer = self._buffer
         if len(buffer) < HEADER.size:
