@@ -7,8 +7,9 @@ instead). Kernels: fp32 and bf16 `linear`; weight-only int8 (`torch._weight_int8
 fp32 and bf16 activations), which computes exactly x @ dequant(W).T; fbgemm's dynamic int8
 linear, which also rounds the activations to int8 (fast, but not the dequantized model's math);
 dequantize-then-fp32 as the naive reference; and our own int8 and int4 (group 32) kernels
-(stage_service/kernels/qlinear.c), float32 activations, weights dequantized in registers.
-Prints ms per matrix and GB/s of weight bytes.
+(stage_service/kernels/qlinear.c), float32 activations, weights dequantized in registers, and
+its float32 one (f_linear: what a CPU stage's batch-invariant default runs).
+Prints ms per matrix, GB/s of weight bytes and GFLOP/s (2 x rows x N x K a matrix).
 
 Usage: PYTHONPATH=. python bench/cpu_kernels.py [--rows 1,64] [--threads 1] [--only NAMES]
 """
@@ -24,6 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from stage_service import cpu_kernels
 from stage_service.quant import Int4Weight, Int8Weight
 
 # SmolLM2-135M (the default model): q and o, k and v (3 kv heads of 64), gate and up, down, head
@@ -62,7 +64,18 @@ def kernels(w: torch.Tensor) -> dict[str, tuple[Callable, int]]:
     lin = fbgemm_dynamic(w, scale)
     n, k = w.shape
     ours8, ours4 = Int8Weight.quantize(w, 64 if n < 10000 else 0), Int4Weight.quantize(w, 32)
+    found = {}
+    ours, _ = cpu_kernels.load()
+    if ours is not None:
+
+        def ours_f32(x, xb):
+            y = torch.empty(x.shape[0], n)
+            ours.f_linear(x, w, None, y)
+            return y
+
+        found["ours fp32"] = (ours_f32, n * k * 4)
     return {
+        **found,
         "fp32": (lambda x, xb: F.linear(x, w), n * k * 4),
         "bf16": (lambda x, xb: F.linear(xb, wb), n * k * 2),
         "int8 weight-only, fp32 x": (lambda x, xb: torch._weight_int8pack_mm(x, wq, scale), n * k),
@@ -95,7 +108,7 @@ def measure(shape: tuple[int, int], rows: int, budget_bytes: int, repeats: int, 
                 fn(x, xb)
             times.append((time.perf_counter() - t0) / len(fns))
         ms = statistics.median(times) * 1e3
-        out[name] = (ms, sets[0][name][1] / (ms / 1e3) / 1e9)
+        out[name] = (ms, sets[0][name][1] / (ms / 1e3) / 1e9, 2 * rows * n * k / (ms / 1e3) / 1e9)
     return out
 
 
@@ -109,11 +122,16 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     for rows in (int(r) for r in a.rows.split(",")):
-        print(f"--- {rows} row(s), {a.threads} thread(s): ms per matrix (GB/s of its weights)")
+        print(
+            f"--- {rows} row(s), {a.threads} thread(s): ms per matrix "
+            "(GB/s of its weights, GFLOP/s)"
+        )
         for label, shape in SHAPES.items():
             budget = a.budget_mb << 20 if shape[0] < 10000 else 4 * shape[0] * shape[1] * 3
             res = measure(shape, rows, budget, a.repeats, a.only)
-            cells = "  ".join(f"{name} {ms:.3f} ({gbs:.0f})" for name, (ms, gbs) in res.items())
+            cells = "  ".join(
+                f"{name} {ms:.3f} ({gb:.0f}, {fl:.0f})" for name, (ms, gb, fl) in res.items()
+            )
             print(f"{label:18s} {cells}")
 
 
