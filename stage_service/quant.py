@@ -34,7 +34,10 @@ class _Quantized:
     shape: tuple[int, int]  # (N outputs, K inputs)
     # From this many rows on (prefill, large batches), blocks of channels are dequantized into
     # a cache-sized float32 buffer for torch's matmul, which reuses each weight for every row;
-    # below it the kernel dequantizes in registers, per row (measured: bench/CPU_NOTES.md).
+    # below it the kernel dequantizes in registers, per row. The crossovers measured on an AVX2
+    # EPYC and an AVX-512/AMX Xeon (bench/CPU_NOTES.md, 2026-12-03: the kernel against the
+    # blocks at 1-64 rows): int8's kernel wins up to 16 rows on both, int4's up to 4 (at 8 the
+    # two CPUs disagree).
     many_rows: int
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -73,7 +76,7 @@ class _Quantized:
 
 
 class Int8Weight(_Quantized):
-    many_rows = 8
+    many_rows = 17
 
     def __init__(self, data: torch.Tensor, scale: torch.Tensor, group: int, shape):
         self.data = data  # int8, layout in kernels/qlinear.c
@@ -127,7 +130,7 @@ class Int8Weight(_Quantized):
 
 
 class Int4Weight(_Quantized):
-    many_rows = 4
+    many_rows = 5
 
     def __init__(self, data: torch.Tensor, scale, minimum, group: int, shape):
         self.data = data  # uint8, two weights a byte, layout in kernels/qlinear.c

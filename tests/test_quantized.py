@@ -33,10 +33,10 @@ def test_the_kernels_are_built_here():
     assert kernels is not None, why
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 31, 32, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 17, 31, 32, 40])
 @pytest.mark.parametrize("shape", [(101, 48), (7, 64), (200, 96), (64, 160)])
 def test_kernels_equal_float_matmul_on_dequantized_weights(shape, rows):
-    """Every path of the kernels (1-3 rows, channel tails, the blocked path for many rows,
+    """Every path of the kernels (each side of many_rows, channel tails, the blocked path,
     partial int4 groups) against F.linear on the dequantized matrix."""
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(shape, generator=g)
