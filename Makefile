@@ -27,9 +27,11 @@ run: install
 
 # -rfEs: the short summary names every failure and error and says why each skip skipped
 # (`-rs` alone would drop the failures from it); LLAMADIST_REQUIRE makes chosen skips fail.
+# A test that runs past faulthandler_timeout prints every thread's stack (pyproject.toml: 120 s;
+# the slow pass, whose fuzz and soak tests run minutes by design, waits 600 s).
 test: install
 	$(PY) -m pytest -q -rfEs -m "not slow" tests
-	$(PY) -m pytest -q -rfEs -m slow tests
+	$(PY) -m pytest -q -rfEs -m slow -o faulthandler_timeout=600 tests
 
 # The contract suites with every step link on gRPC (ForwardStream), the hop socket's fallback
 # (--hop grpc); `make test` runs them on the hop socket, the default.
