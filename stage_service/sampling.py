@@ -107,14 +107,11 @@ def sample_rows(
     """logits: [n, vocab] float32, one row per session. Greedy rows without a repetition penalty
     are decided together (one copy to the host for all of them), the others one by one; a row
     that fails gets its exception, the other rows their (token id, log-probability).
-    batch_invariant: every row on its own (`sample`), so that a row's log-probability does not
-    depend on the rows beside it (a reduction over [n, vocab] may split rows by n)."""
+    batch_invariant: the greedy rows' log-sum-exp row by row (`logsumexp_rows`), so that a
+    row's log-probability does not depend on the rows beside it (a reduction over [n, vocab]
+    may split rows by n); their argmax is exact either way, and the other rows go one by one."""
     results: list[tuple[int, float] | Exception | None] = [None] * len(params)
-    fast = (
-        []
-        if batch_invariant
-        else [i for i, p in enumerate(params) if p.greedy and p.repetition_penalty == 1.0]
-    )
+    fast = [i for i, p in enumerate(params) if p.greedy and p.repetition_penalty == 1.0]
     if fast:
         rows = logits if len(fast) == len(params) else logits[fast]
         tokens = rows.argmax(-1)

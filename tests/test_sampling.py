@@ -127,3 +127,24 @@ def test_sample_rows_equals_sampling_each_row():
     ]
     top5 = set(torch.topk(logits[3], 5).indices.tolist())
     assert {d[3][0] for d in draws} <= top5 and len({d[3][0] for d in draws}) > 1
+
+
+@pytest.mark.parametrize("vocab", [50, 49152])
+def test_batch_invariant_rows_equal_each_row_alone_bit_for_bit(vocab):
+    """With batch_invariant, a row's token and log-probability are the same bits whatever rows
+    share its step (greedy rows are decided together, their log-sum-exp row by row)."""
+    logits = torch.randn(9, vocab, generator=torch.Generator().manual_seed(5)) * 4
+    params = [Sampling(), Sampling(temperature=0.7, seed=1), *[Sampling()] * 6, Sampling()]
+    seen = [[3]] * len(params)
+
+    def gens(idx):
+        return [draw_generator(params[i].seed, 20 + i, CPU) for i in idx]
+
+    crowded = sample_rows(logits, params, seen, gens(range(9)), batch_invariant=True)
+    for i in range(9):
+        alone = sample_rows(logits[i : i + 1], params[i : i + 1], seen[:1], gens([i]), True)
+        assert crowded[i] == alone[0], f"row {i}"
+    # and a subset, in another order, gives each row the same bits again
+    order = [8, 2, 1, 5]
+    picked = sample_rows(logits[order], [params[i] for i in order], seen[:4], gens(order), True)
+    assert picked == [crowded[i] for i in order]
