@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from stage_service import cpu_kernels
+from stage_service.packed import PackedFloat
 from stage_service.quant import Int4Weight, Int8Weight
 
 # SmolLM2-135M (the default model): q and o, k and v (3 kv heads of 64), gate and up, down, head
@@ -67,10 +68,11 @@ def kernels(w: torch.Tensor) -> dict[str, tuple[Callable, int]]:
     found = {}
     ours, _ = cpu_kernels.load()
     if ours is not None:
+        packed = PackedFloat.pack(w)
 
         def ours_f32(x, xb):
             y = torch.empty(x.shape[0], n)
-            ours.f_linear(x, w, None, y)
+            ours.f_linear(x, packed, None, y)
             return y
 
         found["ours fp32"] = (ours_f32, n * k * 4)

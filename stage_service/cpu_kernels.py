@@ -63,12 +63,13 @@ class Kernels:
             _P, _I, _I, _P, ctypes.c_float, _I, ctypes.POINTER(QMat), _P, _P, ctypes.c_int,
         )  # fmt: skip
 
-    def f_linear(self, x, w: torch.Tensor, bias, y) -> None:
-        """y[M, N] = x[M, K] @ w.T + bias for float32, bfloat16 or float16 weights [N, K]
-        (float32 x, y, bias), each output's sum in an order fixed whatever M is."""
+    def f_linear(self, x, w, bias, y) -> None:
+        """y[M, N] = x[M, K] @ W.T + bias for a packed float32, bfloat16 or float16 matrix
+        (packed.PackedFloat; float32 x, y, bias), each output's sum in an order fixed whatever M
+        is."""
         rows, k = x.shape
         self._f(
-            x.data_ptr(), rows, k, w.data_ptr(), FORMATS[w.dtype], _ptr(bias), y.data_ptr(),
+            x.data_ptr(), rows, k, w.data.data_ptr(), FORMATS[w.dtype], _ptr(bias), y.data_ptr(),
             y.shape[1], torch.get_num_threads(),
         )  # fmt: skip
 

@@ -20,6 +20,7 @@ from protos.errors import FailedPrecondition
 from protos.shared.model_files import LlamaArgs
 from stage_service import cpu_kernels
 from stage_service.model import RangeModel, RangeWeights, Segment
+from stage_service.packed import PackedFloat
 from stage_service.quant import Int4Weight, Int8Weight
 
 FLOAT_FORMATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -32,11 +33,10 @@ def _qmat(w, bias: torch.Tensor | None, keep: list) -> cpu_kernels.QMat:
         keep.append(bias)
     n, k = w.shape
     fields = dict(n=n, k=k, bias=bias.data_ptr() if bias is not None else None)
-    if isinstance(w, torch.Tensor):
-        w = w.contiguous()
-        keep.append(w)
+    if isinstance(w, PackedFloat):
         fmt = cpu_kernels.FORMATS[w.dtype]
-        return cpu_kernels.QMat(format=fmt, group=0, data=w.data_ptr(), **fields)
+        return cpu_kernels.QMat(format=fmt, group=0, data=w.data.data_ptr(), **fields)
+    assert not isinstance(w, torch.Tensor), "float matrices go packed (pack_floats)"
     four = isinstance(w, Int4Weight)
     return cpu_kernels.QMat(
         format=cpu_kernels.FORMATS["int4" if four else "int8"], group=w.group,
@@ -54,7 +54,26 @@ def _float32(t: torch.Tensor, keep: list) -> int:
 def _supported(w) -> bool:
     if isinstance(w, torch.Tensor):
         return w.dtype in FLOAT_FORMATS
-    return isinstance(w, Int8Weight | Int4Weight)
+    return isinstance(w, Int8Weight | Int4Weight | PackedFloat)
+
+
+def _packed(w):
+    """A float matrix packed for the C kernels (quantized and packed ones as they are)."""
+    return PackedFloat.pack(w) if isinstance(w, torch.Tensor) else w
+
+
+def pack_floats(weights: RangeWeights) -> None:
+    """Replaces the range's float matrices by their packed form, in place: the C layers read
+    that layout, and the torch path still runs on it (packed.py). A tied head stays one matrix
+    with the embedding."""
+    for w in weights.layers:
+        w.wqkv, w.wo = _packed(w.wqkv), _packed(w.wo)
+        w.w_gate_up, w.w_down = _packed(w.w_gate_up), _packed(w.w_down)
+    if weights.head is not None:
+        tied = weights.head is weights.embed
+        weights.head = _packed(weights.head)
+        if tied:
+            weights.embed = weights.head
 
 
 class FusedLayers:
@@ -65,6 +84,8 @@ class FusedLayers:
     ):
         self.kernels = kernels
         self.every_step = every_step  # the batch-invariant use: all steps run here
+        if every_step:
+            pack_floats(weights)
         self.act = cpu_kernels.FORMATS[weights.layers[0].input_norm.dtype]
         self._keep: list[torch.Tensor] = []  # tensors the structs point into
         a = args

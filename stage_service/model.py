@@ -39,7 +39,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 @dataclass
 class LayerWeights:
     """One decoder layer; q/k/v and gate/up are fused into one matrix each at load time. The
-    matrices are float tensors or quantized (stage_service/quant.py)."""
+    matrices are float tensors, quantized (stage_service/quant.py) or packed for the CPU's C
+    layers (stage_service/packed.py)."""
 
     input_norm: torch.Tensor
     wqkv: torch.Tensor | QuantWeight  # [(H + 2*Hkv) * D, hidden]

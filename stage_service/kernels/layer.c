@@ -32,8 +32,8 @@ void q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t g
 void f_linear(const float *x, int64_t M, int64_t K, const void *w, int64_t fmt, const float *bias,
               float *y, int64_t N, int threads);
 
-/* A matrix as quant.py (Q8, Q4) or torch (F32, BF16, F16: [n, k] rows) holds it; mins only for
- * Q4; bias float32 or NULL. */
+/* A matrix as quant.py (Q8, Q4) or packed.py (F32, BF16, F16) holds it; mins only for Q4;
+ * bias float32 or NULL. */
 typedef struct {
     int64_t format, n, k, group;
     const void *data;

@@ -22,14 +22,17 @@
  * (prefill, large batches) are better served by torch's float32 matmul on blocks dequantized by
  * *_dequant (see quant.py), except in the batch-invariant mode, which keeps to these kernels.
  *
- * f_linear does the same for plain float32, bfloat16 or float16 weights ([N, K] rows as torch
- * holds them), for that mode: torch's matmul picks its reduction order by the number of rows.
+ * f_linear does the same for float32, bfloat16 or float16 weights (packed: see its section),
+ * for that mode: torch's matmul picks its reduction order by the number of rows.
  *
  * Batch invariance: every output y[m][n] is computed by the same sequence of operations
- * whatever M is and wherever row m sits (8-lane sums over K in order, one horizontal sum, the
- * K % 8 tail in order), and threads split output channels, never a sum. Compiled as ISO C
+ * whatever M is and wherever row m sits (quantized: 8-lane sums over K in order, one horizontal
+ * sum, the K % 8 tail in order; float: one chain over K), and threads split output channels,
+ * never a sum. Compiled as ISO C
  * (-std=c11), gcc contracts no a * b + c into an FMA of its own and reorders no float sum.
  */
+#include <math.h>
+
 #include "formats.h"
 
 #define PREFETCH 1024 /* bytes ahead of the weight stream */
@@ -157,63 +160,123 @@ void q8_dequant(const int8_t *w, int64_t group, const float *scale, int64_t K, i
 
 /* ---------------------------------------------------------------- float weights */
 
-/* R rows of x (1 or 2) against C consecutive weight rows from n0 (1 to 4): out[r * C + c].
- * Each (row, channel) sum is the same operations for any R and C. */
-static inline __attribute__((always_inline)) void f_tile(int fmt, int R, int C, const float *x,
-                                                         int64_t K, const void *w, int64_t n0,
-                                                         float *out) {
-    __m256 acc[2][4];
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-        __m256 xv[2];
-        for (int r = 0; r < R; r++) xv[r] = _mm256_loadu_ps(x + r * K + k);
-        for (int c = 0; c < C; c++) {
-            __m256 wv = load8(fmt, w, (n0 + c) * K + k);
-            for (int r = 0; r < R; r++) acc[r][c] = _mm256_fmadd_ps(xv[r], wv, acc[r][c]);
+/* Float matrices (F32, BF16, F16) in the packed layout of stage_service/packed.py: blocks of
+ * FB output channels, each block K-major, so that one step of k reads the block's FB weights
+ * of input k side by side: element (n, k) at ((n / FB) * K + k) * FB + n % FB; the last N % FB
+ * channels follow as plain rows. A tile of R rows and V blocks keeps R * 2V sums in registers
+ * and broadcasts each x[r][k] once for all of them (an outer product per k), so a weight loaded
+ * is used by R rows, an x loaded by 16V channels.
+ *
+ * Each output is one chain of FMAs over k = 0 .. K - 1 in order, from zero, then + bias: the
+ * same operations whatever R, V, M or the thread count (the batch-invariant mode). A plain
+ * row's chain is scalar fmaf, which rounds as one lane of the vector FMA does. */
+#define FB 16
+
+static inline __attribute__((always_inline)) void f_tile(int fmt, int R, int V, const float *x,
+                                                         int64_t K, const void *w, int64_t b0,
+                                                         const float *bias, float *y, int64_t N) {
+    __m256 acc[12]; /* acc[r * 2V + c]: R * 2V <= 12 */
+#pragma GCC unroll 12
+    for (int i = 0; i < R * 2 * V; i++) acc[i] = _mm256_setzero_ps();
+    const char *wb = (const char *)w + b0 * K * FB * (fmt == F32 ? 4 : 2);
+    for (int64_t k = 0; k < K; k++) {
+        __m256 wv[4];
+        for (int v = 0; v < V; v++) {
+            wv[2 * v] = load8(fmt, wb, (v * K + k) * FB);
+            wv[2 * v + 1] = load8(fmt, wb, (v * K + k) * FB + 8);
+        }
+        for (int r = 0; r < R; r++) {
+            __m256 xv = _mm256_broadcast_ss(x + r * K + k);
+            for (int c = 0; c < 2 * V; c++)
+                acc[r * 2 * V + c] = _mm256_fmadd_ps(xv, wv[c], acc[r * 2 * V + c]);
         }
     }
+    float sums[12 * 8]; /* the registers, stored once: only constant indexes touch acc */
+#pragma GCC unroll 12
+    for (int i = 0; i < R * 2 * V; i++) _mm256_storeu_ps(sums + 8 * i, acc[i]);
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) {
-            float s = hsum(acc[r][c]);
-            for (int64_t j = k; j < K; j++) s += x[r * K + j] * load1(fmt, w, (n0 + c) * K + j);
-            out[r * C + c] = s;
+        for (int c = 0; c < 2 * V; c++) {
+            int64_t n = b0 * FB + c * 8;
+            const float *s = sums + 8 * (r * 2 * V + c);
+            float *out = y + r * N + n;
+            __m256 v = _mm256_loadu_ps(s);
+            if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n));
+            _mm256_storeu_ps(out, v);
         }
 }
 
-static inline __attribute__((always_inline)) void f_linear_fmt(int fmt, const float *x, int64_t M,
-                                                               int64_t K, const void *w,
-                                                               const float *bias, float *y,
-                                                               int64_t N, int threads) {
-    FOR_BLOCKS(threads, N, {
-        float out[8];
-        int64_t m = 0;
-        for (; m + 2 <= M; m += 2) { /* rows in pairs: each weight loaded once per pair */
-            f_tile(fmt, 2, 4, x + m * K, K, w, b * 4, out);
-            for (int r = 0; r < 2; r++)
-                for (int c = 0; c < 4; c++)
-                    y[(m + r) * N + b * 4 + c] = out[r * 4 + c] + (bias ? bias[b * 4 + c] : 0.0f);
-        }
-        for (; m < M; m++) {
-            f_tile(fmt, 1, 4, x + m * K, K, w, b * 4, out);
-            for (int c = 0; c < 4; c++) y[m * N + b * 4 + c] = out[c] + (bias ? bias[b * 4 + c] : 0.0f);
-        }
-    });
-    for (int64_t n = N / 4 * 4; n < N; n++)
+/* The last N % FB channels, plain rows from channel n0, for every row of x. */
+static void f_plain(int fmt, const float *x, int64_t M, int64_t K, const void *w, int64_t n0,
+                    const float *bias, float *y, int64_t N) {
+    for (int64_t n = n0; n < N; n++)
         for (int64_t m = 0; m < M; m++) {
-            float out[1];
-            f_tile(fmt, 1, 1, x + m * K, K, w, n, out);
-            y[m * N + n] = out[0] + (bias ? bias[n] : 0.0f);
+            float acc = 0.0f;
+            for (int64_t k = 0; k < K; k++) acc = fmaf(x[m * K + k], load1(fmt, w, n * K + k), acc);
+            y[m * N + n] = acc + (bias ? bias[n] : 0.0f);
         }
 }
 
-/* y[M, N] = x[M, K] @ W.T + bias, W [N, K] in format fmt (F32, BF16 or F16), float32 x and y. */
+/* Rows m .. m + R - 1 against blocks [b, b + V) */
+#define F_TILE(R, V) f_tile(fmt, R, V, x + m * K, K, w, b, bias, y + m * N, N)
+
+/* Blocks [b0, b1) of the output for every row: a block's weights (FB * K values) are read from
+ * memory once and stay in cache while every tile of rows passes over them. */
+static inline __attribute__((always_inline)) void f_blocks(int fmt, const float *x, int64_t M,
+                                                           int64_t K, const void *w,
+                                                           const float *bias, float *y, int64_t N,
+                                                           int64_t b0, int64_t b1) {
+    if (M <= 3) { /* few rows: 2 to 4 blocks at a time, for enough independent sums */
+        int64_t b = b0, m = 0;
+        for (; b + 2 <= b1; b += 2) {
+            if (M == 1) F_TILE(1, 2);
+            else if (M == 2) F_TILE(2, 2);
+            else F_TILE(3, 2);
+        }
+        for (; b < b1; b++) {
+            if (M == 1) F_TILE(1, 1);
+            else if (M == 2) F_TILE(2, 1);
+            else F_TILE(3, 1);
+        }
+        return;
+    }
+    for (int64_t b = b0; b < b1; b++) {
+        int64_t m = 0;
+        for (; m + 6 <= M; m += 6) F_TILE(6, 1);
+        switch (M - m) {
+        case 5: F_TILE(5, 1); break;
+        case 4: F_TILE(4, 1); break;
+        case 3: F_TILE(3, 1); break;
+        case 2: F_TILE(2, 1); break;
+        case 1: F_TILE(1, 1); break;
+        }
+    }
+}
+
+static void f_linear_f32(const float *x, int64_t M, int64_t K, const void *w, const float *bias,
+                         float *y, int64_t N, int64_t b0, int64_t b1) {
+    f_blocks(F32, x, M, K, w, bias, y, N, b0, b1);
+}
+
+static void f_linear_bf16(const float *x, int64_t M, int64_t K, const void *w, const float *bias,
+                          float *y, int64_t N, int64_t b0, int64_t b1) {
+    f_blocks(BF16, x, M, K, w, bias, y, N, b0, b1);
+}
+
+static void f_linear_f16(const float *x, int64_t M, int64_t K, const void *w, const float *bias,
+                         float *y, int64_t N, int64_t b0, int64_t b1) {
+    f_blocks(F16, x, M, K, w, bias, y, N, b0, b1);
+}
+
+/* y[M, N] = x[M, K] @ W.T + bias, W packed (above) in format fmt, float32 x and y. Threads
+ * take runs of blocks. */
 void f_linear(const float *x, int64_t M, int64_t K, const void *w, int64_t fmt, const float *bias,
               float *y, int64_t N, int threads) {
-    if (fmt == F32) f_linear_fmt(F32, x, M, K, w, bias, y, N, threads);
-    else if (fmt == BF16) f_linear_fmt(BF16, x, M, K, w, bias, y, N, threads);
-    else f_linear_fmt(F16, x, M, K, w, bias, y, N, threads);
+    void (*run)(const float *, int64_t, int64_t, const void *, const float *, float *, int64_t,
+                int64_t, int64_t) = fmt == F32 ? f_linear_f32 : fmt == BF16 ? f_linear_bf16 : f_linear_f16;
+    int64_t blocks = N / FB, per = (blocks + threads - 1) / threads;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int t = 0; t < threads; t++) run(x, M, K, w, bias, y, N, t * per, min64((t + 1) * per, blocks));
+    f_plain((int)fmt, x, M, K, w, blocks * FB, bias, y, N);
 }
 
 /* ---------------------------------------------------------------- int4 */
