@@ -70,12 +70,18 @@ def kernels(w: torch.Tensor) -> dict[str, tuple[Callable, int]]:
     if ours is not None:
         packed = PackedFloat.pack(w)
 
-        def ours_f32(x, xb):
-            y = torch.empty(x.shape[0], n)
-            ours.f_linear(x, packed, None, y)
-            return y
+        def ours_f32(isa):
+            def run(x, xb):
+                ours.use_isa(isa)
+                y = torch.empty(x.shape[0], n)
+                ours.f_linear(x, packed, None, y)
+                return y
 
-        found["ours fp32"] = (ours_f32, n * k * 4)
+            return run
+
+        found["ours fp32"] = (ours_f32(None), n * k * 4)  # the best this CPU has
+        if ours.use_isa(None) != "avx2":
+            found["ours fp32 avx2"] = (ours_f32("avx2"), n * k * 4)
     return {
         **found,
         "fp32": (lambda x, xb: F.linear(x, w), n * k * 4),

@@ -37,6 +37,8 @@ HEADERS = (KERNELS / "formats.h",)  # included by the sources: part of the libra
 # ISO C (-std=c11): no FMA contraction or float reordering of the compiler's own, which the
 # batch-invariant mode relies on (kernels/qlinear.c).
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC", "-std=c11")
+# What f_linear can run, by kernel_isa's numbers (qlinear.c): picked at run time by the CPU.
+ISAS = ("avx2", "avx512")
 # Matrix formats of kernels/layer.c's QMat, and activation dtypes (F32, BF16, F16) for it.
 FORMATS = {"int8": 0, "int4": 1, torch.float32: 2, torch.bfloat16: 3, torch.float16: 4}
 
@@ -54,6 +56,9 @@ class Kernels:
         self._q4 = _fn(lib.q4_linear, _P, _I, _I, _P, _I, _P, _P, _P, _P, _I, _P, ctypes.c_int)
         self._q4_dequant = _fn(lib.q4_dequant, _P, _I, _P, _P, _I, _I, _I, _I, _P)
         self._f = _fn(lib.f_linear, _P, _I, _I, _P, _I, _P, _P, _I, ctypes.c_int)
+        self._isa = lib.kernel_isa
+        self._isa.argtypes, self._isa.restype = [ctypes.c_int], ctypes.c_int
+        self.isa = ISAS[self._isa(-1)]  # the best this CPU has
         self.layer_rows = _fn(
             lib.layer_rows,
             ctypes.POINTER(LayerArgs), _P, _I, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int,
@@ -62,6 +67,12 @@ class Kernels:
             lib.head_rows,
             _P, _I, _I, _P, ctypes.c_float, _I, ctypes.POINTER(QMat), _P, _P, ctypes.c_int,
         )  # fmt: skip
+
+    def use_isa(self, name: str | None) -> str:
+        """Makes f_linear run `name` (ISAS; None: the best this CPU has) where the CPU has it;
+        returns the one in force. Every choice gives the same bits (qlinear.c)."""
+        self.isa = ISAS[self._isa(-1 if name is None else ISAS.index(name))]
+        return self.isa
 
     def f_linear(self, x, w, bias, y) -> None:
         """y[M, N] = x[M, K] @ W.T + bias for a packed float32, bfloat16 or float16 matrix

@@ -52,3 +52,28 @@ def test_each_output_is_the_same_bits_whatever_rows_share_the_call(shape, dtype,
             torch.testing.assert_close(y, F.linear(x[:rows], w.float(), bias), atol=2e-5, rtol=0)
     finally:
         torch.set_num_threads(before)
+
+
+KERNELS = cpu_kernels.load()[0]
+
+
+@pytest.mark.skipif(
+    KERNELS is None or "avx512f" not in cpu_kernels.cpu_flags(), reason="this CPU has no AVX-512"
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_avx512_kernel_gives_the_avx2_kernels_bits(shape, dtype):
+    """A stage on an AVX-512 CPU computes what one on an AVX2 CPU does, bit for bit (a replica
+    on the other kind replays a session exactly)."""
+    w = matrix(*shape, dtype)
+    packed = PackedFloat.pack(w)
+    bias = torch.randn(shape[0], generator=torch.Generator().manual_seed(1))
+    x = torch.randn(64, shape[1], generator=torch.Generator().manual_seed(2))
+    try:
+        for rows in (1, 2, 3, 5, 8, 9, 64):
+            assert KERNELS.use_isa("avx512") == "avx512"
+            wide = packed.linear(x[:rows], bias)
+            assert KERNELS.use_isa("avx2") == "avx2"
+            assert torch.equal(wide, packed.linear(x[:rows], bias)), rows
+    finally:
+        KERNELS.use_isa(None)

@@ -267,12 +267,135 @@ static void f_linear_f16(const float *x, int64_t M, int64_t K, const void *w, co
     f_blocks(F16, x, M, K, w, bias, y, N, b0, b1);
 }
 
+/* The same tiles in AVX-512 where the CPU has it (chosen at run time: kernel_isa): a block
+ * is one 16-lane register, tiles of up to 8 rows x 2 blocks (1-3 rows x 4). Every lane runs
+ * the chain the AVX2 code runs for its output, so the two give the same bits. */
+#define AVX512 __attribute__((target("avx512f")))
+
+static inline AVX512 __attribute__((always_inline)) __m512 load16(int fmt, const void *p, int64_t i) {
+    if (fmt == F32) return _mm512_loadu_ps((const float *)p + i);
+    __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+    if (fmt == F16) return _mm512_cvtph_ps(v);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+static inline AVX512 __attribute__((always_inline)) void f_tile16(int fmt, int R, int V,
+                                                                 const float *x, int64_t K,
+                                                                 const void *w, int64_t b0,
+                                                                 const float *bias, float *y,
+                                                                 int64_t N) {
+    __m512 acc[16]; /* acc[r * V + v]: R * V <= 16 */
+#pragma GCC unroll 16
+    for (int i = 0; i < R * V; i++) acc[i] = _mm512_setzero_ps();
+    const char *wb = (const char *)w + b0 * K * FB * (fmt == F32 ? 4 : 2);
+    for (int64_t k = 0; k < K; k++) {
+        __m512 wv[4];
+        for (int v = 0; v < V; v++) wv[v] = load16(fmt, wb, (v * K + k) * FB);
+        for (int r = 0; r < R; r++) {
+            __m512 xv = _mm512_set1_ps(x[r * K + k]);
+            for (int v = 0; v < V; v++) acc[r * V + v] = _mm512_fmadd_ps(xv, wv[v], acc[r * V + v]);
+        }
+    }
+    float sums[16 * 16];
+#pragma GCC unroll 16
+    for (int i = 0; i < R * V; i++) _mm512_storeu_ps(sums + 16 * i, acc[i]);
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < V; v++) {
+            int64_t n = (b0 + v) * FB;
+            __m512 s = _mm512_loadu_ps(sums + 16 * (r * V + v));
+            if (bias) s = _mm512_add_ps(s, _mm512_loadu_ps(bias + n));
+            _mm512_storeu_ps(y + r * N + n, s);
+        }
+}
+
+#define F_TILE16(R, V) f_tile16(fmt, R, V, x + m * K, K, w, b, bias, y + m * N, N)
+
+static inline AVX512 __attribute__((always_inline)) void f_blocks16(int fmt, const float *x,
+                                                                   int64_t M, int64_t K,
+                                                                   const void *w,
+                                                                   const float *bias, float *y,
+                                                                   int64_t N, int64_t b0,
+                                                                   int64_t b1) {
+    if (M <= 3) {
+        int64_t b = b0, m = 0;
+        for (; b + 4 <= b1; b += 4) {
+            if (M == 1) F_TILE16(1, 4);
+            else if (M == 2) F_TILE16(2, 4);
+            else F_TILE16(3, 4);
+        }
+        for (; b < b1; b++) {
+            if (M == 1) F_TILE16(1, 1);
+            else if (M == 2) F_TILE16(2, 1);
+            else F_TILE16(3, 1);
+        }
+        return;
+    }
+    int64_t b = b0;
+    for (; b + 2 <= b1; b += 2) {
+        int64_t m = 0;
+        for (; m + 8 <= M; m += 8) F_TILE16(8, 2);
+        switch (M - m) {
+        case 7: F_TILE16(7, 2); break;
+        case 6: F_TILE16(6, 2); break;
+        case 5: F_TILE16(5, 2); break;
+        case 4: F_TILE16(4, 2); break;
+        case 3: F_TILE16(3, 2); break;
+        case 2: F_TILE16(2, 2); break;
+        case 1: F_TILE16(1, 2); break;
+        }
+    }
+    for (; b < b1; b++) {
+        int64_t m = 0;
+        for (; m + 8 <= M; m += 8) F_TILE16(8, 1);
+        switch (M - m) {
+        case 7: F_TILE16(7, 1); break;
+        case 6: F_TILE16(6, 1); break;
+        case 5: F_TILE16(5, 1); break;
+        case 4: F_TILE16(4, 1); break;
+        case 3: F_TILE16(3, 1); break;
+        case 2: F_TILE16(2, 1); break;
+        case 1: F_TILE16(1, 1); break;
+        }
+    }
+}
+
+static AVX512 void f_linear_f32_512(const float *x, int64_t M, int64_t K, const void *w,
+                                    const float *bias, float *y, int64_t N, int64_t b0, int64_t b1) {
+    f_blocks16(F32, x, M, K, w, bias, y, N, b0, b1);
+}
+
+static AVX512 void f_linear_bf16_512(const float *x, int64_t M, int64_t K, const void *w,
+                                     const float *bias, float *y, int64_t N, int64_t b0, int64_t b1) {
+    f_blocks16(BF16, x, M, K, w, bias, y, N, b0, b1);
+}
+
+static AVX512 void f_linear_f16_512(const float *x, int64_t M, int64_t K, const void *w,
+                                    const float *bias, float *y, int64_t N, int64_t b0, int64_t b1) {
+    f_blocks16(F16, x, M, K, w, bias, y, N, b0, b1);
+}
+
+enum { ISA_AVX2 = 0, ISA_AVX512 = 1 };
+static int isa = -1; /* what f_linear runs: set by kernel_isa, else found at its first call */
+
+/* Sets what f_linear runs (want: ISA_AVX2, ISA_AVX512, or -1 for the best this CPU has);
+ * AVX-512 only where the CPU and the OS support it. Returns the one in force. */
+int kernel_isa(int want) {
+    int has = __builtin_cpu_supports("avx512f") ? ISA_AVX512 : ISA_AVX2;
+    isa = want < 0 || want > has ? has : want;
+    return isa;
+}
+
 /* y[M, N] = x[M, K] @ W.T + bias, W packed (above) in format fmt, float32 x and y. Threads
  * take runs of blocks. */
 void f_linear(const float *x, int64_t M, int64_t K, const void *w, int64_t fmt, const float *bias,
               float *y, int64_t N, int threads) {
+    if (isa < 0) kernel_isa(-1);
     void (*run)(const float *, int64_t, int64_t, const void *, const float *, float *, int64_t,
-                int64_t, int64_t) = fmt == F32 ? f_linear_f32 : fmt == BF16 ? f_linear_bf16 : f_linear_f16;
+                int64_t, int64_t);
+    if (isa == ISA_AVX512)
+        run = fmt == F32 ? f_linear_f32_512 : fmt == BF16 ? f_linear_bf16_512 : f_linear_f16_512;
+    else
+        run = fmt == F32 ? f_linear_f32 : fmt == BF16 ? f_linear_bf16 : f_linear_f16;
     int64_t blocks = N / FB, per = (blocks + threads - 1) / threads;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int t = 0; t < threads; t++) run(x, M, K, w, bias, y, N, t * per, min64((t + 1) * per, blocks));
