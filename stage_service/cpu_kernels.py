@@ -52,7 +52,6 @@ class Kernels:
     def __init__(self, lib: ctypes.CDLL, path: Path):
         self.path = path
         self._q8 = _fn(lib.q8_linear, _P, _I, _I, _P, _I, _P, _P, _P, _I, ctypes.c_int)
-        self._q8_dequant = _fn(lib.q8_dequant, _P, _I, _P, _I, _I, _I, _I, _P)
         self._q4 = _fn(lib.q4_linear, _P, _I, _I, _P, _I, _P, _P, _P, _P, _I, _P, ctypes.c_int)
         self._q4_dequant = _fn(lib.q4_dequant, _P, _I, _P, _P, _I, _I, _I, _I, _P)
         self._f = _fn(lib.f_linear, _P, _I, _I, _P, _I, _P, _P, _I, ctypes.c_int)
@@ -69,8 +68,8 @@ class Kernels:
         )  # fmt: skip
 
     def use_isa(self, name: str | None) -> str:
-        """Makes f_linear run `name` (ISAS; None: the best this CPU has) where the CPU has it;
-        returns the one in force. Every choice gives the same bits (qlinear.c)."""
+        """Makes f_linear and q8_linear run `name` (ISAS; None: the best this CPU has) where the
+        CPU has it; returns the one in force. Every choice gives the same bits (qlinear.c)."""
         self.isa = ISAS[self._isa(-1 if name is None else ISAS.index(name))]
         return self.isa
 
@@ -91,12 +90,6 @@ class Kernels:
             x.data_ptr(), rows, k, data.data_ptr(), group, scale.data_ptr(), _ptr(bias),
             y.data_ptr(), y.shape[1], torch.get_num_threads(),
         )  # fmt: skip
-
-    def q8_dequant(self, data, group: int, scale, k: int, n: int, n0: int, out) -> None:
-        """Channels [n0, n0 + len(out)) as float32 rows into out."""
-        self._q8_dequant(
-            data.data_ptr(), group, scale.data_ptr(), k, n, n0, n0 + out.shape[0], out.data_ptr()
-        )
 
     def q4_linear(self, x, data, group: int, scale, mins, bias, y) -> None:
         rows, k = x.shape

@@ -19,17 +19,46 @@ from stage_service import cpu_kernels
 BLOCK = 16  # output channels a block (FB in qlinear.c)
 
 
+def pack_rows(w: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> the kernels' layout, 1-D: whole blocks of 16 rows K-major, then the last
+    N % 16 rows as they are (any dtype: int8 matrices share it)."""
+    n, k = w.shape
+    full = n // BLOCK * BLOCK
+    blocks = w[:full].reshape(full // BLOCK, BLOCK, k).transpose(1, 2)
+    return torch.cat([blocks.reshape(-1), w[full:].reshape(-1)])
+
+
+def _parts(data: torch.Tensor, n: int, k: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    full = n // BLOCK * BLOCK
+    return full, data[: full * k].view(full // BLOCK, k, BLOCK), data[full * k :].view(n - full, k)
+
+
+def unpack_rows(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """pack_rows undone: the [N, K] matrix."""
+    full, blocks, plain = _parts(data, n, k)
+    return torch.cat([blocks.transpose(1, 2).reshape(full, k), plain])
+
+
+def pick_rows(data: torch.Tensor, n: int, k: int, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of the packed [N, K] matrix."""
+    full, blocks, plain = _parts(data, n, k)
+    if full == 0:
+        return plain[ids]
+    inner = ids.clamp(max=full - 1)
+    rows = blocks[inner // BLOCK, :, inner % BLOCK]
+    if full < n:  # ids among the plain rows
+        rows = torch.where((ids < full)[:, None], rows, plain[(ids - full).clamp(min=0)])
+    return rows
+
+
 class PackedFloat:
     def __init__(self, data: torch.Tensor, shape: tuple[int, int]):
-        self.data = data  # 1-D, N * K values in the matrix's own dtype, laid out as qlinear.c says
+        self.data = data  # pack_rows of the matrix, in its own dtype
         self.shape = tuple(shape)  # (N outputs, K inputs)
 
     @classmethod
     def pack(cls, w: torch.Tensor) -> PackedFloat:
-        n, k = w.shape
-        full = n // BLOCK * BLOCK  # whole blocks; the last n % 16 channels stay plain rows
-        blocks = w[:full].reshape(full // BLOCK, BLOCK, k).transpose(1, 2)
-        return cls(torch.cat([blocks.reshape(-1), w[full:].reshape(-1)]), (n, k))
+        return cls(pack_rows(w), w.shape)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -39,17 +68,9 @@ class PackedFloat:
     def nbytes(self) -> int:
         return self.data.nbytes
 
-    def _blocks(self) -> tuple[int, torch.Tensor, torch.Tensor]:
-        n, k = self.shape
-        full = n // BLOCK * BLOCK
-        blocks = self.data[: full * k].view(full // BLOCK, k, BLOCK)
-        return full, blocks, self.data[full * k :].view(n - full, k)
-
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The [N, K] matrix it was packed from."""
-        full, blocks, plain = self._blocks()
-        rows = torch.cat([blocks.transpose(1, 2).reshape(full, self.shape[1]), plain])
-        return rows.to(dtype or self.dtype)
+        return unpack_rows(self.data, *self.shape).to(dtype or self.dtype)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         kernels = cpu_kernels.load()[0]
@@ -62,12 +83,4 @@ class PackedFloat:
 
     def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` of the matrix (an embedding lookup)."""
-        full, blocks, plain = self._blocks()
-        if full == 0:
-            return plain[ids].to(dtype)
-        inner = ids.clamp(max=full - 1)
-        rows = blocks[inner // BLOCK, :, inner % BLOCK]
-        if full < self.shape[0]:  # ids among the plain rows
-            tail = plain[(ids - full).clamp(min=0)]
-            rows = torch.where((ids < full)[:, None], rows, tail)
-        return rows.to(dtype)
+        return pick_rows(self.data, *self.shape, ids).to(dtype)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from protos.errors import InvalidArgument
 from stage_service import cpu_kernels
+from stage_service.packed import pack_rows, pick_rows, unpack_rows
 
 ALIGN = 16  # the kernels read 16 inputs at a time
 BLOCK_BYTES = 512 << 10  # float32 weights dequantized at a time for many rows (L2-sized)
@@ -76,10 +77,13 @@ class _Quantized:
 
 
 class Int8Weight(_Quantized):
-    many_rows = 17
+    # The kernel converts each weight once per tile of rows (qlinear.c), and measured faster
+    # than the dequantized blocks at every row count (bench/CPU_NOTES.md, 2026-12-03 fifth
+    # session): it takes every step.
+    many_rows = 1 << 62
 
     def __init__(self, data: torch.Tensor, scale: torch.Tensor, group: int, shape):
-        self.data = data  # int8, layout in kernels/qlinear.c
+        self.data = data  # int8, packed.pack_rows of the [N, K] levels (layout in qlinear.c)
         self.scale = scale  # float32 [N, groups]
         self.group = group  # inputs per scale; K: one scale per row
         self.shape = tuple(shape)
@@ -94,7 +98,7 @@ class Int8Weight(_Quantized):
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = torch.round(w / safe[:, _per_input(k, group, w.device)]).clamp_(-127, 127)
         q = q.to(torch.int8)
-        return cls(_interleave(q), scale.contiguous(), group, (n, k))
+        return cls(pack_rows(q), scale.contiguous(), group, (n, k))
 
     @property
     def nbytes(self) -> int:
@@ -102,7 +106,7 @@ class Int8Weight(_Quantized):
 
     def rows(self) -> torch.Tensor:
         """The int8 values as [N, K]."""
-        return _deinterleave(self.data, *self.shape)
+        return unpack_rows(self.data, *self.shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         expand = _per_input(self.shape[1], self.group, self.scale.device)
@@ -110,23 +114,12 @@ class Int8Weight(_Quantized):
 
     def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` of the dequantized matrix (an embedding lookup)."""
-        n, k = self.shape
-        full = n // 4 * 4
-        blocks = self.data[: full * k].view(full // 4, k // 8, 4, 8)
-        inner = ids.clamp(max=max(full - 1, 0))
-        q = blocks[inner // 4, :, inner % 4].reshape(len(ids), k) if full else None
-        if full < n:  # ids among the last n % 4 rows, stored plain
-            tail = self.data[full * k :].view(n - full, k)[(ids - full).clamp(min=0)]
-            q = tail if q is None else torch.where((ids < full)[:, None], q, tail)
-        scale = self.scale[ids][:, _per_input(k, self.group, ids.device)]
+        q = pick_rows(self.data, *self.shape, ids)
+        scale = self.scale[ids][:, _per_input(self.shape[1], self.group, ids.device)]
         return (q.float() * scale).to(dtype)
 
     def _kernel(self, kernels, x, bias, y) -> None:
         kernels.q8_linear(x, self.data, self.group, self.scale, bias, y)
-
-    def _dequant(self, kernels, n0: int, out: torch.Tensor) -> None:
-        n, k = self.shape
-        kernels.q8_dequant(self.data, self.group, self.scale, k, n, n0, out)
 
 
 class Int4Weight(_Quantized):

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from stage_service import cpu_kernels
 from stage_service.packed import PackedFloat
+from stage_service.quant import Int8Weight
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (N, K): whole blocks of 16 channels, blocks and plain rows, plain rows only, odd K
@@ -75,5 +76,24 @@ def test_the_avx512_kernel_gives_the_avx2_kernels_bits(shape, dtype):
             wide = packed.linear(x[:rows], bias)
             assert KERNELS.use_isa("avx2") == "avx2"
             assert torch.equal(wide, packed.linear(x[:rows], bias)), rows
+    finally:
+        KERNELS.use_isa(None)
+
+
+@pytest.mark.skipif(
+    KERNELS is None or "avx512f" not in cpu_kernels.cpu_flags(), reason="this CPU has no AVX-512"
+)
+@pytest.mark.parametrize("group", [16, 64, 0])
+@pytest.mark.parametrize("shape", [(64, 48), (37, 32), (203, 512)])
+def test_the_avx512_int8_kernel_gives_the_avx2_kernels_bits(shape, group):
+    q = Int8Weight.quantize(matrix(*shape, torch.float32), group)
+    bias = torch.randn(shape[0], generator=torch.Generator().manual_seed(1))
+    x = torch.randn(64, shape[1], generator=torch.Generator().manual_seed(2))
+    try:
+        for rows in (1, 2, 3, 4, 5, 12, 13, 64):
+            assert KERNELS.use_isa("avx512") == "avx512"
+            wide = q.linear(x[:rows], bias)
+            assert KERNELS.use_isa("avx2") == "avx2"
+            assert torch.equal(wide, q.linear(x[:rows], bias)), rows
     finally:
         KERNELS.use_isa(None)

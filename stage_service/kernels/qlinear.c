@@ -1,35 +1,34 @@
-/* Weight-only quantized linear layers for x86-64 CPUs with AVX2 and FMA: y = x W^T + b with
- * W stored as int8 or int4 with a float32 scale per group of `group` inputs of each output
- * channel (int4 also a float32 minimum), activations and accumulation in float32. The weights
- * are dequantized in registers, so a decode step reads about 1/4 (int8) or 1/7 (int4) of the
- * bytes of float32 weights, and computes what the dequantized float32 model computes, up to
- * float32 rounding.
+/* Linear layers for x86-64 CPUs with AVX2 and FMA, y = x W^T + b, activations and sums in
+ * float32: float weights (float32, bfloat16, float16) for the batch-invariant mode, and
+ * weight-only quantized ones: int8 or int4 with a float32 scale per group of `group` inputs of
+ * each output channel (int4 also a float32 minimum). Quantized weights are dequantized in
+ * registers, so a decode step reads about 1/4 (int8) or 1/7 (int4) of the bytes of float32
+ * weights.
  *
- * Layouts (made by stage_service/quant.py, which also undoes them in torch):
- *   Output channels go in blocks of 4, the channels of a block interleaved so that the kernel
- *   reads memory in one sequential stream: for each step of S inputs, the 4 channels' weights
- *   one after the other. The last N % 4 channels follow as plain rows.
- *   int8: S = 8, a byte a weight; w = q * scale[n][g].
- *   int4: S = 16 in 8 bytes; byte j holds weight j in its low nibble and weight j + 8 in its
- *         high nibble, as values 0..15; w = q * scale[n][g] + minimum[n][g].
+ * Layouts (made by stage_service/packed.py and quant.py, which also undo them in torch):
+ *   float and int8: blocks of 16 output channels, each block K-major (the block's 16 weights
+ *   of input k side by side), then the last N % 16 channels as plain rows; int8 w = q *
+ *   scale[n][g] (see the float and int8 sections).
+ *   int4: output channels in blocks of 4, the channels of a block interleaved so that the kernel
+ *   reads memory in one sequential stream: for each step of 16 inputs (8 bytes), the 4
+ *   channels' weights one after the other; the last N % 4 channels follow as plain rows. Byte
+ *   j holds weight j in its low nibble and weight j + 8 in its high nibble, as values 0..15;
+ *   w = q * scale[n][g] + minimum[n][g].
  *   g = k / group. K and group are multiples of 16 (the last group may be shorter than group).
  *
- * Per row and group, the kernel sums x * q and then scales the sum (int4 adds the minimum times
- * the row's sum of x over the group, computed once per row), so the per-weight work is a
- * conversion and one FMA. Rows go one at a time (int8: two at a time, each weight converted
- * once for both) over a block whose weights stay in L1: a block comes from memory once for all
- * rows. Four rows at a time measured slower on AVX2 (16 registers: the sums spill). Many rows
- * (prefill, large batches) are better served by torch's float32 matmul on blocks dequantized by
- * *_dequant (see quant.py), except in the batch-invariant mode, which keeps to these kernels.
- *
- * f_linear does the same for float32, bfloat16 or float16 weights (packed: see its section),
- * for that mode: torch's matmul picks its reduction order by the number of rows.
+ * int4: per row and group, the kernel sums x * q and then scales the sum (adding the minimum
+ * times the row's sum of x over the group, computed once per row), so the per-weight work is
+ * a conversion and one FMA. Rows go one at a time over a block whose weights stay in L1. Many
+ * rows (prefill, large batches) are better served by torch's float32 matmul on blocks
+ * dequantized by q4_dequant (see quant.py), except in the batch-invariant mode, which keeps to
+ * these kernels.
  *
  * Batch invariance: every output y[m][n] is computed by the same sequence of operations
- * whatever M is and wherever row m sits (quantized: 8-lane sums over K in order, one horizontal
- * sum, the K % 8 tail in order; float: one chain over K), and threads split output channels,
- * never a sum. Compiled as ISO C
- * (-std=c11), gcc contracts no a * b + c into an FMA of its own and reorders no float sum.
+ * whatever M is and wherever row m sits (float: one FMA chain over K; int8: one per group
+ * and one over the groups; int4: 8-lane sums over K in order, one horizontal sum, the K % 8
+ * tail in order), and threads split output
+ * channels, never a sum. Compiled as ISO C (-std=c11), gcc contracts no a * b + c into an FMA
+ * of its own and reorders no float sum.
  */
 #include <math.h>
 
@@ -46,7 +45,7 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-static inline __m256 i8x8(const int8_t *p) {
+static inline __attribute__((always_inline)) __m256 i8x8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 
@@ -67,96 +66,6 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
         for (int t_ = 0; t_ < (threads); t_++)                                             \
             for (int64_t b = t_ * per_; b < min64((t_ + 1) * per_, blocks_); b++) body     \
     } while (0)
-
-/* ---------------------------------------------------------------- int8 */
-
-/* One row of x against C channels whose weights advance by `stride` bytes per 8 inputs (32 in
- * a block of 4, 8 in a plain row); scale: C rows of G. */
-static inline void q8_chan(int C, const float *x, int64_t K, const int8_t *w, int64_t stride,
-                           int64_t group, const float *scale, int64_t G, float *out) {
-    __m256 tot[4];
-    for (int c = 0; c < C; c++) tot[c] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; g++) {
-        __m256 part[4];
-        for (int c = 0; c < C; c++) part[c] = _mm256_setzero_ps();
-        for (int64_t k = g * group; k < min64(K, (g + 1) * group); k += 8, w += stride) {
-            _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T0);
-            __m256 xv = _mm256_loadu_ps(x + k);
-            for (int c = 0; c < C; c++) part[c] = _mm256_fmadd_ps(xv, i8x8(w + 8 * c), part[c]);
-        }
-        for (int c = 0; c < C; c++) tot[c] = _mm256_fmadd_ps(part[c], _mm256_set1_ps(scale[c * G + g]), tot[c]);
-    }
-    for (int c = 0; c < C; c++) out[c] = hsum(tot[c]);
-}
-
-/* Two rows of x (x and x + K) against a block of 4 channels: each weight is converted once for
- * both rows, and each row's sums are q8_chan's, operation for operation (the same float32
- * results as two calls of it). out: 4 sums of the first row, then 4 of the second. */
-static inline void q8_block2(const float *x, int64_t K, const int8_t *w, int64_t group,
-                             const float *scale, int64_t G, float *out) {
-    __m256 tot[2][4];
-    for (int c = 0; c < 4; c++) tot[0][c] = tot[1][c] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; g++) {
-        __m256 part[2][4];
-        for (int c = 0; c < 4; c++) part[0][c] = part[1][c] = _mm256_setzero_ps();
-        for (int64_t k = g * group; k < min64(K, (g + 1) * group); k += 8, w += 32) {
-            _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T0);
-            __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + K + k);
-            for (int c = 0; c < 4; c++) {
-                __m256 wv = i8x8(w + 8 * c);
-                part[0][c] = _mm256_fmadd_ps(x0, wv, part[0][c]);
-                part[1][c] = _mm256_fmadd_ps(x1, wv, part[1][c]);
-            }
-        }
-        for (int c = 0; c < 4; c++) {
-            __m256 sv = _mm256_set1_ps(scale[c * G + g]);
-            tot[0][c] = _mm256_fmadd_ps(part[0][c], sv, tot[0][c]);
-            tot[1][c] = _mm256_fmadd_ps(part[1][c], sv, tot[1][c]);
-        }
-    }
-    for (int c = 0; c < 4; c++) {
-        out[c] = hsum(tot[0][c]);
-        out[4 + c] = hsum(tot[1][c]);
-    }
-}
-
-void q8_linear(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t group,
-               const float *scale, const float *bias, float *y, int64_t N, int threads) {
-    int64_t G = (K + group - 1) / group;
-    FOR_BLOCKS(threads, N, {
-        int64_t m = 0;
-        for (; m + 2 <= M; m += 2) {  /* rows in pairs: the weights converted once per pair */
-            float out[8];
-            q8_block2(x + m * K, K, w + b * 4 * K, group, scale + b * 4 * G, G, out);
-            for (int r = 0; r < 2; r++)
-                for (int c = 0; c < 4; c++)
-                    y[(m + r) * N + b * 4 + c] = out[r * 4 + c] + (bias ? bias[b * 4 + c] : 0.0f);
-        }
-        for (; m < M; m++) {
-            float out[4];
-            q8_chan(4, x + m * K, K, w + b * 4 * K, 32, group, scale + b * 4 * G, G, out);
-            for (int c = 0; c < 4; c++) y[m * N + b * 4 + c] = out[c] + (bias ? bias[b * 4 + c] : 0.0f);
-        }
-    });
-    for (int64_t n = N / 4 * 4; n < N; n++)
-        for (int64_t m = 0; m < M; m++) {
-            float out[4];
-            q8_chan(1, x + m * K, K, w + n * K, 8, group, scale + n * G, G, out);
-            y[m * N + n] = out[0] + (bias ? bias[n] : 0.0f);
-        }
-}
-
-/* Channels [n0, n1) as float32 rows out[n - n0][K]. */
-void q8_dequant(const int8_t *w, int64_t group, const float *scale, int64_t K, int64_t N,
-                int64_t n0, int64_t n1, float *out) {
-    int64_t G = (K + group - 1) / group, full = N / 4 * 4;
-    for (int64_t n = n0; n < n1; n++) {
-        const int8_t *p = n < full ? w + (n / 4) * 4 * K + (n % 4) * 8 : w + n * K;
-        int64_t stride = n < full ? 32 : 8;
-        for (int64_t k = 0; k < K; k += 8, p += stride)
-            _mm256_storeu_ps(out + (n - n0) * K + k, _mm256_mul_ps(i8x8(p), _mm256_set1_ps(scale[n * G + k / group])));
-    }
-}
 
 /* ---------------------------------------------------------------- float weights */
 
@@ -375,9 +284,9 @@ static AVX512 void f_linear_f16_512(const float *x, int64_t M, int64_t K, const 
 }
 
 enum { ISA_AVX2 = 0, ISA_AVX512 = 1 };
-static int isa = -1; /* what f_linear runs: set by kernel_isa, else found at its first call */
+static int isa = -1; /* what f_linear and q8_linear run: set by kernel_isa, else at first call */
 
-/* Sets what f_linear runs (want: ISA_AVX2, ISA_AVX512, or -1 for the best this CPU has);
+/* Sets what f_linear and q8_linear run (want: ISA_AVX2, ISA_AVX512, or -1 for the best this CPU has);
  * AVX-512 only where the CPU and the OS support it. Returns the one in force. */
 int kernel_isa(int want) {
     int has = __builtin_cpu_supports("avx512f") ? ISA_AVX512 : ISA_AVX2;
@@ -400,6 +309,178 @@ void f_linear(const float *x, int64_t M, int64_t K, const void *w, int64_t fmt, 
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int t = 0; t < threads; t++) run(x, M, K, w, bias, y, N, t * per, min64((t + 1) * per, blocks));
     f_plain((int)fmt, x, M, K, w, blocks * FB, bias, y, N);
+}
+
+/* ---------------------------------------------------------------- int8 */
+
+/* int8 weights in the float matrices' packed layout (a byte a weight), with scale[n][g] for
+ * the inputs g * group .. of channel n. Each output is, per group, one chain of FMAs of x * q
+ * over the group's inputs in order, from zero, and over the groups one chain total =
+ * part * scale + total, then + bias: the same operations whatever the rows. A tile converts
+ * each weight once for its R rows (AVX2: up to 3 rows x 16 channels, or 1 row x 32; the
+ * group's sums and the totals both stay in registers). */
+static inline __attribute__((always_inline)) void q8_tile(int R, int V, const float *x, int64_t K,
+                                                          const int8_t *w, int64_t b0,
+                                                          int64_t group, const float *scale,
+                                                          int64_t G, const float *bias, float *y,
+                                                          int64_t N) {
+    __m256 tot[6]; /* tot[r * 2V + c], R * 2V <= 6... or 4 for one row of 2 blocks */
+#pragma GCC unroll 6
+    for (int i = 0; i < R * 2 * V; i++) tot[i] = _mm256_setzero_ps();
+    const int8_t *wb = w + b0 * K * FB;
+    for (int64_t g = 0; g < G; g++) {
+        __m256 part[6];
+#pragma GCC unroll 6
+        for (int i = 0; i < R * 2 * V; i++) part[i] = _mm256_setzero_ps();
+        for (int64_t k = g * group; k < min64(K, (g + 1) * group); k++) {
+            __m256 wv[4];
+            for (int c = 0; c < 2 * V; c++) wv[c] = i8x8(wb + ((c / 2) * K + k) * FB + (c % 2) * 8);
+            for (int r = 0; r < R; r++) {
+                __m256 xv = _mm256_broadcast_ss(x + r * K + k);
+                for (int c = 0; c < 2 * V; c++)
+                    part[r * 2 * V + c] = _mm256_fmadd_ps(xv, wv[c], part[r * 2 * V + c]);
+            }
+        }
+        float sb[2 * FB]; /* the tile's channels' scales for group g */
+        for (int j = 0; j < V * FB; j++) sb[j] = scale[(b0 * FB + j) * G + g];
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < 2 * V; c++)
+                tot[r * 2 * V + c] =
+                    _mm256_fmadd_ps(part[r * 2 * V + c], _mm256_loadu_ps(sb + 8 * c), tot[r * 2 * V + c]);
+    }
+    float sums[6 * 8];
+#pragma GCC unroll 6
+    for (int i = 0; i < R * 2 * V; i++) _mm256_storeu_ps(sums + 8 * i, tot[i]);
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 2 * V; c++) {
+            int64_t n = b0 * FB + c * 8;
+            __m256 v = _mm256_loadu_ps(sums + 8 * (r * 2 * V + c));
+            if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n));
+            _mm256_storeu_ps(y + r * N + n, v);
+        }
+}
+
+#define Q8_TILE(R, V) q8_tile(R, V, x + m * K, K, w, b, group, scale, G, bias, y + m * N, N)
+
+static void q8_blocks(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t group,
+                      const float *scale, int64_t G, const float *bias, float *y, int64_t N,
+                      int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) {
+        int64_t m = 0;
+        if (M == 1 && b + 1 < b1) { /* one row: two blocks at a time, for independent sums */
+            Q8_TILE(1, 2);
+            b++;
+            continue;
+        }
+        for (; m + 3 <= M; m += 3) Q8_TILE(3, 1);
+        if (M - m == 2) Q8_TILE(2, 1);
+        else if (M - m == 1) Q8_TILE(1, 1);
+    }
+}
+
+/* The int8 tiles in AVX-512 (kernel_isa): a block is one register, up to 12 rows x 1 block
+ * (1 row x 4, 2-3 rows x 2); every lane runs q8_tile's chains, so the bits are the same. */
+static inline AVX512 __attribute__((always_inline)) void q8_tile16(int R, int V, const float *x,
+                                                                  int64_t K, const int8_t *w,
+                                                                  int64_t b0, int64_t group,
+                                                                  const float *scale, int64_t G,
+                                                                  const float *bias, float *y,
+                                                                  int64_t N) {
+    __m512 tot[12]; /* tot[r * V + v], R * V <= 12 */
+#pragma GCC unroll 12
+    for (int i = 0; i < R * V; i++) tot[i] = _mm512_setzero_ps();
+    const int8_t *wb = w + b0 * K * FB;
+    for (int64_t g = 0; g < G; g++) {
+        __m512 part[12];
+#pragma GCC unroll 12
+        for (int i = 0; i < R * V; i++) part[i] = _mm512_setzero_ps();
+        for (int64_t k = g * group; k < min64(K, (g + 1) * group); k++) {
+            __m512 wv[4];
+            for (int v = 0; v < V; v++)
+                wv[v] = _mm512_cvtepi32_ps(
+                    _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wb + (v * K + k) * FB))));
+            for (int r = 0; r < R; r++) {
+                __m512 xv = _mm512_set1_ps(x[r * K + k]);
+                for (int v = 0; v < V; v++) part[r * V + v] = _mm512_fmadd_ps(xv, wv[v], part[r * V + v]);
+            }
+        }
+        float sb[4 * FB];
+        for (int j = 0; j < V * FB; j++) sb[j] = scale[(b0 * FB + j) * G + g];
+        for (int r = 0; r < R; r++)
+            for (int v = 0; v < V; v++)
+                tot[r * V + v] = _mm512_fmadd_ps(part[r * V + v], _mm512_loadu_ps(sb + 16 * v), tot[r * V + v]);
+    }
+    float sums[12 * 16];
+#pragma GCC unroll 12
+    for (int i = 0; i < R * V; i++) _mm512_storeu_ps(sums + 16 * i, tot[i]);
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < V; v++) {
+            int64_t n = (b0 + v) * FB;
+            __m512 s = _mm512_loadu_ps(sums + 16 * (r * V + v));
+            if (bias) s = _mm512_add_ps(s, _mm512_loadu_ps(bias + n));
+            _mm512_storeu_ps(y + r * N + n, s);
+        }
+}
+
+#define Q8_TILE16(R, V) q8_tile16(R, V, x + m * K, K, w, b, group, scale, G, bias, y + m * N, N)
+
+static AVX512 void q8_blocks16(const float *x, int64_t M, int64_t K, const int8_t *w,
+                               int64_t group, const float *scale, int64_t G, const float *bias,
+                               float *y, int64_t N, int64_t b0, int64_t b1) {
+    int64_t b = b0, m = 0;
+    if (M <= 3) {
+        int V = M == 1 ? 4 : 2;
+        for (; b + V <= b1; b += V) {
+            if (M == 1) Q8_TILE16(1, 4);
+            else if (M == 2) Q8_TILE16(2, 2);
+            else Q8_TILE16(3, 2);
+        }
+        for (; b < b1; b++) {
+            if (M == 1) Q8_TILE16(1, 1);
+            else if (M == 2) Q8_TILE16(2, 1);
+            else Q8_TILE16(3, 1);
+        }
+        return;
+    }
+    for (; b < b1; b++) {
+        for (m = 0; m + 12 <= M; m += 12) Q8_TILE16(12, 1);
+        switch (M - m) {
+        case 11: Q8_TILE16(11, 1); break;
+        case 10: Q8_TILE16(10, 1); break;
+        case 9: Q8_TILE16(9, 1); break;
+        case 8: Q8_TILE16(8, 1); break;
+        case 7: Q8_TILE16(7, 1); break;
+        case 6: Q8_TILE16(6, 1); break;
+        case 5: Q8_TILE16(5, 1); break;
+        case 4: Q8_TILE16(4, 1); break;
+        case 3: Q8_TILE16(3, 1); break;
+        case 2: Q8_TILE16(2, 1); break;
+        case 1: Q8_TILE16(1, 1); break;
+        }
+    }
+}
+
+void q8_linear(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t group,
+               const float *scale, const float *bias, float *y, int64_t N, int threads) {
+    int64_t G = (K + group - 1) / group, blocks = N / FB, per = (blocks + threads - 1) / threads;
+    if (isa < 0) kernel_isa(-1);
+    void (*run)(const float *, int64_t, int64_t, const int8_t *, int64_t, const float *, int64_t,
+                const float *, float *, int64_t, int64_t, int64_t) =
+        isa == ISA_AVX512 ? q8_blocks16 : q8_blocks;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int t = 0; t < threads; t++)
+        run(x, M, K, w, group, scale, G, bias, y, N, t * per, min64((t + 1) * per, blocks));
+    for (int64_t n = blocks * FB; n < N; n++) /* the plain rows */
+        for (int64_t m = 0; m < M; m++) {
+            float total = 0.0f;
+            for (int64_t g = 0; g < G; g++) {
+                float part = 0.0f;
+                for (int64_t k = g * group; k < min64(K, (g + 1) * group); k++)
+                    part = fmaf(x[m * K + k], (float)w[n * K + k], part);
+                total = fmaf(part, scale[n * G + g], total);
+            }
+            y[m * N + n] = total + (bias ? bias[n] : 0.0f);
+        }
 }
 
 /* ---------------------------------------------------------------- int4 */
