@@ -35,10 +35,10 @@ class _Quantized:
     shape: tuple[int, int]  # (N outputs, K inputs)
     # From this many rows on (prefill, large batches), blocks of channels are dequantized into
     # a cache-sized float32 buffer for torch's matmul, which reuses each weight for every row;
-    # below it the kernel dequantizes in registers, per row. The crossovers measured on an AVX2
-    # EPYC and an AVX-512/AMX Xeon (bench/CPU_NOTES.md, 2026-12-03: the kernel against the
-    # blocks at 1-64 rows): int8's kernel wins up to 16 rows on both, int4's up to 4 (at 8 the
-    # two CPUs disagree).
+    # below it the kernel dequantizes in registers. The crossovers measured on an AVX2 EPYC and
+    # an AVX-512/AMX Xeon (bench/CPU_NOTES.md, 2026-12-03: the kernel against the blocks at 1-64
+    # rows): int4's kernel wins up to 4 rows (at 8 the two CPUs disagree); int8's tile kernel
+    # takes every step.
     many_rows: int
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -77,9 +77,9 @@ class _Quantized:
 
 
 class Int8Weight(_Quantized):
-    # The kernel converts each weight once per tile of rows (qlinear.c), and measured faster
-    # than the dequantized blocks at every row count (bench/CPU_NOTES.md, 2026-12-03 fifth
-    # session): it takes every step.
+    # The kernel converts each weight once per tile of rows (qlinear.c): on the AVX2 EPYC it
+    # measured faster than the dequantized blocks from 64 rows on, as fast below (on the Xeon
+    # about the same: bench/CPU_NOTES.md, 2026-12-03 fifth session), so it takes every step.
     many_rows = 1 << 62
 
     def __init__(self, data: torch.Tensor, scale: torch.Tensor, group: int, shape):
