@@ -53,7 +53,7 @@ class Kernels:
         self.path = path
         self._q8 = _fn(lib.q8_linear, _P, _I, _I, _P, _I, _P, _P, _P, _I, ctypes.c_int)
         self._q4 = _fn(lib.q4_linear, _P, _I, _I, _P, _I, _P, _P, _P, _P, _I, _P, ctypes.c_int)
-        self._q4_dequant = _fn(lib.q4_dequant, _P, _I, _P, _P, _I, _I, _I, _I, _P)
+        self._q4_dequant = _fn(lib.q4_dequant, _P, _I, _P, _P, _I, _I, _I, _P)
         self._f = _fn(lib.f_linear, _P, _I, _I, _P, _I, _P, _P, _I, ctypes.c_int)
         self._isa = lib.kernel_isa
         self._isa.argtypes, self._isa.restype = [ctypes.c_int], ctypes.c_int
@@ -99,11 +99,11 @@ class Kernels:
             _ptr(bias), y.data_ptr(), y.shape[1], sums.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
 
-    def q4_dequant(self, data, group: int, scale, mins, k: int, n: int, n0: int, out) -> None:
+    def q4_dequant(self, data, group: int, scale, mins, k: int, b0: int, b1: int, out) -> None:
+        """Blocks [b0, b1) of 16 channels as float32 into out [K, 16 * (b1 - b0)]."""
         self._q4_dequant(
-            data.data_ptr(), group, scale.data_ptr(), mins.data_ptr(), k, n, n0,
-            n0 + out.shape[0], out.data_ptr(),
-        )  # fmt: skip
+            data.data_ptr(), group, scale.data_ptr(), mins.data_ptr(), k, b0, b1, out.data_ptr()
+        )
 
 
 class QMat(ctypes.Structure):

@@ -23,23 +23,16 @@ import torch.nn.functional as F
 
 from protos.errors import InvalidArgument
 from stage_service import cpu_kernels
-from stage_service.packed import pack_rows, pick_rows, unpack_rows
+from stage_service.packed import BLOCK, pack_rows, pick_rows, unpack_rows
 
 ALIGN = 16  # the kernels read 16 inputs at a time
-BLOCK_BYTES = 512 << 10  # float32 weights dequantized at a time for many rows (L2-sized)
+BLOCK_BYTES = 512 << 10  # int4 weights dequantized at a time for many rows (L2-sized)
 
 
 class _Quantized:
     """What int8 and int4 matrices share: the CPU kernel path, the torch fallback."""
 
     shape: tuple[int, int]  # (N outputs, K inputs)
-    # From this many rows on (prefill, large batches), blocks of channels are dequantized into
-    # a cache-sized float32 buffer for torch's matmul, which reuses each weight for every row;
-    # below it the kernel dequantizes in registers. The crossovers measured on an AVX2 EPYC and
-    # an AVX-512/AMX Xeon (bench/CPU_NOTES.md, 2026-12-03: the kernel against the blocks at 1-64
-    # rows): int4's kernel wins up to 4 rows (at 8 the two CPUs disagree); int8's tile kernel
-    # takes every step.
-    many_rows: int
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         raise NotImplementedError
@@ -50,37 +43,24 @@ class _Quantized:
             return F.linear(x, self.dequantize(x.dtype), bias)
         flat = x.reshape(-1, x.shape[-1]).float().contiguous()
         b = None if bias is None else bias.float().contiguous()
-        if flat.shape[0] < self.many_rows:
+        y = self._many(kernels, flat, b)
+        if y is None:
             y = torch.empty(flat.shape[0], self.shape[0])
             self._kernel(kernels, flat, b, y)
-        else:
-            y = self._blocked(kernels, flat, b)
         return y.view(*x.shape[:-1], -1).to(x.dtype)
 
-    def _blocked(self, kernels, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        n, k = self.shape
-        block = max(4, BLOCK_BYTES // (4 * k) // 4 * 4)
-        buf = torch.empty(min(block, n), k)
-        out = torch.empty(n, x.shape[0])  # y transposed: each block is a run of whole rows
-        for n0 in range(0, n, block):
-            part = buf[: min(block, n - n0)]
-            self._dequant(kernels, n0, part)
-            torch.mm(part, x.T, out=out[n0 : n0 + part.shape[0]])
-        y = out.T
-        return (y + bias if bias is not None else y).contiguous()
+    def _many(self, kernels, x, bias) -> torch.Tensor | None:
+        """y by another path where it is faster for this many rows (None: the kernel's)."""
+        return None
 
     def _kernel(self, kernels, x, bias, y) -> None:
-        raise NotImplementedError
-
-    def _dequant(self, kernels, n0: int, out: torch.Tensor) -> None:
         raise NotImplementedError
 
 
 class Int8Weight(_Quantized):
     # The kernel converts each weight once per tile of rows (qlinear.c): on the AVX2 EPYC it
-    # measured faster than the dequantized blocks from 64 rows on, as fast below (on the Xeon
-    # about the same: bench/CPU_NOTES.md, 2026-12-03 fifth session), so it takes every step.
-    many_rows = 1 << 62
+    # measured faster than torch on dequantized blocks from 64 rows on, as fast below (on the
+    # Xeon about the same: bench/CPU_NOTES.md, 2026-12-03 fifth session): it takes every step.
 
     def __init__(self, data: torch.Tensor, scale: torch.Tensor, group: int, shape):
         self.data = data  # int8, packed.pack_rows of the [N, K] levels (layout in qlinear.c)
@@ -123,7 +103,11 @@ class Int8Weight(_Quantized):
 
 
 class Int4Weight(_Quantized):
-    many_rows = 5
+    # From this many rows on, outside the batch-invariant mode, torch's matmul on dequantized
+    # blocks beats the tile kernel, which converts each weight once per 3 rows on AVX2
+    # (bench/CPU_NOTES.md, 2026-12-03 fifth session: 1536x576 at 8 rows 0.79 against 0.94 ms,
+    # at 17 1.40 against 1.84, at 64 5.6 against 2.1).
+    many_rows = 17
 
     def __init__(self, data: torch.Tensor, scale, minimum, group: int, shape):
         self.data = data  # uint8, two weights a byte, layout in kernels/qlinear.c
@@ -135,28 +119,64 @@ class Int4Weight(_Quantized):
     @classmethod
     def quantize(cls, w: torch.Tensor, group: int) -> Int4Weight:
         q, scale, lo = int4_levels(w, group)
-        n, k = q.shape
-        units = q.view(n, k // 16, 2, 8)  # byte j of a unit: weight j low, weight j + 8 high
-        packed = (units[:, :, 0] | (units[:, :, 1] << 4)).reshape(n, k // 2)
-        return cls(_interleave(packed), scale.contiguous(), lo.contiguous(), group, (n, k))
+        return cls(_pack4(q), scale.contiguous(), lo.contiguous(), group, q.shape)
 
     @property
     def nbytes(self) -> int:
         return self.data.nbytes + self.scale.nbytes + self.minimum.nbytes
 
+    def levels(self) -> torch.Tensor:
+        """The levels 0..15 as [N, K] uint8."""
+        return _unpack4(self.data, *self.shape)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        n, k = self.shape
-        units = _deinterleave(self.data, n, k // 2).view(n, k // 16, 1, 8)
-        q = torch.cat([units & 0x0F, units >> 4], dim=2).reshape(n, k).float()
-        expand = _per_input(k, self.group, self.scale.device)
+        expand = _per_input(self.shape[1], self.group, self.scale.device)
+        q = self.levels().float()
         return (q * self.scale[:, expand] + self.minimum[:, expand]).to(dtype)
 
     def _kernel(self, kernels, x, bias, y) -> None:
         kernels.q4_linear(x, self.data, self.group, self.scale, self.minimum, bias, y)
 
-    def _dequant(self, kernels, n0: int, out: torch.Tensor) -> None:
+    def _many(self, kernels, x, bias) -> torch.Tensor | None:
+        """Blocks of channels dequantized into a cache-sized buffer, each through torch's
+        matmul for every row at once; the last N % 16 channels dequantized in torch."""
+        if x.shape[0] < self.many_rows:
+            return None
         n, k = self.shape
-        kernels.q4_dequant(self.data, self.group, self.scale, self.minimum, k, n, n0, out)
+        blocks = n // BLOCK
+        step = max(1, BLOCK_BYTES // (4 * k * BLOCK))
+        buf = torch.empty(k * BLOCK * min(step, max(blocks, 1)))
+        y = torch.empty(x.shape[0], n)
+        for b0 in range(0, blocks, step):
+            b1 = min(blocks, b0 + step)
+            part = buf[: k * BLOCK * (b1 - b0)].view(k, BLOCK * (b1 - b0))
+            kernels.q4_dequant(self.data, self.group, self.scale, self.minimum, k, b0, b1, part)
+            y[:, b0 * BLOCK : b1 * BLOCK] = x @ part
+        if blocks * BLOCK < n:
+            y[:, blocks * BLOCK :] = x @ self.dequantize()[blocks * BLOCK :].T
+        return y + bias if bias is not None else y
+
+
+def _pack4(q: torch.Tensor) -> torch.Tensor:
+    """Levels [N, K] -> qlinear.c's int4 layout, 1-D: per block of 16 channels and input k, 8
+    bytes (byte j: channel j low, channel j + 8 high); then the last N % 16 channels, per 16
+    inputs 8 bytes (byte j: input j low, input j + 8 high)."""
+    n, k = q.shape
+    full = n // BLOCK * BLOCK
+    blocks = q[:full].reshape(full // BLOCK, BLOCK, k).transpose(1, 2)  # [B, K, 16]
+    packed = blocks[..., :8] | (blocks[..., 8:] << 4)
+    units = q[full:].reshape(n - full, k // 16, 2, 8)
+    plain = units[:, :, 0] | (units[:, :, 1] << 4)
+    return torch.cat([packed.reshape(-1), plain.reshape(-1)])
+
+
+def _unpack4(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    full = n // BLOCK * BLOCK
+    packed = data[: full * k // 2].view(full // BLOCK, k, 8)
+    blocks = torch.cat([packed & 0x0F, packed >> 4], dim=2)  # [B, K, 16]
+    plain = data[full * k // 2 :].view(n - full, k // 16, 1, 8)
+    rows = torch.cat([plain & 0x0F, plain >> 4], dim=2).reshape(n - full, k)
+    return torch.cat([blocks.transpose(1, 2).reshape(full, k), rows])
 
 
 def int4_levels(w: torch.Tensor, group: int):
@@ -221,21 +241,6 @@ class TinygemmInt4:
 
 
 QuantWeight = Int8Weight | Int4Weight | TinygemmInt4
-
-
-def _interleave(rows: torch.Tensor) -> torch.Tensor:
-    """[N, B] bytes -> the kernels' layout: blocks of 4 rows, 8 bytes of each row in turn, then
-    the last N % 4 rows as they are. 1-D."""
-    n, b = rows.shape
-    full = n // 4 * 4
-    blocks = rows[:full].reshape(full // 4, 4, b // 8, 8).permute(0, 2, 1, 3)
-    return torch.cat([blocks.reshape(-1), rows[full:].reshape(-1)]).contiguous()
-
-
-def _deinterleave(data: torch.Tensor, n: int, b: int) -> torch.Tensor:
-    full = n // 4 * 4
-    blocks = data[: full * b].view(full // 4, b // 8, 4, 8).permute(0, 2, 1, 3)
-    return torch.cat([blocks.reshape(full, b), data[full * b :].view(n - full, b)])
 
 
 def _per_input(k: int, group: int, device: torch.device) -> torch.Tensor:

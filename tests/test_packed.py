@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from stage_service import cpu_kernels
 from stage_service.packed import PackedFloat
-from stage_service.quant import Int8Weight
+from stage_service.quant import Int4Weight, Int8Weight
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (N, K): whole blocks of 16 channels, blocks and plain rows, plain rows only, odd K
@@ -83,17 +83,25 @@ def test_the_avx512_kernel_gives_the_avx2_kernels_bits(shape, dtype):
 @pytest.mark.skipif(
     KERNELS is None or "avx512f" not in cpu_kernels.cpu_flags(), reason="this CPU has no AVX-512"
 )
-@pytest.mark.parametrize("group", [16, 64, 0])
+@pytest.mark.parametrize("quantized", ["int8-g16", "int8-g64", "int8-g0", "int4-g16", "int4-g32"])
 @pytest.mark.parametrize("shape", [(64, 48), (37, 32), (203, 512)])
-def test_the_avx512_int8_kernel_gives_the_avx2_kernels_bits(shape, group):
-    q = Int8Weight.quantize(matrix(*shape, torch.float32), group)
+def test_the_avx512_quantized_kernels_give_the_avx2_kernels_bits(shape, quantized):
+    mode, group = quantized.split("-g")
+    w = matrix(*shape, torch.float32)
+    q = Int8Weight.quantize(w, int(group)) if mode == "int8" else Int4Weight.quantize(w, int(group))
     bias = torch.randn(shape[0], generator=torch.Generator().manual_seed(1))
     x = torch.randn(64, shape[1], generator=torch.Generator().manual_seed(2))
+
+    def kernel(rows: int) -> torch.Tensor:
+        y = torch.empty(rows, shape[0])
+        q._kernel(KERNELS, x[:rows].contiguous(), bias, y)  # the tile kernel at any row count
+        return y
+
     try:
         for rows in (1, 2, 3, 4, 5, 12, 13, 64):
             assert KERNELS.use_isa("avx512") == "avx512"
-            wide = q.linear(x[:rows], bias)
+            wide = kernel(rows)
             assert KERNELS.use_isa("avx2") == "avx2"
-            assert torch.equal(wide, q.linear(x[:rows], bias)), rows
+            assert torch.equal(wide, kernel(rows)), rows
     finally:
         KERNELS.use_isa(None)

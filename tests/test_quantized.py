@@ -37,7 +37,9 @@ def test_the_kernels_are_built_here():
 @pytest.mark.parametrize("shape", [(101, 48), (7, 64), (200, 96), (64, 160)])
 def test_kernels_equal_float_matmul_on_dequantized_weights(shape, rows):
     """Every path of the kernels (each side of many_rows, channel tails, the blocked path,
-    partial int4 groups) against F.linear on the dequantized matrix."""
+    partial int4 groups) against F.linear on the dequantized matrix, up to float32 sums of up
+    to 160 unit-sized products in another order (the kernels chain each group's products in
+    input order; torch splits its sums its own way)."""
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(shape, generator=g)
     bias = torch.randn(shape[0], generator=g)
@@ -46,8 +48,8 @@ def test_kernels_equal_float_matmul_on_dequantized_weights(shape, rows):
     matrices += [Int4Weight.quantize(w, 32), Int4Weight.quantize(w, 64)]
     for q in matrices:
         expected = F.linear(x, q.dequantize(), bias)
-        torch.testing.assert_close(q.linear(x, bias), expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(q.linear(x, None), expected - bias, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(q.linear(x, bias), expected, rtol=1e-5, atol=5e-5)
+        torch.testing.assert_close(q.linear(x, None), expected - bias, rtol=1e-5, atol=5e-5)
 
 
 @pytest.mark.parametrize("group", [16, 64, 256, 512])

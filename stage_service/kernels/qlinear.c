@@ -1,40 +1,30 @@
-/* Linear layers for x86-64 CPUs with AVX2 and FMA, y = x W^T + b, activations and sums in
- * float32: float weights (float32, bfloat16, float16) for the batch-invariant mode, and
- * weight-only quantized ones: int8 or int4 with a float32 scale per group of `group` inputs of
- * each output channel (int4 also a float32 minimum). Quantized weights are dequantized in
- * registers, so a decode step reads about 1/4 (int8) or 1/7 (int4) of the bytes of float32
- * weights.
+/* Linear layers for x86-64 CPUs with AVX2 and FMA (AVX-512 where the CPU has it, chosen at run
+ * time: kernel_isa), y = x W^T + b, activations and sums in float32: float weights (float32,
+ * bfloat16, float16) for the batch-invariant mode, and weight-only quantized ones: int8 or int4
+ * with a float32 scale per group of `group` inputs of each output channel (int4 also a float32
+ * minimum). Quantized weights are converted in registers, so a decode step reads about 1/4
+ * (int8) or 1/7 (int4) of the bytes of float32 weights.
  *
- * Layouts (made by stage_service/packed.py and quant.py, which also undo them in torch):
- *   float and int8: blocks of 16 output channels, each block K-major (the block's 16 weights
- *   of input k side by side), then the last N % 16 channels as plain rows; int8 w = q *
- *   scale[n][g] (see the float and int8 sections).
- *   int4: output channels in blocks of 4, the channels of a block interleaved so that the kernel
- *   reads memory in one sequential stream: for each step of 16 inputs (8 bytes), the 4
- *   channels' weights one after the other; the last N % 4 channels follow as plain rows. Byte
- *   j holds weight j in its low nibble and weight j + 8 in its high nibble, as values 0..15;
- *   w = q * scale[n][g] + minimum[n][g].
- *   g = k / group. K and group are multiples of 16 (the last group may be shorter than group).
+ * Layout (made by stage_service/packed.py and quant.py, which also undo it in torch): blocks of
+ * 16 output channels, each block K-major (the block's 16 weights of input k side by side), then
+ * the last N % 16 channels as plain rows; the float and quantized sections say how a block's
+ * weights are held. g = k / group; K and group are multiples of 16 for quantized matrices (the
+ * last group may be shorter than group).
  *
- * int4: per row and group, the kernel sums x * q and then scales the sum (adding the minimum
- * times the row's sum of x over the group, computed once per row), so the per-weight work is
- * a conversion and one FMA. Rows go one at a time over a block whose weights stay in L1. Many
- * rows (prefill, large batches) are better served by torch's float32 matmul on blocks
- * dequantized by q4_dequant (see quant.py), except in the batch-invariant mode, which keeps to
- * these kernels.
+ * Every kernel works in tiles of R rows x 16V channels, an outer product per input: each weight
+ * is loaded (and converted) once per tile, each x once per 16V channels. Outside the
+ * batch-invariant mode, int4 from many rows on goes to torch's matmul on blocks dequantized by
+ * q4_dequant (quant.py).
  *
  * Batch invariance: every output y[m][n] is computed by the same sequence of operations
- * whatever M is and wherever row m sits (float: one FMA chain over K; int8: one per group
- * and one over the groups; int4: 8-lane sums over K in order, one horizontal sum, the K % 8
- * tail in order), and threads split output
- * channels, never a sum. Compiled as ISO C (-std=c11), gcc contracts no a * b + c into an FMA
- * of its own and reorders no float sum.
+ * whatever M is, wherever row m sits, whichever ISA runs (each lane of a tile runs the chain of
+ * its own output; float: one FMA chain over K; quantized: one per group and one over the
+ * groups), and threads split output channels, never a sum. Compiled as ISO C (-std=c11), gcc
+ * contracts no a * b + c into an FMA of its own and reorders no float sum.
  */
 #include <math.h>
 
 #include "formats.h"
-
-#define PREFETCH 1024 /* bytes ahead of the weight stream */
 
 static inline float dot(const float *a, const float *b, int64_t n) {
     __m256 acc = _mm256_setzero_ps();
@@ -49,23 +39,9 @@ static inline __attribute__((always_inline)) __m256 i8x8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 
-/* 16 int4 weights (8 bytes) as floats 0..15: weights 0-7 in *lo, 8-15 in *hi. */
-static inline void u4x16(const uint8_t *p, __m256 *lo, __m256 *hi) {
-    __m128i v = _mm_loadl_epi64((const __m128i *)p), mask = _mm_set1_epi8(0x0F);
-    *lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(v, mask)));
-    *hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), mask)));
-}
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-/* Output channels [c0, c1) of N as blocks of 4 and then plain rows, each thread its share. */
-#define FOR_BLOCKS(threads, N, body)                                                       \
-    do {                                                                                   \
-        int64_t blocks_ = (N) / 4, per_ = (blocks_ + (threads) - 1) / (threads);           \
-        _Pragma("omp parallel for num_threads(threads) schedule(static) if (threads > 1)") \
-        for (int t_ = 0; t_ < (threads); t_++)                                             \
-            for (int64_t b = t_ * per_; b < min64((t_ + 1) * per_, blocks_); b++) body     \
-    } while (0)
 
 /* ---------------------------------------------------------------- float weights */
 
@@ -311,30 +287,58 @@ void f_linear(const float *x, int64_t M, int64_t K, const void *w, int64_t fmt, 
     f_plain((int)fmt, x, M, K, w, blocks * FB, bias, y, N);
 }
 
-/* ---------------------------------------------------------------- int8 */
+/* ---------------------------------------------------------------- int8 and int4 */
 
-/* int8 weights in the float matrices' packed layout (a byte a weight), with scale[n][g] for
- * the inputs g * group .. of channel n. Each output is, per group, one chain of FMAs of x * q
- * over the group's inputs in order, from zero, and over the groups one chain total =
- * part * scale + total, then + bias: the same operations whatever the rows. A tile converts
- * each weight once for its R rows (AVX2: up to 3 rows x 16 channels, or 1 row x 32; the
- * group's sums and the totals both stay in registers). */
-static inline __attribute__((always_inline)) void q8_tile(int R, int V, const float *x, int64_t K,
-                                                          const int8_t *w, int64_t b0,
-                                                          int64_t group, const float *scale,
-                                                          int64_t G, const float *bias, float *y,
-                                                          int64_t N) {
-    __m256 tot[6]; /* tot[r * 2V + c], R * 2V <= 6... or 4 for one row of 2 blocks */
+/* Quantized weights in the float matrices' packed layout: int8 a byte a weight (the block's 16
+ * bytes of input k side by side); int4 8 bytes for the block's 16 weights of input k, byte j
+ * holding channel j in its low nibble and channel j + 8 in its high one, as levels 0..15. The
+ * last N % 16 channels follow as plain rows (int4: per 16 inputs 8 bytes, byte j holding input
+ * j low and j + 8 high). scale[n][g] (int4 also mins[n][g]) for the inputs g * group .. of
+ * channel n.
+ *
+ * Each output is, per group, one chain of FMAs of x * q over the group's inputs in order, from
+ * zero; over the groups one chain total = part * scale + total; then int4 adds
+ * dot(mins[n], xs[m]) (xs: the row's sums of x over each group) and both add the bias: the
+ * same operations whatever the rows. A tile converts each weight once for its R rows (AVX2: up
+ * to 3 rows x 16 channels, or 1 row x 32; the group's sums and the totals stay in
+ * registers). */
+static inline __attribute__((always_inline)) void q_load(int fmt, const uint8_t *p, __m256 *a,
+                                                         __m256 *b) {
+    if (fmt == Q8) {
+        *a = i8x8((const int8_t *)p);
+        *b = i8x8((const int8_t *)p + 8);
+    } else {
+        __m128i v = _mm_loadl_epi64((const __m128i *)p), mask = _mm_set1_epi8(0x0F);
+        *a = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(v, mask)));
+        *b = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), mask)));
+    }
+}
+
+/* Output (m, n) from its total: int4's minimums' part, then the bias. */
+static inline float q_out(float total, int64_t n, int64_t m, const float *mins, const float *xs,
+                          int64_t G, const float *bias) {
+    if (mins) total = total + dot(mins + n * G, xs + m * G, G);
+    return total + (bias ? bias[n] : 0.0f);
+}
+
+static inline __attribute__((always_inline)) void q_tile(int fmt, int R, int V, const float *x,
+                                                         int64_t K, const uint8_t *w, int64_t b0,
+                                                         int64_t group, const float *scale,
+                                                         const float *mins, const float *xs,
+                                                         int64_t G, const float *bias, float *y,
+                                                         int64_t N) {
+    int64_t bytes = fmt == Q8 ? FB : FB / 2; /* a block's bytes per input */
+    __m256 tot[6]; /* tot[r * 2V + c]: R * 2V <= 6, or 4 for one row of 2 blocks */
 #pragma GCC unroll 6
     for (int i = 0; i < R * 2 * V; i++) tot[i] = _mm256_setzero_ps();
-    const int8_t *wb = w + b0 * K * FB;
+    const uint8_t *wb = w + b0 * K * bytes;
     for (int64_t g = 0; g < G; g++) {
         __m256 part[6];
 #pragma GCC unroll 6
         for (int i = 0; i < R * 2 * V; i++) part[i] = _mm256_setzero_ps();
         for (int64_t k = g * group; k < min64(K, (g + 1) * group); k++) {
             __m256 wv[4];
-            for (int c = 0; c < 2 * V; c++) wv[c] = i8x8(wb + ((c / 2) * K + k) * FB + (c % 2) * 8);
+            for (int v = 0; v < V; v++) q_load(fmt, wb + (v * K + k) * bytes, &wv[2 * v], &wv[2 * v + 1]);
             for (int r = 0; r < R; r++) {
                 __m256 xv = _mm256_broadcast_ss(x + r * K + k);
                 for (int c = 0; c < 2 * V; c++)
@@ -352,53 +356,79 @@ static inline __attribute__((always_inline)) void q8_tile(int R, int V, const fl
 #pragma GCC unroll 6
     for (int i = 0; i < R * 2 * V; i++) _mm256_storeu_ps(sums + 8 * i, tot[i]);
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < 2 * V; c++) {
-            int64_t n = b0 * FB + c * 8;
-            __m256 v = _mm256_loadu_ps(sums + 8 * (r * 2 * V + c));
-            if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n));
-            _mm256_storeu_ps(y + r * N + n, v);
-        }
+        for (int c = 0; c < 2 * V; c++)
+            for (int j = 0; j < 8; j++) {
+                int64_t n = b0 * FB + c * 8 + j;
+                y[r * N + n] = q_out(sums[8 * (r * 2 * V + c) + j], n, r, mins, xs, G, bias);
+            }
 }
 
-#define Q8_TILE(R, V) q8_tile(R, V, x + m * K, K, w, b, group, scale, G, bias, y + m * N, N)
+#define Q_TILE(R, V) \
+    q_tile(fmt, R, V, x + m * K, K, w, b, group, scale, mins, xs + m * G, G, bias, y + m * N, N)
 
-static void q8_blocks(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t group,
-                      const float *scale, int64_t G, const float *bias, float *y, int64_t N,
-                      int64_t b0, int64_t b1) {
+static inline __attribute__((always_inline)) void q_blocks(int fmt, const float *x, int64_t M,
+                                                           int64_t K, const uint8_t *w,
+                                                           int64_t group, const float *scale,
+                                                           const float *mins, const float *xs,
+                                                           int64_t G, const float *bias, float *y,
+                                                           int64_t N, int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; b++) {
         int64_t m = 0;
         if (M == 1 && b + 1 < b1) { /* one row: two blocks at a time, for independent sums */
-            Q8_TILE(1, 2);
+            Q_TILE(1, 2);
             b++;
             continue;
         }
-        for (; m + 3 <= M; m += 3) Q8_TILE(3, 1);
-        if (M - m == 2) Q8_TILE(2, 1);
-        else if (M - m == 1) Q8_TILE(1, 1);
+        for (; m + 3 <= M; m += 3) Q_TILE(3, 1);
+        if (M - m == 2) Q_TILE(2, 1);
+        else if (M - m == 1) Q_TILE(1, 1);
     }
 }
 
-/* The int8 tiles in AVX-512 (kernel_isa): a block is one register, up to 12 rows x 1 block
- * (1 row x 4, 2-3 rows x 2); every lane runs q8_tile's chains, so the bits are the same. */
-static inline AVX512 __attribute__((always_inline)) void q8_tile16(int R, int V, const float *x,
-                                                                  int64_t K, const int8_t *w,
-                                                                  int64_t b0, int64_t group,
-                                                                  const float *scale, int64_t G,
-                                                                  const float *bias, float *y,
-                                                                  int64_t N) {
+typedef void (*QBlocks)(const float *, int64_t, int64_t, const uint8_t *, int64_t, const float *,
+                        const float *, const float *, int64_t, const float *, float *, int64_t,
+                        int64_t, int64_t);
+
+static void q8_blocks(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t group,
+                      const float *scale, const float *mins, const float *xs, int64_t G,
+                      const float *bias, float *y, int64_t N, int64_t b0, int64_t b1) {
+    q_blocks(Q8, x, M, K, w, group, scale, mins, xs, G, bias, y, N, b0, b1);
+}
+
+static void q4_blocks(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t group,
+                      const float *scale, const float *mins, const float *xs, int64_t G,
+                      const float *bias, float *y, int64_t N, int64_t b0, int64_t b1) {
+    q_blocks(Q4, x, M, K, w, group, scale, mins, xs, G, bias, y, N, b0, b1);
+}
+
+/* The quantized tiles in AVX-512 (kernel_isa): a block is one register, up to 12 rows x 1
+ * block (1 row x 4, 2-3 rows x 2); every lane runs q_tile's chains, so the bits are the same. */
+static inline AVX512 __attribute__((always_inline)) __m512 q_load16(int fmt, const uint8_t *p) {
+    if (fmt == Q8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+    __m128i v = _mm_loadl_epi64((const __m128i *)p), mask = _mm_set1_epi8(0x0F);
+    __m128i both = _mm_unpacklo_epi64(_mm_and_si128(v, mask), _mm_and_si128(_mm_srli_epi16(v, 4), mask));
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(both));
+}
+
+static inline AVX512 __attribute__((always_inline)) void q_tile16(int fmt, int R, int V,
+                                                                 const float *x, int64_t K,
+                                                                 const uint8_t *w, int64_t b0,
+                                                                 int64_t group, const float *scale,
+                                                                 const float *mins, const float *xs,
+                                                                 int64_t G, const float *bias,
+                                                                 float *y, int64_t N) {
+    int64_t bytes = fmt == Q8 ? FB : FB / 2;
     __m512 tot[12]; /* tot[r * V + v], R * V <= 12 */
 #pragma GCC unroll 12
     for (int i = 0; i < R * V; i++) tot[i] = _mm512_setzero_ps();
-    const int8_t *wb = w + b0 * K * FB;
+    const uint8_t *wb = w + b0 * K * bytes;
     for (int64_t g = 0; g < G; g++) {
         __m512 part[12];
 #pragma GCC unroll 12
         for (int i = 0; i < R * V; i++) part[i] = _mm512_setzero_ps();
         for (int64_t k = g * group; k < min64(K, (g + 1) * group); k++) {
             __m512 wv[4];
-            for (int v = 0; v < V; v++)
-                wv[v] = _mm512_cvtepi32_ps(
-                    _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wb + (v * K + k) * FB))));
+            for (int v = 0; v < V; v++) wv[v] = q_load16(fmt, wb + (v * K + k) * bytes);
             for (int r = 0; r < R; r++) {
                 __m512 xv = _mm512_set1_ps(x[r * K + k]);
                 for (int v = 0; v < V; v++) part[r * V + v] = _mm512_fmadd_ps(xv, wv[v], part[r * V + v]);
@@ -414,99 +444,99 @@ static inline AVX512 __attribute__((always_inline)) void q8_tile16(int R, int V,
 #pragma GCC unroll 12
     for (int i = 0; i < R * V; i++) _mm512_storeu_ps(sums + 16 * i, tot[i]);
     for (int r = 0; r < R; r++)
-        for (int v = 0; v < V; v++) {
-            int64_t n = (b0 + v) * FB;
-            __m512 s = _mm512_loadu_ps(sums + 16 * (r * V + v));
-            if (bias) s = _mm512_add_ps(s, _mm512_loadu_ps(bias + n));
-            _mm512_storeu_ps(y + r * N + n, s);
-        }
+        for (int v = 0; v < V; v++)
+            for (int j = 0; j < 16; j++) {
+                int64_t n = (b0 + v) * FB + j;
+                y[r * N + n] = q_out(sums[16 * (r * V + v) + j], n, r, mins, xs, G, bias);
+            }
 }
 
-#define Q8_TILE16(R, V) q8_tile16(R, V, x + m * K, K, w, b, group, scale, G, bias, y + m * N, N)
+#define Q_TILE16(R, V) \
+    q_tile16(fmt, R, V, x + m * K, K, w, b, group, scale, mins, xs + m * G, G, bias, y + m * N, N)
 
-static AVX512 void q8_blocks16(const float *x, int64_t M, int64_t K, const int8_t *w,
-                               int64_t group, const float *scale, int64_t G, const float *bias,
-                               float *y, int64_t N, int64_t b0, int64_t b1) {
+static inline AVX512 __attribute__((always_inline)) void q_blocks16(
+    int fmt, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t group,
+    const float *scale, const float *mins, const float *xs, int64_t G, const float *bias, float *y,
+    int64_t N, int64_t b0, int64_t b1) {
     int64_t b = b0, m = 0;
     if (M <= 3) {
         int V = M == 1 ? 4 : 2;
         for (; b + V <= b1; b += V) {
-            if (M == 1) Q8_TILE16(1, 4);
-            else if (M == 2) Q8_TILE16(2, 2);
-            else Q8_TILE16(3, 2);
+            if (M == 1) Q_TILE16(1, 4);
+            else if (M == 2) Q_TILE16(2, 2);
+            else Q_TILE16(3, 2);
         }
         for (; b < b1; b++) {
-            if (M == 1) Q8_TILE16(1, 1);
-            else if (M == 2) Q8_TILE16(2, 1);
-            else Q8_TILE16(3, 1);
+            if (M == 1) Q_TILE16(1, 1);
+            else if (M == 2) Q_TILE16(2, 1);
+            else Q_TILE16(3, 1);
         }
         return;
     }
     for (; b < b1; b++) {
-        for (m = 0; m + 12 <= M; m += 12) Q8_TILE16(12, 1);
+        for (m = 0; m + 12 <= M; m += 12) Q_TILE16(12, 1);
         switch (M - m) {
-        case 11: Q8_TILE16(11, 1); break;
-        case 10: Q8_TILE16(10, 1); break;
-        case 9: Q8_TILE16(9, 1); break;
-        case 8: Q8_TILE16(8, 1); break;
-        case 7: Q8_TILE16(7, 1); break;
-        case 6: Q8_TILE16(6, 1); break;
-        case 5: Q8_TILE16(5, 1); break;
-        case 4: Q8_TILE16(4, 1); break;
-        case 3: Q8_TILE16(3, 1); break;
-        case 2: Q8_TILE16(2, 1); break;
-        case 1: Q8_TILE16(1, 1); break;
+        case 11: Q_TILE16(11, 1); break;
+        case 10: Q_TILE16(10, 1); break;
+        case 9: Q_TILE16(9, 1); break;
+        case 8: Q_TILE16(8, 1); break;
+        case 7: Q_TILE16(7, 1); break;
+        case 6: Q_TILE16(6, 1); break;
+        case 5: Q_TILE16(5, 1); break;
+        case 4: Q_TILE16(4, 1); break;
+        case 3: Q_TILE16(3, 1); break;
+        case 2: Q_TILE16(2, 1); break;
+        case 1: Q_TILE16(1, 1); break;
         }
     }
+}
+
+static AVX512 void q8_blocks16(const float *x, int64_t M, int64_t K, const uint8_t *w,
+                               int64_t group, const float *scale, const float *mins,
+                               const float *xs, int64_t G, const float *bias, float *y, int64_t N,
+                               int64_t b0, int64_t b1) {
+    q_blocks16(Q8, x, M, K, w, group, scale, mins, xs, G, bias, y, N, b0, b1);
+}
+
+static AVX512 void q4_blocks16(const float *x, int64_t M, int64_t K, const uint8_t *w,
+                               int64_t group, const float *scale, const float *mins,
+                               const float *xs, int64_t G, const float *bias, float *y, int64_t N,
+                               int64_t b0, int64_t b1) {
+    q_blocks16(Q4, x, M, K, w, group, scale, mins, xs, G, bias, y, N, b0, b1);
+}
+
+/* The blocks of either format, then the plain rows (one scalar chain each, as a lane's). */
+static void q_linear(int fmt, const float *x, int64_t M, int64_t K, const uint8_t *w,
+                     int64_t group, const float *scale, const float *mins, const float *xs,
+                     const float *bias, float *y, int64_t N, int threads) {
+    int64_t G = (K + group - 1) / group, blocks = N / FB, per = (blocks + threads - 1) / threads;
+    if (isa < 0) kernel_isa(-1);
+    QBlocks run = isa == ISA_AVX512 ? (fmt == Q8 ? q8_blocks16 : q4_blocks16)
+                                    : (fmt == Q8 ? q8_blocks : q4_blocks);
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int t = 0; t < threads; t++)
+        run(x, M, K, w, group, scale, mins, xs, G, bias, y, N, t * per, min64((t + 1) * per, blocks));
+    int64_t full = blocks * FB, row_bytes = fmt == Q8 ? K : K / 2;
+    for (int64_t n = full; n < N; n++)
+        for (int64_t m = 0; m < M; m++) {
+            const uint8_t *p = w + full * row_bytes + (n - full) * row_bytes;
+            float total = 0.0f;
+            for (int64_t g = 0; g < G; g++) {
+                float part = 0.0f;
+                for (int64_t k = g * group; k < min64(K, (g + 1) * group); k++) {
+                    float q = fmt == Q8 ? (float)((const int8_t *)p)[k]
+                                        : (float)((p[k / 16 * 8 + k % 8] >> (k % 16 < 8 ? 0 : 4)) & 0x0F);
+                    part = fmaf(x[m * K + k], q, part);
+                }
+                total = fmaf(part, scale[n * G + g], total);
+            }
+            y[m * N + n] = q_out(total, n, m, mins, xs, G, bias);
+        }
 }
 
 void q8_linear(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t group,
                const float *scale, const float *bias, float *y, int64_t N, int threads) {
-    int64_t G = (K + group - 1) / group, blocks = N / FB, per = (blocks + threads - 1) / threads;
-    if (isa < 0) kernel_isa(-1);
-    void (*run)(const float *, int64_t, int64_t, const int8_t *, int64_t, const float *, int64_t,
-                const float *, float *, int64_t, int64_t, int64_t) =
-        isa == ISA_AVX512 ? q8_blocks16 : q8_blocks;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-    for (int t = 0; t < threads; t++)
-        run(x, M, K, w, group, scale, G, bias, y, N, t * per, min64((t + 1) * per, blocks));
-    for (int64_t n = blocks * FB; n < N; n++) /* the plain rows */
-        for (int64_t m = 0; m < M; m++) {
-            float total = 0.0f;
-            for (int64_t g = 0; g < G; g++) {
-                float part = 0.0f;
-                for (int64_t k = g * group; k < min64(K, (g + 1) * group); k++)
-                    part = fmaf(x[m * K + k], (float)w[n * K + k], part);
-                total = fmaf(part, scale[n * G + g], total);
-            }
-            y[m * N + n] = total + (bias ? bias[n] : 0.0f);
-        }
-}
-
-/* ---------------------------------------------------------------- int4 */
-
-/* As q8_chan for int4 (stride: bytes per 16 inputs, 32 in a block, 8 in a plain row); the
- * minimums' part, sum_g minimum[g] * xs[g], is added by the caller. */
-static inline void q4_chan(int C, const float *x, int64_t K, const uint8_t *w, int64_t stride,
-                           int64_t group, const float *scale, int64_t G, float *out) {
-    __m256 tot[4];
-    for (int c = 0; c < C; c++) tot[c] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; g++) {
-        __m256 part[4];
-        for (int c = 0; c < C; c++) part[c] = _mm256_setzero_ps();
-        for (int64_t k = g * group; k < min64(K, (g + 1) * group); k += 16, w += stride) {
-            _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T0);
-            __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-            for (int c = 0; c < C; c++) {
-                __m256 lo, hi;
-                u4x16(w + 8 * c, &lo, &hi);
-                part[c] = _mm256_fmadd_ps(x0, lo, part[c]);
-                part[c] = _mm256_fmadd_ps(x1, hi, part[c]);
-            }
-        }
-        for (int c = 0; c < C; c++) tot[c] = _mm256_fmadd_ps(part[c], _mm256_set1_ps(scale[c * G + g]), tot[c]);
-    }
-    for (int c = 0; c < C; c++) out[c] = hsum(tot[c]);
+    q_linear(Q8, x, M, K, (const uint8_t *)w, group, scale, NULL, NULL, bias, y, N, threads);
 }
 
 /* xs: scratch of M * G floats (each row's sum of x over each group). */
@@ -521,36 +551,29 @@ void q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t g
                 acc = _mm256_add_ps(acc, _mm256_loadu_ps(x + m * K + k));
             xs[m * G + g] = hsum(acc);
         }
-    FOR_BLOCKS(threads, N, {
-        for (int64_t m = 0; m < M; m++) {
-            float out[4];
-            q4_chan(4, x + m * K, K, w + b * 2 * K, 32, group, scale + b * 4 * G, G, out);
-            for (int c = 0; c < 4; c++) {
-                int64_t n = b * 4 + c;
-                y[m * N + n] = out[c] + dot(mins + n * G, xs + m * G, G) + (bias ? bias[n] : 0.0f);
-            }
-        }
-    });
-    for (int64_t n = N / 4 * 4; n < N; n++)
-        for (int64_t m = 0; m < M; m++) {
-            float out[4];
-            q4_chan(1, x + m * K, K, w + n * (K / 2), 8, group, scale + n * G, G, out);
-            y[m * N + n] = out[0] + dot(mins + n * G, xs + m * G, G) + (bias ? bias[n] : 0.0f);
-        }
+    q_linear(Q4, x, M, K, w, group, scale, mins, xs, bias, y, N, threads);
 }
 
-void q4_dequant(const uint8_t *w, int64_t group, const float *scale, const float *mins,
-                int64_t K, int64_t N, int64_t n0, int64_t n1, float *out) {
-    int64_t G = (K + group - 1) / group, full = N / 4 * 4;
-    for (int64_t n = n0; n < n1; n++) {
-        const uint8_t *p = n < full ? w + (n / 4) * 2 * K + (n % 4) * 8 : w + n * (K / 2);
-        int64_t stride = n < full ? 32 : 8;
-        for (int64_t k = 0; k < K; k += 16, p += stride) {
-            __m256 s = _mm256_set1_ps(scale[n * G + k / group]), z = _mm256_set1_ps(mins[n * G + k / group]);
-            __m256 lo, hi;
-            u4x16(p, &lo, &hi);
-            _mm256_storeu_ps(out + (n - n0) * K + k, _mm256_fmadd_ps(lo, s, z));
-            _mm256_storeu_ps(out + (n - n0) * K + k + 8, _mm256_fmadd_ps(hi, s, z));
+/* int4 blocks [b0, b1) dequantized for torch's matmul (many rows, outside the batch-invariant
+ * mode): out[k][16 * (b - b0) + j] = q * scale + minimum of channel 16 b + j, input k. */
+void q4_dequant(const uint8_t *w, int64_t group, const float *scale, const float *mins, int64_t K,
+                int64_t b0, int64_t b1, float *out) {
+    int64_t G = (K + group - 1) / group, width = (b1 - b0) * FB;
+    for (int64_t b = b0; b < b1; b++)
+        for (int64_t g = 0; g < G; g++) {
+            float sb[FB], mb[FB];
+            for (int j = 0; j < FB; j++) {
+                sb[j] = scale[(b * FB + j) * G + g];
+                mb[j] = mins[(b * FB + j) * G + g];
+            }
+            __m256 s0 = _mm256_loadu_ps(sb), s1 = _mm256_loadu_ps(sb + 8);
+            __m256 z0 = _mm256_loadu_ps(mb), z1 = _mm256_loadu_ps(mb + 8);
+            for (int64_t k = g * group; k < min64(K, (g + 1) * group); k++) {
+                __m256 lo, hi;
+                q_load(Q4, w + (b * K + k) * (FB / 2), &lo, &hi);
+                float *o = out + k * width + (b - b0) * FB;
+                _mm256_storeu_ps(o, _mm256_add_ps(_mm256_mul_ps(lo, s0), z0));
+                _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_mul_ps(hi, s1), z1));
+            }
         }
-    }
 }
