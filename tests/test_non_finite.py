@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from client.client import ClientError
+from stage_service.packed import PackedFloat
 from tests.conftest import in_process_mesh, make_tiny_model
 
 PROMPT = [7, 3, 99, 12, 45]
@@ -18,9 +19,11 @@ def model_dir(tmp_path_factory):
 
 
 def overflow(stage, layer: int) -> None:
-    """Scales one layer's MLP output so that the residual stream overflows float32."""
+    """Scales one layer's MLP output so that the residual stream overflows float32 (a CPU
+    stage's C layers hold it packed: the same values in another order)."""
+    w = stage.loaded.model.weights.layers[layer].w_down
     with torch.no_grad():
-        stage.loaded.model.weights.layers[layer].w_down.fill_(1e38)
+        (w.data if isinstance(w, PackedFloat) else w).fill_(1e38)
 
 
 @pytest.mark.parametrize("which", [0, 1])
