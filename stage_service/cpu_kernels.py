@@ -179,7 +179,8 @@ def build(out: Path) -> None:
 
 @cache
 def load() -> tuple[Kernels | None, str]:
-    """The kernels and a word on them, or None and why they are not there."""
+    """The kernels and the instruction set they run (ISAS), or None and why they are not
+    there."""
     if platform.machine() not in ("x86_64", "AMD64") or platform.system() != "Linux":
         return None, f"no quantized kernels for {platform.system()}/{platform.machine()}"
     missing = {"avx2", "fma", "f16c"} - cpu_flags()
@@ -194,7 +195,7 @@ def load() -> tuple[Kernels | None, str]:
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         log.warning("quantized CPU kernels unavailable (%s): falling back to torch", err)
         return None, f"could not build the kernels in {KERNELS}: {err}"
-    return kernels, "avx2"
+    return kernels, kernels.isa  # the instruction set its kernels run (ISAS)
 
 
 if __name__ == "__main__":  # python -m stage_service.cpu_kernels DIR: build into DIR

@@ -104,6 +104,9 @@ def test_tiny_models_generate_as_transformers_on_dequantized_weights(
         plan = mesh.client.plan()
     assert result.token_ids == expected
     assert {info["quantize"] for info in infos} == {FORMATS[setting]}
+    # the C kernels' instruction set, the best this CPU has
+    best = "avx512" if "avx512f" in cpu_kernels.cpu_flags() else "avx2"
+    assert {info["quant_kernel"] for info in infos} == {best}
     assert {s["quantize"] for s in plan["stages"]} == {infos[0]["quantize"]}
     # The planner counts the packed bytes each stage really holds.
     assert [int(s["weight_bytes"]) for s in plan["stages"]] == [i["weight_bytes"] for i in infos]
